@@ -1,0 +1,296 @@
+//! `agent.toml` and its `TETHER_AGENT_*` environment overrides: where the
+//! control plane is, which CA to pin, the bootstrap token, the deployment the
+//! server belongs to, and the local command policy.
+//!
+//! Every key is optional. A missing file is an empty configuration unless the
+//! operator named the file explicitly.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+use tether_certs::CaFingerprint;
+
+/// Where the agent looks for its configuration when told nothing.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tether/agent.toml";
+
+/// A one-time enrollment token. A secret: its `Debug` output is redacted and
+/// it is never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BootstrapToken(String);
+
+impl BootstrapToken {
+    /// The token in clear, for the enrollment request only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for BootstrapToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BootstrapToken(<redacted>)")
+    }
+}
+
+impl FromStr for BootstrapToken {
+    type Err = EmptyToken;
+
+    fn from_str(s: &str) -> Result<Self, EmptyToken> {
+        let token = s.trim();
+        if token.is_empty() {
+            Err(EmptyToken)
+        } else {
+            Ok(Self(token.to_string()))
+        }
+    }
+}
+
+/// An empty bootstrap token was given.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the enrollment token is empty")]
+pub struct EmptyToken;
+
+/// Which commands relayed by the control plane this agent runs (`[commands]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandPolicy {
+    /// `false` refuses every command.
+    pub enabled: bool,
+    /// When present, only these programs may run.
+    pub allow: Option<Vec<String>>,
+}
+
+impl Default for CommandPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allow: None,
+        }
+    }
+}
+
+/// The parsed `agent.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Control plane QUIC address, `host:port`.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// The control plane CA to pin, `sha256:<hex>`.
+    #[serde(default, deserialize_with = "parse_optional")]
+    pub ca_fingerprint: Option<CaFingerprint>,
+    /// Bootstrap token used when the state dir holds no identity yet.
+    #[serde(default, deserialize_with = "parse_optional")]
+    pub token: Option<BootstrapToken>,
+    /// Deployment this server was provisioned by, if any.
+    #[serde(default)]
+    pub deployment_id: Option<String>,
+    #[serde(default)]
+    pub commands: CommandPolicy,
+}
+
+/// What is needed to enroll.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    pub server: String,
+    pub ca_fingerprint: CaFingerprint,
+    pub token: BootstrapToken,
+}
+
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {} is invalid: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error("environment variable {name} is invalid: {message}")]
+    Env { name: &'static str, message: String },
+}
+
+impl Config {
+    /// Parses `agent.toml` text. Errors are one line, with the line number.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|err| match err.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}: {}", err.message().trim())
+            }
+            None => err.message().trim().to_string(),
+        })
+    }
+
+    /// Reads `path`. A missing file is an empty configuration unless
+    /// `required` (the operator named the file).
+    pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text).map_err(|message| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Self::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Overrides keys from the environment (`TETHER_AGENT_SERVER`,
+    /// `TETHER_AGENT_CA_FINGERPRINT`, `TETHER_AGENT_TOKEN`,
+    /// `TETHER_AGENT_DEPLOYMENT_ID`); empty variables are ignored.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let get = |name: &str| var(name).filter(|value| !value.trim().is_empty());
+        if let Some(server) = get("TETHER_AGENT_SERVER") {
+            self.server = Some(server.trim().to_string());
+        }
+        if let Some(pin) = get("TETHER_AGENT_CA_FINGERPRINT") {
+            let pin = pin
+                .parse()
+                .map_err(|err: tether_certs::CertError| ConfigError::Env {
+                    name: "TETHER_AGENT_CA_FINGERPRINT",
+                    message: err.to_string(),
+                })?;
+            self.ca_fingerprint = Some(pin);
+        }
+        if let Some(token) = get("TETHER_AGENT_TOKEN") {
+            self.token = token.parse().ok();
+        }
+        if let Some(deployment) = get("TETHER_AGENT_DEPLOYMENT_ID") {
+            self.deployment_id = Some(deployment.trim().to_string());
+        }
+        Ok(())
+    }
+
+    /// The file (explicit path, or the default one if it exists) plus the
+    /// process environment.
+    pub fn from_sources(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut config = match explicit {
+            Some(path) => Self::load(path, true)?,
+            None => Self::load(Path::new(DEFAULT_CONFIG_PATH), false)?,
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        Ok(config)
+    }
+
+    /// Everything needed to enroll, when the configuration holds all of it.
+    pub fn bootstrap(&self) -> Option<Bootstrap> {
+        Some(Bootstrap {
+            server: self.server.clone()?,
+            ca_fingerprint: self.ca_fingerprint?,
+            token: self.token.clone()?,
+        })
+    }
+}
+
+fn parse_optional<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIN: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn full_config_parses_every_key() {
+        let text = format!(
+            r#"
+            server = "cp.example.com:7443"
+            ca_fingerprint = "{PIN}"
+            token = "s3cret"
+            deployment_id = "d-1"
+            [commands]
+            enabled = false
+            allow = ["/usr/bin/uptime"]
+            "#
+        );
+        let config = Config::parse(&text).unwrap();
+        assert_eq!(config.server.as_deref(), Some("cp.example.com:7443"));
+        assert_eq!(config.ca_fingerprint.unwrap().to_string(), PIN);
+        assert_eq!(config.token.as_ref().unwrap().expose(), "s3cret");
+        assert_eq!(config.deployment_id.as_deref(), Some("d-1"));
+        assert!(!config.commands.enabled);
+        assert_eq!(
+            config.commands.allow,
+            Some(vec!["/usr/bin/uptime".to_string()])
+        );
+        let bootstrap = config.bootstrap().unwrap();
+        assert_eq!(bootstrap.server, "cp.example.com:7443");
+    }
+
+    #[test]
+    fn empty_config_allows_all_commands_and_cannot_bootstrap() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config, Config::default());
+        assert!(config.commands.enabled);
+        assert!(config.commands.allow.is_none());
+        assert!(config.bootstrap().is_none());
+    }
+
+    #[test]
+    fn token_never_appears_in_debug_output() {
+        let config = Config::parse(r#"token = "s3cret""#).unwrap();
+        let debug = format!("{config:?} {:?}", config.bootstrap());
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("redacted"));
+    }
+
+    #[test]
+    fn invalid_values_and_unknown_keys_are_one_line_errors_with_the_line() {
+        let bad_pin = Config::parse("server = \"a:1\"\nca_fingerprint = \"md5:00\"").unwrap_err();
+        assert!(bad_pin.starts_with("line 2:"), "{bad_pin}");
+        let typo = Config::parse("servr = \"a:1\"").unwrap_err();
+        assert!(typo.contains("servr") && !typo.contains('\n'), "{typo}");
+    }
+
+    #[test]
+    fn missing_file_is_empty_unless_named_explicitly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        assert_eq!(Config::load(&path, false).unwrap(), Config::default());
+        assert!(matches!(
+            Config::load(&path, true),
+            Err(ConfigError::Read { .. })
+        ));
+        std::fs::write(&path, "deployment_id = \"d-9\"").unwrap();
+        assert_eq!(
+            Config::load(&path, true).unwrap().deployment_id.as_deref(),
+            Some("d-9")
+        );
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_ignores_empty_values() {
+        let mut config = Config::parse("server = \"file:1\"\ntoken = \"from-file\"").unwrap();
+        config
+            .apply_env(|name| match name {
+                "TETHER_AGENT_SERVER" => Some("env:2".into()),
+                "TETHER_AGENT_CA_FINGERPRINT" => Some(PIN.into()),
+                "TETHER_AGENT_TOKEN" => Some("  ".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.server.as_deref(), Some("env:2"));
+        assert!(config.ca_fingerprint.is_some());
+        assert_eq!(config.token.unwrap().expose(), "from-file");
+        let mut config = Config::default();
+        let err = config
+            .apply_env(|name| (name == "TETHER_AGENT_CA_FINGERPRINT").then(|| "nope".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("TETHER_AGENT_CA_FINGERPRINT"));
+    }
+}

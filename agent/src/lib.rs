@@ -1,0 +1,57 @@
+//! The Tether agent: enrolls with a control plane, then holds a mutual-TLS
+//! QUIC session with it (heartbeats, certificate renewal, streams opened by
+//! the control plane), reconnecting with backoff.
+//!
+//! * [`config`] — `agent.toml` and `TETHER_AGENT_*` overrides.
+//! * [`state`] — the state dir: key, certificate chain, identity, written atomically.
+//! * [`facts`] — host facts reported at enrollment and session start.
+//! * [`dial`] — address resolution and the QUIC handshake.
+//! * [`enroll`] — token + CSR for a certificate.
+//! * [`session`] — the run loop.
+//! * [`reconnect`] — the reconnect backoff policy.
+//! * [`check`] — `tether-agent check`.
+//!
+//! The binary (`main.rs`) only parses the command line and wires these up.
+
+pub mod check;
+pub mod config;
+pub mod dial;
+pub mod enroll;
+pub mod facts;
+pub mod reconnect;
+pub mod session;
+pub mod state;
+
+use std::time::{Duration, SystemTime};
+
+/// RFC 3339 UTC, e.g. `2026-05-01T12:00:00Z`.
+pub fn format_time(time: SystemTime) -> String {
+    let secs = match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_secs()).unwrap_or(i64::MAX),
+    };
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{secs} seconds after the Unix epoch"))
+}
+
+/// Seconds with one decimal, e.g. `1.5s`.
+pub fn format_duration(duration: Duration) -> String {
+    format!("{:.1}s", duration.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_durations_are_formatted_for_operators() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        assert_eq!(format_time(t), "2026-01-01T00:00:00Z");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
+    }
+}

@@ -1,0 +1,176 @@
+//! `tether-agent`: command line only; the work is in the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tether_agent::config::{BootstrapToken, Config};
+use tether_agent::enroll::{enroll, EnrollParams};
+use tether_agent::state::{StateDir, DEFAULT_STATE_DIR};
+use tether_agent::{check, facts, format_time, session};
+use tether_certs::CaFingerprint;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "tether-agent",
+    version,
+    about = "Tether agent: enrolls with a control plane and keeps a session with it"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll this server with a control plane using a one-time token.
+    Enroll(EnrollArgs),
+    /// Keep a session with the control plane (enrolling first when agent.toml
+    /// holds server, ca_fingerprint and token).
+    Run(RunArgs),
+    /// Check the stored identity and whether the control plane answers.
+    Check(RunArgs),
+}
+
+#[derive(Args)]
+struct StateArgs {
+    /// Where the key, certificate and identity are kept.
+    #[arg(long, value_name = "DIR", env = "TETHER_AGENT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct EnrollArgs {
+    /// Control plane QUIC address.
+    #[arg(long, value_name = "HOST:PORT", env = "TETHER_AGENT_SERVER")]
+    server: String,
+    /// One-time enrollment token.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TETHER_AGENT_TOKEN",
+        hide_env_values = true
+    )]
+    token: String,
+    /// SHA-256 fingerprint of the control plane's CA certificate.
+    #[arg(long, value_name = "sha256:HEX", env = "TETHER_AGENT_CA_FINGERPRINT")]
+    ca_fingerprint: String,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// Agent configuration [default: /etc/tether/agent.toml, optional].
+    #[arg(long, value_name = "FILE", env = "TETHER_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tether_certs::install_crypto_provider();
+    let result = match cli.command {
+        Command::Enroll(args) => {
+            init_logging("error");
+            enroll_command(args).await
+        }
+        Command::Run(args) => {
+            init_logging("info");
+            run_command(args).await
+        }
+        Command::Check(args) => {
+            init_logging("error");
+            check_command(args).await
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // Every error message already names its cause; one line only.
+            eprintln!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+async fn enroll_command(args: EnrollArgs) -> anyhow::Result<ExitCode> {
+    let ca_fingerprint: CaFingerprint = args.ca_fingerprint.parse()?;
+    let token: BootstrapToken = args.token.parse()?;
+    let params = EnrollParams {
+        server: args.server,
+        ca_fingerprint,
+        token,
+    };
+    let state = StateDir::new(args.state.state_dir);
+    let enrolled = enroll(&state, &params, facts::collect()).await?;
+    println!(
+        "enrolled as server {} (branch {}); certificate valid until {}; identity saved in {}",
+        enrolled.identity.server_id,
+        enrolled.identity.branch_id,
+        format_time(enrolled.certificate.not_after),
+        state.path().display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::from_sources(args.config.as_deref())?;
+    let state = StateDir::new(args.state.state_dir);
+    tracing::info!(
+        version = facts::AGENT_VERSION,
+        state_dir = %state.path().display(),
+        deployment_id = config.deployment_id.as_deref().unwrap_or("-"),
+        "tether-agent starting"
+    );
+    let shutdown = CancellationToken::new();
+    let signals = signal_listener(shutdown.clone())
+        .map_err(|err| anyhow::anyhow!("cannot listen for SIGTERM/SIGINT: {err}"))?;
+    let result = session::run(&state, &config, &shutdown).await;
+    signals.abort();
+    result?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn check_command(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::from_sources(args.config.as_deref())?;
+    let lines = check::check(&StateDir::new(args.state.state_dir), &config).await;
+    for line in &lines {
+        println!("{line}");
+    }
+    Ok(if lines.iter().all(|line| line.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+fn signal_listener(shutdown: CancellationToken) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!("received {name}, closing the session");
+        shutdown.cancel();
+    }))
+}

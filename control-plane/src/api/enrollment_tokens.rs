@@ -1,0 +1,158 @@
+//! `POST /api/v1/enrollment-tokens`: one-time tokens for adding a server by
+//! hand (the same tokens provisioning injects through cloud-init).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{ApiError, ApiJson, Caller};
+use crate::app::ControlPlane;
+use crate::auth::Scope;
+use crate::gateway::enrollment::token_hash;
+use crate::store::{Labels, NewEnrollmentToken};
+
+const DEFAULT_TTL_SECONDS: i64 = 3600;
+const MAX_TTL_SECONDS: i64 = 7 * 24 * 3600;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnrollmentToken {
+    #[serde(default)]
+    pub labels: Labels,
+    pub ttl_seconds: Option<i64>,
+    pub organization_id: Option<Uuid>,
+    /// Name the server gets (default: its hostname).
+    pub server_name: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct EnrollmentTokenCreated {
+    pub id: Uuid,
+    /// Shown once; only its hash is stored.
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+    pub ca_fingerprint: String,
+    pub quic_address: String,
+    pub install_command: String,
+}
+
+/// Checks label keys and values.
+pub fn validate_labels(labels: &Labels) -> Result<(), ApiError> {
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= 63
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._/-".contains(c));
+        if !key_ok {
+            return Err(ApiError::validation(format!(
+                "label key {key:?} must be 1-63 characters of letters, digits, '.', '_', '/' or '-'"
+            )));
+        }
+        if value.len() > 255 || value.chars().any(char::is_control) {
+            return Err(ApiError::validation(format!(
+                "label {key:?} has an invalid value"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A fresh enrollment token (256 random bits).
+pub fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!(
+        "tet_enr_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// Creates and stores a token; returns it in clear (the only time it exists
+/// in clear on the control plane) with its record.
+pub async fn issue(
+    cp: &ControlPlane,
+    organization_id: Uuid,
+    labels: Labels,
+    server_name: Option<String>,
+    ttl_seconds: i64,
+) -> Result<(String, NewEnrollmentToken), crate::store::StoreError> {
+    let token = new_token();
+    let now = Utc::now();
+    let record = NewEnrollmentToken {
+        id: Uuid::now_v7(),
+        token_hash: token_hash(&token),
+        organization_id,
+        server_name,
+        labels,
+        deployment_id: None,
+        created_at: now,
+        expires_at: now + chrono::Duration::seconds(ttl_seconds),
+    };
+    cp.store.create_enrollment_token(&record).await?;
+    Ok((token, record))
+}
+
+pub async fn create(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateEnrollmentToken>,
+) -> Result<(StatusCode, Json<EnrollmentTokenCreated>), ApiError> {
+    caller.require(Scope::ServersWrite)?;
+    let organization_id = body.organization_id.unwrap_or(caller.organization_id);
+    if !caller.sees(organization_id) {
+        return Err(ApiError::not_found("no such organization"));
+    }
+    let ttl = body.ttl_seconds.unwrap_or(DEFAULT_TTL_SECONDS);
+    if !(60..=MAX_TTL_SECONDS).contains(&ttl) {
+        return Err(ApiError::validation(format!(
+            "ttl_seconds must be between 60 and {MAX_TTL_SECONDS}"
+        )));
+    }
+    validate_labels(&body.labels)?;
+    if let Some(name) = &body.server_name {
+        if name.trim().is_empty() || name.len() > 253 {
+            return Err(ApiError::validation("server_name must be 1-253 characters"));
+        }
+    }
+    let (token, record) = issue(
+        &cp,
+        organization_id,
+        body.labels.clone(),
+        body.server_name.clone(),
+        ttl,
+    )
+    .await?;
+    caller
+        .audit(
+            &cp,
+            organization_id,
+            "enrollment_token.create",
+            record.id.to_string(),
+            serde_json::json!({ "ttl_seconds": ttl, "labels": body.labels }),
+        )
+        .await;
+    let ca_fingerprint = cp.pki.ca.fingerprint().to_string();
+    let install_command = format!(
+        "TETHER_AGENT_TOKEN='{token}' tether-agent enroll --server {} --ca-fingerprint {ca_fingerprint} && tether-agent run",
+        cp.public_quic_addr
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(EnrollmentTokenCreated {
+            id: record.id,
+            token,
+            expires_at: record.expires_at,
+            ca_fingerprint,
+            quic_address: cp.public_quic_addr.clone(),
+            install_command,
+        }),
+    ))
+}

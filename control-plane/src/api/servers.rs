@@ -1,0 +1,188 @@
+//! `/api/v1/servers`: the fleet inventory, scoped to the caller's
+//! organization tree.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tether_protocol::CloseCode;
+use uuid::Uuid;
+
+use super::{ApiError, ApiPath, ApiQuery, Caller, Page};
+use crate::app::ControlPlane;
+use crate::auth::Scope;
+use crate::store::{Labels, Server, ServerQuery, ServerStatus};
+
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 500;
+
+/// A server as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct ServerView {
+    pub id: Uuid,
+    pub name: String,
+    pub hostname: String,
+    pub status: ServerStatus,
+    pub status_reason: Option<String>,
+    pub labels: Labels,
+    pub organization_id: Uuid,
+    pub agent_version: Option<String>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    pub branch_id: Uuid,
+    pub deployment_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub facts: serde_json::Value,
+}
+
+impl ServerView {
+    pub fn new(server: Server, branch_id: Uuid) -> Self {
+        Self {
+            id: server.id,
+            name: server.name,
+            hostname: server.hostname,
+            status: server.status,
+            status_reason: server.status_reason,
+            labels: server.labels,
+            organization_id: server.organization_id,
+            agent_version: server.agent_version,
+            last_seen_at: server.last_seen_at,
+            branch_id,
+            deployment_id: server.deployment_id,
+            created_at: server.created_at,
+            facts: server.facts,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListServers {
+    pub status: Option<String>,
+    /// `key=value`, several separated by commas.
+    pub label: Option<String>,
+    /// `local` (default) or `all` (with federation: peers' servers too).
+    pub branch: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+pub async fn list(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiQuery(params): ApiQuery<ListServers>,
+) -> Result<Json<Page<ServerView>>, ApiError> {
+    caller.require(Scope::ServersRead)?;
+    let status = params
+        .status
+        .as_deref()
+        .map(|s| {
+            ServerStatus::parse(s).ok_or_else(|| {
+                ApiError::invalid_request(
+                    "status must be one of online, offline, connecting, timeout",
+                )
+            })
+        })
+        .transpose()?;
+    let mut labels = Vec::new();
+    for pair in params
+        .label
+        .iter()
+        .flat_map(|l| l.split(','))
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').ok_or_else(|| {
+            ApiError::invalid_request(format!("label filter {pair:?} must be key=value"))
+        })?;
+        labels.push((key.to_string(), value.to_string()));
+    }
+    match params.branch.as_deref() {
+        None | Some("local") | Some("all") => {}
+        Some(other) if Uuid::parse_str(other).ok() == Some(cp.instance.branch_id) => {}
+        Some(other) => {
+            return Err(ApiError::invalid_request(format!(
+                "unknown branch {other:?}"
+            )))
+        }
+    }
+    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::invalid_request(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    let after = params
+        .cursor
+        .as_deref()
+        .map(|c| Uuid::parse_str(c).map_err(|_| ApiError::invalid_request("cursor is not valid")))
+        .transpose()?;
+    let servers = cp
+        .store
+        .list_servers(&ServerQuery {
+            scope: caller.visible_organizations.clone(),
+            status,
+            labels,
+            limit: limit + 1,
+            after,
+        })
+        .await?;
+    let has_more = servers.len() > limit as usize;
+    let data: Vec<ServerView> = servers
+        .into_iter()
+        .take(limit as usize)
+        .map(|s| ServerView::new(s, cp.instance.branch_id))
+        .collect();
+    let next_cursor = has_more
+        .then(|| data.last().map(|s| s.id.to_string()))
+        .flatten();
+    Ok(Json(Page { data, next_cursor }))
+}
+
+pub async fn get(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<ServerView>, ApiError> {
+    caller.require(Scope::ServersRead)?;
+    let server = cp
+        .store
+        .server(&caller.visible_organizations, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such server"))?;
+    Ok(Json(ServerView::new(server, cp.instance.branch_id)))
+}
+
+/// Revokes the server's certificates, closes its session and removes it (soft).
+pub async fn remove(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Scope::ServersWrite)?;
+    let server = cp
+        .store
+        .server(&caller.visible_organizations, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such server"))?;
+    if !cp
+        .store
+        .remove_server(&caller.visible_organizations, id, Utc::now())
+        .await?
+    {
+        return Err(ApiError::not_found("no such server"));
+    }
+    cp.sessions.disconnect(id, CloseCode::Revoked);
+    tracing::info!(server_id = %id, "server removed and its certificates revoked");
+    caller
+        .audit(
+            &cp,
+            server.organization_id,
+            "server.delete",
+            id.to_string(),
+            serde_json::json!({ "name": server.name }),
+        )
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}

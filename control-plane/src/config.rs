@@ -1,0 +1,276 @@
+//! `tether serve` configuration: flags, `TETHER_*` environment variables and
+//! an optional TOML file, in that order of precedence, resolved into one
+//! [`ServeConfig`] with every default filled in.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for tether serve: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Parses durations like `30s`, `5m`, `1h 30m`, `500ms`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+/// Flags of `tether serve` (each also a `TETHER_<NAME>` variable and a TOML key).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "TETHER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for the CA, master key, SQLite file and admin.token.
+    #[arg(long, env = "TETHER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP API listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "TETHER_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// QUIC listen address for agents [default: 0.0.0.0:7443].
+    #[arg(long, env = "TETHER_QUIC_LISTEN")]
+    pub quic_listen: Option<SocketAddr>,
+    /// HOST:PORT agents are told to dial [default: the QUIC listen address].
+    #[arg(long, env = "TETHER_PUBLIC_QUIC_ADDR")]
+    pub public_quic_addr: Option<String>,
+    /// Public base URL of the HTTP API [default: http://<api-listen>].
+    #[arg(long, env = "TETHER_PUBLIC_API_URL")]
+    pub public_api_url: Option<String>,
+    /// sqlite://PATH or postgres://... [default: sqlite in the data dir].
+    #[arg(long, env = "TETHER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Master key file [default: DATA_DIR/master.key].
+    #[arg(long, env = "TETHER_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// Metrics reporting interval pushed to agents [default: 30s].
+    #[arg(long, env = "TETHER_METRICS_INTERVAL", value_parser = parse_duration)]
+    pub metrics_interval: Option<Duration>,
+    /// A server silent this long is offline [default: 90s].
+    #[arg(long, env = "TETHER_OFFLINE_AFTER", value_parser = parse_duration)]
+    pub offline_after: Option<Duration>,
+    /// Lifetime of agent certificates; renewed at 2/3 [default: 30d].
+    #[arg(long, env = "TETHER_AGENT_CERT_TTL", value_parser = parse_duration)]
+    pub agent_cert_ttl: Option<Duration>,
+    /// Human name of this branch [default: the host name].
+    #[arg(long, env = "TETHER_BRANCH_NAME")]
+    pub branch_name: Option<String>,
+}
+
+/// The TOML file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    api_listen: Option<SocketAddr>,
+    quic_listen: Option<SocketAddr>,
+    public_quic_addr: Option<String>,
+    public_api_url: Option<String>,
+    database_url: Option<String>,
+    master_key_file: Option<PathBuf>,
+    metrics_interval: Option<String>,
+    offline_after: Option<String>,
+    agent_cert_ttl: Option<String>,
+    branch_name: Option<String>,
+}
+
+/// Resolved configuration of a control plane.
+#[derive(Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub api_listen: SocketAddr,
+    pub quic_listen: SocketAddr,
+    pub public_quic_addr: Option<String>,
+    pub public_api_url: Option<String>,
+    pub database_url: String,
+    pub master_key_file: PathBuf,
+    pub metrics_interval: Duration,
+    pub offline_after: Duration,
+    pub agent_cert_ttl: Duration,
+    pub branch_name: String,
+}
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("data_dir", &self.data_dir)
+            .field("api_listen", &self.api_listen)
+            .field("quic_listen", &self.quic_listen)
+            .field("public_quic_addr", &self.public_quic_addr)
+            .field(
+                "database_url",
+                &crate::store::redact_url(&self.database_url),
+            )
+            .field("metrics_interval", &self.metrics_interval)
+            .field("offline_after", &self.offline_after)
+            .finish_non_exhaustive()
+    }
+}
+
+fn file_duration(
+    key: &'static str,
+    value: Option<String>,
+) -> Result<Option<Duration>, ConfigError> {
+    value
+        .map(|v| parse_duration(&v).map_err(|message| ConfigError::Invalid { key, message }))
+        .transpose()
+}
+
+impl ServeArgs {
+    /// Resolves flags, environment, file and defaults.
+    pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("tether-data"));
+        let database_url = self
+            .database_url
+            .or(file.database_url)
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("tether.db").display()));
+        let master_key_file = self
+            .master_key_file
+            .or(file.master_key_file)
+            .unwrap_or_else(|| data_dir.join("master.key"));
+        let metrics_interval = self
+            .metrics_interval
+            .or(file_duration("metrics_interval", file.metrics_interval)?)
+            .unwrap_or(Duration::from_secs(30));
+        let offline_after = self
+            .offline_after
+            .or(file_duration("offline_after", file.offline_after)?)
+            .unwrap_or(Duration::from_secs(90));
+        let agent_cert_ttl = self
+            .agent_cert_ttl
+            .or(file_duration("agent_cert_ttl", file.agent_cert_ttl)?)
+            .unwrap_or(Duration::from_secs(30 * 24 * 3600));
+        for (key, value, min) in [
+            (
+                "metrics_interval",
+                metrics_interval,
+                Duration::from_millis(100),
+            ),
+            ("offline_after", offline_after, Duration::from_secs(1)),
+            ("agent_cert_ttl", agent_cert_ttl, Duration::from_secs(3)),
+        ] {
+            if value < min {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("must be at least {}", humantime::format_duration(min)),
+                });
+            }
+        }
+        let branch_name = self
+            .branch_name
+            .or(file.branch_name)
+            .or_else(|| hostname_of_this_machine())
+            .unwrap_or_else(|| "tether".into());
+        Ok(ServeConfig {
+            data_dir,
+            api_listen: self
+                .api_listen
+                .or(file.api_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            quic_listen: self
+                .quic_listen
+                .or(file.quic_listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7443))),
+            public_quic_addr: self.public_quic_addr.or(file.public_quic_addr),
+            public_api_url: self.public_api_url.or(file.public_api_url),
+            database_url,
+            master_key_file,
+            metrics_interval,
+            offline_after,
+            agent_cert_ttl,
+            branch_name,
+        })
+    }
+}
+
+fn hostname_of_this_machine() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.display().to_string(),
+        source: Box::new(source),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_units_and_bare_seconds() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.toml");
+        std::fs::write(
+            &path,
+            "data_dir = \"/srv/t\"\noffline_after = \"2m\"\nmetrics_interval = \"10s\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            metrics_interval: Some(Duration::from_secs(1)),
+            ..Default::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/srv/t"));
+        assert_eq!(config.offline_after, Duration::from_secs(120));
+        assert_eq!(config.metrics_interval, Duration::from_secs(1));
+        assert_eq!(config.database_url, "sqlite:///srv/t/tether.db");
+        assert_eq!(config.api_listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.toml");
+        std::fs::write(&path, "data_dri = \"/srv/t\"\n").unwrap();
+        let err = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }));
+    }
+}

@@ -1,0 +1,184 @@
+//! Enrollment: the only thing a connection without a client certificate may
+//! do. One bidirectional stream, one `Enroll` frame, one answer; anything
+//! else closes the connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use tether_protocol::{
+    classify_first_message, AgentMessage, CloseCode, ControlMessage, EnrollRejection,
+    EnrollRequest, EnrollmentGrant, PeerKind,
+};
+use tether_transport::ControlStream;
+use uuid::Uuid;
+
+use super::FIRST_FRAME_TIMEOUT;
+use crate::app::ControlPlane;
+use crate::store::{AuditEntry, Enrollment, EnrollmentRefusal};
+
+/// Hash under which an enrollment token is stored.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Serves an unauthenticated connection.
+pub async fn serve(connection: quinn::Connection, cp: Arc<ControlPlane>) {
+    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
+        let (send, recv) = connection.accept_bi().await?;
+        let mut stream = ControlStream::new(send, recv);
+        let message = stream.expect().await?;
+        Ok::<_, tether_transport::TransportError>((stream, message))
+    })
+    .await;
+    let (mut stream, message) = match first {
+        Ok(Ok(first)) => first,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "unauthenticated connection sent no valid frame; closing");
+            tether_transport::close(&connection, CloseCode::ProtocolViolation);
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("unauthenticated connection sent nothing in time; closing");
+            tether_transport::close(&connection, CloseCode::ProtocolViolation);
+            return;
+        }
+    };
+    if let Err(violation) = classify_first_message(PeerKind::Unauthenticated, &message) {
+        tracing::warn!(%violation, "closing unauthenticated connection");
+        tether_transport::close(&connection, violation.close_code());
+        return;
+    }
+    let AgentMessage::Enroll(request) = message else {
+        tether_transport::close(&connection, CloseCode::ProtocolViolation);
+        return;
+    };
+    let answer = match enroll(&cp, &request, connection.remote_address()).await {
+        Ok(grant) => ControlMessage::Enrolled(grant),
+        Err(rejection) => ControlMessage::EnrollRejected(rejection),
+    };
+    if let Err(e) = stream.send(&answer).await {
+        tracing::warn!(error = %e, "could not deliver the enrollment answer");
+    }
+    let _ = stream.finish();
+    // Let the agent read the answer and close; then close anyway.
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+    tether_transport::close(&connection, CloseCode::Normal);
+}
+
+async fn enroll(
+    cp: &ControlPlane,
+    request: &EnrollRequest,
+    remote: std::net::SocketAddr,
+) -> Result<EnrollmentGrant, EnrollRejection> {
+    let server_id = Uuid::now_v7();
+    let span = tracing::info_span!("enroll", %server_id, hostname = %request.facts.hostname);
+    let _guard = span.enter();
+    let signed = cp
+        .pki
+        .sign_agent(&request.csr_der, server_id)
+        .map_err(|e| EnrollRejection::InvalidCsr(e.to_string()))?;
+    let now = Utc::now();
+    let enrollment = Enrollment {
+        token_hash: token_hash(&request.token),
+        server_id,
+        hostname: request.facts.hostname.clone(),
+        agent_version: request.facts.agent_version.clone(),
+        facts: serde_json::to_value(FactsView::from(&request.facts)).unwrap_or_default(),
+        certificate: signed.record,
+        at: now,
+    };
+    drop(_guard);
+    let outcome = cp.store.enroll(&enrollment).await.map_err(|e| {
+        tracing::error!(%server_id, error = %e, "enrollment failed in the store");
+        EnrollRejection::Internal
+    })?;
+    match outcome {
+        Ok(server) => {
+            tracing::info!(%server_id, name = %server.name, "agent enrolled");
+            audit(
+                cp,
+                &format!("agent:{server_id}"),
+                Some(server.organization_id),
+                Some(server_id.to_string()),
+                remote,
+                "success",
+            )
+            .await;
+            Ok(EnrollmentGrant {
+                server_id: server_id.to_string(),
+                branch_id: cp.instance.branch_id.to_string(),
+                chain: signed.chain,
+            })
+        }
+        Err(refusal) => {
+            let rejection = match refusal {
+                EnrollmentRefusal::UnknownToken => EnrollRejection::UnknownToken,
+                EnrollmentRefusal::ExpiredToken => EnrollRejection::ExpiredToken,
+                EnrollmentRefusal::TokenAlreadyUsed => EnrollRejection::TokenAlreadyUsed,
+            };
+            tracing::warn!(reason = %rejection, "enrollment refused");
+            audit(
+                cp,
+                "agent:unenrolled",
+                None,
+                None,
+                remote,
+                &format!("refused: {rejection}"),
+            )
+            .await;
+            Err(rejection)
+        }
+    }
+}
+
+async fn audit(
+    cp: &ControlPlane,
+    actor: &str,
+    organization_id: Option<Uuid>,
+    target: Option<String>,
+    remote: std::net::SocketAddr,
+    outcome: &str,
+) {
+    let entry = AuditEntry {
+        id: Uuid::now_v7(),
+        at: Utc::now(),
+        actor: actor.into(),
+        organization_id,
+        action: "server.enroll".into(),
+        target,
+        source_ip: Some(remote.ip().to_string()),
+        outcome: outcome.into(),
+        detail: serde_json::json!({}),
+    };
+    if let Err(e) = cp.store.append_audit(&entry).await {
+        tracing::warn!(error = %e, "could not write the audit log");
+    }
+}
+
+/// Host facts as stored and served.
+#[derive(serde::Serialize)]
+pub struct FactsView<'a> {
+    pub hostname: &'a str,
+    pub os: &'a str,
+    pub arch: &'a str,
+    pub kernel_version: Option<&'a str>,
+    pub cpu_cores: u32,
+    pub memory_bytes: u64,
+    pub agent_version: &'a str,
+}
+
+impl<'a> From<&'a tether_protocol::HostFacts> for FactsView<'a> {
+    fn from(f: &'a tether_protocol::HostFacts) -> Self {
+        Self {
+            hostname: &f.hostname,
+            os: &f.os,
+            arch: &f.arch,
+            kernel_version: f.kernel_version.as_deref(),
+            cpu_cores: f.cpu_cores,
+            memory_bytes: f.memory_bytes,
+            agent_version: &f.agent_version,
+        }
+    }
+}

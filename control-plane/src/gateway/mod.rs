@@ -1,0 +1,94 @@
+//! The QUIC gateway: accepts agent connections, sorts them into enrollment
+//! (no client certificate) and sessions (certificate from this branch's CA),
+//! and keeps server liveness in the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rustls_pki_types::CertificateDer;
+use tracing::Instrument;
+
+use crate::app::ControlPlane;
+
+pub mod enrollment;
+pub mod registry;
+pub mod session;
+
+/// How long a peer has to open its first stream and send its first frame.
+pub(crate) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until the endpoint closes.
+pub async fn accept_loop(endpoint: quinn::Endpoint, cp: Arc<ControlPlane>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let cp = cp.clone();
+        let remote = incoming.remote_address();
+        tokio::spawn(
+            async move {
+                let connection = match incoming.await {
+                    Ok(connection) => connection,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "QUIC handshake refused");
+                        return;
+                    }
+                };
+                match peer_certificate(&connection) {
+                    None => enrollment::serve(connection, cp).await,
+                    Some(cert) => session::serve(connection, cert, cp).await,
+                }
+            }
+            .instrument(tracing::info_span!("connection", %remote)),
+        );
+    }
+}
+
+/// The client certificate the peer authenticated with, if any.
+fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    connection
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+/// Keeps liveness current: records that this replica's sessions are alive,
+/// and marks servers offline whose sessions went silent (on any replica).
+pub async fn liveness_loop(cp: Arc<ControlPlane>) {
+    let period =
+        (cp.config.offline_after / 3).clamp(Duration::from_millis(300), Duration::from_secs(10));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reason = format!(
+        "no heartbeat for {}",
+        humantime::format_duration(cp.config.offline_after)
+    );
+    loop {
+        tokio::select! {
+            _ = cp.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Utc::now();
+        let live = cp.sessions.server_ids();
+        if !live.is_empty() {
+            if let Err(e) = cp.store.touch_servers(&live, now).await {
+                tracing::warn!(error = %e, "could not record session liveness");
+            }
+        }
+        let Ok(offline_after) = chrono::Duration::from_std(cp.config.offline_after) else {
+            continue;
+        };
+        match cp
+            .store
+            .mark_silent_offline(now - offline_after, &reason)
+            .await
+        {
+            Ok(ids) => {
+                for server_id in ids {
+                    tracing::info!(%server_id, %reason, "server offline");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not sweep silent servers"),
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! Sessions of enrolled agents: admission (certificate known and not
+//! revoked), the control stream (`Hello` -> `Welcome`, heartbeats), streams
+//! the agent opens (certificate renewal), and the end of the session.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use chrono::Utc;
+use rustls_pki_types::CertificateDer;
+use tether_certs::CertificateInfo;
+use tether_protocol::{
+    classify_first_message, negotiate_version, AgentConfig, AgentMessage,
+    CertificateRenewalRequest, CloseCode, ControlMessage, HeartbeatAck, HelloRejection, PeerKind,
+    RenewalRejection, StreamKind, Welcome, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use tether_transport::ControlStream;
+use tokio::sync::watch;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::enrollment::FactsView;
+use super::FIRST_FRAME_TIMEOUT;
+use crate::app::ControlPlane;
+use crate::store::SessionAdmission;
+
+/// Serves a connection that presented a client certificate of this CA.
+pub async fn serve(
+    connection: quinn::Connection,
+    cert: CertificateDer<'static>,
+    cp: Arc<ControlPlane>,
+) {
+    let info = match CertificateInfo::from_der(&cert) {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::warn!(error = %e, "session refused: unreadable client certificate");
+            tether_transport::close(&connection, CloseCode::Revoked);
+            return;
+        }
+    };
+    let identity = match info.require_identity() {
+        Ok(identity) if identity.branch_id == cp.instance.branch_id.to_string() => identity.clone(),
+        Ok(identity) => {
+            tracing::warn!(%identity, "session refused: certificate names another branch");
+            tether_transport::close(&connection, CloseCode::Revoked);
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "session refused");
+            tether_transport::close(&connection, CloseCode::Revoked);
+            return;
+        }
+    };
+    let Ok(server_id) = Uuid::parse_str(&identity.server_id) else {
+        tracing::warn!(%identity, "session refused: server id is not a UUID");
+        tether_transport::close(&connection, CloseCode::Revoked);
+        return;
+    };
+    run(connection, server_id, info, cp)
+        .instrument(tracing::info_span!("session", %server_id))
+        .await;
+}
+
+async fn run(
+    connection: quinn::Connection,
+    server_id: Uuid,
+    cert: CertificateInfo,
+    cp: Arc<ControlPlane>,
+) {
+    match cp.store.admit_session(server_id, &cert.serial_hex).await {
+        Ok(SessionAdmission::Admitted(_)) => {}
+        Ok(refusal) => {
+            tracing::warn!(reason = ?refusal, serial = %cert.serial_hex, "session refused");
+            tether_transport::close(&connection, CloseCode::Revoked);
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "session admission failed in the store");
+            tether_transport::close(&connection, CloseCode::ShuttingDown);
+            return;
+        }
+    }
+
+    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
+        let (send, recv) = connection.accept_bi().await?;
+        let mut stream = ControlStream::new(send, recv);
+        let message = stream.expect().await?;
+        Ok::<_, tether_transport::TransportError>((stream, message))
+    })
+    .await;
+    let (mut control, hello) = match first {
+        Ok(Ok((stream, AgentMessage::Hello(hello)))) => (stream, hello),
+        Ok(Ok((_, other))) => {
+            let violation = classify_first_message(PeerKind::Agent, &other).err();
+            tracing::warn!(
+                ?violation,
+                "session refused: the first stream must open with Hello"
+            );
+            tether_transport::close(&connection, CloseCode::ProtocolViolation);
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "session refused: no valid Hello");
+            tether_transport::close(&connection, CloseCode::ProtocolViolation);
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("session refused: no Hello in time");
+            tether_transport::close(&connection, CloseCode::ProtocolViolation);
+            return;
+        }
+    };
+    let version = match negotiate_version(
+        hello.min_version,
+        hello.max_version,
+        MIN_PROTOCOL_VERSION,
+        PROTOCOL_VERSION,
+    ) {
+        Ok(version) => version,
+        Err(e) => {
+            tracing::warn!(error = %e, "session refused");
+            let _ = control
+                .send(&ControlMessage::HelloRejected(HelloRejection {
+                    supported_min: MIN_PROTOCOL_VERSION,
+                    supported_max: PROTOCOL_VERSION,
+                }))
+                .await;
+            let _ = control.finish();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            tether_transport::close(&connection, CloseCode::UnsupportedVersion);
+            return;
+        }
+    };
+
+    let generation = cp.sessions.register(server_id, connection.clone());
+    let facts = serde_json::to_value(FactsView::from(&hello.facts)).unwrap_or_default();
+    if let Err(e) = cp
+        .store
+        .mark_online(server_id, &hello.agent_version, &facts, Utc::now())
+        .await
+    {
+        tracing::error!(error = %e, "could not mark the server online");
+    }
+    let offline_after = cp.config.offline_after;
+    let heartbeat_interval = (offline_after / 3).min(Duration::from_secs(15));
+    let welcome = ControlMessage::Welcome(Welcome {
+        protocol_version: version,
+        server_id: server_id.to_string(),
+        branch_id: cp.instance.branch_id.to_string(),
+        config: AgentConfig {
+            metrics_interval_ms: millis(cp.config.metrics_interval),
+            heartbeat_interval_ms: millis(heartbeat_interval),
+        },
+    });
+    let reason = if let Err(e) = control.send(&welcome).await {
+        format!("could not send Welcome: {e}")
+    } else {
+        tracing::info!(version, agent_version = %hello.agent_version, "session established");
+        let (expiry_tx, expiry_rx) = watch::channel(cert.not_after);
+        let renewal = RenewalContext {
+            cp: cp.clone(),
+            server_id,
+            serial: cert.serial_hex.clone(),
+            expiry: expiry_tx,
+        };
+        drive(
+            &connection,
+            &mut control,
+            expiry_rx,
+            renewal,
+            offline_after,
+            &cp,
+        )
+        .await
+    };
+    if cp.sessions.remove(server_id, generation) {
+        tracing::info!(%reason, "session ended");
+        if let Err(e) = cp.store.mark_offline(server_id, &reason, Utc::now()).await {
+            tracing::error!(error = %e, "could not mark the server offline");
+        }
+    } else {
+        tracing::info!(%reason, "session ended (superseded or removed)");
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn until(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
+/// Runs an established session until it ends; returns why it ended.
+async fn drive(
+    connection: &quinn::Connection,
+    control: &mut ControlStream,
+    mut expiry: watch::Receiver<SystemTime>,
+    renewal: RenewalContext,
+    offline_after: Duration,
+    cp: &ControlPlane,
+) -> String {
+    let renewal = Arc::new(renewal);
+    loop {
+        let expires_in = until(*expiry.borrow());
+        tokio::select! {
+            message = tokio::time::timeout(offline_after, control.recv()) => match message {
+                Err(_) => {
+                    tether_transport::close(connection, CloseCode::ProtocolViolation);
+                    return format!("no heartbeat for {}", humantime::format_duration(offline_after));
+                }
+                Ok(Ok(Some(AgentMessage::Heartbeat(_)))) => {
+                    let ack = ControlMessage::HeartbeatAck(HeartbeatAck {
+                        received_at_unix_ms: u64::try_from(Utc::now().timestamp_millis()).unwrap_or_default(),
+                    });
+                    if let Err(e) = control.send(&ack).await {
+                        return format!("control stream failed: {e}");
+                    }
+                }
+                Ok(Ok(Some(other))) => {
+                    tracing::warn!(message = ?std::mem::discriminant(&other), "unexpected message on the control stream");
+                    tether_transport::close(connection, CloseCode::ProtocolViolation);
+                    return "protocol violation on the control stream".into();
+                }
+                Ok(Ok(None)) => return "agent closed its control stream".into(),
+                Ok(Err(e)) => return connection
+                    .close_reason()
+                    .map(|r| format!("connection lost: {r}"))
+                    .unwrap_or_else(|| format!("control stream failed: {e}")),
+            },
+            incoming = connection.accept_bi() => match incoming {
+                Ok((send, recv)) => {
+                    let renewal = renewal.clone();
+                    let connection = connection.clone();
+                    tokio::spawn(
+                        async move { agent_stream(connection, ControlStream::new(send, recv), renewal).await }
+                            .in_current_span(),
+                    );
+                }
+                Err(e) => return format!("connection lost: {e}"),
+            },
+            _ = tokio::time::sleep(expires_in) => {
+                tether_transport::close(connection, CloseCode::CertificateExpired);
+                return "certificate expired before it was renewed".into();
+            }
+            _ = expiry.changed() => {}
+            _ = cp.shutdown.cancelled() => return "control plane shut down".into(),
+        }
+    }
+}
+
+struct RenewalContext {
+    cp: Arc<ControlPlane>,
+    server_id: Uuid,
+    /// Serial of the certificate the session was opened with.
+    serial: String,
+    expiry: watch::Sender<SystemTime>,
+}
+
+/// A stream the agent opened after the control stream.
+async fn agent_stream(
+    connection: quinn::Connection,
+    mut stream: ControlStream,
+    renewal: Arc<RenewalContext>,
+) {
+    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, stream.expect()).await {
+        Ok(Ok(message)) => message,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "agent stream ended without a valid first frame");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("agent stream sent nothing in time");
+            return;
+        }
+    };
+    match (classify_first_message(PeerKind::Agent, &first), first) {
+        (Ok(StreamKind::CertificateRenewal), AgentMessage::RenewCertificate(request)) => {
+            let answer = renew(&renewal, &request).await;
+            if let Err(e) = stream.send(&answer).await {
+                tracing::warn!(error = %e, "could not deliver the renewed certificate");
+            }
+            let _ = stream.finish();
+        }
+        (classified, _) => {
+            tracing::warn!(
+                ?classified,
+                "agent opened a stream it may not open; closing the connection"
+            );
+            tether_transport::close(&connection, CloseCode::ProtocolViolation);
+        }
+    }
+}
+
+async fn renew(ctx: &RenewalContext, request: &CertificateRenewalRequest) -> ControlMessage {
+    match ctx.cp.store.admit_session(ctx.server_id, &ctx.serial).await {
+        Ok(SessionAdmission::Admitted(_)) => {}
+        Ok(_) => return ControlMessage::RenewalRejected(RenewalRejection::Revoked),
+        Err(e) => {
+            tracing::error!(error = %e, "renewal failed in the store");
+            return ControlMessage::RenewalRejected(RenewalRejection::Internal);
+        }
+    }
+    let signed = match ctx.cp.pki.sign_agent(&request.csr_der, ctx.server_id) {
+        Ok(signed) => signed,
+        Err(e) => {
+            return ControlMessage::RenewalRejected(RenewalRejection::InvalidCsr(e.to_string()))
+        }
+    };
+    if let Err(e) = ctx.cp.store.record_certificate(&signed.record).await {
+        tracing::error!(error = %e, "could not record the renewed certificate");
+        return ControlMessage::RenewalRejected(RenewalRejection::Internal);
+    }
+    tracing::info!(serial = %signed.record.serial, not_after = %signed.record.not_after, "certificate renewed");
+    let _ = ctx.expiry.send(signed.issued.info.not_after);
+    ControlMessage::CertificateRenewed(signed.chain)
+}

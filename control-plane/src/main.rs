@@ -1,0 +1,74 @@
+//! `tether`: the control plane binary.
+
+use clap::{Parser, Subcommand};
+
+use tether_control_plane::{app, config::ServeArgs, quickstart};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "Tether control plane: provision servers, enroll agents, run your fleet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane (HTTP API + QUIC gateway).
+    Serve(ServeArgs),
+    /// Start a control plane on the embedded database with local servers, and print what to try.
+    Quickstart(quickstart::QuickstartArgs),
+    /// Apply database migrations and exit.
+    Migrate(ServeArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,sqlx=warn,quinn=warn,tower_http=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Quickstart(args) => quickstart::run(args).await,
+        Command::Migrate(args) => migrate(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    let running = app::start(config).await?;
+    app::shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn migrate(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    tether_control_plane::store::open(&config.database_url).await?;
+    println!(
+        "migrations applied to {}",
+        tether_control_plane::store::redact_url(&config.database_url)
+    );
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! Persistent state of a control plane behind one [`Store`] trait.
+//!
+//! Each database gets its own implementation written in its own dialect
+//! (`sqlite` now; PostgreSQL next to it), and one behaviour test suite runs
+//! against every implementation. Callers see domain types only; ids are UUIDs,
+//! times UTC. Every read that serves an API caller takes an organization scope
+//! (the caller's organization and its descendants).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub mod sqlite;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stored value is corrupt: {0}")]
+    Corrupt(String),
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Labels attached to servers and tokens (`env=prod`).
+pub type Labels = BTreeMap<String, String>;
+
+/// This control plane's identity and CA, created once per database.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub branch_id: Uuid,
+    pub branch_name: String,
+    pub root_organization_id: Uuid,
+    pub ca_cert_pem: String,
+    /// The CA key sealed under the master key (see `secrets`).
+    pub ca_key_sealed: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Resource limits of an organization; `None` is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quotas {
+    pub max_servers: Option<i64>,
+    pub max_cpu_cores: Option<i64>,
+    pub max_memory_gb: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Organization {
+    pub id: Uuid,
+    pub name: String,
+    pub parent_id: Option<Uuid>,
+    pub quotas: Quotas,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An API token's record. The token itself is a JWT whose `jti` is `id`.
+#[derive(Debug, Clone)]
+pub struct ApiToken {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub name: String,
+    pub scopes: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A one-time enrollment (bootstrap) token; only its hash is stored.
+#[derive(Debug, Clone)]
+pub struct NewEnrollmentToken {
+    pub id: Uuid,
+    pub token_hash: String,
+    pub organization_id: Uuid,
+    pub server_name: Option<String>,
+    pub labels: Labels,
+    pub deployment_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Connection state of a server, as users see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerStatus {
+    /// Enrolled (or provisioned) but no session yet.
+    Connecting,
+    Online,
+    Offline,
+    /// Never came up within the registration timeout.
+    Timeout,
+}
+
+impl ServerStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Online => "online",
+            Self::Offline => "offline",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "connecting" => Self::Connecting,
+            "online" => Self::Online,
+            "offline" => Self::Offline,
+            "timeout" => Self::Timeout,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub name: String,
+    pub hostname: String,
+    pub labels: Labels,
+    pub status: ServerStatus,
+    pub status_reason: Option<String>,
+    pub agent_version: Option<String>,
+    pub facts: serde_json::Value,
+    pub deployment_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+/// A certificate issued to a server (the certificate itself is not stored).
+#[derive(Debug, Clone)]
+pub struct CertificateRecord {
+    pub serial: String,
+    pub server_id: Uuid,
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+    pub issued_at: DateTime<Utc>,
+}
+
+/// An agent redeeming an enrollment token.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    pub token_hash: String,
+    pub server_id: Uuid,
+    pub hostname: String,
+    pub agent_version: String,
+    pub facts: serde_json::Value,
+    pub certificate: CertificateRecord,
+    pub at: DateTime<Utc>,
+}
+
+/// Why a token could not be redeemed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnrollmentRefusal {
+    UnknownToken,
+    ExpiredToken,
+    TokenAlreadyUsed,
+}
+
+/// Whether a certificate-authenticated connection may start a session.
+#[derive(Debug, Clone)]
+pub enum SessionAdmission {
+    Admitted(Server),
+    UnknownServer,
+    ServerRemoved,
+    UnknownCertificate,
+    CertificateRevoked,
+}
+
+/// A filtered, paginated server listing.
+#[derive(Debug, Clone, Default)]
+pub struct ServerQuery {
+    /// Organizations whose servers may be listed.
+    pub scope: Vec<Uuid>,
+    pub status: Option<ServerStatus>,
+    pub labels: Vec<(String, String)>,
+    pub limit: u32,
+    /// List servers with ids greater than this one.
+    pub after: Option<Uuid>,
+}
+
+/// One append-only audit log entry.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub id: Uuid,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub organization_id: Option<Uuid>,
+    pub action: String,
+    pub target: Option<String>,
+    pub source_ip: Option<String>,
+    pub outcome: String,
+    pub detail: serde_json::Value,
+}
+
+/// The control plane's storage. One implementation per database.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// Creates the instance, its root organization and the first admin token
+    /// unless an instance exists. Returns the instance and whether this call
+    /// created it (a replica joining an initialised database gets `false`).
+    async fn init_instance(
+        &self,
+        instance: &Instance,
+        root: &Organization,
+        admin_token: &ApiToken,
+    ) -> StoreResult<(Instance, bool)>;
+
+    async fn instance(&self) -> StoreResult<Option<Instance>>;
+
+    /// An organization and all its descendants (not deleted).
+    async fn organization_scope(&self, organization_id: Uuid) -> StoreResult<Vec<Uuid>>;
+
+    async fn api_token(&self, id: Uuid) -> StoreResult<Option<ApiToken>>;
+
+    async fn create_enrollment_token(&self, token: &NewEnrollmentToken) -> StoreResult<()>;
+
+    /// Redeems a token and creates its server in one transaction: of several
+    /// agents racing with one token, exactly one gets a server.
+    async fn enroll(
+        &self,
+        enrollment: &Enrollment,
+    ) -> StoreResult<Result<Server, EnrollmentRefusal>>;
+
+    async fn record_certificate(&self, certificate: &CertificateRecord) -> StoreResult<()>;
+
+    /// Checks a server and the certificate it connected with.
+    async fn admit_session(&self, server_id: Uuid, serial: &str) -> StoreResult<SessionAdmission>;
+
+    async fn mark_online(
+        &self,
+        server_id: Uuid,
+        agent_version: &str,
+        facts: &serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    async fn mark_offline(
+        &self,
+        server_id: Uuid,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// Records that these servers' sessions were alive at `at`.
+    async fn touch_servers(&self, server_ids: &[Uuid], at: DateTime<Utc>) -> StoreResult<()>;
+
+    /// Marks online servers not seen since `cutoff` offline; returns them.
+    async fn mark_silent_offline(
+        &self,
+        cutoff: DateTime<Utc>,
+        reason: &str,
+    ) -> StoreResult<Vec<Uuid>>;
+
+    async fn server(&self, scope: &[Uuid], id: Uuid) -> StoreResult<Option<Server>>;
+
+    async fn list_servers(&self, query: &ServerQuery) -> StoreResult<Vec<Server>>;
+
+    /// Soft-deletes a server and revokes its certificates. `false` when it
+    /// was not found in `scope`.
+    async fn remove_server(&self, scope: &[Uuid], id: Uuid, at: DateTime<Utc>)
+        -> StoreResult<bool>;
+
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+}
+
+/// Opens the store named by a database URL and runs its migrations.
+pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
+    let store: std::sync::Arc<dyn Store> = if url.starts_with("sqlite:") {
+        std::sync::Arc::new(sqlite::SqliteStore::connect(url).await?)
+    } else {
+        return Err(StoreError::UnsupportedUrl(redact_url(url)));
+    };
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// A database URL with its password removed, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}

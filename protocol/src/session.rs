@@ -1,0 +1,150 @@
+//! Protocol rules that need no IO: version negotiation, what each kind of
+//! peer may open a stream with, and the QUIC close codes both sides use.
+
+use crate::messages::AgentMessage;
+
+/// Application close codes carried in QUIC `CONNECTION_CLOSE` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// Orderly close (shutdown, session replaced, enrollment finished).
+    Normal = 0,
+    /// The peer broke a protocol rule (wrong first message, bad frame on the
+    /// control stream).
+    ProtocolViolation = 1,
+    /// A connection without a client certificate tried something other than
+    /// enrolling.
+    Unauthenticated = 2,
+    /// The server behind the certificate was revoked or removed.
+    Revoked = 3,
+    /// No protocol version in common.
+    UnsupportedVersion = 4,
+    /// The control plane is shutting down; reconnect soon.
+    ShuttingDown = 5,
+    /// The session's certificate expired before it was renewed.
+    CertificateExpired = 6,
+    /// A newer session of the same server took over.
+    Superseded = 7,
+}
+
+impl CloseCode {
+    /// The code as sent on the wire.
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// Maps a wire code back; unknown codes are `None`.
+    pub fn from_code(code: u64) -> Option<Self> {
+        Some(match code {
+            0 => Self::Normal,
+            1 => Self::ProtocolViolation,
+            2 => Self::Unauthenticated,
+            3 => Self::Revoked,
+            4 => Self::UnsupportedVersion,
+            5 => Self::ShuttingDown,
+            6 => Self::CertificateExpired,
+            7 => Self::Superseded,
+            _ => return None,
+        })
+    }
+
+    /// Reason phrase sent with the code.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Normal => "normal close",
+            Self::ProtocolViolation => "protocol violation",
+            Self::Unauthenticated => "unauthenticated connections may only enroll",
+            Self::Revoked => "server revoked",
+            Self::UnsupportedVersion => "no common protocol version",
+            Self::ShuttingDown => "control plane shutting down",
+            Self::CertificateExpired => "certificate expired",
+            Self::Superseded => "superseded by a newer session",
+        }
+    }
+}
+
+/// No protocol version both peers speak.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "peer speaks protocol versions {peer_min}..={peer_max}, this build {ours_min}..={ours_max}"
+)]
+pub struct VersionError {
+    pub peer_min: u16,
+    pub peer_max: u16,
+    pub ours_min: u16,
+    pub ours_max: u16,
+}
+
+/// Picks the highest version both sides speak.
+pub fn negotiate_version(
+    peer_min: u16,
+    peer_max: u16,
+    ours_min: u16,
+    ours_max: u16,
+) -> Result<u16, VersionError> {
+    let high = peer_max.min(ours_max);
+    let low = peer_min.max(ours_min);
+    if peer_min <= peer_max && low <= high {
+        Ok(high)
+    } else {
+        Err(VersionError {
+            peer_min,
+            peer_max,
+            ours_min,
+            ours_max,
+        })
+    }
+}
+
+/// Who is at the other end of a connection, as established by TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// No client certificate: may only enroll.
+    Unauthenticated,
+    /// A client certificate signed by this control plane's CA.
+    Agent,
+}
+
+/// What a stream is for, decided by its first message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Enrollment,
+    Control,
+    CertificateRenewal,
+}
+
+/// A peer opened a stream with a message it may not open one with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    #[error("an unauthenticated connection may only enroll")]
+    NotEnrolled,
+    #[error("an enrolled agent may not enroll again")]
+    AlreadyEnrolled,
+    #[error("this message cannot open a stream")]
+    NotAStreamOpener,
+}
+
+impl Violation {
+    /// The close code the connection is closed with.
+    pub fn close_code(self) -> CloseCode {
+        match self {
+            Self::NotEnrolled => CloseCode::Unauthenticated,
+            Self::AlreadyEnrolled | Self::NotAStreamOpener => CloseCode::ProtocolViolation,
+        }
+    }
+}
+
+/// Decides what a stream opened by `peer` with `first` is for.
+pub fn classify_first_message(
+    peer: PeerKind,
+    first: &AgentMessage,
+) -> Result<StreamKind, Violation> {
+    match (peer, first) {
+        (PeerKind::Unauthenticated, AgentMessage::Enroll(_)) => Ok(StreamKind::Enrollment),
+        (PeerKind::Unauthenticated, _) => Err(Violation::NotEnrolled),
+        (PeerKind::Agent, AgentMessage::Enroll(_)) => Err(Violation::AlreadyEnrolled),
+        (PeerKind::Agent, AgentMessage::Hello(_)) => Ok(StreamKind::Control),
+        (PeerKind::Agent, AgentMessage::RenewCertificate(_)) => Ok(StreamKind::CertificateRenewal),
+        (PeerKind::Agent, AgentMessage::Heartbeat(_)) => Err(Violation::NotAStreamOpener),
+    }
+}

@@ -1,0 +1,1271 @@
+//! Framing and session-rule tests for tether-protocol: round trips of every
+//! message variant, every way a frame can be wrong, property tests over
+//! random and mutated bytes, version negotiation, first-message rules and
+//! close codes.
+
+use bytes::{BufMut, BytesMut};
+use proptest::prelude::*;
+use serde::Serialize;
+use tether_protocol::codec::{decode_body, encode_frame};
+use tether_protocol::*;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// What the control plane reads and writes.
+type ControlSide = FrameCodec<AgentMessage, ControlMessage>;
+/// What an agent reads and writes.
+type AgentSide = FrameCodec<ControlMessage, AgentMessage>;
+
+// ---------------------------------------------------------------------------
+// Sample messages. The `*_variant_name` functions match without a wildcard,
+// so adding a variant breaks this file until the samples cover it.
+// ---------------------------------------------------------------------------
+
+fn facts() -> HostFacts {
+    HostFacts {
+        hostname: "edge-01.example".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        kernel_version: Some("6.8.0-45-generic".into()),
+        cpu_cores: 8,
+        memory_bytes: 16 * 1024 * 1024 * 1024,
+        agent_version: "0.1.0".into(),
+    }
+}
+
+fn chain() -> CertificateChain {
+    CertificateChain {
+        certificates_der: vec![vec![0x30, 0x82, 0x01, 0x0a, 0xff], vec![], vec![0x30; 300]],
+    }
+}
+
+fn agent_variant_name(message: &AgentMessage) -> &'static str {
+    match message {
+        AgentMessage::Enroll(_) => "Enroll",
+        AgentMessage::Hello(_) => "Hello",
+        AgentMessage::Heartbeat(_) => "Heartbeat",
+        AgentMessage::RenewCertificate(_) => "RenewCertificate",
+    }
+}
+
+fn control_variant_name(message: &ControlMessage) -> &'static str {
+    match message {
+        ControlMessage::Enrolled(_) => "Enrolled",
+        ControlMessage::EnrollRejected(_) => "EnrollRejected",
+        ControlMessage::Welcome(_) => "Welcome",
+        ControlMessage::HelloRejected(_) => "HelloRejected",
+        ControlMessage::HeartbeatAck(_) => "HeartbeatAck",
+        ControlMessage::CertificateRenewed(_) => "CertificateRenewed",
+        ControlMessage::RenewalRejected(_) => "RenewalRejected",
+    }
+}
+
+const AGENT_VARIANTS: usize = 4;
+const CONTROL_VARIANTS: usize = 7;
+
+fn agent_samples() -> Vec<AgentMessage> {
+    vec![
+        AgentMessage::Enroll(EnrollRequest {
+            token: "tok_3f9a1c0e7b".into(),
+            csr_der: (0..=255).collect(),
+            facts: facts(),
+        }),
+        AgentMessage::Enroll(EnrollRequest {
+            token: String::new(),
+            csr_der: vec![],
+            facts: HostFacts::default(),
+        }),
+        AgentMessage::Hello(Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            agent_version: "0.1.0 (ünïcødé build)".into(),
+            facts: facts(),
+        }),
+        AgentMessage::Heartbeat(Heartbeat {
+            sent_at_unix_ms: 1_700_000_000_123,
+        }),
+        AgentMessage::Heartbeat(Heartbeat {
+            sent_at_unix_ms: u64::MAX,
+        }),
+        AgentMessage::RenewCertificate(CertificateRenewalRequest {
+            csr_der: vec![0x30, 0x81, 0x00],
+        }),
+    ]
+}
+
+fn control_samples() -> Vec<ControlMessage> {
+    let mut samples = vec![
+        ControlMessage::Enrolled(EnrollmentGrant {
+            server_id: "7f9c2b".into(),
+            branch_id: "eu-west".into(),
+            chain: chain(),
+        }),
+        ControlMessage::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            server_id: "7f9c2b".into(),
+            branch_id: "eu-west".into(),
+            config: AgentConfig {
+                metrics_interval_ms: 30_000,
+                heartbeat_interval_ms: 10_000,
+            },
+        }),
+        ControlMessage::HelloRejected(HelloRejection {
+            supported_min: 2,
+            supported_max: 9,
+        }),
+        ControlMessage::HeartbeatAck(HeartbeatAck {
+            received_at_unix_ms: 0,
+        }),
+        ControlMessage::CertificateRenewed(chain()),
+        ControlMessage::CertificateRenewed(CertificateChain {
+            certificates_der: vec![],
+        }),
+    ];
+    for rejection in [
+        EnrollRejection::UnknownToken,
+        EnrollRejection::ExpiredToken,
+        EnrollRejection::TokenAlreadyUsed,
+        EnrollRejection::InvalidCsr("key must be ECDSA P-256".into()),
+        EnrollRejection::QuotaExceeded("org acme: 10 servers".into()),
+        EnrollRejection::Internal,
+    ] {
+        samples.push(ControlMessage::EnrollRejected(rejection));
+    }
+    for rejection in [
+        RenewalRejection::InvalidCsr("bad signature".into()),
+        RenewalRejection::Revoked,
+        RenewalRejection::Internal,
+    ] {
+        samples.push(ControlMessage::RenewalRejected(rejection));
+    }
+    samples
+}
+
+/// A raw frame: big-endian u32 length prefix, then `body`.
+fn raw_frame(body: &[u8]) -> BytesMut {
+    let mut buf = BytesMut::new();
+    buf.put_u32(body.len() as u32);
+    buf.put_slice(body);
+    buf
+}
+
+fn postcard_body<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).unwrap()
+}
+
+fn encode_with<In, Out: Serialize>(codec: &mut FrameCodec<In, Out>, message: &Out) -> BytesMut {
+    let mut buf = BytesMut::new();
+    codec.encode(message, &mut buf).unwrap();
+    buf
+}
+
+/// Feeds `bytes` one at a time, collecting messages, then signals EOF.
+fn decode_byte_at_a_time<In: serde::de::DeserializeOwned, Out>(
+    codec: &mut FrameCodec<In, Out>,
+    bytes: &[u8],
+) -> Vec<In> {
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for byte in bytes {
+        buf.put_u8(*byte);
+        while let Some(message) = codec.decode(&mut buf).unwrap() {
+            out.push(message);
+        }
+    }
+    while let Some(message) = codec.decode_eof(&mut buf).unwrap() {
+        out.push(message);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Round trips
+// ---------------------------------------------------------------------------
+
+#[test]
+fn samples_cover_every_message_variant() {
+    let mut agent: Vec<_> = agent_samples().iter().map(agent_variant_name).collect();
+    agent.sort_unstable();
+    agent.dedup();
+    assert_eq!(agent.len(), AGENT_VARIANTS, "{agent:?}");
+    let mut control: Vec<_> = control_samples().iter().map(control_variant_name).collect();
+    control.sort_unstable();
+    control.dedup();
+    assert_eq!(control.len(), CONTROL_VARIANTS, "{control:?}");
+}
+
+#[test]
+fn every_agent_message_variant_round_trips_through_the_codec() {
+    for message in agent_samples() {
+        let mut agent = AgentSide::default();
+        let mut control = ControlSide::default();
+        let mut buf = encode_with(&mut agent, &message);
+        let length = u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+        assert_eq!(length, buf.len() - 4, "length prefix of {message:?}");
+        assert_eq!(control.decode(&mut buf).unwrap(), Some(message.clone()));
+        assert!(buf.is_empty());
+        assert!(control.decode_eof(&mut buf).unwrap().is_none());
+    }
+}
+
+#[test]
+fn every_control_message_variant_round_trips_through_the_codec() {
+    for message in control_samples() {
+        let mut control = ControlSide::default();
+        let mut agent = AgentSide::default();
+        let mut buf = encode_with(&mut control, &message);
+        assert_eq!(agent.decode(&mut buf).unwrap(), Some(message.clone()));
+        assert!(buf.is_empty());
+        assert!(agent.decode_eof(&mut buf).unwrap().is_none());
+    }
+}
+
+#[test]
+fn byte_at_a_time_feeding_yields_the_same_agent_messages() {
+    for message in agent_samples() {
+        let frame = encode_frame(&message, MAX_FRAME_LEN).unwrap();
+        let mut codec = ControlSide::default();
+        let mut buf = BytesMut::new();
+        for (i, byte) in frame.iter().enumerate() {
+            buf.put_u8(*byte);
+            let decoded = codec.decode(&mut buf).unwrap();
+            if i + 1 < frame.len() {
+                assert!(decoded.is_none(), "{message:?} decoded early at byte {i}");
+            } else {
+                assert_eq!(decoded, Some(message.clone()));
+            }
+        }
+        assert!(codec.decode_eof(&mut buf).unwrap().is_none());
+    }
+}
+
+#[test]
+fn byte_at_a_time_feeding_yields_the_same_control_messages() {
+    for message in control_samples() {
+        let frame = encode_frame(&message, MAX_FRAME_LEN).unwrap();
+        let mut codec = AgentSide::default();
+        assert_eq!(decode_byte_at_a_time(&mut codec, &frame), vec![message]);
+    }
+}
+
+#[test]
+fn back_to_back_frames_decode_in_order_whole_or_byte_at_a_time() {
+    let samples = control_samples();
+    let mut stream = BytesMut::new();
+    let mut encoder = ControlSide::default();
+    for message in &samples {
+        encoder.encode(message, &mut stream).unwrap();
+    }
+    assert_eq!(
+        decode_byte_at_a_time(&mut AgentSide::default(), &stream),
+        samples
+    );
+
+    let mut whole = stream.clone();
+    let mut codec = AgentSide::default();
+    let mut decoded = Vec::new();
+    while let Some(message) = codec.decode_eof(&mut whole).unwrap() {
+        decoded.push(message);
+    }
+    assert_eq!(decoded, samples);
+}
+
+#[test]
+fn encoding_by_value_and_by_reference_and_encode_frame_agree() {
+    for message in agent_samples() {
+        let mut by_ref = BytesMut::new();
+        let mut by_value = BytesMut::new();
+        let mut codec = AgentSide::default();
+        codec.encode(&message, &mut by_ref).unwrap();
+        codec.encode(message.clone(), &mut by_value).unwrap();
+        assert_eq!(by_ref, by_value);
+        assert_eq!(
+            &by_ref[..],
+            &encode_frame(&message, MAX_FRAME_LEN).unwrap()[..]
+        );
+    }
+}
+
+#[test]
+fn enroll_request_debug_output_redacts_the_token() {
+    let request = EnrollRequest {
+        token: "tok_super_secret_value".into(),
+        csr_der: vec![1, 2, 3],
+        facts: facts(),
+    };
+    let debug = format!("{:?}", AgentMessage::Enroll(request));
+    assert!(!debug.contains("tok_super_secret_value"), "{debug}");
+    assert!(debug.contains("<redacted>"), "{debug}");
+}
+
+// ---------------------------------------------------------------------------
+// Oversized frames
+// ---------------------------------------------------------------------------
+
+#[test]
+fn default_codec_limit_is_one_mebibyte() {
+    assert_eq!(MAX_FRAME_LEN, 1 << 20);
+    assert_eq!(ControlSide::default().max_frame_len(), MAX_FRAME_LEN);
+    assert_eq!(ControlSide::new(77).clone().max_frame_len(), 77);
+}
+
+#[test]
+fn length_prefix_above_the_max_is_oversized() {
+    let mut buf = BytesMut::new();
+    buf.put_u32(MAX_FRAME_LEN as u32 + 1);
+    let err = ControlSide::default().decode(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, FrameError::Oversized { max } if max == MAX_FRAME_LEN),
+        "{err:?}"
+    );
+
+    let mut buf = BytesMut::new();
+    buf.put_u32(u32::MAX);
+    buf.put_slice(b"whatever follows");
+    let err = AgentSide::default().decode_eof(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, FrameError::Oversized { max } if max == MAX_FRAME_LEN),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn oversized_is_reported_from_the_prefix_alone_without_waiting_for_the_body() {
+    let mut codec = ControlSide::new(16);
+    let mut buf = BytesMut::new();
+    buf.put_u32(17);
+    let err = codec.decode(&mut buf).unwrap_err();
+    assert!(matches!(err, FrameError::Oversized { max: 16 }), "{err:?}");
+}
+
+#[test]
+fn frame_exactly_at_the_limit_is_accepted_and_one_byte_over_is_not() {
+    let message = AgentMessage::Heartbeat(Heartbeat {
+        sent_at_unix_ms: 42,
+    });
+    let body_len = postcard_body(&message).len();
+
+    let frame = encode_frame(&message, body_len).unwrap();
+    assert_eq!(
+        ControlSide::new(body_len)
+            .decode(&mut BytesMut::from(&frame[..]))
+            .unwrap(),
+        Some(message.clone())
+    );
+
+    let err = encode_frame(&message, body_len - 1).unwrap_err();
+    assert!(
+        matches!(err, FrameError::Oversized { max } if max == body_len - 1),
+        "{err:?}"
+    );
+    let err = ControlSide::new(body_len - 1)
+        .decode(&mut BytesMut::from(&frame[..]))
+        .unwrap_err();
+    assert!(
+        matches!(err, FrameError::Oversized { max } if max == body_len - 1),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn encoding_a_two_mebibyte_csr_is_oversized_and_writes_nothing() {
+    let message = AgentMessage::Enroll(EnrollRequest {
+        token: "t".into(),
+        csr_der: vec![0xab; 2 << 20],
+        facts: HostFacts::default(),
+    });
+    let mut codec = AgentSide::default();
+    let mut dst = BytesMut::from(&b"earlier frame"[..]);
+    let err = codec.encode(&message, &mut dst).unwrap_err();
+    assert!(
+        matches!(err, FrameError::Oversized { max } if max == MAX_FRAME_LEN),
+        "{err:?}"
+    );
+    assert_eq!(
+        &dst[..],
+        b"earlier frame",
+        "a refused frame must not leave partial bytes"
+    );
+
+    let err = encode_frame(&message, MAX_FRAME_LEN).unwrap_err();
+    assert!(matches!(err, FrameError::Oversized { .. }), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Truncated frames
+// ---------------------------------------------------------------------------
+
+#[test]
+fn empty_input_at_eof_is_a_clean_end() {
+    assert!(ControlSide::default()
+        .decode_eof(&mut BytesMut::new())
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn partial_length_prefix_at_eof_is_truncated() {
+    let mut buf = BytesMut::from(&[0u8, 0][..]);
+    let mut codec = ControlSide::default();
+    assert!(codec.decode(&mut buf).unwrap().is_none());
+    let err = codec.decode_eof(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, FrameError::Truncated { buffered: 2 }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn partial_body_at_eof_is_truncated() {
+    let frame = encode_frame(
+        &AgentMessage::Heartbeat(Heartbeat { sent_at_unix_ms: 9 }),
+        MAX_FRAME_LEN,
+    )
+    .unwrap();
+    for cut in 1..frame.len() {
+        let mut codec = ControlSide::default();
+        let mut buf = BytesMut::from(&frame[..cut]);
+        assert!(codec.decode(&mut buf).unwrap().is_none(), "cut at {cut}");
+        let err = codec.decode_eof(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, FrameError::Truncated { buffered } if buffered == cut),
+            "cut at {cut}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn length_prefix_alone_at_eof_is_truncated_even_after_decode_consumed_it() {
+    // The inner length-delimited codec consumes the 4-byte prefix as soon as
+    // it has it, leaving an empty buffer while it waits for the body. EOF
+    // there is still the middle of a frame, not a clean end of stream.
+    let mut buf = BytesMut::new();
+    buf.put_u32(10);
+    let mut codec = ControlSide::default();
+    assert!(codec.decode(&mut buf).unwrap().is_none());
+    let err = codec.decode_eof(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, FrameError::Truncated { buffered: 4 }),
+        "{err:?}"
+    );
+
+    // Same thing when decode_eof is the first call (FramedRead at EOF).
+    let mut buf = BytesMut::new();
+    buf.put_u32(10);
+    let err = ControlSide::default().decode_eof(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, FrameError::Truncated { buffered: 4 }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn complete_frame_then_partial_frame_at_eof_yields_the_message_then_truncated() {
+    let message = ControlMessage::HeartbeatAck(HeartbeatAck {
+        received_at_unix_ms: 5,
+    });
+    let frame = encode_frame(&message, MAX_FRAME_LEN).unwrap();
+    let mut buf = BytesMut::from(&frame[..]);
+    buf.put_slice(&frame[..frame.len() - 1]);
+    let mut codec = AgentSide::default();
+    assert_eq!(codec.decode_eof(&mut buf).unwrap(), Some(message));
+    let err = codec.decode_eof(&mut buf).unwrap_err();
+    assert!(
+        matches!(err, FrameError::Truncated { buffered } if buffered == frame.len() - 1),
+        "{err:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Bodies that are not messages
+// ---------------------------------------------------------------------------
+
+/// What a newer agent could send: the same variants plus an appended one.
+#[derive(Serialize)]
+enum NewerAgentMessage {
+    #[allow(dead_code)]
+    Enroll(EnrollRequest),
+    #[allow(dead_code)]
+    Hello(Hello),
+    Heartbeat(Heartbeat),
+    #[allow(dead_code)]
+    RenewCertificate(CertificateRenewalRequest),
+    MetricsBatch {
+        seq: u64,
+        samples: Vec<u8>,
+    },
+}
+
+#[test]
+fn unknown_top_level_discriminant_is_unknown_variant() {
+    for discriminant in [AGENT_VARIANTS as u8, 5, 0x7f] {
+        let mut buf = raw_frame(&[discriminant, 0, 0, 0]);
+        let err = ControlSide::default().decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, FrameError::UnknownVariant),
+            "discriminant {discriminant}: {err:?}"
+        );
+    }
+    let mut buf = raw_frame(&[CONTROL_VARIANTS as u8]);
+    let err = AgentSide::default().decode(&mut buf).unwrap_err();
+    assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
+    // A multi-byte varint discriminant (300).
+    let err = decode_body::<AgentMessage>(&[0xac, 0x02]).unwrap_err();
+    assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
+}
+
+#[test]
+fn unknown_nested_discriminant_is_unknown_variant() {
+    // EnrolledRejected(<rejection #6>): EnrollRejection has 6 variants.
+    let err = decode_body::<ControlMessage>(&[1, 6]).unwrap_err();
+    assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
+    // RenewalRejected(<rejection #3>).
+    let err = decode_body::<ControlMessage>(&[6, 3]).unwrap_err();
+    assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
+}
+
+#[test]
+fn variant_appended_by_a_newer_peer_is_unknown_variant_and_older_variants_still_decode() {
+    let newer = NewerAgentMessage::MetricsBatch {
+        seq: 1,
+        samples: vec![1, 2, 3],
+    };
+    let mut buf = raw_frame(&postcard_body(&newer));
+    let err = ControlSide::default().decode(&mut buf).unwrap_err();
+    assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
+
+    let old = NewerAgentMessage::Heartbeat(Heartbeat {
+        sent_at_unix_ms: 77,
+    });
+    let mut buf = raw_frame(&postcard_body(&old));
+    assert_eq!(
+        ControlSide::default().decode(&mut buf).unwrap(),
+        Some(AgentMessage::Heartbeat(Heartbeat {
+            sent_at_unix_ms: 77
+        }))
+    );
+}
+
+#[test]
+fn discriminant_beyond_u32_is_a_typed_error() {
+    // A varint that does not fit a u32 where the discriminant should be.
+    let err = decode_body::<AgentMessage>(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x01]).unwrap_err();
+    assert!(
+        matches!(err, FrameError::UnknownVariant | FrameError::Undecodable(_)),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn trailing_bytes_after_the_message_are_refused() {
+    let mut body = postcard_body(&AgentMessage::Heartbeat(Heartbeat { sent_at_unix_ms: 3 }));
+    body.extend_from_slice(&[0xde, 0xad, 0xbe]);
+    let mut buf = raw_frame(&body);
+    let err = ControlSide::default().decode(&mut buf).unwrap_err();
+    assert!(matches!(err, FrameError::TrailingBytes(3)), "{err:?}");
+}
+
+#[test]
+fn body_cut_short_or_empty_is_undecodable() {
+    let body = postcard_body(&ControlMessage::Welcome(Welcome {
+        protocol_version: 1,
+        server_id: "server".into(),
+        branch_id: "branch".into(),
+        config: AgentConfig {
+            metrics_interval_ms: 1,
+            heartbeat_interval_ms: 2,
+        },
+    }));
+    for cut in 0..body.len() {
+        let mut buf = raw_frame(&body[..cut]);
+        let err = AgentSide::default().decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, FrameError::Undecodable(_)),
+            "cut at {cut}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn invalid_utf8_in_a_string_field_is_undecodable() {
+    // Hello { min 1, max 1, agent_version: <2 bytes, invalid UTF-8>, ... }
+    let err = decode_body::<AgentMessage>(&[1, 1, 1, 2, 0xc3, 0x28]).unwrap_err();
+    assert!(matches!(err, FrameError::Undecodable(_)), "{err:?}");
+}
+
+#[test]
+fn bad_frame_body_consumes_only_its_own_frame() {
+    let good = AgentMessage::Heartbeat(Heartbeat {
+        sent_at_unix_ms: 11,
+    });
+    let mut buf = raw_frame(&[0x42]);
+    buf.extend_from_slice(&encode_frame(&good, MAX_FRAME_LEN).unwrap());
+    let mut codec = ControlSide::default();
+    assert!(matches!(
+        codec.decode(&mut buf),
+        Err(FrameError::UnknownVariant)
+    ));
+    assert_eq!(codec.decode_eof(&mut buf).unwrap(), Some(good));
+    assert!(codec.decode_eof(&mut buf).unwrap().is_none());
+}
+
+// ---------------------------------------------------------------------------
+// Property tests: random and mutated input never panics and is always typed
+// ---------------------------------------------------------------------------
+
+/// One observable step of decoding a stream.
+#[derive(Debug, PartialEq)]
+enum Outcome<M> {
+    Message(M),
+    Error(String),
+    End,
+}
+
+fn check_error(err: &FrameError) {
+    // In memory there is no IO and nothing is encoded: those variants would
+    // mean an error was mis-classified.
+    assert!(
+        !matches!(err, FrameError::Io(_) | FrameError::Unencodable(_)),
+        "decoding produced {err:?}"
+    );
+    // Display never panics either.
+    let _ = err.to_string();
+}
+
+/// Feeds `bytes` in the given chunk sizes, then signals EOF. Decoding stops
+/// at the first error (the stream would be closed there).
+fn run_decoder<In: serde::de::DeserializeOwned, Out>(
+    codec: &mut FrameCodec<In, Out>,
+    bytes: &[u8],
+    chunks: &[usize],
+) -> Vec<Outcome<In>> {
+    let mut outcomes = Vec::new();
+    let mut buf = BytesMut::new();
+    let mut rest = bytes;
+    let mut chunk_sizes = chunks.iter().copied().cycle();
+    while !rest.is_empty() {
+        let n = chunk_sizes
+            .next()
+            .unwrap_or(rest.len())
+            .clamp(1, rest.len());
+        buf.put_slice(&rest[..n]);
+        rest = &rest[n..];
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(message)) => outcomes.push(Outcome::Message(message)),
+                Ok(None) => break,
+                Err(err) => {
+                    check_error(&err);
+                    outcomes.push(Outcome::Error(format!("{err:?}")));
+                    return outcomes;
+                }
+            }
+        }
+    }
+    loop {
+        match codec.decode_eof(&mut buf) {
+            Ok(Some(message)) => outcomes.push(Outcome::Message(message)),
+            Ok(None) => {
+                assert!(buf.is_empty(), "clean end with {} bytes left", buf.len());
+                outcomes.push(Outcome::End);
+                return outcomes;
+            }
+            Err(err) => {
+                check_error(&err);
+                outcomes.push(Outcome::Error(format!("{err:?}")));
+                return outcomes;
+            }
+        }
+    }
+}
+
+/// Decodes `bytes` with both codec directions and with both the default and
+/// a small limit, whole and in chunks; chunking never changes the outcome.
+/// A clean end of stream is only ever reported when the bytes are exactly a
+/// sequence of complete frames, one message per frame.
+fn decode_everything(bytes: &[u8], chunks: &[usize]) {
+    for max in [MAX_FRAME_LEN, 64] {
+        let whole = run_decoder(&mut ControlSide::new(max), bytes, &[]);
+        let chunked = run_decoder(&mut ControlSide::new(max), bytes, chunks);
+        assert_eq!(whole, chunked, "control side, max {max}");
+        check_clean_end(bytes, &whole);
+        let whole = run_decoder(&mut AgentSide::new(max), bytes, &[]);
+        let chunked = run_decoder(&mut AgentSide::new(max), bytes, chunks);
+        assert_eq!(whole, chunked, "agent side, max {max}");
+        check_clean_end(bytes, &whole);
+    }
+}
+
+fn check_clean_end<M>(bytes: &[u8], outcomes: &[Outcome<M>]) {
+    if outcomes.last().is_some_and(|o| matches!(o, Outcome::End)) {
+        let boundaries = frame_boundaries(bytes);
+        assert_eq!(
+            boundaries.last(),
+            Some(&bytes.len()),
+            "clean end inside a frame"
+        );
+        assert_eq!(
+            outcomes.len(),
+            boundaries.len(),
+            "one message per frame, then End"
+        );
+    }
+}
+
+fn small_string() -> impl Strategy<Value = String> {
+    proptest::string::string_regex("[a-zA-Z0-9._ -]{0,12}|.{0,4}").unwrap()
+}
+
+fn small_bytes() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..48)
+}
+
+fn host_facts() -> impl Strategy<Value = HostFacts> {
+    (
+        small_string(),
+        small_string(),
+        small_string(),
+        proptest::option::of(small_string()),
+        any::<u32>(),
+        any::<u64>(),
+        small_string(),
+    )
+        .prop_map(
+            |(hostname, os, arch, kernel_version, cpu_cores, memory_bytes, agent_version)| {
+                HostFacts {
+                    hostname,
+                    os,
+                    arch,
+                    kernel_version,
+                    cpu_cores,
+                    memory_bytes,
+                    agent_version,
+                }
+            },
+        )
+}
+
+fn certificate_chain() -> impl Strategy<Value = CertificateChain> {
+    proptest::collection::vec(small_bytes(), 0..4)
+        .prop_map(|certificates_der| CertificateChain { certificates_der })
+}
+
+fn agent_message() -> impl Strategy<Value = AgentMessage> {
+    prop_oneof![
+        (small_string(), small_bytes(), host_facts()).prop_map(|(token, csr_der, facts)| {
+            AgentMessage::Enroll(EnrollRequest {
+                token,
+                csr_der,
+                facts,
+            })
+        }),
+        (any::<u16>(), any::<u16>(), small_string(), host_facts()).prop_map(
+            |(min_version, max_version, agent_version, facts)| AgentMessage::Hello(Hello {
+                min_version,
+                max_version,
+                agent_version,
+                facts
+            })
+        ),
+        any::<u64>()
+            .prop_map(|sent_at_unix_ms| AgentMessage::Heartbeat(Heartbeat { sent_at_unix_ms })),
+        small_bytes().prop_map(|csr_der| AgentMessage::RenewCertificate(
+            CertificateRenewalRequest { csr_der }
+        )),
+    ]
+}
+
+fn control_message() -> impl Strategy<Value = ControlMessage> {
+    let enroll_rejection = prop_oneof![
+        Just(EnrollRejection::UnknownToken),
+        Just(EnrollRejection::ExpiredToken),
+        Just(EnrollRejection::TokenAlreadyUsed),
+        small_string().prop_map(EnrollRejection::InvalidCsr),
+        small_string().prop_map(EnrollRejection::QuotaExceeded),
+        Just(EnrollRejection::Internal),
+    ];
+    let renewal_rejection = prop_oneof![
+        small_string().prop_map(RenewalRejection::InvalidCsr),
+        Just(RenewalRejection::Revoked),
+        Just(RenewalRejection::Internal),
+    ];
+    prop_oneof![
+        (small_string(), small_string(), certificate_chain()).prop_map(
+            |(server_id, branch_id, chain)| {
+                ControlMessage::Enrolled(EnrollmentGrant {
+                    server_id,
+                    branch_id,
+                    chain,
+                })
+            }
+        ),
+        enroll_rejection.prop_map(ControlMessage::EnrollRejected),
+        (
+            any::<u16>(),
+            small_string(),
+            small_string(),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(
+                    protocol_version,
+                    server_id,
+                    branch_id,
+                    metrics_interval_ms,
+                    heartbeat_interval_ms,
+                )| {
+                    ControlMessage::Welcome(Welcome {
+                        protocol_version,
+                        server_id,
+                        branch_id,
+                        config: AgentConfig {
+                            metrics_interval_ms,
+                            heartbeat_interval_ms,
+                        },
+                    })
+                }
+            ),
+        (any::<u16>(), any::<u16>()).prop_map(|(supported_min, supported_max)| {
+            ControlMessage::HelloRejected(HelloRejection {
+                supported_min,
+                supported_max,
+            })
+        }),
+        any::<u64>().prop_map(
+            |received_at_unix_ms| ControlMessage::HeartbeatAck(HeartbeatAck {
+                received_at_unix_ms
+            })
+        ),
+        certificate_chain().prop_map(ControlMessage::CertificateRenewed),
+        renewal_rejection.prop_map(ControlMessage::RenewalRejected),
+    ]
+}
+
+/// A stream of valid frames from either direction, and whether it is the
+/// agent's (`true`) or the control plane's (`false`).
+fn valid_stream() -> impl Strategy<Value = (Vec<u8>, bool)> {
+    prop_oneof![
+        proptest::collection::vec(agent_message(), 1..4).prop_map(|messages| {
+            let mut codec = AgentSide::default();
+            let mut buf = BytesMut::new();
+            for message in &messages {
+                codec.encode(message, &mut buf).unwrap();
+            }
+            (buf.to_vec(), true)
+        }),
+        proptest::collection::vec(control_message(), 1..4).prop_map(|messages| {
+            let mut codec = ControlSide::default();
+            let mut buf = BytesMut::new();
+            for message in &messages {
+                codec.encode(message, &mut buf).unwrap();
+            }
+            (buf.to_vec(), false)
+        }),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip { at: usize, mask: u8 },
+    Set { at: usize, value: u8 },
+    Insert { at: usize, value: u8 },
+    Remove { at: usize },
+    Truncate { at: usize },
+    SetLength { frame_start: usize, len: u32 },
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), 1..=u8::MAX).prop_map(|(at, mask)| Mutation::Flip { at, mask }),
+        (any::<usize>(), any::<u8>()).prop_map(|(at, value)| Mutation::Set { at, value }),
+        (any::<usize>(), any::<u8>()).prop_map(|(at, value)| Mutation::Insert { at, value }),
+        any::<usize>().prop_map(|at| Mutation::Remove { at }),
+        any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+        (any::<usize>(), prop_oneof![0..64u32, any::<u32>()])
+            .prop_map(|(frame_start, len)| Mutation::SetLength { frame_start, len }),
+    ]
+}
+
+fn apply(bytes: &mut Vec<u8>, mutation: &Mutation) {
+    if bytes.is_empty() {
+        return;
+    }
+    let n = bytes.len();
+    match *mutation {
+        Mutation::Flip { at, mask } => bytes[at % n] ^= mask,
+        Mutation::Set { at, value } => bytes[at % n] = value,
+        Mutation::Insert { at, value } => bytes.insert(at % (n + 1), value),
+        Mutation::Remove { at } => {
+            bytes.remove(at % n);
+        }
+        Mutation::Truncate { at } => bytes.truncate(at % n),
+        Mutation::SetLength { frame_start, len } => {
+            let at = frame_start % n;
+            for (i, byte) in len.to_be_bytes().into_iter().enumerate() {
+                if let Some(slot) = bytes.get_mut(at + i) {
+                    *slot = byte;
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn random_bytes_never_panic_and_always_give_typed_results(
+        bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+        chunks in proptest::collection::vec(1..32usize, 0..8),
+    ) {
+        decode_everything(&bytes, &chunks);
+    }
+
+    #[test]
+    fn random_bodies_behind_valid_length_prefixes_never_panic(
+        bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..96), 1..5),
+        cut in proptest::option::of(any::<usize>()),
+        chunks in proptest::collection::vec(1..32usize, 0..8),
+    ) {
+        let mut bytes = Vec::new();
+        for body in &bodies {
+            bytes.extend_from_slice(&raw_frame(body));
+        }
+        if let Some(cut) = cut {
+            bytes.truncate(cut % (bytes.len() + 1));
+        }
+        decode_everything(&bytes, &chunks);
+    }
+
+    #[test]
+    fn mutated_valid_frames_never_panic_and_always_give_typed_results(
+        (stream, _) in valid_stream(),
+        mutations in proptest::collection::vec(mutation(), 1..4),
+        chunks in proptest::collection::vec(1..32usize, 0..8),
+    ) {
+        let mut bytes = stream;
+        for m in &mutations {
+            apply(&mut bytes, m);
+        }
+        decode_everything(&bytes, &chunks);
+    }
+
+    #[test]
+    fn arbitrary_agent_messages_round_trip(message in agent_message(), chunks in proptest::collection::vec(1..16usize, 0..4)) {
+        let frame = encode_frame(&message, MAX_FRAME_LEN).unwrap();
+        let outcomes = run_decoder(&mut ControlSide::default(), &frame, &chunks);
+        prop_assert_eq!(outcomes, vec![Outcome::Message(message), Outcome::End]);
+    }
+
+    #[test]
+    fn arbitrary_control_messages_round_trip(message in control_message(), chunks in proptest::collection::vec(1..16usize, 0..4)) {
+        let frame = encode_frame(&message, MAX_FRAME_LEN).unwrap();
+        let outcomes = run_decoder(&mut AgentSide::default(), &frame, &chunks);
+        prop_assert_eq!(outcomes, vec![Outcome::Message(message), Outcome::End]);
+    }
+
+    #[test]
+    fn cutting_a_valid_stream_inside_a_frame_is_truncated_and_on_a_boundary_is_a_clean_end(
+        (stream, from_agent) in valid_stream(),
+        cut in any::<usize>(),
+    ) {
+        let cut = cut % (stream.len() + 1);
+        let outcomes: Vec<String> = if from_agent {
+            run_decoder(&mut ControlSide::default(), &stream[..cut], &[]).iter().map(describe).collect()
+        } else {
+            run_decoder(&mut AgentSide::default(), &stream[..cut], &[]).iter().map(describe).collect()
+        };
+        let complete = frame_boundaries(&stream).iter().filter(|b| **b != 0 && **b <= cut).count();
+        let mut expected = vec!["Message".to_string(); complete];
+        if frame_boundaries(&stream).contains(&cut) {
+            expected.push("End".into());
+        } else {
+            expected.push("Truncated".into());
+        }
+        prop_assert_eq!(outcomes, expected);
+    }
+}
+
+fn describe<M>(outcome: &Outcome<M>) -> String {
+    match outcome {
+        Outcome::Message(_) => "Message".into(),
+        Outcome::End => "End".into(),
+        Outcome::Error(e) => e
+            .split([' ', '{', '('])
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
+/// Offsets at which a frame starts (and the stream's end).
+fn frame_boundaries(stream: &[u8]) -> Vec<usize> {
+    let mut at = 0;
+    let mut boundaries = vec![0];
+    while at + 4 <= stream.len() {
+        let len = u32::from_be_bytes(stream[at..at + 4].try_into().unwrap()) as usize;
+        at += 4 + len;
+        boundaries.push(at);
+    }
+    boundaries
+}
+
+// ---------------------------------------------------------------------------
+// Version negotiation
+// ---------------------------------------------------------------------------
+
+/// (peer_min, peer_max, ours_min, ours_max)
+type Ranges = (u16, u16, u16, u16);
+
+#[test]
+fn negotiate_version_picks_the_highest_common_version() {
+    let cases: &[(Ranges, Option<u16>)] = &[
+        ((1, 1, 1, 1), Some(1)),
+        ((1, 3, 1, 1), Some(1)),
+        ((1, 1, 1, 3), Some(1)),
+        ((2, 5, 1, 3), Some(3)),
+        ((1, 3, 2, 5), Some(3)),
+        ((3, 3, 1, 5), Some(3)),
+        ((0, u16::MAX, 4, 7), Some(7)),
+        ((u16::MAX, u16::MAX, 0, u16::MAX), Some(u16::MAX)),
+        ((2, 2, 1, 1), None),
+        ((0, 0, 1, 1), None),
+        ((5, 9, 1, 4), None),
+        ((1, 4, 5, 9), None),
+        // A peer announcing an empty range never negotiates.
+        ((3, 1, 1, 5), None),
+        ((2, 1, 1, 5), None),
+    ];
+    for &((peer_min, peer_max, ours_min, ours_max), expected) in cases {
+        let got = negotiate_version(peer_min, peer_max, ours_min, ours_max);
+        match expected {
+            Some(version) => assert_eq!(
+                got,
+                Ok(version),
+                "{peer_min}..={peer_max} vs {ours_min}..={ours_max}"
+            ),
+            None => assert_eq!(
+                got,
+                Err(VersionError {
+                    peer_min,
+                    peer_max,
+                    ours_min,
+                    ours_max
+                }),
+                "{peer_min}..={peer_max} vs {ours_min}..={ours_max}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn this_build_negotiates_with_itself() {
+    const { assert!(MIN_PROTOCOL_VERSION <= PROTOCOL_VERSION) };
+    assert_eq!(
+        negotiate_version(
+            MIN_PROTOCOL_VERSION,
+            PROTOCOL_VERSION,
+            MIN_PROTOCOL_VERSION,
+            PROTOCOL_VERSION
+        ),
+        Ok(PROTOCOL_VERSION)
+    );
+    let err = negotiate_version(
+        PROTOCOL_VERSION + 1,
+        PROTOCOL_VERSION + 2,
+        MIN_PROTOCOL_VERSION,
+        PROTOCOL_VERSION,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains(&format!(
+        "{}..={}",
+        PROTOCOL_VERSION + 1,
+        PROTOCOL_VERSION + 2
+    )));
+}
+
+proptest! {
+    #[test]
+    fn negotiated_version_is_the_maximum_of_the_intersection(
+        peer_min in 0u16..20, peer_max in 0u16..20, ours_min in 0u16..20, ours_max in 0u16..20,
+    ) {
+        let common: Vec<u16> = (0u16..20)
+            .filter(|v| (peer_min..=peer_max).contains(v) && (ours_min..=ours_max).contains(v))
+            .collect();
+        let got = negotiate_version(peer_min, peer_max, ours_min, ours_max).ok();
+        prop_assert_eq!(got, common.last().copied());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// First-message rules
+// ---------------------------------------------------------------------------
+
+#[test]
+fn first_message_table() {
+    use AgentMessage as M;
+    let enroll = M::Enroll(EnrollRequest {
+        token: "t".into(),
+        csr_der: vec![],
+        facts: HostFacts::default(),
+    });
+    let hello = M::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        agent_version: "0.1.0".into(),
+        facts: HostFacts::default(),
+    });
+    let heartbeat = M::Heartbeat(Heartbeat { sent_at_unix_ms: 1 });
+    let renew = M::RenewCertificate(CertificateRenewalRequest { csr_der: vec![] });
+
+    let table: &[(PeerKind, &AgentMessage, Result<StreamKind, Violation>)] = &[
+        (
+            PeerKind::Unauthenticated,
+            &enroll,
+            Ok(StreamKind::Enrollment),
+        ),
+        (
+            PeerKind::Unauthenticated,
+            &hello,
+            Err(Violation::NotEnrolled),
+        ),
+        (
+            PeerKind::Unauthenticated,
+            &heartbeat,
+            Err(Violation::NotEnrolled),
+        ),
+        (
+            PeerKind::Unauthenticated,
+            &renew,
+            Err(Violation::NotEnrolled),
+        ),
+        (PeerKind::Agent, &enroll, Err(Violation::AlreadyEnrolled)),
+        (PeerKind::Agent, &hello, Ok(StreamKind::Control)),
+        (
+            PeerKind::Agent,
+            &heartbeat,
+            Err(Violation::NotAStreamOpener),
+        ),
+        (PeerKind::Agent, &renew, Ok(StreamKind::CertificateRenewal)),
+    ];
+    for (peer, first, expected) in table {
+        assert_eq!(
+            classify_first_message(*peer, first),
+            *expected,
+            "{peer:?} opening with {}",
+            agent_variant_name(first)
+        );
+    }
+    // The table covers every variant for both peer kinds.
+    let mut covered: Vec<_> = table
+        .iter()
+        .map(|(_, m, _)| agent_variant_name(m))
+        .collect();
+    covered.sort_unstable();
+    covered.dedup();
+    assert_eq!(covered.len(), AGENT_VARIANTS);
+}
+
+#[test]
+fn unauthenticated_peer_may_only_enroll_whatever_the_message() {
+    for message in agent_samples() {
+        let result = classify_first_message(PeerKind::Unauthenticated, &message);
+        match message {
+            AgentMessage::Enroll(_) => assert_eq!(result, Ok(StreamKind::Enrollment)),
+            _ => assert_eq!(result, Err(Violation::NotEnrolled)),
+        }
+    }
+}
+
+#[test]
+fn violations_map_to_their_close_codes() {
+    assert_eq!(
+        Violation::NotEnrolled.close_code(),
+        CloseCode::Unauthenticated
+    );
+    assert_eq!(
+        Violation::AlreadyEnrolled.close_code(),
+        CloseCode::ProtocolViolation
+    );
+    assert_eq!(
+        Violation::NotAStreamOpener.close_code(),
+        CloseCode::ProtocolViolation
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Close codes
+// ---------------------------------------------------------------------------
+
+fn all_close_codes() -> Vec<CloseCode> {
+    let all = vec![
+        CloseCode::Normal,
+        CloseCode::ProtocolViolation,
+        CloseCode::Unauthenticated,
+        CloseCode::Revoked,
+        CloseCode::UnsupportedVersion,
+        CloseCode::ShuttingDown,
+        CloseCode::CertificateExpired,
+        CloseCode::Superseded,
+    ];
+    // Exhaustive: a new variant must be added to the list above.
+    for code in &all {
+        match code {
+            CloseCode::Normal
+            | CloseCode::ProtocolViolation
+            | CloseCode::Unauthenticated
+            | CloseCode::Revoked
+            | CloseCode::UnsupportedVersion
+            | CloseCode::ShuttingDown
+            | CloseCode::CertificateExpired
+            | CloseCode::Superseded => {}
+        }
+    }
+    all
+}
+
+#[test]
+fn close_code_from_code_round_trips() {
+    for code in all_close_codes() {
+        assert_eq!(
+            CloseCode::from_code(u64::from(code.code())),
+            Some(code),
+            "{code:?}"
+        );
+    }
+}
+
+#[test]
+fn close_codes_keep_their_wire_values() {
+    let wire: Vec<u32> = all_close_codes().into_iter().map(CloseCode::code).collect();
+    assert_eq!(wire, (0..8).collect::<Vec<u32>>());
+}
+
+#[test]
+fn unknown_close_codes_map_to_none() {
+    for code in [
+        8,
+        9,
+        255,
+        0x100,
+        u64::from(u32::MAX),
+        u64::from(u32::MAX) + 1,
+        u64::MAX,
+    ] {
+        assert_eq!(CloseCode::from_code(code), None, "{code}");
+    }
+    let known = (0..1024)
+        .filter(|c| CloseCode::from_code(*c).is_some())
+        .count();
+    assert_eq!(known, all_close_codes().len());
+}
+
+#[test]
+fn close_code_reasons_are_distinct_and_non_empty() {
+    let mut reasons: Vec<_> = all_close_codes()
+        .into_iter()
+        .map(CloseCode::reason)
+        .collect();
+    assert!(reasons.iter().all(|r| !r.is_empty()));
+    reasons.sort_unstable();
+    reasons.dedup();
+    assert_eq!(reasons.len(), all_close_codes().len());
+}

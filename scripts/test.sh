@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The one test command (README.md): formatting, lints, every test of the
+# workspace (end-to-end tests run the real binaries), and the fuzz target build.
+# Installs what it needs; fails loudly, never skips, when something is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tether-target}"
+export CARGO_TERM_COLOR=never
+export RUST_BACKTRACE=1
+
+step() { printf '\n==> %s\n' "$*"; }
+fail() { printf 'FATAL: %s\n' "$*" >&2; exit 1; }
+
+step "toolchain"
+command -v cargo >/dev/null || fail "cargo is not installed"
+cargo --version
+cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is not installed (rustup component add rustfmt)"
+cargo clippy --version >/dev/null 2>&1 || fail "clippy is not installed (rustup component add clippy)"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build binaries"
+cargo build --workspace --bins --locked
+
+step "tests"
+cargo test --workspace --locked -- --test-threads "${TETHER_TEST_THREADS:-4}"
+
+step "fuzz target builds"
+scripts/fuzz.sh build
+
+printf '\nall checks passed\n'

@@ -1,0 +1,384 @@
+//! Harness for Tether's end-to-end tests: starts the real `tether` and
+//! `tether-agent` binaries on loopback, talks to the real HTTP API, and reads
+//! what the processes logged.
+//!
+//! The binaries are found next to the test executable's target directory
+//! (`target/<profile>/`); `cargo test --workspace` builds them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// Directory holding the built binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let mut dir = exe.parent().expect("test executable dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary, failing loudly when it was not built.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on a pid we spawned.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_error:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `tether serve` process.
+pub struct ControlPlane {
+    pub data_dir: PathBuf,
+    pub api_url: String,
+    pub quic_addr: std::net::SocketAddr,
+    pub ca_fingerprint: String,
+    pub branch_id: String,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    log_path: PathBuf,
+    http: reqwest::Client,
+}
+
+impl ControlPlane {
+    /// Starts a control plane on loopback ports chosen by the OS.
+    pub async fn start(data_dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        let mut cp = Self {
+            data_dir: data_dir.to_path_buf(),
+            api_url: String::new(),
+            quic_addr: "127.0.0.1:0".parse()?,
+            ca_fingerprint: String::new(),
+            branch_id: String::new(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log_path: data_dir.join("control-plane.log"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+        };
+        cp.spawn("127.0.0.1:0", "127.0.0.1:0").await?;
+        Ok(cp)
+    }
+
+    async fn spawn(&mut self, api: &str, quic: &str) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.data_dir)?;
+        let endpoints = self.data_dir.join("endpoints.json");
+        let _ = std::fs::remove_file(&endpoints);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new(binary("tether"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--api-listen", api, "--quic-listen", quic])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info,tether_control_plane=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning tether serve")?;
+        let pid = child.id();
+        self.child = Some(child);
+        let started = Instant::now();
+        let info: Value = loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("tether serve exited early with {status}: {}", self.log());
+                }
+            }
+            let parsed = std::fs::read_to_string(&endpoints)
+                .ok()
+                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+                .filter(|info| info["pid"].as_u64() == Some(u64::from(pid)));
+            if let Some(info) = parsed {
+                break info;
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "tether serve did not write endpoints.json in 20 s: {}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.api_url = info["api_url"].as_str().context("api_url")?.to_string();
+        self.quic_addr = info["quic_listen"]
+            .as_str()
+            .context("quic_listen")?
+            .parse()?;
+        self.ca_fingerprint = info["ca_fingerprint"]
+            .as_str()
+            .context("ca_fingerprint")?
+            .to_string();
+        self.branch_id = info["branch_id"].as_str().context("branch_id")?.to_string();
+        Ok(())
+    }
+
+    /// Stops (SIGTERM, or SIGKILL when `kill`) and waits for the process.
+    pub fn stop(&mut self, kill: bool) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, if kill { libc::SIGKILL } else { libc::SIGTERM });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process again on the same addresses and data dir.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let api = self.api_url.trim_start_matches("http://").to_string();
+        let quic = self.quic_addr.to_string();
+        self.spawn(&api, &quic).await
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The admin token written at first start.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_string()
+    }
+
+    /// A request to the API with the admin token.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{}", self.api_url, path))
+            .bearer_auth(self.admin_token())
+    }
+
+    /// A request with no token.
+    pub fn anonymous(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{}", self.api_url, path))
+    }
+
+    /// Creates an enrollment token; returns the whole 201 body.
+    pub async fn enrollment_token(&self, body: Value) -> anyhow::Result<Value> {
+        let response = self
+            .request(reqwest::Method::POST, "/api/v1/enrollment-tokens")
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if status != reqwest::StatusCode::CREATED {
+            bail!("enrollment token: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// `GET /api/v1/servers` with a query string; returns `data`.
+    pub async fn servers(&self, query: &str) -> anyhow::Result<Vec<Value>> {
+        let response = self
+            .request(reqwest::Method::GET, &format!("/api/v1/servers{query}"))
+            .send()
+            .await?
+            .error_for_status()?;
+        let body: Value = response.json().await?;
+        Ok(body["data"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until a server has `status`; returns it.
+    pub async fn wait_for_status(
+        &self,
+        server_id: &str,
+        status: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        eventually(
+            timeout,
+            &format!("server {server_id} to be {status}"),
+            || async {
+                let servers = self.servers("").await?;
+                Ok(servers
+                    .into_iter()
+                    .find(|s| s["id"] == server_id && s["status"] == status))
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+/// A `tether-agent` state dir and, while running, its process.
+pub struct Agent {
+    pub state_dir: PathBuf,
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl Agent {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            state_dir: state_dir.to_path_buf(),
+            child: None,
+            log_path: state_dir.with_extension("log"),
+        }
+    }
+
+    /// Runs `tether-agent enroll`; returns (success, stderr).
+    pub fn enroll(&self, cp: &ControlPlane, token: &str) -> anyhow::Result<(bool, String)> {
+        let output = self.enroll_command(cp, token).output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    /// The `tether-agent enroll` command, not yet started.
+    pub fn enroll_command(&self, cp: &ControlPlane, token: &str) -> Command {
+        let mut command = Command::new(binary("tether-agent"));
+        command
+            .arg("enroll")
+            .args(["--server", &cp.quic_addr.to_string()])
+            .args(["--token", token])
+            .args(["--ca-fingerprint", &cp.ca_fingerprint])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Starts `tether-agent run`.
+    pub fn run(&mut self) -> anyhow::Result<()> {
+        let config = self.state_dir.with_extension("toml");
+        if !config.exists() {
+            std::fs::write(&config, "# agent.toml of an end-to-end test\n")?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new(binary("tether-agent"))
+            .arg("run")
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info,tether_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning tether-agent run")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the agent (SIGTERM, or SIGKILL when `kill`).
+    pub fn stop(&mut self, kill: bool) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, if kill { libc::SIGKILL } else { libc::SIGTERM });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The server id the agent enrolled as (from its certificate).
+    pub fn server_id(&self) -> anyhow::Result<String> {
+        let info = self.certificate()?;
+        Ok(info.require_identity()?.server_id.clone())
+    }
+
+    /// The agent's current leaf certificate.
+    pub fn certificate(&self) -> anyhow::Result<tether_certs::CertificateInfo> {
+        let pem = std::fs::read_to_string(self.state_dir.join("agent.crt"))?;
+        let chain = tether_certs::authority::pem_to_chain(&pem)?;
+        Ok(tether_certs::CertificateInfo::from_der(&chain[0])?)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+/// Enrolls a new agent with a fresh token and starts it; returns it with its server id.
+pub async fn enrolled_running_agent(
+    cp: &ControlPlane,
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<(Agent, String)> {
+    let token = cp
+        .enrollment_token(serde_json::json!({ "server_name": name }))
+        .await?;
+    let mut agent = Agent::new(&dir.join(name));
+    let (ok, stderr) = agent.enroll(cp, token["token"].as_str().context("token")?)?;
+    if !ok {
+        bail!("enroll failed: {stderr}");
+    }
+    let server_id = agent.server_id()?;
+    agent.run()?;
+    Ok((agent, server_id))
+}

@@ -1,0 +1,190 @@
+//! The thin runtime layer between [`tether_protocol`] (no IO) and the
+//! binaries: quinn endpoint and transport configuration, and typed framed
+//! streams over QUIC.
+//!
+//! Both the agent and the control plane (and the fleet simulator) dial and
+//! listen through this crate so that keep-alive, idle timeout, ALPN and frame
+//! limits are the same on both ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+use tether_protocol::{AgentMessage, CloseCode, ControlMessage, FrameCodec, FrameError};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+/// Keep-alive interval: an idle session still exchanges a packet this often.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// A peer silent this long is dead (DESIGN.md §3: noticed within ~30 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of the transport layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("could not bind the QUIC endpoint on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration is not usable for QUIC: {0}")]
+    Crypto(String),
+    #[error("could not start a QUIC connection: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("QUIC connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("stream failed: {0}")]
+    Frame(#[from] FrameError),
+    #[error("stream closed by the peer before it answered")]
+    StreamClosed,
+    #[error("stream write failed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut config = quinn::TransportConfig::default();
+    config.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    // The constant is well inside QUIC's VarInt range.
+    config.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    Arc::new(config)
+}
+
+/// A server endpoint. `reset_secret` keys QUIC stateless resets and the
+/// connection-id validation: a control plane restarted with the same secret
+/// recognises connection ids it issued before the restart and answers them
+/// with a stateless reset, so agents learn at once that their old connection
+/// is gone instead of waiting out the idle timeout.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    reset_secret: &[u8],
+) -> Result<quinn::Endpoint, TransportError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
+        .map_err(|e| TransportError::Crypto(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport_config());
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset_secret,
+    )));
+    let cid_key = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret),
+        b"tether/quic-connection-id/v1",
+    );
+    let mut cid_key_bytes = [0u8; 8];
+    cid_key_bytes.copy_from_slice(&cid_key.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key_bytes);
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TransportError::Crypto("no async runtime found".into()))?;
+    quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
+        .map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// A client endpoint bound to an ephemeral port of the right address family.
+pub fn client_endpoint(
+    remote: SocketAddr,
+    tls: rustls::ClientConfig,
+) -> Result<quinn::Endpoint, TransportError> {
+    let bind: SocketAddr = if remote.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+        .map_err(|e| TransportError::Crypto(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport_config());
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|source| TransportError::Bind { addr: bind, source })?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+/// Dials the control plane, verifying it under [`tether_protocol::CONTROL_PLANE_SERVER_NAME`].
+pub async fn connect_control_plane(
+    endpoint: &quinn::Endpoint,
+    remote: SocketAddr,
+) -> Result<quinn::Connection, TransportError> {
+    let connecting = endpoint.connect(remote, tether_protocol::CONTROL_PLANE_SERVER_NAME)?;
+    Ok(connecting.await?)
+}
+
+/// Closes a connection with a Tether close code.
+pub fn close(connection: &quinn::Connection, code: CloseCode) {
+    connection.close(code.code().into(), code.reason().as_bytes());
+}
+
+/// The close code a connection ended with, when the peer closed it with one.
+pub fn close_code_of(err: &quinn::ConnectionError) -> Option<CloseCode> {
+    match err {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            CloseCode::from_code(close.error_code.into_inner())
+        }
+        _ => None,
+    }
+}
+
+/// A bidirectional stream that reads `In` frames and writes `Out` frames.
+pub struct FramedStream<In, Out> {
+    send: FramedWrite<quinn::SendStream, FrameCodec<In, Out>>,
+    recv: FramedRead<quinn::RecvStream, FrameCodec<In, Out>>,
+}
+
+/// The agent's side of a stream.
+pub type AgentStream = FramedStream<ControlMessage, AgentMessage>;
+/// The control plane's side of a stream.
+pub type ControlStream = FramedStream<AgentMessage, ControlMessage>;
+
+impl<In: DeserializeOwned, Out: Serialize> FramedStream<In, Out> {
+    /// Wraps the two halves of a bidirectional stream.
+    pub fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        Self {
+            send: FramedWrite::new(send, FrameCodec::default()),
+            recv: FramedRead::new(recv, FrameCodec::default()),
+        }
+    }
+
+    /// Opens a new bidirectional stream on `connection`.
+    pub async fn open(connection: &quinn::Connection) -> Result<Self, TransportError> {
+        let (send, recv) = connection.open_bi().await?;
+        Ok(Self::new(send, recv))
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, message: &Out) -> Result<(), TransportError> {
+        self.send.send(message).await?;
+        Ok(())
+    }
+
+    /// The next message; `Ok(None)` when the peer finished the stream cleanly.
+    pub async fn recv(&mut self) -> Result<Option<In>, TransportError> {
+        match self.recv.next().await {
+            Some(Ok(message)) => Ok(Some(message)),
+            Some(Err(err)) => Err(err.into()),
+            None => Ok(None),
+        }
+    }
+
+    /// The next message, treating a finished stream as an error.
+    pub async fn expect(&mut self) -> Result<In, TransportError> {
+        self.recv().await?.ok_or(TransportError::StreamClosed)
+    }
+
+    /// Sends one message and waits for the answer.
+    pub async fn request(&mut self, message: &Out) -> Result<In, TransportError> {
+        self.send(message).await?;
+        self.expect().await
+    }
+
+    /// Finishes the sending half (the peer reads end-of-stream).
+    pub fn finish(&mut self) -> Result<(), TransportError> {
+        self.send.get_mut().finish()?;
+        Ok(())
+    }
+}
