@@ -184,7 +184,7 @@ impl ServeArgs {
         let branch_name = self
             .branch_name
             .or(file.branch_name)
-            .or_else(|| hostname_of_this_machine())
+            .or_else(hostname_of_this_machine)
             .unwrap_or_else(|| "tether".into());
         Ok(ServeConfig {
             data_dir,

@@ -515,7 +515,7 @@ fn unknown_top_level_discriminant_is_unknown_variant() {
 
 #[test]
 fn unknown_nested_discriminant_is_unknown_variant() {
-    // EnrolledRejected(<rejection #6>): EnrollRejection has 6 variants.
+    // EnrollRejected(<rejection #6>): EnrollRejection has 6 variants.
     let err = decode_body::<ControlMessage>(&[1, 6]).unwrap_err();
     assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
     // RenewalRejected(<rejection #3>).
@@ -1100,7 +1100,7 @@ proptest! {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn first_message_table() {
+fn first_message_decides_the_stream_kind_or_the_violation_for_every_peer_and_variant() {
     use AgentMessage as M;
     let enroll = M::Enroll(EnrollRequest {
         token: "t".into(),

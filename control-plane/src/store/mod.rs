@@ -168,7 +168,7 @@ pub enum EnrollmentRefusal {
 /// Whether a certificate-authenticated connection may start a session.
 #[derive(Debug, Clone)]
 pub enum SessionAdmission {
-    Admitted(Server),
+    Admitted(Box<Server>),
     UnknownServer,
     ServerRemoved,
     UnknownCertificate,

@@ -346,7 +346,7 @@ impl Store for SqliteStore {
             Some(row) if row.try_get::<Option<i64>, _>("revoked_at")?.is_some() => {
                 SessionAdmission::CertificateRevoked
             }
-            Some(_) => SessionAdmission::Admitted(server_from_row(&server)?),
+            Some(_) => SessionAdmission::Admitted(Box::new(server_from_row(&server)?)),
         })
     }
 
