@@ -201,6 +201,75 @@ pub struct AuditEntry {
     pub detail: serde_json::Value,
 }
 
+/// Changes to an organization (`None` leaves a field as it is).
+#[derive(Debug, Clone, Default)]
+pub struct OrganizationUpdate {
+    pub name: Option<String>,
+    pub quotas: Option<Quotas>,
+}
+
+/// What deleting an organization did, or why it did not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrganizationDeletion {
+    /// Soft-deleted, with this many organizations (itself included) and servers.
+    Deleted { organizations: u64, servers: u64 },
+    /// Refused without cascade: it has child organizations.
+    HasChildren,
+    /// Refused without cascade: it has servers.
+    HasServers,
+    NotFound,
+}
+
+/// Resources used by an organization and its descendants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub servers: i64,
+    pub cpu_cores: i64,
+    /// Memory in GiB, rounded up per server.
+    pub memory_gb: i64,
+}
+
+/// A filtered audit log listing, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Organizations whose entries may be listed.
+    pub scope: Vec<Uuid>,
+    /// Also list entries tied to no organization (refused enrollments...).
+    pub include_unscoped: bool,
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub limit: u32,
+    /// List entries older than this sequence number.
+    pub before_seq: Option<i64>,
+}
+
+/// An audit log entry with its position in the log.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub entry: AuditEntry,
+}
+
+/// Kinds of values sealed under the master key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealedKind {
+    /// The CA private key of the instance.
+    InstanceCaKey,
+}
+
+/// A sealed value as stored, for re-sealing under a new master key.
+#[derive(Debug, Clone)]
+pub struct SealedSecret {
+    pub kind: SealedKind,
+    /// Row id of the value (the instance has one row: "1").
+    pub id: String,
+    /// Sealing context (see `Sealer::seal`).
+    pub context: String,
+    pub sealed: String,
+}
+
 /// The control plane's storage. One implementation per database.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -273,6 +342,56 @@ pub trait Store: Send + Sync + 'static {
         -> StoreResult<bool>;
 
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+
+    /// Entries matching `query`, newest first.
+    async fn list_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
+
+    async fn create_organization(&self, organization: &Organization) -> StoreResult<()>;
+
+    /// A live (not deleted) organization.
+    async fn organization(&self, id: Uuid) -> StoreResult<Option<Organization>>;
+
+    /// Live organizations in `scope`, ordered by id.
+    async fn list_organizations(
+        &self,
+        scope: &[Uuid],
+        limit: u32,
+        after: Option<Uuid>,
+    ) -> StoreResult<Vec<Organization>>;
+
+    /// Applies `update`; `None` when the organization is not live.
+    async fn update_organization(
+        &self,
+        id: Uuid,
+        update: &OrganizationUpdate,
+    ) -> StoreResult<Option<Organization>>;
+
+    /// Soft-deletes an organization; with `cascade`, its descendants and all
+    /// their servers too (certificates revoked).
+    async fn delete_organization(
+        &self,
+        id: Uuid,
+        cascade: bool,
+        at: DateTime<Utc>,
+    ) -> StoreResult<OrganizationDeletion>;
+
+    /// The organization and its ancestors, itself first, root last.
+    async fn organization_ancestors(&self, id: Uuid) -> StoreResult<Vec<Organization>>;
+
+    /// What the organization and its descendants use.
+    async fn organization_usage(&self, id: Uuid) -> StoreResult<Usage>;
+
+    async fn create_api_token(&self, token: &ApiToken) -> StoreResult<()>;
+
+    /// Revokes a token of an organization in `scope`; `false` when not found.
+    async fn revoke_api_token(&self, scope: &[Uuid], id: Uuid, at: DateTime<Utc>) -> StoreResult<bool>;
+
+    /// Every value sealed under the master key.
+    async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>>;
+
+    /// Replaces a sealed value if it still is `secret.sealed` (compare and
+    /// swap); `false` when it changed meanwhile.
+    async fn replace_sealed_secret(&self, secret: &SealedSecret, resealed: &str) -> StoreResult<bool>;
 }
 
 /// Opens the store named by a database URL and runs its migrations.
