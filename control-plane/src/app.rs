@@ -18,15 +18,13 @@ use crate::auth::{Scope, TokenAuthority};
 use crate::config::ServeConfig;
 use crate::gateway::registry::SessionRegistry;
 use crate::pki::Pki;
-use crate::secrets::{MasterKey, Sealer};
+use crate::secrets::Sealer;
 use crate::store::{ApiToken, Instance, Organization, Quotas, Store};
 
 /// Lifetime of the admin token written at first start.
 const ADMIN_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(365);
 /// Lifetime of the QUIC server certificate (re-issued at every start).
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
-/// Sealing context of the CA key.
-const CA_KEY_CONTEXT: &str = "instance/ca-key";
 
 /// Shared state of a running control plane.
 pub struct ControlPlane {
@@ -37,6 +35,7 @@ pub struct ControlPlane {
     pub pki: Pki,
     pub instance: Instance,
     pub sessions: SessionRegistry,
+    pub rate_limiter: crate::api::rate_limit::RateLimiter,
     /// What agents are told to dial.
     pub public_quic_addr: String,
     /// Base URL of the HTTP API.
@@ -95,8 +94,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     tether_certs::install_crypto_provider();
     crate::fsutil::create_private_dir(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let (master, _) = MasterKey::load_or_create(&config.master_key_file)?;
-    let sealer = Sealer::new(master.clone());
+    let sealer = crate::rotate::load_sealer(&config.master_key_file)?;
+    let master = sealer.current().clone();
     let tokens = TokenAuthority::new(&master);
     let store = crate::store::open(&config.database_url)
         .await
@@ -119,7 +118,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         None => None,
     };
     let ca_key = sealer
-        .open(&instance.ca_key_sealed, CA_KEY_CONTEXT)
+        .open(
+            &instance.ca_key_sealed,
+            crate::store::INSTANCE_CA_KEY_CONTEXT,
+        )
         .context(
             "opening the CA key (is this the master key the database was initialised with?)",
         )?;
@@ -187,6 +189,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         pki,
         instance,
         sessions: SessionRegistry::default(),
+        rate_limiter: Default::default(),
         public_quic_addr,
         api_url,
         shutdown: CancellationToken::new(),
@@ -256,7 +259,10 @@ async fn initialise_instance(
         branch_name: config.branch_name.clone(),
         root_organization_id: root.id,
         ca_cert_pem: ca.cert_pem().to_string(),
-        ca_key_sealed: sealer.seal(ca.key_pem().as_bytes(), CA_KEY_CONTEXT),
+        ca_key_sealed: sealer.seal(
+            ca.key_pem().as_bytes(),
+            crate::store::INSTANCE_CA_KEY_CONTEXT,
+        ),
         created_at: now,
     };
     let admin = ApiToken {

@@ -73,6 +73,12 @@ pub struct ServeArgs {
     /// Human name of this branch [default: the host name].
     #[arg(long, env = "TETHER_BRANCH_NAME")]
     pub branch_name: Option<String>,
+    /// API requests per minute per token [default: 600].
+    #[arg(long, env = "TETHER_API_RATE_LIMIT")]
+    pub api_rate_limit: Option<u32>,
+    /// API requests per minute per admin token [default: 3000].
+    #[arg(long, env = "TETHER_API_RATE_LIMIT_ADMIN")]
+    pub api_rate_limit_admin: Option<u32>,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -90,6 +96,8 @@ struct FileConfig {
     offline_after: Option<String>,
     agent_cert_ttl: Option<String>,
     branch_name: Option<String>,
+    api_rate_limit: Option<u32>,
+    api_rate_limit_admin: Option<u32>,
 }
 
 /// Resolved configuration of a control plane.
@@ -106,6 +114,8 @@ pub struct ServeConfig {
     pub offline_after: Duration,
     pub agent_cert_ttl: Duration,
     pub branch_name: String,
+    pub api_rate_limit: u32,
+    pub api_rate_limit_admin: u32,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -204,6 +214,16 @@ impl ServeArgs {
             offline_after,
             agent_cert_ttl,
             branch_name,
+            api_rate_limit: self
+                .api_rate_limit
+                .or(file.api_rate_limit)
+                .unwrap_or(600)
+                .max(1),
+            api_rate_limit_admin: self
+                .api_rate_limit_admin
+                .or(file.api_rate_limit_admin)
+                .unwrap_or(3000)
+                .max(1),
         })
     }
 }

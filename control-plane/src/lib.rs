@@ -22,5 +22,7 @@ pub mod fsutil;
 pub mod gateway;
 pub mod pki;
 pub mod quickstart;
+pub mod quota;
+pub mod rotate;
 pub mod secrets;
 pub mod store;

@@ -23,6 +23,8 @@ enum Command {
     Quickstart(quickstart::QuickstartArgs),
     /// Apply database migrations and exit.
     Migrate(ServeArgs),
+    /// Re-seal every stored secret under a new master key (then restart the replicas).
+    RotateMasterKey(ServeArgs),
 }
 
 fn init_tracing() {
@@ -44,6 +46,7 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Quickstart(args) => quickstart::run(args).await,
         Command::Migrate(args) => migrate(args).await,
+        Command::RotateMasterKey(args) => rotate_master_key(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -69,6 +72,16 @@ async fn migrate(args: ServeArgs) -> anyhow::Result<()> {
     println!(
         "migrations applied to {}",
         tether_control_plane::store::redact_url(&config.database_url)
+    );
+    Ok(())
+}
+
+async fn rotate_master_key(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    let rotation = tether_control_plane::rotate::rotate(&config).await?;
+    println!(
+        "master key rotated: {} -> {} ({} secrets re-sealed); restart every replica with the new key file",
+        rotation.old_key_id, rotation.new_key_id, rotation.resealed
     );
     Ok(())
 }

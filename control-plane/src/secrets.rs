@@ -63,6 +63,11 @@ impl MasterKey {
         Self { bytes, id }
     }
 
+    /// The key as stored in a key file (hex). A secret.
+    pub fn hex(&self) -> String {
+        hex::encode(self.bytes)
+    }
+
     /// The key's public id (first 4 bytes of its SHA-256, hex).
     pub fn id(&self) -> &str {
         &self.id

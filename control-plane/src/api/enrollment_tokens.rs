@@ -117,6 +117,11 @@ pub async fn create(
         )));
     }
     validate_labels(&body.labels)?;
+    let one_server = crate::store::Usage {
+        servers: 1,
+        ..Default::default()
+    };
+    crate::quota::check(&*cp.store, organization_id, one_server).await??;
     if let Some(name) = &body.server_name {
         if name.trim().is_empty() || name.len() > 253 {
             return Err(ApiError::validation("server_name must be 1-253 characters"));

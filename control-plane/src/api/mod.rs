@@ -10,10 +10,14 @@ use tower_http::trace::TraceLayer;
 
 use crate::app::ControlPlane;
 
+pub mod audit;
 pub mod auth;
 pub mod enrollment_tokens;
 pub mod error;
+pub mod organizations;
+pub mod rate_limit;
 pub mod servers;
+pub mod tokens;
 
 pub use auth::Caller;
 pub use error::ApiError;
@@ -42,7 +46,28 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/enrollment-tokens", post(enrollment_tokens::create))
         .route("/servers", get(servers::list))
         .route("/servers/{id}", get(servers::get).delete(servers::remove))
-        .method_not_allowed_fallback(error::method_not_allowed);
+        .route(
+            "/organizations",
+            get(organizations::list).post(organizations::create),
+        )
+        .route(
+            "/organizations/{id}",
+            get(organizations::get)
+                .patch(organizations::patch)
+                .delete(organizations::delete),
+        )
+        .route(
+            "/organizations/{id}/hierarchy",
+            get(organizations::hierarchy),
+        )
+        .route("/tokens", post(tokens::create))
+        .route("/tokens/{id}", axum::routing::delete(tokens::revoke))
+        .route("/audit-log", get(audit::list))
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .route_layer(axum::middleware::from_fn_with_state(
+            cp.clone(),
+            rate_limit::enforce,
+        ));
     Router::new()
         .route("/health", get(health))
         .nest("/api/v1", v1)

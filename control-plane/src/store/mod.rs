@@ -212,7 +212,10 @@ pub struct OrganizationUpdate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrganizationDeletion {
     /// Soft-deleted, with this many organizations (itself included) and servers.
-    Deleted { organizations: u64, servers: u64 },
+    Deleted {
+        organizations: u64,
+        servers: u64,
+    },
     /// Refused without cascade: it has child organizations.
     HasChildren,
     /// Refused without cascade: it has servers.
@@ -251,6 +254,9 @@ pub struct AuditRecord {
     pub seq: i64,
     pub entry: AuditEntry,
 }
+
+/// Sealing context of the instance's CA key.
+pub const INSTANCE_CA_KEY_CONTEXT: &str = "instance/ca-key";
 
 /// Kinds of values sealed under the master key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,14 +390,23 @@ pub trait Store: Send + Sync + 'static {
     async fn create_api_token(&self, token: &ApiToken) -> StoreResult<()>;
 
     /// Revokes a token of an organization in `scope`; `false` when not found.
-    async fn revoke_api_token(&self, scope: &[Uuid], id: Uuid, at: DateTime<Utc>) -> StoreResult<bool>;
+    async fn revoke_api_token(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
 
     /// Every value sealed under the master key.
     async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>>;
 
     /// Replaces a sealed value if it still is `secret.sealed` (compare and
     /// swap); `false` when it changed meanwhile.
-    async fn replace_sealed_secret(&self, secret: &SealedSecret, resealed: &str) -> StoreResult<bool>;
+    async fn replace_sealed_secret(
+        &self,
+        secret: &SealedSecret,
+        resealed: &str,
+    ) -> StoreResult<bool>;
 }
 
 /// Opens the store named by a database URL and runs its migrations.

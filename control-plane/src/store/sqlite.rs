@@ -501,6 +501,324 @@ impl Store for SqliteStore {
         .await?;
         Ok(())
     }
+
+    async fn list_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        let mut builder = QueryBuilder::new(
+            "SELECT seq, id, at, actor, organization_id, action, target, source_ip, outcome, detail FROM audit_log WHERE (1 = 0",
+        );
+        if !q.scope.is_empty() {
+            builder.push(" OR organization_id IN (");
+            let mut list = builder.separated(", ");
+            for id in &q.scope {
+                list.push_bind(id.to_string());
+            }
+            list.push_unseparated(")");
+        }
+        if q.include_unscoped {
+            builder.push(" OR organization_id IS NULL");
+        }
+        builder.push(")");
+        if let Some(actor) = &q.actor {
+            builder.push(" AND actor = ").push_bind(actor.clone());
+        }
+        if let Some(action) = &q.action {
+            builder.push(" AND action = ").push_bind(action.clone());
+        }
+        if let Some(from) = q.from {
+            builder.push(" AND at >= ").push_bind(ms(from));
+        }
+        if let Some(to) = q.to {
+            builder.push(" AND at <= ").push_bind(ms(to));
+        }
+        if let Some(before) = q.before_seq {
+            builder.push(" AND seq < ").push_bind(before);
+        }
+        builder
+            .push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let rows = builder.build().fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditRecord {
+                    seq: row.try_get("seq")?,
+                    entry: AuditEntry {
+                        id: uuid(row.try_get("id")?)?,
+                        at: from_ms(row.try_get("at")?),
+                        actor: row.try_get("actor")?,
+                        organization_id: opt_uuid(row.try_get("organization_id")?)?,
+                        action: row.try_get("action")?,
+                        target: row.try_get("target")?,
+                        source_ip: row.try_get("source_ip")?,
+                        outcome: row.try_get("outcome")?,
+                        detail: json(row.try_get("detail")?)?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn create_organization(&self, org: &Organization) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(org.id.to_string())
+        .bind(&org.name)
+        .bind(org.parent_id.map(|p| p.to_string()))
+        .bind(org.quotas.max_servers)
+        .bind(org.quotas.max_cpu_cores)
+        .bind(org.quotas.max_memory_gb)
+        .bind(ms(org.created_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn organization(&self, id: Uuid) -> StoreResult<Option<Organization>> {
+        let row = sqlx::query(&format!(
+            "SELECT {ORGANIZATION_COLUMNS} FROM organizations WHERE id = ? AND deleted_at IS NULL"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(organization_from_row).transpose()
+    }
+
+    async fn list_organizations(
+        &self,
+        scope: &[Uuid],
+        limit: u32,
+        after: Option<Uuid>,
+    ) -> StoreResult<Vec<Organization>> {
+        let mut builder = QueryBuilder::new(format!(
+            "SELECT {ORGANIZATION_COLUMNS} FROM organizations WHERE deleted_at IS NULL"
+        ));
+        push_scope(&mut builder, "id", scope);
+        if let Some(after) = after {
+            builder.push(" AND id > ").push_bind(after.to_string());
+        }
+        builder
+            .push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = builder.build().fetch_all(&self.pool).await?;
+        rows.iter().map(organization_from_row).collect()
+    }
+
+    async fn update_organization(
+        &self,
+        id: Uuid,
+        update: &OrganizationUpdate,
+    ) -> StoreResult<Option<Organization>> {
+        let mut builder = QueryBuilder::new("UPDATE organizations SET id = id");
+        if let Some(name) = &update.name {
+            builder.push(", name = ").push_bind(name.clone());
+        }
+        if let Some(quotas) = &update.quotas {
+            builder
+                .push(", max_servers = ")
+                .push_bind(quotas.max_servers);
+            builder
+                .push(", max_cpu_cores = ")
+                .push_bind(quotas.max_cpu_cores);
+            builder
+                .push(", max_memory_gb = ")
+                .push_bind(quotas.max_memory_gb);
+        }
+        builder
+            .push(" WHERE deleted_at IS NULL AND id = ")
+            .push_bind(id.to_string());
+        builder.build().execute(&self.pool).await?;
+        self.organization(id).await
+    }
+
+    async fn delete_organization(
+        &self,
+        id: Uuid,
+        cascade: bool,
+        at: DateTime<Utc>,
+    ) -> StoreResult<OrganizationDeletion> {
+        let mut tx = self.pool.begin().await?;
+        // Take the write lock first (see the module doc).
+        let exists =
+            sqlx::query("UPDATE organizations SET name = name WHERE id = ? AND deleted_at IS NULL")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+        if !exists {
+            tx.rollback().await?;
+            return Ok(OrganizationDeletion::NotFound);
+        }
+        let subtree: Vec<String> = sqlx::query_scalar(SUBTREE_SQL)
+            .bind(id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        let server_count: i64 = {
+            let mut builder =
+                QueryBuilder::new("SELECT COUNT(*) FROM servers WHERE deleted_at IS NULL");
+            push_scope(&mut builder, "organization_id", &parse_ids(&subtree)?);
+            builder.build_query_scalar().fetch_one(&mut *tx).await?
+        };
+        if !cascade && subtree.len() > 1 {
+            tx.rollback().await?;
+            return Ok(OrganizationDeletion::HasChildren);
+        }
+        if !cascade && server_count > 0 {
+            tx.rollback().await?;
+            return Ok(OrganizationDeletion::HasServers);
+        }
+        let ids = parse_ids(&subtree)?;
+        let mut builder = QueryBuilder::new("UPDATE certificates SET revoked_at = ");
+        builder.push_bind(ms(at));
+        builder.push(" WHERE revoked_at IS NULL AND server_id IN (SELECT id FROM servers WHERE deleted_at IS NULL");
+        push_scope(&mut builder, "organization_id", &ids);
+        builder.push(")");
+        builder.build().execute(&mut *tx).await?;
+        let mut builder = QueryBuilder::new("UPDATE servers SET status = 'offline', status_reason = 'organization deleted', deleted_at = ");
+        builder.push_bind(ms(at));
+        builder.push(" WHERE deleted_at IS NULL");
+        push_scope(&mut builder, "organization_id", &ids);
+        let servers = builder.build().execute(&mut *tx).await?.rows_affected();
+        let mut builder = QueryBuilder::new("UPDATE organizations SET deleted_at = ");
+        builder.push_bind(ms(at));
+        builder.push(" WHERE deleted_at IS NULL");
+        push_scope(&mut builder, "id", &ids);
+        let organizations = builder.build().execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
+        Ok(OrganizationDeletion::Deleted {
+            organizations,
+            servers,
+        })
+    }
+
+    async fn organization_ancestors(&self, id: Uuid) -> StoreResult<Vec<Organization>> {
+        let rows = sqlx::query(&format!(
+            "WITH RECURSIVE chain (id, depth) AS (
+                 SELECT id, 0 FROM organizations WHERE id = ? AND deleted_at IS NULL
+                 UNION ALL
+                 SELECT o.parent_id, c.depth + 1 FROM organizations o JOIN chain c ON o.id = c.id
+                 WHERE o.parent_id IS NOT NULL)
+             SELECT {ORGANIZATION_COLUMNS_QUALIFIED} FROM chain JOIN organizations o ON o.id = chain.id
+             ORDER BY chain.depth"
+        ))
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(organization_from_row).collect()
+    }
+
+    async fn organization_usage(&self, id: Uuid) -> StoreResult<Usage> {
+        let row = sqlx::query(&format!(
+            "SELECT COUNT(*) AS servers,
+                    COALESCE(SUM(COALESCE(json_extract(facts, '$.cpu_cores'), 0)), 0) AS cpu_cores,
+                    COALESCE(SUM((COALESCE(json_extract(facts, '$.memory_bytes'), 0) + 1073741823) / 1073741824), 0) AS memory_gb
+             FROM servers WHERE deleted_at IS NULL AND organization_id IN ({SUBTREE_SQL})"
+        ))
+        .bind(id.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Usage {
+            servers: row.try_get("servers")?,
+            cpu_cores: row.try_get("cpu_cores")?,
+            memory_gb: row.try_get("memory_gb")?,
+        })
+    }
+
+    async fn create_api_token(&self, token: &ApiToken) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO api_tokens (id, organization_id, name, scopes, created_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(token.id.to_string())
+        .bind(token.organization_id.to_string())
+        .bind(&token.name)
+        .bind(to_json(&token.scopes))
+        .bind(ms(token.created_at))
+        .bind(token.expires_at.map(ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn revoke_api_token(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut builder = QueryBuilder::new("UPDATE api_tokens SET revoked_at = ");
+        builder.push_bind(ms(at));
+        builder
+            .push(" WHERE revoked_at IS NULL AND id = ")
+            .push_bind(id.to_string());
+        push_scope(&mut builder, "organization_id", scope);
+        Ok(builder.build().execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>> {
+        let rows: Vec<String> =
+            sqlx::query_scalar("SELECT ca_key_sealed FROM instance WHERE id = 1")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|sealed| SealedSecret {
+                kind: SealedKind::InstanceCaKey,
+                id: "1".into(),
+                context: INSTANCE_CA_KEY_CONTEXT.into(),
+                sealed,
+            })
+            .collect())
+    }
+
+    async fn replace_sealed_secret(
+        &self,
+        secret: &SealedSecret,
+        resealed: &str,
+    ) -> StoreResult<bool> {
+        let result = match secret.kind {
+            SealedKind::InstanceCaKey => {
+                sqlx::query(
+                    "UPDATE instance SET ca_key_sealed = ? WHERE id = 1 AND ca_key_sealed = ?",
+                )
+                .bind(resealed)
+                .bind(&secret.sealed)
+                .execute(&self.pool)
+                .await?
+            }
+        };
+        Ok(result.rows_affected() == 1)
+    }
+}
+
+const ORGANIZATION_COLUMNS: &str =
+    "id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at";
+const ORGANIZATION_COLUMNS_QUALIFIED: &str =
+    "o.id, o.name, o.parent_id, o.max_servers, o.max_cpu_cores, o.max_memory_gb, o.created_at";
+/// Ids of a live organization and its live descendants (one `?`: the root).
+const SUBTREE_SQL: &str = "WITH RECURSIVE tree (id) AS (
+         SELECT id FROM organizations WHERE id = ? AND deleted_at IS NULL
+         UNION ALL
+         SELECT o.id FROM organizations o JOIN tree t ON o.parent_id = t.id WHERE o.deleted_at IS NULL)
+     SELECT id FROM tree";
+
+fn organization_from_row(row: &SqliteRow) -> StoreResult<Organization> {
+    Ok(Organization {
+        id: uuid(row.try_get("id")?)?,
+        name: row.try_get("name")?,
+        parent_id: opt_uuid(row.try_get("parent_id")?)?,
+        quotas: Quotas {
+            max_servers: row.try_get("max_servers")?,
+            max_cpu_cores: row.try_get("max_cpu_cores")?,
+            max_memory_gb: row.try_get("max_memory_gb")?,
+        },
+        created_at: from_ms(row.try_get("created_at")?),
+    })
+}
+
+fn parse_ids(ids: &[String]) -> StoreResult<Vec<Uuid>> {
+    ids.iter().map(|s| uuid(s)).collect()
 }
 
 async fn insert_certificate(

@@ -1,0 +1,820 @@
+//! [`Store`] on PostgreSQL (scale-out: several control-plane replicas share
+//! one database).
+//!
+//! Written in PostgreSQL's own dialect: native `uuid`, `timestamptz`, `jsonb`
+//! and `text[]` columns; scopes bound as one uuid array (`= ANY($1)`), never
+//! as generated `IN` lists; organization trees walked with recursive CTEs.
+//! Races between replicas are settled by the database: an enrollment token is
+//! claimed by one conditional `UPDATE ... RETURNING` (row locks make exactly
+//! one racer win), and statements that lock several server rows lock them in
+//! id order so they cannot deadlock one another. The audit log is append-only
+//! by trigger. Queries are built at runtime (no compile-time checking, CI has
+//! no database); the store test suite covers them.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{PgPool, QueryBuilder, Row};
+use uuid::Uuid;
+
+use super::*;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// PostgreSQL implementation of [`Store`].
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+const SERVER_COLUMNS: &str = "id, organization_id, name, hostname, labels, status, status_reason, \
+     agent_version, facts, deployment_id, created_at, last_seen_at";
+
+const ORGANIZATION_COLUMNS: &str =
+    "id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at";
+
+const API_TOKEN_COLUMNS: &str =
+    "id, organization_id, name, scopes, created_at, expires_at, revoked_at";
+
+const AUDIT_COLUMNS: &str =
+    "seq, id, at, actor, organization_id, action, target, source_ip, outcome, detail";
+
+/// A live organization and its live descendants, as the CTE `tree (id)`;
+/// `$1` is the organization. `UNION` (not `UNION ALL`) ends the walk even if
+/// the tree were corrupted into a cycle.
+const SUBTREE_CTE: &str = "WITH RECURSIVE tree (id) AS (
+         SELECT id FROM organizations WHERE id = $1 AND deleted_at IS NULL
+         UNION
+         SELECT o.id FROM organizations o JOIN tree t ON o.parent_id = t.id
+         WHERE o.deleted_at IS NULL)";
+
+const ENROLLED_REASON: &str = "enrolled; waiting for the agent's first session";
+const REMOVED_REASON: &str = "removed";
+const ORGANIZATION_DELETED_REASON: &str = "organization deleted";
+
+fn server_from_row(row: &PgRow) -> StoreResult<Server> {
+    let status: String = row.try_get("status")?;
+    let Json(labels): Json<Labels> = row.try_get("labels")?;
+    Ok(Server {
+        id: row.try_get("id")?,
+        organization_id: row.try_get("organization_id")?,
+        name: row.try_get("name")?,
+        hostname: row.try_get("hostname")?,
+        labels,
+        status: ServerStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("invalid status {status:?}")))?,
+        status_reason: row.try_get("status_reason")?,
+        agent_version: row.try_get("agent_version")?,
+        facts: row.try_get("facts")?,
+        deployment_id: row.try_get("deployment_id")?,
+        created_at: row.try_get("created_at")?,
+        last_seen_at: row.try_get("last_seen_at")?,
+    })
+}
+
+fn organization_from_row(row: &PgRow) -> StoreResult<Organization> {
+    Ok(Organization {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        parent_id: row.try_get("parent_id")?,
+        quotas: Quotas {
+            max_servers: row.try_get("max_servers")?,
+            max_cpu_cores: row.try_get("max_cpu_cores")?,
+            max_memory_gb: row.try_get("max_memory_gb")?,
+        },
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn api_token_from_row(row: &PgRow) -> StoreResult<ApiToken> {
+    Ok(ApiToken {
+        id: row.try_get("id")?,
+        organization_id: row.try_get("organization_id")?,
+        name: row.try_get("name")?,
+        scopes: row.try_get("scopes")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+fn audit_from_row(row: &PgRow) -> StoreResult<AuditRecord> {
+    Ok(AuditRecord {
+        seq: row.try_get("seq")?,
+        entry: AuditEntry {
+            id: row.try_get("id")?,
+            at: row.try_get("at")?,
+            actor: row.try_get("actor")?,
+            organization_id: row.try_get("organization_id")?,
+            action: row.try_get("action")?,
+            target: row.try_get("target")?,
+            source_ip: row.try_get("source_ip")?,
+            outcome: row.try_get("outcome")?,
+            detail: row.try_get("detail")?,
+        },
+    })
+}
+
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl PostgresStore {
+    /// Connects a pool to the database named by `url`
+    /// (`postgres://user:password@host:port/database`).
+    pub async fn connect(url: &str) -> StoreResult<Self> {
+        let options = PgConnectOptions::from_str(url)?.application_name("tether-control-plane");
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PostgresStore {
+    async fn migrate(&self) -> StoreResult<()> {
+        // sqlx holds an advisory lock while migrating: replicas starting
+        // together apply each migration once.
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn init_instance(
+        &self,
+        instance: &Instance,
+        root: &Organization,
+        admin_token: &ApiToken,
+    ) -> StoreResult<(Instance, bool)> {
+        let mut tx = self.pool.begin().await?;
+        // A replica racing this insert waits on the conflicting row, then
+        // does nothing and reads the winner's instance.
+        let inserted = sqlx::query(
+            "INSERT INTO instance (id, branch_id, branch_name, root_organization_id, ca_cert_pem, ca_key_sealed, created_at)
+             VALUES (1, $1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id",
+        )
+        .bind(instance.branch_id)
+        .bind(&instance.branch_name)
+        .bind(instance.root_organization_id)
+        .bind(&instance.ca_cert_pem)
+        .bind(&instance.ca_key_sealed)
+        .bind(instance.created_at)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+        if !inserted {
+            tx.rollback().await?;
+            let existing = self
+                .instance()
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("instance row vanished".into()))?;
+            return Ok((existing, false));
+        }
+        sqlx::query(
+            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at)
+             VALUES ($1, $2, NULL, $3, $4, $5, $6)",
+        )
+        .bind(root.id)
+        .bind(&root.name)
+        .bind(root.quotas.max_servers)
+        .bind(root.quotas.max_cpu_cores)
+        .bind(root.quotas.max_memory_gb)
+        .bind(root.created_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO api_tokens (id, organization_id, name, scopes, created_at, expires_at, revoked_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(admin_token.id)
+        .bind(admin_token.organization_id)
+        .bind(&admin_token.name)
+        .bind(&admin_token.scopes)
+        .bind(admin_token.created_at)
+        .bind(admin_token.expires_at)
+        .bind(admin_token.revoked_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((instance.clone(), true))
+    }
+
+    async fn instance(&self) -> StoreResult<Option<Instance>> {
+        let row = sqlx::query(
+            "SELECT branch_id, branch_name, root_organization_id, ca_cert_pem, ca_key_sealed, created_at
+             FROM instance WHERE id = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(Instance {
+                branch_id: row.try_get("branch_id")?,
+                branch_name: row.try_get("branch_name")?,
+                root_organization_id: row.try_get("root_organization_id")?,
+                ca_cert_pem: row.try_get("ca_cert_pem")?,
+                ca_key_sealed: row.try_get("ca_key_sealed")?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn organization_scope(&self, organization_id: Uuid) -> StoreResult<Vec<Uuid>> {
+        let ids = sqlx::query_scalar(&format!("{SUBTREE_CTE} SELECT id FROM tree"))
+            .bind(organization_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(ids)
+    }
+
+    async fn api_token(&self, id: Uuid) -> StoreResult<Option<ApiToken>> {
+        let row = sqlx::query(&format!(
+            "SELECT {API_TOKEN_COLUMNS} FROM api_tokens WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(api_token_from_row).transpose()
+    }
+
+    async fn create_enrollment_token(&self, token: &NewEnrollmentToken) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO enrollment_tokens
+               (id, token_hash, organization_id, server_name, labels, deployment_id, created_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(token.id)
+        .bind(&token.token_hash)
+        .bind(token.organization_id)
+        .bind(&token.server_name)
+        .bind(Json(&token.labels))
+        .bind(token.deployment_id)
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn enroll(&self, e: &Enrollment) -> StoreResult<Result<Server, EnrollmentRefusal>> {
+        let mut tx = self.pool.begin().await?;
+        // One statement claims the token and creates the server. Racing
+        // enrollments with the same token queue on the token's row lock; once
+        // the winner commits, the others re-check `used_at IS NULL` against
+        // the committed row, match nothing and insert nothing.
+        let server = sqlx::query(&format!(
+            "WITH claimed AS (
+                 UPDATE enrollment_tokens SET used_at = $1, server_id = $2
+                 WHERE token_hash = $3 AND used_at IS NULL AND expires_at > $1
+                 RETURNING organization_id, server_name, labels, deployment_id)
+             INSERT INTO servers (id, organization_id, name, hostname, labels, status, status_reason,
+                                  agent_version, facts, deployment_id, created_at)
+             SELECT $2, organization_id, COALESCE(server_name, $4), $4, labels, 'connecting', $5,
+                    $6, $7, deployment_id, $1
+             FROM claimed
+             RETURNING {SERVER_COLUMNS}"
+        ))
+        .bind(e.at)
+        .bind(e.server_id)
+        .bind(&e.token_hash)
+        .bind(&e.hostname)
+        .bind(ENROLLED_REASON)
+        .bind(&e.agent_version)
+        .bind(&e.facts)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(server) = server else {
+            let row = sqlx::query(
+                "SELECT used_at IS NOT NULL AS used FROM enrollment_tokens WHERE token_hash = $1",
+            )
+            .bind(&e.token_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.rollback().await?;
+            return Ok(Err(match row {
+                None => EnrollmentRefusal::UnknownToken,
+                Some(row) if row.try_get::<bool, _>("used")? => EnrollmentRefusal::TokenAlreadyUsed,
+                Some(_) => EnrollmentRefusal::ExpiredToken,
+            }));
+        };
+        let server = server_from_row(&server)?;
+        insert_certificate(&mut tx, &e.certificate).await?;
+        tx.commit().await?;
+        Ok(Ok(server))
+    }
+
+    async fn record_certificate(&self, certificate: &CertificateRecord) -> StoreResult<()> {
+        let mut conn = self.pool.acquire().await?;
+        insert_certificate(&mut conn, certificate).await
+    }
+
+    async fn admit_session(&self, server_id: Uuid, serial: &str) -> StoreResult<SessionAdmission> {
+        let row = sqlx::query(
+            "SELECT s.id, s.organization_id, s.name, s.hostname, s.labels, s.status, s.status_reason,
+                    s.agent_version, s.facts, s.deployment_id, s.created_at, s.last_seen_at,
+                    s.deleted_at IS NOT NULL AS removed,
+                    c.serial IS NOT NULL AS certificate_known,
+                    c.revoked_at IS NOT NULL AS certificate_revoked
+             FROM servers s
+             LEFT JOIN certificates c ON c.server_id = s.id AND c.serial = $2
+             WHERE s.id = $1",
+        )
+        .bind(server_id)
+        .bind(serial)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(SessionAdmission::UnknownServer);
+        };
+        Ok(if row.try_get::<bool, _>("removed")? {
+            SessionAdmission::ServerRemoved
+        } else if !row.try_get::<bool, _>("certificate_known")? {
+            SessionAdmission::UnknownCertificate
+        } else if row.try_get::<bool, _>("certificate_revoked")? {
+            SessionAdmission::CertificateRevoked
+        } else {
+            SessionAdmission::Admitted(Box::new(server_from_row(&row)?))
+        })
+    }
+
+    async fn mark_online(
+        &self,
+        server_id: Uuid,
+        agent_version: &str,
+        facts: &serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE servers SET status = 'online', status_reason = NULL, agent_version = $1,
+                    facts = $2::jsonb, hostname = COALESCE($2::jsonb ->> 'hostname', hostname),
+                    last_seen_at = $3
+             WHERE id = $4 AND deleted_at IS NULL",
+        )
+        .bind(agent_version)
+        .bind(facts)
+        .bind(at)
+        .bind(server_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn mark_offline(
+        &self,
+        server_id: Uuid,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE servers SET status = 'offline', status_reason = $1, last_seen_at = $2
+             WHERE id = $3 AND deleted_at IS NULL AND status = 'online'",
+        )
+        .bind(reason)
+        .bind(at)
+        .bind(server_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn touch_servers(&self, server_ids: &[Uuid], at: DateTime<Utc>) -> StoreResult<()> {
+        if server_ids.is_empty() {
+            return Ok(());
+        }
+        // Rows are locked in id order (see the module doc).
+        sqlx::query(
+            "WITH target AS (
+                 SELECT s.id FROM servers s JOIN UNNEST($1::uuid[]) AS t (id) ON s.id = t.id
+                 WHERE s.deleted_at IS NULL
+                 ORDER BY s.id
+                 FOR UPDATE OF s)
+             UPDATE servers s SET last_seen_at = $2 FROM target WHERE s.id = target.id",
+        )
+        .bind(server_ids)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn mark_silent_offline(
+        &self,
+        cutoff: DateTime<Utc>,
+        reason: &str,
+    ) -> StoreResult<Vec<Uuid>> {
+        // A server touched while this runs is re-checked after its lock is
+        // released and skipped when it no longer is silent.
+        let ids = sqlx::query_scalar(
+            "WITH silent AS (
+                 SELECT id FROM servers
+                 WHERE status = 'online' AND deleted_at IS NULL
+                   AND (last_seen_at IS NULL OR last_seen_at < $1)
+                 ORDER BY id
+                 FOR UPDATE)
+             UPDATE servers s SET status = 'offline', status_reason = $2
+             FROM silent WHERE s.id = silent.id
+             RETURNING s.id",
+        )
+        .bind(cutoff)
+        .bind(reason)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+
+    async fn server(&self, scope: &[Uuid], id: Uuid) -> StoreResult<Option<Server>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SERVER_COLUMNS} FROM servers
+             WHERE id = $1 AND organization_id = ANY($2) AND deleted_at IS NULL"
+        ))
+        .bind(id)
+        .bind(scope)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(server_from_row).transpose()
+    }
+
+    async fn list_servers(&self, q: &ServerQuery) -> StoreResult<Vec<Server>> {
+        let mut builder = QueryBuilder::new(format!(
+            "SELECT {SERVER_COLUMNS} FROM servers WHERE deleted_at IS NULL AND organization_id = ANY("
+        ));
+        builder.push_bind(q.scope.as_slice()).push(")");
+        if let Some(status) = q.status {
+            builder.push(" AND status = ").push_bind(status.as_str());
+        }
+        for (key, value) in &q.labels {
+            builder
+                .push(" AND labels ->> ")
+                .push_bind(key.as_str())
+                .push(" = ")
+                .push_bind(value.as_str());
+        }
+        if let Some(after) = q.after {
+            builder.push(" AND id > ").push_bind(after);
+        }
+        builder
+            .push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(q.limit));
+        let rows = builder.build().fetch_all(&self.pool).await?;
+        rows.iter().map(server_from_row).collect()
+    }
+
+    async fn remove_server(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        // One statement: the server and its certificates change together.
+        let removed: i64 = sqlx::query_scalar(
+            "WITH removed AS (
+                 UPDATE servers SET deleted_at = $1, status = 'offline', status_reason = $4
+                 WHERE id = $2 AND organization_id = ANY($3) AND deleted_at IS NULL
+                 RETURNING id),
+             revoked AS (
+                 UPDATE certificates SET revoked_at = $1
+                 WHERE revoked_at IS NULL AND server_id IN (SELECT id FROM removed))
+             SELECT COUNT(*) FROM removed",
+        )
+        .bind(at)
+        .bind(id)
+        .bind(scope)
+        .bind(REMOVED_REASON)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(removed == 1)
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (id, at, actor, organization_id, action, target, source_ip, outcome, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(entry.id)
+        .bind(entry.at)
+        .bind(&entry.actor)
+        .bind(entry.organization_id)
+        .bind(&entry.action)
+        .bind(&entry.target)
+        .bind(&entry.source_ip)
+        .bind(&entry.outcome)
+        .bind(&entry.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, q: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_log
+             WHERE (organization_id = ANY($1) OR ($2 AND organization_id IS NULL))
+               AND ($3::text IS NULL OR actor = $3)
+               AND ($4::text IS NULL OR action = $4)
+               AND ($5::timestamptz IS NULL OR at >= $5)
+               AND ($6::timestamptz IS NULL OR at <= $6)
+               AND ($7::bigint IS NULL OR seq < $7)
+             ORDER BY seq DESC
+             LIMIT $8"
+        ))
+        .bind(q.scope.as_slice())
+        .bind(q.include_unscoped)
+        .bind(&q.actor)
+        .bind(&q.action)
+        .bind(q.from)
+        .bind(q.to)
+        .bind(q.before_seq)
+        .bind(i64::from(q.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn create_organization(&self, org: &Organization) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(org.id)
+        .bind(&org.name)
+        .bind(org.parent_id)
+        .bind(org.quotas.max_servers)
+        .bind(org.quotas.max_cpu_cores)
+        .bind(org.quotas.max_memory_gb)
+        .bind(org.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn organization(&self, id: Uuid) -> StoreResult<Option<Organization>> {
+        let row = sqlx::query(&format!(
+            "SELECT {ORGANIZATION_COLUMNS} FROM organizations WHERE id = $1 AND deleted_at IS NULL"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(organization_from_row).transpose()
+    }
+
+    async fn list_organizations(
+        &self,
+        scope: &[Uuid],
+        limit: u32,
+        after: Option<Uuid>,
+    ) -> StoreResult<Vec<Organization>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {ORGANIZATION_COLUMNS} FROM organizations
+             WHERE id = ANY($1) AND deleted_at IS NULL AND ($2::uuid IS NULL OR id > $2)
+             ORDER BY id
+             LIMIT $3"
+        ))
+        .bind(scope)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(organization_from_row).collect()
+    }
+
+    async fn update_organization(
+        &self,
+        id: Uuid,
+        update: &OrganizationUpdate,
+    ) -> StoreResult<Option<Organization>> {
+        let quotas = update.quotas.clone().unwrap_or_default();
+        let row = sqlx::query(&format!(
+            "UPDATE organizations SET
+                 name = COALESCE($2, name),
+                 max_servers = CASE WHEN $3 THEN $4 ELSE max_servers END,
+                 max_cpu_cores = CASE WHEN $3 THEN $5 ELSE max_cpu_cores END,
+                 max_memory_gb = CASE WHEN $3 THEN $6 ELSE max_memory_gb END
+             WHERE id = $1 AND deleted_at IS NULL
+             RETURNING {ORGANIZATION_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(&update.name)
+        .bind(update.quotas.is_some())
+        .bind(quotas.max_servers)
+        .bind(quotas.max_cpu_cores)
+        .bind(quotas.max_memory_gb)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(organization_from_row).transpose()
+    }
+
+    async fn delete_organization(
+        &self,
+        id: Uuid,
+        cascade: bool,
+        at: DateTime<Utc>,
+    ) -> StoreResult<OrganizationDeletion> {
+        let mut tx = self.pool.begin().await?;
+        // Lock the organization first: a concurrent deletion of it waits here,
+        // and children cannot be attached to it (their foreign key check
+        // needs a share lock on this row) until this transaction ends.
+        let live = sqlx::query(
+            "SELECT id FROM organizations WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+        if !live {
+            tx.rollback().await?;
+            return Ok(OrganizationDeletion::NotFound);
+        }
+        let subtree: Vec<Uuid> = sqlx::query_scalar(&format!(
+            "{SUBTREE_CTE} SELECT o.id FROM organizations o JOIN tree ON o.id = tree.id
+             ORDER BY o.id FOR UPDATE OF o"
+        ))
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        if !cascade {
+            let refusal = if subtree.len() > 1 {
+                Some(OrganizationDeletion::HasChildren)
+            } else {
+                let has_servers: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM servers WHERE organization_id = $1 AND deleted_at IS NULL)",
+                )
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+                has_servers.then_some(OrganizationDeletion::HasServers)
+            };
+            if let Some(refusal) = refusal {
+                tx.rollback().await?;
+                return Ok(refusal);
+            }
+        }
+        let row = sqlx::query(
+            "WITH doomed AS (
+                 SELECT id FROM servers
+                 WHERE organization_id = ANY($1) AND deleted_at IS NULL
+                 ORDER BY id
+                 FOR UPDATE),
+             removed_servers AS (
+                 UPDATE servers s SET deleted_at = $2, status = 'offline', status_reason = $3
+                 FROM doomed WHERE s.id = doomed.id
+                 RETURNING s.id),
+             revoked AS (
+                 UPDATE certificates SET revoked_at = $2
+                 WHERE revoked_at IS NULL AND server_id IN (SELECT id FROM removed_servers)),
+             removed_organizations AS (
+                 UPDATE organizations SET deleted_at = $2
+                 WHERE id = ANY($1) AND deleted_at IS NULL
+                 RETURNING id)
+             SELECT (SELECT COUNT(*) FROM removed_organizations) AS organizations,
+                    (SELECT COUNT(*) FROM removed_servers) AS servers",
+        )
+        .bind(subtree.as_slice())
+        .bind(at)
+        .bind(ORGANIZATION_DELETED_REASON)
+        .fetch_one(&mut *tx)
+        .await?;
+        let organizations = count(row.try_get("organizations")?);
+        let servers = count(row.try_get("servers")?);
+        tx.commit().await?;
+        Ok(OrganizationDeletion::Deleted {
+            organizations,
+            servers,
+        })
+    }
+
+    async fn organization_ancestors(&self, id: Uuid) -> StoreResult<Vec<Organization>> {
+        let rows = sqlx::query(&format!(
+            "WITH RECURSIVE chain AS (
+                 SELECT {ORGANIZATION_COLUMNS}, 0 AS depth
+                 FROM organizations WHERE id = $1 AND deleted_at IS NULL
+                 UNION ALL
+                 SELECT p.id, p.name, p.parent_id, p.max_servers, p.max_cpu_cores, p.max_memory_gb,
+                        p.created_at, c.depth + 1
+                 FROM organizations p JOIN chain c ON p.id = c.parent_id)
+             CYCLE id SET in_cycle USING path
+             SELECT {ORGANIZATION_COLUMNS} FROM chain WHERE NOT in_cycle ORDER BY depth"
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(organization_from_row).collect()
+    }
+
+    async fn organization_usage(&self, id: Uuid) -> StoreResult<Usage> {
+        // Facts are what agents reported; values that are not JSON numbers
+        // count as nothing rather than failing the whole sum.
+        let row = sqlx::query(&format!(
+            "{SUBTREE_CTE}
+             SELECT COUNT(*) AS servers,
+                    COALESCE(SUM(CASE WHEN jsonb_typeof(facts -> 'cpu_cores') = 'number'
+                                      THEN (facts ->> 'cpu_cores')::numeric END), 0)::bigint AS cpu_cores,
+                    COALESCE(SUM(CASE WHEN jsonb_typeof(facts -> 'memory_bytes') = 'number'
+                                      THEN CEIL((facts ->> 'memory_bytes')::numeric / 1073741824) END), 0)::bigint
+                        AS memory_gb
+             FROM servers
+             WHERE deleted_at IS NULL AND organization_id IN (SELECT id FROM tree)"
+        ))
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Usage {
+            servers: row.try_get("servers")?,
+            cpu_cores: row.try_get("cpu_cores")?,
+            memory_gb: row.try_get("memory_gb")?,
+        })
+    }
+
+    async fn create_api_token(&self, token: &ApiToken) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO api_tokens (id, organization_id, name, scopes, created_at, expires_at, revoked_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(token.id)
+        .bind(token.organization_id)
+        .bind(&token.name)
+        .bind(&token.scopes)
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .bind(token.revoked_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn revoke_api_token(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let revoked = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = $1
+             WHERE id = $2 AND organization_id = ANY($3) AND revoked_at IS NULL",
+        )
+        .bind(at)
+        .bind(id)
+        .bind(scope)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(revoked == 1)
+    }
+
+    async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>> {
+        let sealed: Vec<String> =
+            sqlx::query_scalar("SELECT ca_key_sealed FROM instance WHERE id = 1")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(sealed
+            .into_iter()
+            .map(|sealed| SealedSecret {
+                kind: SealedKind::InstanceCaKey,
+                id: "1".into(),
+                context: INSTANCE_CA_KEY_CONTEXT.into(),
+                sealed,
+            })
+            .collect())
+    }
+
+    async fn replace_sealed_secret(
+        &self,
+        secret: &SealedSecret,
+        resealed: &str,
+    ) -> StoreResult<bool> {
+        let replaced = match secret.kind {
+            SealedKind::InstanceCaKey => sqlx::query(
+                "UPDATE instance SET ca_key_sealed = $1 WHERE id = 1 AND ca_key_sealed = $2",
+            )
+            .bind(resealed)
+            .bind(&secret.sealed)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
+        };
+        Ok(replaced == 1)
+    }
+}
+
+async fn insert_certificate(
+    conn: &mut sqlx::PgConnection,
+    c: &CertificateRecord,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO certificates (serial, server_id, not_before, not_after, issued_at)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&c.serial)
+    .bind(c.server_id)
+    .bind(c.not_before)
+    .bind(c.not_after)
+    .bind(c.issued_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
