@@ -18,6 +18,11 @@ cargo --version
 cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is not installed (rustup component add rustfmt)"
 cargo clippy --version >/dev/null 2>&1 || fail "clippy is not installed (rustup component add clippy)"
 
+step "PostgreSQL (store suite and replica tests run against it)"
+TETHER_TEST_DATABASE_URL="$(scripts/postgres.sh | tail -n 1)" || fail "PostgreSQL could not be started"
+export TETHER_TEST_DATABASE_URL
+echo "PostgreSQL: ${TETHER_TEST_DATABASE_URL%%:*}://...@${TETHER_TEST_DATABASE_URL##*@}"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -32,5 +37,8 @@ cargo test --workspace --locked -- --test-threads "${TETHER_TEST_THREADS:-4}"
 
 step "fuzz target builds"
 scripts/fuzz.sh build
+
+step "schemathesis against the OpenAPI document (no 5xx)"
+scripts/schemathesis.sh
 
 printf '\nall checks passed\n'
