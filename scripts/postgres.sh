@@ -10,8 +10,9 @@
 #   export TETHER_TEST_DATABASE_URL=$(scripts/postgres.sh)
 #   cargo test -p tether-control-plane --test store_suite
 #
-# Everything but the URL goes to stderr. Needs root (apt, and running psql as
-# the `postgres` system user). Fails with a message on the first problem.
+# Everything but the URL goes to stderr. When PostgreSQL is not ready yet it
+# needs root (apt, pg_ctlcluster, psql as the `postgres` system user). Fails
+# with a message on the first problem.
 set -euo pipefail
 
 VERSION=15
@@ -27,13 +28,30 @@ die() {
     exit 1
 }
 
-[ "$(id -u)" -eq 0 ] || die "run as root (installs packages and runs psql as the postgres user)"
+URL="postgres://$ROLE:$PASSWORD@$HOST:$PORT/postgres"
 
+# The role can log in with its password and create databases.
+role_ready() {
+    command -v psql >/dev/null 2>&1 || return 1
+    [ "$(PGPASSWORD="$PASSWORD" PGCONNECT_TIMEOUT=5 psql "host=$HOST port=$PORT user=$ROLE dbname=postgres" \
+        -XtAc "SELECT rolcreatedb FROM pg_roles WHERE rolname = current_user" 2>/dev/null)" = "t" ]
+}
+
+# Already set up (e.g. a second run, or a CI service container): nothing to do.
+if command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h "$HOST" -p "$PORT" && role_ready; then
+    say "PostgreSQL is ready"
+    echo "$URL"
+    exit 0
+fi
+
+[ "$(id -u)" -eq 0 ] || die "PostgreSQL is not ready on $HOST:$PORT with role $ROLE; run this script as root to install/start it and create the role"
+
+# Runs a command as the `postgres` system user (from /, which it can read).
 as_postgres() {
     if command -v runuser >/dev/null 2>&1; then
-        runuser -u postgres -- "$@"
+        (cd / && runuser -u postgres -- "$@")
     else
-        su postgres -s /bin/sh -c "$(printf '%q ' "$@")"
+        (cd / && su postgres -s /bin/sh -c "$(printf '%q ' "$@")")
     fi
 }
 
@@ -94,8 +112,7 @@ else
 fi
 
 # 6. Password authentication over TCP must work (pg_hba host ... scram/md5).
-URL="postgres://$ROLE:$PASSWORD@$HOST:$PORT/postgres"
-PGPASSWORD="$PASSWORD" psql "host=$HOST port=$PORT user=$ROLE dbname=postgres" -XtAc "SELECT 1" >/dev/null \
+role_ready \
     || die "cannot log in as $ROLE with a password on $HOST:$PORT (check pg_hba.conf allows md5/scram-sha-256 for 127.0.0.1)"
 
 say "PostgreSQL $VERSION is ready"

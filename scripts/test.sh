@@ -18,6 +18,21 @@ cargo --version
 cargo fmt --version >/dev/null 2>&1 || fail "rustfmt is not installed (rustup component add rustfmt)"
 cargo clippy --version >/dev/null 2>&1 || fail "clippy is not installed (rustup component add clippy)"
 
+step "system packages and services"
+missing=()
+[ -x /bin/busybox ] || missing+=(busybox-static)
+command -v iptables >/dev/null || missing+=(iptables)
+command -v psql >/dev/null || missing+=(postgresql-client)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    [ "$(id -u)" = 0 ] || fail "need root to install ${missing[*]}"
+    apt-get update -qq || fail "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || fail "apt-get install ${missing[*]} failed"
+fi
+command -v docker >/dev/null || fail "docker is not installed"
+docker info >/dev/null 2>&1 || fail "the Docker daemon does not answer (telemetry tests need a real one)"
+iptables -L INPUT -n >/dev/null 2>&1 || fail "iptables does not work here (the network-cut test needs it, as root)"
+
 step "PostgreSQL (store suite and replica tests run against it)"
 TETHER_TEST_DATABASE_URL="$(scripts/postgres.sh | tail -n 1)" || fail "PostgreSQL could not be started"
 export TETHER_TEST_DATABASE_URL

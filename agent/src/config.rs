@@ -1,6 +1,7 @@
 //! `agent.toml` and its `TETHER_AGENT_*` environment overrides: where the
 //! control plane is, which CA to pin, the bootstrap token, the deployment the
-//! server belongs to, and the local command policy.
+//! server belongs to, the local command policy, the metrics spool bound and
+//! the Docker socket.
 //!
 //! Every key is optional. A missing file is an empty configuration unless the
 //! operator named the file explicitly.
@@ -70,6 +71,56 @@ impl Default for CommandPolicy {
     }
 }
 
+/// Where unsent metrics batches are kept (`[spool]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Bound on the spooled batches, in bytes; past it the oldest batches
+    /// are dropped (and counted). At least [`MIN_SPOOL_BYTES`].
+    #[serde(deserialize_with = "parse_spool_bytes")]
+    pub max_bytes: u64,
+}
+
+/// The smallest spool bound accepted: room for a few dozen batches.
+pub const MIN_SPOOL_BYTES: u64 = 64 * 1024;
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: crate::spool::DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+fn parse_spool_bytes<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let bytes = u64::deserialize(deserializer)?;
+    if bytes < MIN_SPOOL_BYTES {
+        return Err(serde::de::Error::custom(format!(
+            "spool max_bytes must be at least {MIN_SPOOL_BYTES} (64 KiB), got {bytes}"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Container metrics from the local Docker daemon (`[docker]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerConfig {
+    /// `false` reports no container metrics at all.
+    pub enabled: bool,
+    /// The daemon's unix socket (a path, or `unix://` + path).
+    pub socket: String,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: crate::metrics::docker::DEFAULT_SOCKET.to_string(),
+        }
+    }
+}
+
 /// The parsed `agent.toml`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +139,10 @@ pub struct Config {
     pub deployment_id: Option<String>,
     #[serde(default)]
     pub commands: CommandPolicy,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub docker: DockerConfig,
 }
 
 /// What is needed to enroll.
@@ -216,6 +271,11 @@ mod tests {
             [commands]
             enabled = false
             allow = ["/usr/bin/uptime"]
+            [spool]
+            max_bytes = 1048576
+            [docker]
+            enabled = false
+            socket = "/run/user/1000/docker.sock"
             "#
         );
         let config = Config::parse(&text).unwrap();
@@ -228,8 +288,25 @@ mod tests {
             config.commands.allow,
             Some(vec!["/usr/bin/uptime".to_string()])
         );
+        assert_eq!(config.spool.max_bytes, 1 << 20);
+        assert!(!config.docker.enabled);
+        assert_eq!(config.docker.socket, "/run/user/1000/docker.sock");
         let bootstrap = config.bootstrap().unwrap();
         assert_eq!(bootstrap.server, "cp.example.com:7443");
+    }
+
+    #[test]
+    fn spool_and_docker_default_to_16_mib_and_the_local_socket() {
+        let config = Config::parse("[docker]\nenabled = true\n").unwrap();
+        assert_eq!(config.spool.max_bytes, 16 * 1024 * 1024);
+        assert!(config.docker.enabled);
+        assert_eq!(config.docker.socket, "/var/run/docker.sock");
+        let tiny = Config::parse("[spool]\nmax_bytes = 10").unwrap_err();
+        assert!(tiny.starts_with("line 2:") && tiny.contains("at least"), "{tiny}");
+        let typo = Config::parse("[docker]\nsokcet = \"/x\"").unwrap_err();
+        assert!(typo.contains("sokcet"), "{typo}");
+        let typo = Config::parse("[spool]\nmax_byte = 100000").unwrap_err();
+        assert!(typo.contains("max_byte"), "{typo}");
     }
 
     #[test]
@@ -238,6 +315,7 @@ mod tests {
         assert_eq!(config, Config::default());
         assert!(config.commands.enabled);
         assert!(config.commands.allow.is_none());
+        assert!(config.docker.enabled);
         assert!(config.bootstrap().is_none());
     }
 

@@ -8,6 +8,9 @@
 //! * [`dial`] — address resolution and the QUIC handshake.
 //! * [`enroll`] — token + CSR for a certificate.
 //! * [`session`] — the run loop.
+//! * [`metrics`] — host ([`metrics::system`]) and Docker ([`metrics::docker`]) collectors.
+//! * [`spool`] — unacknowledged metrics batches on disk, bounded.
+//! * [`telemetry`] — the collection loop and the per-session sender.
 //! * [`reconnect`] — the reconnect backoff policy.
 //! * [`check`] — `tether-agent check`.
 //!
@@ -18,9 +21,12 @@ pub mod config;
 pub mod dial;
 pub mod enroll;
 pub mod facts;
+pub mod metrics;
 pub mod reconnect;
 pub mod session;
+pub mod spool;
 pub mod state;
+pub mod telemetry;
 
 use std::time::{Duration, SystemTime};
 

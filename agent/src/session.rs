@@ -4,8 +4,12 @@
 //!
 //! One session: `Hello` -> `Welcome` on the control stream, then until the
 //! connection ends, concurrently: heartbeats on the control stream, streams
-//! opened by the control plane (refused for now; commands come later) and
-//! certificate renewal at 2/3 of the certificate's lifetime.
+//! opened by the control plane (refused for now; commands come later),
+//! certificate renewal at 2/3 of the certificate's lifetime and delivery of
+//! spooled metrics batches.
+//!
+//! Metrics are collected for the whole life of the process, sessions or not
+//! ([`crate::telemetry`]); `Welcome` sets their interval.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -26,7 +30,9 @@ use crate::dial::{dial, DialError};
 use crate::enroll::{enroll, verify_chain, EnrollError, EnrollParams};
 use crate::facts::{self, AGENT_VERSION};
 use crate::reconnect::{Outcome, ReconnectPolicy};
+use crate::spool::SpoolError;
 use crate::state::{AgentState, CredentialError, Credentials, Identity, StateDir, StateError};
+use crate::telemetry::{self, Telemetry};
 use crate::{format_duration, format_time};
 
 /// How long the control plane may take to answer `Hello` or a renewal.
@@ -52,11 +58,13 @@ pub enum RunError {
     State(StateError),
     #[error(transparent)]
     Enroll(EnrollError),
+    #[error("metrics spool unusable: {0}")]
+    Spool(SpoolError),
 }
 
 /// Runs the agent until `shutdown` is cancelled: enrolls first when the state
 /// dir holds no identity and `config` has a server, CA fingerprint and token,
-/// then keeps a session with the control plane.
+/// then collects metrics and keeps a session with the control plane.
 pub async fn run(
     state_dir: &StateDir,
     config: &Config,
@@ -71,6 +79,23 @@ pub async fn run(
             return Ok(());
         }
     }
+    let stop_telemetry = shutdown.child_token();
+    let telemetry = Telemetry::start(state_dir.path(), config, stop_telemetry.clone())
+        .map_err(RunError::Spool)?;
+    let result = sessions(state_dir, config, shutdown, &telemetry, &mut policy).await;
+    stop_telemetry.cancel();
+    telemetry.stopped().await;
+    result
+}
+
+/// Keeps a session, reconnecting with backoff, until `shutdown`.
+async fn sessions(
+    state_dir: &StateDir,
+    config: &Config,
+    shutdown: &CancellationToken,
+    telemetry: &Telemetry,
+    policy: &mut ReconnectPolicy,
+) -> Result<(), RunError> {
     loop {
         let (span, report) = match state_dir.load() {
             Ok(Some(state)) => {
@@ -79,7 +104,7 @@ pub async fn run(
                     .server
                     .clone()
                     .unwrap_or_else(|| state.identity.server.clone());
-                let report = attempt(state_dir, state, &server, shutdown)
+                let report = attempt(state_dir, state, &server, telemetry, shutdown)
                     .instrument(span.clone())
                     .await;
                 (span, report)
@@ -223,6 +248,7 @@ async fn attempt(
     state_dir: &StateDir,
     state: AgentState,
     server: &str,
+    telemetry: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Report {
     let AgentState {
@@ -246,7 +272,7 @@ async fn attempt(
     let connection = &dialed.connection;
     let (welcomed_at, end) = tokio::select! {
         _ = shutdown.cancelled() => (None, SessionEnd::Shutdown),
-        result = established(connection, state_dir, &identity, credentials.certificate, facts::collect()) => result,
+        result = established(connection, state_dir, &identity, credentials.certificate, facts::collect(), telemetry) => result,
     };
     let end = match (end, connection.close_reason()) {
         (SessionEnd::Shutdown, _) => SessionEnd::Shutdown,
@@ -263,14 +289,16 @@ async fn attempt(
     }
 }
 
-/// `Hello` -> `Welcome`, then heartbeats, incoming streams and renewal until
-/// one of them ends the session. Returns when `Welcome` arrived.
+/// `Hello` -> `Welcome`, then heartbeats, incoming streams, renewal and
+/// metrics delivery until one of them ends the session. Returns when
+/// `Welcome` arrived.
 async fn established(
     connection: &quinn::Connection,
     state_dir: &StateDir,
     identity: &Identity,
     certificate: CertificateInfo,
     facts: HostFacts,
+    telemetry: &Telemetry,
 ) -> (Option<Instant>, SessionEnd) {
     let hostname = facts.hostname.clone();
     let hello = AgentMessage::Hello(Hello {
@@ -313,10 +341,15 @@ async fn established(
     );
     let interval = Duration::from_millis(welcome.config.heartbeat_interval_ms)
         .clamp(MIN_HEARTBEAT, MAX_HEARTBEAT);
+    // 0 means the control plane did not say: keep the current interval.
+    if welcome.config.metrics_interval_ms > 0 {
+        telemetry.set_interval_ms(welcome.config.metrics_interval_ms);
+    }
     let end = tokio::select! {
         end = heartbeat(&mut control, interval) => end,
         end = accept_streams(connection) => end,
         end = renew_certificate(connection, state_dir, identity, certificate, &hostname) => end,
+        never = telemetry::deliver(telemetry.outbox(), connection) => match never {},
         err = connection.closed() => SessionEnd::Closed(err),
     };
     (Some(since), end)
@@ -512,7 +545,7 @@ fn unix_ms(time: SystemTime) -> u64 {
 }
 
 /// A message's name, for logs (never its contents).
-fn kind(message: &ControlMessage) -> &'static str {
+pub(crate) fn kind(message: &ControlMessage) -> &'static str {
     match message {
         ControlMessage::Enrolled(_) => "Enrolled",
         ControlMessage::EnrollRejected(_) => "EnrollRejected",
@@ -521,6 +554,7 @@ fn kind(message: &ControlMessage) -> &'static str {
         ControlMessage::HeartbeatAck(_) => "HeartbeatAck",
         ControlMessage::CertificateRenewed(_) => "CertificateRenewed",
         ControlMessage::RenewalRejected(_) => "RenewalRejected",
+        ControlMessage::Ack(_) => "Ack",
     }
 }
 

@@ -36,6 +36,7 @@ pub struct ControlPlane {
     pub instance: Instance,
     pub sessions: SessionRegistry,
     pub rate_limiter: crate::api::rate_limit::RateLimiter,
+    pub ingestor: crate::gateway::ingest::Ingestor,
     /// What agents are told to dial.
     pub public_quic_addr: String,
     /// Base URL of the HTTP API.
@@ -181,6 +182,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         branch_id: instance.branch_id,
         agent_cert_ttl: config.agent_cert_ttl,
     };
+    let ingestor = crate::gateway::ingest::Ingestor::start(store.clone());
     let state = Arc::new(ControlPlane {
         config: config.clone(),
         store,
@@ -190,6 +192,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         instance,
         sessions: SessionRegistry::default(),
         rate_limiter: Default::default(),
+        ingestor,
         public_quic_addr,
         api_url,
         shutdown: CancellationToken::new(),
@@ -198,6 +201,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::gateway::accept_loop(endpoint.clone(), state.clone()));
     tasks.spawn(crate::gateway::liveness_loop(state.clone()));
+    tasks.spawn(crate::telemetry::maintenance_loop(state.clone()));
     let router = crate::api::router(state.clone());
     let shutdown = state.shutdown.clone();
     tasks.spawn(async move {

@@ -17,7 +17,7 @@ use crate::secrets::MasterKey;
 const ISSUER: &str = "tether";
 
 /// A permission a token can carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Scope {
     #[serde(rename = "admin")]
     Admin,

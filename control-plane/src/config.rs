@@ -73,6 +73,15 @@ pub struct ServeArgs {
     /// Human name of this branch [default: the host name].
     #[arg(long, env = "TETHER_BRANCH_NAME")]
     pub branch_name: Option<String>,
+    /// How long raw metrics points are kept [default: 7d].
+    #[arg(long, env = "TETHER_METRICS_RETENTION", value_parser = parse_duration)]
+    pub metrics_retention: Option<Duration>,
+    /// How long 5-minute and 1-hour rollups are kept [default: 90d].
+    #[arg(long, env = "TETHER_ROLLUP_RETENTION", value_parser = parse_duration)]
+    pub rollup_retention: Option<Duration>,
+    /// How often rollups and retention run [default: 60s].
+    #[arg(long, env = "TETHER_ROLLUP_INTERVAL", value_parser = parse_duration)]
+    pub rollup_interval: Option<Duration>,
     /// API requests per minute per token [default: 600].
     #[arg(long, env = "TETHER_API_RATE_LIMIT")]
     pub api_rate_limit: Option<u32>,
@@ -98,6 +107,9 @@ struct FileConfig {
     branch_name: Option<String>,
     api_rate_limit: Option<u32>,
     api_rate_limit_admin: Option<u32>,
+    metrics_retention: Option<String>,
+    rollup_retention: Option<String>,
+    rollup_interval: Option<String>,
 }
 
 /// Resolved configuration of a control plane.
@@ -116,6 +128,9 @@ pub struct ServeConfig {
     pub branch_name: String,
     pub api_rate_limit: u32,
     pub api_rate_limit_admin: u32,
+    pub metrics_retention: Duration,
+    pub rollup_retention: Duration,
+    pub rollup_interval: Duration,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -196,7 +211,23 @@ impl ServeArgs {
             .or(file.branch_name)
             .or_else(hostname_of_this_machine)
             .unwrap_or_else(|| "tether".into());
+        let metrics_retention = self
+            .metrics_retention
+            .or(file_duration("metrics_retention", file.metrics_retention)?)
+            .unwrap_or(Duration::from_secs(7 * 24 * 3600));
+        let rollup_retention = self
+            .rollup_retention
+            .or(file_duration("rollup_retention", file.rollup_retention)?)
+            .unwrap_or(Duration::from_secs(90 * 24 * 3600));
+        let rollup_interval = self
+            .rollup_interval
+            .or(file_duration("rollup_interval", file.rollup_interval)?)
+            .unwrap_or(Duration::from_secs(60))
+            .max(Duration::from_millis(100));
         Ok(ServeConfig {
+            metrics_retention,
+            rollup_retention,
+            rollup_interval,
             data_dir,
             api_listen: self
                 .api_listen

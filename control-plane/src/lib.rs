@@ -26,3 +26,4 @@ pub mod quota;
 pub mod rotate;
 pub mod secrets;
 pub mod store;
+pub mod telemetry;

@@ -68,6 +68,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn migrate(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
+    if config.database_url.starts_with("sqlite:") {
+        tether_control_plane::fsutil::create_private_dir(&config.data_dir)?;
+    }
     tether_control_plane::store::open(&config.database_url).await?;
     println!(
         "migrations applied to {}",

@@ -19,6 +19,9 @@ pub enum AgentMessage {
     Heartbeat(Heartbeat),
     /// Asks for a fresh certificate over the live session.
     RenewCertificate(CertificateRenewalRequest),
+    /// One metrics report; opens its own stream and is answered by
+    /// [`ControlMessage::Ack`] once durably stored.
+    MetricsBatch(MetricsBatch),
 }
 
 /// What a control plane sends to an agent.
@@ -38,6 +41,9 @@ pub enum ControlMessage {
     CertificateRenewed(CertificateChain),
     /// The renewal was refused (bad CSR, revoked server).
     RenewalRejected(RenewalRejection),
+    /// The batch with this sequence number is durably stored (or was
+    /// already): the agent may forget it.
+    Ack(Ack),
 }
 
 /// Facts about the host an agent runs on, sent at enrollment and at every
@@ -182,4 +188,99 @@ impl std::fmt::Display for RenewalRejection {
             Self::Internal => f.write_str("control plane failed to renew the certificate"),
         }
     }
+}
+
+/// One report of what a server and its containers are doing.
+///
+/// `seq` increases by one per batch for the agent's lifetime (it survives
+/// restarts): delivery is at-least-once, and the control plane stores each
+/// `(server, seq)` once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsBatch {
+    pub seq: u64,
+    pub collected_at_unix_ms: u64,
+    pub system: SystemMetrics,
+    /// `None` when the agent does not collect container metrics.
+    pub containers: Option<ContainerReport>,
+    /// Batches the agent dropped from its spool so far (cumulative).
+    pub dropped_batches: u64,
+}
+
+/// Host-level metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SystemMetrics {
+    pub cpu_percent: f32,
+    pub cpu_per_core: Vec<f32>,
+    pub load_1: f32,
+    pub load_5: f32,
+    pub load_15: f32,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub swap_total_bytes: u64,
+    pub swap_used_bytes: u64,
+    pub disks: Vec<DiskMetrics>,
+    pub networks: Vec<NetworkMetrics>,
+    pub uptime_seconds: u64,
+    pub process_count: u32,
+}
+
+/// One mounted filesystem backed by a real disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DiskMetrics {
+    pub mount_point: String,
+    pub device: String,
+    pub filesystem: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub inodes_total: Option<u64>,
+    pub inodes_used: Option<u64>,
+}
+
+/// Counters of one network interface (cumulative since boot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NetworkMetrics {
+    pub interface: String,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_errors: u64,
+    pub tx_errors: u64,
+}
+
+/// What the local Docker daemon said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ContainerReport {
+    /// Daemon version; `None` when the daemon did not answer.
+    pub docker_version: Option<String>,
+    /// Why the daemon could not be read (not running, permission denied...).
+    pub error: Option<String>,
+    pub containers: Vec<ContainerMetrics>,
+}
+
+/// One container and its resource use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ContainerMetrics {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    /// created, running, paused, restarting, removing, exited, dead.
+    pub state: String,
+    /// starting, healthy, unhealthy; `None` without a healthcheck.
+    pub health: Option<String>,
+    pub restart_count: u64,
+    pub started_at: Option<String>,
+    pub cpu_percent: f32,
+    pub memory_usage_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub block_read_bytes: u64,
+    pub block_write_bytes: u64,
+}
+
+/// Acknowledges a stored [`MetricsBatch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub seq: u64,
 }

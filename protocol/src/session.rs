@@ -111,6 +111,7 @@ pub enum StreamKind {
     Enrollment,
     Control,
     CertificateRenewal,
+    Metrics,
 }
 
 /// A peer opened a stream with a message it may not open one with.
@@ -145,6 +146,7 @@ pub fn classify_first_message(
         (PeerKind::Agent, AgentMessage::Enroll(_)) => Err(Violation::AlreadyEnrolled),
         (PeerKind::Agent, AgentMessage::Hello(_)) => Ok(StreamKind::Control),
         (PeerKind::Agent, AgentMessage::RenewCertificate(_)) => Ok(StreamKind::CertificateRenewal),
+        (PeerKind::Agent, AgentMessage::MetricsBatch(_)) => Ok(StreamKind::Metrics),
         (PeerKind::Agent, AgentMessage::Heartbeat(_)) => Err(Violation::NotAStreamOpener),
     }
 }

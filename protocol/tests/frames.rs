@@ -44,6 +44,7 @@ fn agent_variant_name(message: &AgentMessage) -> &'static str {
         AgentMessage::Hello(_) => "Hello",
         AgentMessage::Heartbeat(_) => "Heartbeat",
         AgentMessage::RenewCertificate(_) => "RenewCertificate",
+        AgentMessage::MetricsBatch(_) => "MetricsBatch",
     }
 }
 
@@ -56,11 +57,12 @@ fn control_variant_name(message: &ControlMessage) -> &'static str {
         ControlMessage::HeartbeatAck(_) => "HeartbeatAck",
         ControlMessage::CertificateRenewed(_) => "CertificateRenewed",
         ControlMessage::RenewalRejected(_) => "RenewalRejected",
+        ControlMessage::Ack(_) => "Ack",
     }
 }
 
-const AGENT_VARIANTS: usize = 4;
-const CONTROL_VARIANTS: usize = 7;
+const AGENT_VARIANTS: usize = 5;
+const CONTROL_VARIANTS: usize = 8;
 
 fn agent_samples() -> Vec<AgentMessage> {
     vec![
@@ -89,7 +91,74 @@ fn agent_samples() -> Vec<AgentMessage> {
         AgentMessage::RenewCertificate(CertificateRenewalRequest {
             csr_der: vec![0x30, 0x81, 0x00],
         }),
+        AgentMessage::MetricsBatch(metrics_batch()),
+        AgentMessage::MetricsBatch(MetricsBatch {
+            seq: u64::MAX,
+            collected_at_unix_ms: 0,
+            system: SystemMetrics::default(),
+            containers: None,
+            dropped_batches: 0,
+        }),
     ]
+}
+
+fn metrics_batch() -> MetricsBatch {
+    MetricsBatch {
+        seq: 42,
+        collected_at_unix_ms: 1_700_000_000_000,
+        system: SystemMetrics {
+            cpu_percent: 12.5,
+            cpu_per_core: vec![10.0, 15.0],
+            load_1: 0.5,
+            load_5: 0.25,
+            load_15: 0.125,
+            memory_total_bytes: 16 << 30,
+            memory_used_bytes: 4 << 30,
+            swap_total_bytes: 0,
+            swap_used_bytes: 0,
+            disks: vec![DiskMetrics {
+                mount_point: "/".into(),
+                device: "/dev/vda1".into(),
+                filesystem: "ext4".into(),
+                total_bytes: 100 << 30,
+                used_bytes: 40 << 30,
+                inodes_total: Some(6_553_600),
+                inodes_used: None,
+            }],
+            networks: vec![NetworkMetrics {
+                interface: "eth0".into(),
+                rx_bytes: 1,
+                tx_bytes: 2,
+                rx_packets: 3,
+                tx_packets: 4,
+                rx_errors: 0,
+                tx_errors: 0,
+            }],
+            uptime_seconds: 3600,
+            process_count: 123,
+        },
+        containers: Some(ContainerReport {
+            docker_version: Some("28.2.2".into()),
+            error: None,
+            containers: vec![ContainerMetrics {
+                id: "abc".into(),
+                name: "web".into(),
+                image: "busybox:local".into(),
+                state: "running".into(),
+                health: Some("healthy".into()),
+                restart_count: 2,
+                started_at: Some("2026-11-22T00:00:00Z".into()),
+                cpu_percent: 99.5,
+                memory_usage_bytes: 1 << 20,
+                memory_limit_bytes: 1 << 30,
+                net_rx_bytes: 10,
+                net_tx_bytes: 20,
+                block_read_bytes: 30,
+                block_write_bytes: 40,
+            }],
+        }),
+        dropped_batches: 7,
+    }
 }
 
 fn control_samples() -> Vec<ControlMessage> {
@@ -137,6 +206,7 @@ fn control_samples() -> Vec<ControlMessage> {
     ] {
         samples.push(ControlMessage::RenewalRejected(rejection));
     }
+    samples.push(ControlMessage::Ack(Ack { seq: 42 }));
     samples
 }
 
@@ -489,7 +559,9 @@ enum NewerAgentMessage {
     Heartbeat(Heartbeat),
     #[allow(dead_code)]
     RenewCertificate(CertificateRenewalRequest),
-    MetricsBatch {
+    #[allow(dead_code)]
+    MetricsBatch(MetricsBatch),
+    HealthReportOfTheFuture {
         seq: u64,
         samples: Vec<u8>,
     },
@@ -525,7 +597,7 @@ fn unknown_nested_discriminant_is_unknown_variant() {
 
 #[test]
 fn variant_appended_by_a_newer_peer_is_unknown_variant_and_older_variants_still_decode() {
-    let newer = NewerAgentMessage::MetricsBatch {
+    let newer = NewerAgentMessage::HealthReportOfTheFuture {
         seq: 1,
         samples: vec![1, 2, 3],
     };
@@ -771,6 +843,17 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         small_bytes().prop_map(|csr_der| AgentMessage::RenewCertificate(
             CertificateRenewalRequest { csr_der }
         )),
+        (any::<u64>(), any::<u64>(), -1.0e6f32..1.0e6f32, proptest::option::of(small_string()))
+            .prop_map(|(seq, dropped_batches, cpu, version)| {
+                let mut batch = metrics_batch();
+                batch.seq = seq;
+                batch.dropped_batches = dropped_batches;
+                batch.system.cpu_percent = cpu;
+                if let Some(report) = batch.containers.as_mut() {
+                    report.docker_version = version;
+                }
+                AgentMessage::MetricsBatch(batch)
+            }),
     ]
 }
 
@@ -789,6 +872,7 @@ fn control_message() -> impl Strategy<Value = ControlMessage> {
         Just(RenewalRejection::Internal),
     ];
     prop_oneof![
+        any::<u64>().prop_map(|seq| ControlMessage::Ack(Ack { seq })),
         (small_string(), small_string(), certificate_chain()).prop_map(
             |(server_id, branch_id, chain)| {
                 ControlMessage::Enrolled(EnrollmentGrant {
@@ -1115,6 +1199,7 @@ fn first_message_decides_the_stream_kind_or_the_violation_for_every_peer_and_var
     });
     let heartbeat = M::Heartbeat(Heartbeat { sent_at_unix_ms: 1 });
     let renew = M::RenewCertificate(CertificateRenewalRequest { csr_der: vec![] });
+    let metrics = M::MetricsBatch(metrics_batch());
 
     let table: &[(PeerKind, &AgentMessage, Result<StreamKind, Violation>)] = &[
         (
@@ -1145,6 +1230,12 @@ fn first_message_decides_the_stream_kind_or_the_violation_for_every_peer_and_var
             Err(Violation::NotAStreamOpener),
         ),
         (PeerKind::Agent, &renew, Ok(StreamKind::CertificateRenewal)),
+        (
+            PeerKind::Unauthenticated,
+            &metrics,
+            Err(Violation::NotEnrolled),
+        ),
+        (PeerKind::Agent, &metrics, Ok(StreamKind::Metrics)),
     ];
     for (peer, first, expected) in table {
         assert_eq!(

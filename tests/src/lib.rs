@@ -206,6 +206,78 @@ impl ControlPlane {
             .request(method, format!("{}{}", self.api_url, path))
     }
 
+    /// A request to the API with `token`.
+    pub fn request_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{}", self.api_url, path))
+            .bearer_auth(token)
+    }
+
+    /// Calls the API with `token` and an optional JSON body; returns the
+    /// status, headers and JSON body (`Null` when empty). A non-empty body
+    /// that is not JSON is an error.
+    pub async fn call(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<ApiResponse> {
+        let mut request = self.request_as(token, method, path);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        ApiResponse::read(request.send().await?).await
+    }
+
+    /// Creates an organization as `token`; returns its 201 body.
+    pub async fn create_organization(&self, token: &str, body: Value) -> anyhow::Result<Value> {
+        let response = self
+            .call(
+                token,
+                reqwest::Method::POST,
+                "/api/v1/organizations",
+                Some(&body),
+            )
+            .await?;
+        if response.status != reqwest::StatusCode::CREATED {
+            bail!("create organization {body}: {response:?}");
+        }
+        Ok(response.body)
+    }
+
+    /// Creates an API token as `token`; returns (id, token).
+    pub async fn create_token(
+        &self,
+        token: &str,
+        organization_id: &str,
+        scopes: &[&str],
+    ) -> anyhow::Result<(String, String)> {
+        let body = serde_json::json!({
+            "name": format!("test token {}", scopes.join(" ")),
+            "organization_id": organization_id,
+            "scopes": scopes,
+        });
+        let response = self
+            .call(token, reqwest::Method::POST, "/api/v1/tokens", Some(&body))
+            .await?;
+        if response.status != reqwest::StatusCode::CREATED {
+            bail!("create token {body}: {response:?}");
+        }
+        Ok((
+            response.body["id"].as_str().context("id")?.to_string(),
+            response.body["token"]
+                .as_str()
+                .context("token")?
+                .to_string(),
+        ))
+    }
+
     /// Creates an enrollment token; returns the whole 201 body.
     pub async fn enrollment_token(&self, body: Value) -> anyhow::Result<Value> {
         let response = self
@@ -256,6 +328,43 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop(true);
+    }
+}
+
+/// An API answer: status, headers and the JSON body (`Null` when empty).
+#[derive(Debug)]
+pub struct ApiResponse {
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl ApiResponse {
+    /// Reads a response, failing when a non-empty body is not JSON.
+    pub async fn read(response: reqwest::Response) -> anyhow::Result<Self> {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{status}: body is not JSON: {:?}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })?
+        };
+        Ok(Self {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
 
@@ -381,4 +490,132 @@ pub async fn enrolled_running_agent(
     let server_id = agent.server_id()?;
     agent.run()?;
     Ok((agent, server_id))
+}
+
+/// Docker helpers for tests that need real containers. Images are built
+/// locally from Debian's busybox-static (no registry is reachable).
+pub mod docker {
+    use std::process::Command;
+
+    use anyhow::{bail, Context};
+
+    /// The local image every test container runs.
+    pub const IMAGE: &str = "tether-test-busybox:local";
+
+    fn docker(args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new("docker").args(args).output().context("running docker")?;
+        if !output.status.success() {
+            bail!("docker {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    }
+
+    /// Builds [`IMAGE`] from /bin/busybox unless it exists.
+    pub fn ensure_image() -> anyhow::Result<()> {
+        if docker(&["image", "inspect", IMAGE]).is_ok() {
+            return Ok(());
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).is_file())
+            .context("busybox-static is not installed (apt-get install busybox-static)")?;
+        let root = tempfile::tempdir()?;
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin)?;
+        std::fs::copy(busybox, bin.join("busybox"))?;
+        for applet in ["sh", "sleep", "yes", "cat", "true"] {
+            std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+        }
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!("tar -C {} -c . | docker import - {IMAGE}", root.path().display()))
+            .status()?;
+        if !status.success() {
+            bail!("docker import of {IMAGE} failed");
+        }
+        Ok(())
+    }
+
+    /// A container removed when dropped.
+    pub struct Container {
+        pub name: String,
+        pub id: String,
+    }
+
+    impl Container {
+        /// Runs `command` in a detached container named `name`.
+        pub fn run(name: &str, command: &[&str]) -> anyhow::Result<Self> {
+            ensure_image()?;
+            let _ = docker(&["rm", "-f", name]);
+            let mut args = vec!["run", "-d", "--name", name, IMAGE];
+            args.extend_from_slice(command);
+            let id = docker(&args)?;
+            Ok(Self { name: name.to_string(), id })
+        }
+    }
+
+    impl Drop for Container {
+        fn drop(&mut self) {
+            let _ = docker(&["rm", "-f", &self.name]);
+        }
+    }
+}
+
+/// Drops UDP packets to a loopback port while it lives (iptables), so a test
+/// can cut an agent off its control plane and heal the cut.
+pub struct UdpCut {
+    port: u16,
+}
+
+impl UdpCut {
+    fn rule(action: &str, port: u16) -> anyhow::Result<()> {
+        let port = port.to_string();
+        let status = Command::new("iptables")
+            .args([action, "INPUT", "-i", "lo", "-p", "udp", "--dport", &port, "-j", "DROP"])
+            .status()
+            .context("running iptables (root and the iptables package are needed)")?;
+        if !status.success() {
+            bail!("iptables {action} for udp port {port} failed");
+        }
+        Ok(())
+    }
+
+    /// Starts dropping UDP to `port` on the loopback interface.
+    pub fn new(port: u16) -> anyhow::Result<Self> {
+        Self::rule("-I", port)?;
+        Ok(Self { port })
+    }
+}
+
+impl Drop for UdpCut {
+    fn drop(&mut self) {
+        let _ = Self::rule("-D", self.port);
+    }
+}
+
+/// Raw metrics points of a server (oldest first), as the API serves them.
+pub async fn raw_points(cp: &ControlPlane, server_id: &str, from: &str) -> anyhow::Result<Vec<Value>> {
+    let response = cp
+        .request(reqwest::Method::GET, &format!("/api/v1/servers/{server_id}/metrics"))
+        .query(&[("from", from), ("limit", "10000")])
+        .send()
+        .await?
+        .error_for_status()?;
+    let body: Value = response.json().await?;
+    Ok(body["data"].as_array().cloned().unwrap_or_default())
+}
+
+/// Sequence numbers of `points`, checked to be contiguous without duplicates.
+pub fn contiguous_seqs(points: &[Value]) -> Result<Vec<i64>, String> {
+    let mut seqs: Vec<i64> = points.iter().filter_map(|p| p["seq"].as_i64()).collect();
+    seqs.sort_unstable();
+    for pair in seqs.windows(2) {
+        if pair[1] == pair[0] {
+            return Err(format!("duplicate seq {}", pair[0]));
+        }
+        if pair[1] != pair[0] + 1 {
+            return Err(format!("gap between seq {} and {}", pair[0], pair[1]));
+        }
+    }
+    Ok(seqs)
 }

@@ -10,9 +10,10 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, Caller};
+use super::{ApiError, ApiJson, Caller, ErrorBody};
 use crate::app::ControlPlane;
 use crate::auth::Scope;
 use crate::gateway::enrollment::token_hash;
@@ -21,18 +22,26 @@ use crate::store::{Labels, NewEnrollmentToken};
 const DEFAULT_TTL_SECONDS: i64 = 3600;
 const MAX_TTL_SECONDS: i64 = 7 * 24 * 3600;
 
-#[derive(Debug, Deserialize)]
+/// A new enrollment token.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateEnrollmentToken {
+    /// Labels the server gets (keys: 1-63 of letters, digits, `._/-`).
     #[serde(default)]
+    #[schema(value_type = std::collections::HashMap<String, String>)]
     pub labels: Labels,
+    /// Lifetime, 60 s to 7 days (default 1 hour).
+    #[schema(minimum = 60, maximum = 604800)]
     pub ttl_seconds: Option<i64>,
+    /// Organization the server joins (default: the caller's).
     pub organization_id: Option<Uuid>,
     /// Name the server gets (default: its hostname).
+    #[schema(min_length = 1, max_length = 253)]
     pub server_name: Option<String>,
 }
 
-#[derive(Serialize)]
+/// An enrollment token just created.
+#[derive(Serialize, ToSchema)]
 pub struct EnrollmentTokenCreated {
     pub id: Uuid,
     /// Shown once; only its hash is stored.
@@ -100,6 +109,27 @@ pub async fn issue(
     Ok((token, record))
 }
 
+/// Creates a one-time enrollment token for adding a server by hand. Needs `servers:write`.
+#[utoipa::path(
+    post,
+    path = "/enrollment-tokens",
+    operation_id = "create_enrollment_token",
+    tag = "enrollment",
+    request_body(content = CreateEnrollmentToken, content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "The token, shown this once, and how to use it.", body = EnrollmentTokenCreated),
+        (status = 400, description = "`invalid_request`: malformed JSON or not `Content-Type: application/json`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `servers:write`; or `quota_exceeded`: the organization (or an ancestor) has no room for another server (details: `organization_id`, `resource`, `limit`, `usage`, `requested`).", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such organization in the caller's tree.", body = ErrorBody),
+        (status = 413, description = "`invalid_request`: the body is larger than 1 MiB.", body = ErrorBody),
+        (status = 422, description = "`validation_error`: wrong types, unknown fields, invalid labels, server name or ttl.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`: too many requests this minute.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
+        (status = 500, description = "`internal_error`: a failure of the control plane.", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(cp): State<Arc<ControlPlane>>,
     caller: Caller,
@@ -123,8 +153,10 @@ pub async fn create(
     };
     crate::quota::check(&*cp.store, organization_id, one_server).await??;
     if let Some(name) = &body.server_name {
-        if name.trim().is_empty() || name.len() > 253 {
-            return Err(ApiError::validation("server_name must be 1-253 characters"));
+        if name.trim().is_empty() || name.len() > 253 || super::has_control_chars(name) {
+            return Err(ApiError::validation(
+                "server_name must be 1-253 printable characters",
+            ));
         }
     }
     let (token, record) = issue(

@@ -10,6 +10,43 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{Map, Value};
 
+/// The body of every error answer, as documented in the OpenAPI document:
+/// `{"error": code, "message": text}`, plus details that depend on the code
+/// (for instance `limit` and `usage` of `quota_exceeded`, `retry_after_seconds`
+/// of `rate_limit_exceeded`, `required_scope` of `forbidden`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"error": "not_found", "message": "no such server"}))]
+pub struct ErrorBody {
+    /// Machine-readable error code; the HTTP status follows from it.
+    pub error: ErrorCode,
+    /// Human-readable explanation (never contains a secret).
+    pub message: String,
+}
+
+/// Error codes of DESIGN.md §5 and the HTTP status each comes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400 (also 405 and 413): malformed request.
+    InvalidRequest,
+    /// 401: missing, invalid, expired or revoked token.
+    Unauthorized,
+    /// 403: the token lacks a scope, or the action is not allowed.
+    Forbidden,
+    /// 403: an organization quota (own or inherited) would be exceeded.
+    QuotaExceeded,
+    /// 404: no such resource, or not visible to the caller.
+    NotFound,
+    /// 409: the resource's state forbids the action.
+    Conflict,
+    /// 422: well-formed but invalid input.
+    ValidationError,
+    /// 429: rate limit exceeded; see `Retry-After`.
+    RateLimitExceeded,
+    /// 500: a failure of the control plane.
+    InternalError,
+}
+
 /// An API error response.
 #[derive(Debug)]
 pub struct ApiError {

@@ -3,10 +3,17 @@
 
 use std::sync::Arc;
 
+use std::sync::LazyLock;
+
 use axum::extract::{DefaultBodyLimit, FromRequest};
-use axum::routing::{get, post};
-use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::{Json, Router};
+use serde::Serialize;
 use tower_http::trace::TraceLayer;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::ControlPlane;
 
@@ -14,16 +21,23 @@ pub mod audit;
 pub mod auth;
 pub mod enrollment_tokens;
 pub mod error;
+pub mod metrics;
 pub mod organizations;
 pub mod rate_limit;
 pub mod servers;
 pub mod tokens;
 
 pub use auth::Caller;
-pub use error::ApiError;
+pub use error::{ApiError, ErrorBody};
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Whether a text has control characters (NUL included): names and filters
+/// never need them, and PostgreSQL cannot store or compare NUL in text.
+pub(crate) fn has_control_chars(text: &str) -> bool {
+    text.chars().any(char::is_control)
+}
 
 /// A JSON request body whose rejections are API errors.
 #[derive(Debug, FromRequest)]
@@ -40,37 +54,144 @@ pub struct ApiQuery<T>(pub T);
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
 
+/// The OpenAPI description shared by every route: title, the `bearer`
+/// security scheme and the error schema.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Tether control plane API",
+        description = "Admin API of a Tether control plane (branch). Every `/api/v1` call but \
+`GET /api/v1/openapi.json` needs `Authorization: Bearer <token>`. Every `/api/v1` response \
+carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Errors are \
+`{\"error\": code, \"message\": text, ...details}`; lists are `{\"data\": [...], \"next_cursor\": ...}`."
+    ),
+    modifiers(&BearerSecurity),
+    components(schemas(ErrorBody, error::ErrorCode)),
+    tags(
+        (name = "meta", description = "Health and this document."),
+        (name = "enrollment", description = "One-time tokens for adding servers."),
+        (name = "servers", description = "The fleet inventory."),
+        (name = "organizations", description = "The organization tree and its quotas."),
+        (name = "tokens", description = "API tokens."),
+        (name = "audit", description = "The audit log of every write."),
+    )
+)]
+struct ApiDoc;
+
+/// Adds the `bearer` (JWT) security scheme the operations refer to.
+struct BearerSecurity;
+
+impl utoipa::Modify for BearerSecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some(
+                        "An API token: the admin token written at first start \
+                         (DATA_DIR/admin.token) or one made with POST /api/v1/tokens.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The routes and their documentation, built together: a handler is
+/// registered through `routes!`, which reads its `#[utoipa::path]`, so no route
+/// exists without being documented (and no documented route is missing).
+struct Documented {
+    /// Routes outside `/api/v1` (`/health`).
+    root: Router<Arc<ControlPlane>>,
+    /// Routes under `/api/v1`.
+    v1: Router<Arc<ControlPlane>>,
+    openapi: utoipa::openapi::OpenApi,
+}
+
+fn documented() -> Documented {
+    let (v1, v1_doc) = OpenApiRouter::new()
+        .routes(routes!(openapi_json))
+        .routes(routes!(enrollment_tokens::create))
+        .routes(routes!(servers::list))
+        .routes(routes!(servers::get, servers::remove))
+        .routes(routes!(organizations::list, organizations::create))
+        .routes(routes!(
+            organizations::get,
+            organizations::patch,
+            organizations::delete
+        ))
+        .routes(routes!(organizations::hierarchy))
+        .routes(routes!(tokens::create))
+        .routes(routes!(tokens::revoke))
+        .routes(routes!(audit::list))
+        .routes(routes!(metrics::server_metrics))
+        .routes(routes!(metrics::server_containers))
+        .split_for_parts();
+    let (root, openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(health))
+        .routes(routes!(metrics::fleet))
+        .split_for_parts();
+    Documented {
+        root,
+        v1,
+        openapi: openapi.nest("/api/v1", v1_doc),
+    }
+}
+
+/// The OpenAPI 3.1 document of every route, as utoipa builds it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented().openapi
+}
+
+/// The OpenAPI 3.1 document of every route, as `GET /api/v1/openapi.json`
+/// serves it: [`openapi`] in JSON, with the keys of Link Objects spelt as
+/// the specification spells them (utoipa 5 writes `operation_id`,
+/// `operation_ref` and `request_body` there).
+pub fn openapi_document() -> serde_json::Value {
+    let mut doc = serde_json::to_value(openapi()).unwrap_or_default();
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        let responses = paths
+            .values_mut()
+            .filter_map(|item| item.as_object_mut())
+            .flat_map(|item| item.values_mut())
+            .filter_map(|op| op.get_mut("responses"))
+            .filter_map(|r| r.as_object_mut())
+            .flat_map(|r| r.values_mut());
+        for response in responses {
+            let links = response.get_mut("links").and_then(|l| l.as_object_mut());
+            for link in links.into_iter().flat_map(|l| l.values_mut()) {
+                let Some(link) = link.as_object_mut() else {
+                    continue;
+                };
+                for (from, to) in [
+                    ("operation_id", "operationId"),
+                    ("operation_ref", "operationRef"),
+                    ("request_body", "requestBody"),
+                ] {
+                    if let Some(value) = link.remove(from) {
+                        link.insert(to.into(), value);
+                    }
+                }
+            }
+        }
+    }
+    doc
+}
+
 /// The whole HTTP surface of a control plane.
 pub fn router(cp: Arc<ControlPlane>) -> Router {
-    let v1 = Router::new()
-        .route("/enrollment-tokens", post(enrollment_tokens::create))
-        .route("/servers", get(servers::list))
-        .route("/servers/{id}", get(servers::get).delete(servers::remove))
-        .route(
-            "/organizations",
-            get(organizations::list).post(organizations::create),
-        )
-        .route(
-            "/organizations/{id}",
-            get(organizations::get)
-                .patch(organizations::patch)
-                .delete(organizations::delete),
-        )
-        .route(
-            "/organizations/{id}/hierarchy",
-            get(organizations::hierarchy),
-        )
-        .route("/tokens", post(tokens::create))
-        .route("/tokens/{id}", axum::routing::delete(tokens::revoke))
-        .route("/audit-log", get(audit::list))
+    let Documented { root, v1, .. } = documented();
+    let v1 = v1
         .method_not_allowed_fallback(error::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             cp.clone(),
             rate_limit::enforce,
         ));
-    Router::new()
-        .route("/health", get(health))
-        .nest("/api/v1", v1)
+    root.nest("/api/v1", v1)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -78,13 +199,55 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .with_state(cp)
 }
 
-async fn health() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+/// Liveness probe (no token, no rate limit).
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "health",
+    tag = "meta",
+    responses(
+        (status = 200, description = "The control plane is up.", body = HealthStatus),
+    )
+)]
+async fn health() -> Json<HealthStatus> {
+    Json(HealthStatus {
+        status: "ok".into(),
+    })
+}
+
+/// The answer of `GET /health`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthStatus {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    pub status: String,
+}
+
+/// This document (OpenAPI 3.1). Needs no token; rate limited like every `/api/v1` call.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "get_openapi_document",
+    tag = "meta",
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document of every route.", content_type = "application/json", body = Object),
+        (status = 429, description = "`rate_limit_exceeded`: too many requests this minute; retry after `Retry-After` seconds.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
+    )
+)]
+async fn openapi_json() -> impl IntoResponse {
+    static DOCUMENT: LazyLock<String> =
+        LazyLock::new(|| serde_json::to_string_pretty(&openapi_document()).unwrap_or_default());
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.as_str(),
+    )
 }
 
 /// A page of a list: `{ "data": [...], "next_cursor": ... }`.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T> {
     pub data: Vec<T>,
+    /// Pass as `cursor` to get the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }

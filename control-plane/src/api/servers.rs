@@ -9,9 +9,10 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tether_protocol::CloseCode;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiPath, ApiQuery, Caller, Page};
+use super::{ApiError, ApiPath, ApiQuery, Caller, ErrorBody, Page};
 use crate::app::ControlPlane;
 use crate::auth::Scope;
 use crate::store::{Labels, Server, ServerQuery, ServerStatus};
@@ -20,13 +21,14 @@ const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 500;
 
 /// A server as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ServerView {
     pub id: Uuid,
     pub name: String,
     pub hostname: String,
     pub status: ServerStatus,
     pub status_reason: Option<String>,
+    #[schema(value_type = std::collections::HashMap<String, String>)]
     pub labels: Labels,
     pub organization_id: Uuid,
     pub agent_version: Option<String>,
@@ -34,6 +36,8 @@ pub struct ServerView {
     pub branch_id: Uuid,
     pub deployment_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
+    /// What the agent reported about its host at its last session start.
+    #[schema(value_type = Object)]
     pub facts: serde_json::Value,
 }
 
@@ -57,18 +61,46 @@ impl ServerView {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListServers {
+    /// Only servers with this status.
+    #[param(value_type = Option<ServerStatus>)]
     pub status: Option<String>,
     /// `key=value`, several separated by commas.
     pub label: Option<String>,
     /// `local` (default) or `all` (with federation: peers' servers too).
     pub branch: Option<String>,
+    /// Page size, 1-500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
 
+/// Lists the servers of the caller's organization tree.
+#[utoipa::path(
+    get,
+    path = "/servers",
+    operation_id = "list_servers",
+    tag = "servers",
+    params(ListServers),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of servers, by id.", body = Page<ServerView>,
+            links(
+                ("get" = (operation_id = "get_server", parameters(("id" = "$response.body#/data/0/id")), description = "The first server.")),
+                ("delete" = (operation_id = "delete_server", parameters(("id" = "$response.body#/data/0/id")), description = "Remove the first server.")),
+            )),
+        (status = 400, description = "`invalid_request`: a malformed filter, limit or cursor.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `servers:read`.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`: too many requests this minute.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
+        (status = 500, description = "`internal_error`: a failure of the control plane.", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(cp): State<Arc<ControlPlane>>,
     caller: Caller,
@@ -93,6 +125,11 @@ pub async fn list(
         .flat_map(|l| l.split(','))
         .filter(|p| !p.is_empty())
     {
+        if super::has_control_chars(pair) {
+            return Err(ApiError::invalid_request(
+                "label filters must not contain control characters",
+            ));
+        }
         let (key, value) = pair.split_once('=').ok_or_else(|| {
             ApiError::invalid_request(format!("label filter {pair:?} must be key=value"))
         })?;
@@ -140,6 +177,24 @@ pub async fn list(
     Ok(Json(Page { data, next_cursor }))
 }
 
+/// One server.
+#[utoipa::path(
+    get,
+    path = "/servers/{id}",
+    operation_id = "get_server",
+    tag = "servers",
+    params(("id" = Uuid, Path, description = "Server id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The server.", body = ServerView),
+        (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `servers:read`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such server in the caller's organization tree.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`: too many requests this minute.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
+        (status = 500, description = "`internal_error`: a failure of the control plane.", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(cp): State<Arc<ControlPlane>>,
     caller: Caller,
@@ -155,6 +210,23 @@ pub async fn get(
 }
 
 /// Revokes the server's certificates, closes its session and removes it (soft).
+#[utoipa::path(
+    delete,
+    path = "/servers/{id}",
+    operation_id = "delete_server",
+    tag = "servers",
+    params(("id" = Uuid, Path, description = "Server id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Removed: its certificates are revoked and its session closed."),
+        (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `servers:write`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such server in the caller's organization tree.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`: too many requests this minute.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
+        (status = 500, description = "`internal_error`: a failure of the control plane.", body = ErrorBody),
+    )
+)]
 pub async fn remove(
     State(cp): State<Arc<ControlPlane>>,
     caller: Caller,

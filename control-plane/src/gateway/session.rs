@@ -274,6 +274,21 @@ async fn agent_stream(
         }
     };
     match (classify_first_message(PeerKind::Agent, &first), first) {
+        (Ok(StreamKind::Metrics), AgentMessage::MetricsBatch(batch)) => {
+            let seq = batch.seq;
+            match renewal.cp.ingestor.submit(renewal.server_id, batch).await {
+                Ok(()) => {
+                    if let Err(e) = stream.send(&ControlMessage::Ack(tether_protocol::Ack { seq })).await {
+                        tracing::debug!(seq, error = %e, "could not deliver an ack; the agent will resend");
+                    }
+                    let _ = stream.finish();
+                }
+                Err(e) => {
+                    // No ack: the batch stays in the agent's spool and comes back.
+                    tracing::warn!(seq, error = %e, "metrics batch not stored");
+                }
+            }
+        }
         (Ok(StreamKind::CertificateRenewal), AgentMessage::RenewCertificate(request)) => {
             let answer = renew(&renewal, &request).await;
             if let Err(e) = stream.send(&answer).await {

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub mod postgres;
 pub mod sqlite;
 
 /// Errors of the store.
@@ -45,7 +46,7 @@ pub struct Instance {
 }
 
 /// Resource limits of an organization; `None` is unlimited.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Quotas {
     pub max_servers: Option<i64>,
     pub max_cpu_cores: Option<i64>,
@@ -87,7 +88,7 @@ pub struct NewEnrollmentToken {
 }
 
 /// Connection state of a server, as users see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ServerStatus {
     /// Enrolled (or provisioned) but no session yet.
@@ -224,7 +225,7 @@ pub enum OrganizationDeletion {
 }
 
 /// Resources used by an organization and its descendants.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub servers: i64,
     pub cpu_cores: i64,
@@ -276,6 +277,86 @@ pub struct SealedSecret {
     pub sealed: String,
 }
 
+/// One raw metrics point: what one agent batch said about its host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsRecord {
+    pub server_id: Uuid,
+    pub seq: i64,
+    pub ts: DateTime<Utc>,
+    pub cpu_percent: f64,
+    pub load_1: f64,
+    pub load_5: f64,
+    pub load_15: f64,
+    pub memory_used_bytes: i64,
+    pub memory_total_bytes: i64,
+    pub swap_used_bytes: i64,
+    pub swap_total_bytes: i64,
+    /// JSON array of per-core CPU percentages.
+    pub cpu_per_core: serde_json::Value,
+    /// JSON array of `{mount_point, device, filesystem, total_bytes, used_bytes, inodes_total, inodes_used}`.
+    pub disks: serde_json::Value,
+    /// JSON array of `{interface, rx_bytes, tx_bytes, rx_packets, tx_packets, rx_errors, tx_errors}`.
+    pub networks: serde_json::Value,
+    pub uptime_seconds: i64,
+    pub process_count: i64,
+    pub dropped_batches: i64,
+}
+
+/// A rolled-up metrics bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollupRecord {
+    pub server_id: Uuid,
+    pub step_seconds: i64,
+    pub bucket_start: DateTime<Utc>,
+    pub samples: i64,
+    pub cpu_percent_avg: f64,
+    pub cpu_percent_max: f64,
+    pub load_1_avg: f64,
+    pub memory_used_bytes_avg: f64,
+    pub memory_total_bytes: i64,
+    pub swap_used_bytes_avg: f64,
+}
+
+/// One container as last reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerRecord {
+    pub container_id: String,
+    pub name: String,
+    pub image: String,
+    pub state: String,
+    pub health: Option<String>,
+    pub restart_count: i64,
+    pub started_at: Option<String>,
+    pub cpu_percent: f64,
+    pub memory_usage_bytes: i64,
+    pub memory_limit_bytes: i64,
+    pub net_rx_bytes: i64,
+    pub net_tx_bytes: i64,
+    pub block_read_bytes: i64,
+    pub block_write_bytes: i64,
+}
+
+/// A server's latest container report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSet {
+    pub server_id: Uuid,
+    /// Seq of the batch it came from: an older batch (a replay) never
+    /// replaces a newer report.
+    pub seq: i64,
+    pub docker_version: Option<String>,
+    pub error: Option<String>,
+    pub updated_at: DateTime<Utc>,
+    pub containers: Vec<ContainerRecord>,
+}
+
+/// Batches to store in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsIngest {
+    pub received_at: DateTime<Utc>,
+    pub metrics: Vec<MetricsRecord>,
+    pub containers: Vec<ContainerSet>,
+}
+
 /// The control plane's storage. One implementation per database.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -296,6 +377,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// An organization and all its descendants (not deleted).
     async fn organization_scope(&self, organization_id: Uuid) -> StoreResult<Vec<Uuid>>;
+
+    /// An organization and all its descendants, deleted ones included (the
+    /// audit log outlives what it records).
+    async fn organization_history_scope(&self, organization_id: Uuid) -> StoreResult<Vec<Uuid>>;
 
     async fn api_token(&self, id: Uuid) -> StoreResult<Option<ApiToken>>;
 
@@ -407,12 +492,58 @@ pub trait Store: Send + Sync + 'static {
         secret: &SealedSecret,
         resealed: &str,
     ) -> StoreResult<bool>;
+
+    /// Stores batches in one transaction: each `(server_id, seq)` once
+    /// (a replay is a no-op), container sets only when newer than the stored one.
+    async fn ingest_metrics(&self, ingest: &MetricsIngest) -> StoreResult<()>;
+
+    /// Raw points of a server with `from <= ts < to`, oldest first.
+    async fn metrics_points(
+        &self,
+        server_id: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<MetricsRecord>>;
+
+    /// Rollup buckets of a server with `from <= bucket_start < to`, oldest first.
+    async fn metrics_rollups(
+        &self,
+        server_id: Uuid,
+        step_seconds: i64,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<RollupRecord>>;
+
+    /// (Re)computes the `step_seconds` buckets touched by points received
+    /// since the last call (up to `now`); returns how many buckets were written.
+    async fn compute_rollups(&self, step_seconds: i64, now: DateTime<Utc>) -> StoreResult<u64>;
+
+    /// Deletes raw points older than `raw_before` and rollups older than
+    /// `rollups_before`; returns how many rows went.
+    async fn prune_metrics(
+        &self,
+        raw_before: DateTime<Utc>,
+        rollups_before: DateTime<Utc>,
+    ) -> StoreResult<u64>;
+
+    /// The latest container report of a server.
+    async fn container_set(&self, server_id: Uuid) -> StoreResult<Option<ContainerSet>>;
+
+    /// The latest raw point of every live server in `scope`, by server id.
+    async fn latest_metrics(&self, scope: &[Uuid]) -> StoreResult<Vec<MetricsRecord>>;
+
+    /// The latest container reports of every live server in `scope`, by server id.
+    async fn latest_container_sets(&self, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>>;
 }
 
 /// Opens the store named by a database URL and runs its migrations.
 pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
     let store: std::sync::Arc<dyn Store> = if url.starts_with("sqlite:") {
         std::sync::Arc::new(sqlite::SqliteStore::connect(url).await?)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        std::sync::Arc::new(postgres::PostgresStore::connect(url).await?)
     } else {
         return Err(StoreError::UnsupportedUrl(redact_url(url)));
     };

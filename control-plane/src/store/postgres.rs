@@ -8,9 +8,13 @@
 //! claimed by one conditional `UPDATE ... RETURNING` (row locks make exactly
 //! one racer win), and statements that lock several server rows lock them in
 //! id order so they cannot deadlock one another. The audit log is append-only
-//! by trigger. Queries are built at runtime (no compile-time checking, CI has
-//! no database); the store test suite covers them.
+//! by trigger. Telemetry is written in bulk: each column of an ingest is
+//! bound as one array and `UNNEST`ed server-side, so storing thousands of
+//! points takes one statement per table (no bind limit, few round trips).
+//! Queries are built at runtime (no compile-time checking, CI has no
+//! database); the store test suite covers them.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -231,6 +235,20 @@ impl Store for PostgresStore {
             .bind(organization_id)
             .fetch_all(&self.pool)
             .await?;
+        Ok(ids)
+    }
+
+    async fn organization_history_scope(&self, organization_id: Uuid) -> StoreResult<Vec<Uuid>> {
+        let ids = sqlx::query_scalar(
+            "WITH RECURSIVE tree (id) AS (
+                 SELECT id FROM organizations WHERE id = $1
+                 UNION ALL
+                 SELECT o.id FROM organizations o JOIN tree t ON o.parent_id = t.id)
+             SELECT id FROM tree",
+        )
+        .bind(organization_id)
+        .fetch_all(&self.pool)
+        .await?;
         Ok(ids)
     }
 
@@ -799,6 +817,207 @@ impl Store for PostgresStore {
         };
         Ok(replaced == 1)
     }
+
+    async fn ingest_metrics(&self, ingest: &MetricsIngest) -> StoreResult<()> {
+        if ingest.metrics.is_empty() && ingest.containers.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        if !ingest.metrics.is_empty() {
+            insert_metrics(&mut tx, ingest).await?;
+        }
+        if !ingest.containers.is_empty() {
+            replace_container_sets(&mut tx, &ingest.containers).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn metrics_points(
+        &self,
+        server_id: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<MetricsRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {METRICS_COLUMNS} FROM metrics
+             WHERE server_id = $1 AND ts >= $2 AND ts < $3
+             ORDER BY ts, seq
+             LIMIT $4"
+        ))
+        .bind(server_id)
+        .bind(from)
+        .bind(to)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(metrics_from_row).collect()
+    }
+
+    async fn metrics_rollups(
+        &self,
+        server_id: Uuid,
+        step_seconds: i64,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<RollupRecord>> {
+        let rows = sqlx::query(
+            "SELECT server_id, step_seconds, bucket_start, samples, cpu_percent_avg, cpu_percent_max,
+                    load_1_avg, memory_used_bytes_avg, memory_total_bytes, swap_used_bytes_avg
+             FROM metric_rollups
+             WHERE server_id = $1 AND step_seconds = $2 AND bucket_start >= $3 AND bucket_start < $4
+             ORDER BY bucket_start
+             LIMIT $5",
+        )
+        .bind(server_id)
+        .bind(step_seconds)
+        .bind(from)
+        .bind(to)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RollupRecord {
+                    server_id: row.try_get("server_id")?,
+                    step_seconds: row.try_get("step_seconds")?,
+                    bucket_start: row.try_get("bucket_start")?,
+                    samples: row.try_get("samples")?,
+                    cpu_percent_avg: row.try_get("cpu_percent_avg")?,
+                    cpu_percent_max: row.try_get("cpu_percent_max")?,
+                    load_1_avg: row.try_get("load_1_avg")?,
+                    memory_used_bytes_avg: row.try_get("memory_used_bytes_avg")?,
+                    memory_total_bytes: row.try_get("memory_total_bytes")?,
+                    swap_used_bytes_avg: row.try_get("swap_used_bytes_avg")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn compute_rollups(&self, step_seconds: i64, now: DateTime<Utc>) -> StoreResult<u64> {
+        let job = format!("rollup:{step_seconds}");
+        // Buckets are `step_seconds` wide (at least one second), aligned on
+        // the Unix epoch like SQLite's `(ts / step) * step`.
+        let step = chrono::Duration::seconds(step_seconds.max(1));
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO job_state (name, watermark) VALUES ($1, 'epoch')
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&job)
+        .execute(&mut *tx)
+        .await?;
+        // Replicas running the same job queue here; the next one reads the
+        // watermark the previous one committed.
+        let watermark: DateTime<Utc> =
+            sqlx::query_scalar("SELECT watermark FROM job_state WHERE name = $1 FOR UPDATE")
+                .bind(&job)
+                .fetch_one(&mut *tx)
+                .await?;
+        // Every bucket holding a point received in [watermark, now) is
+        // recomputed from all of its points, late ones included.
+        let written = sqlx::query(
+            "WITH touched AS (
+                 SELECT DISTINCT server_id, date_bin($2, ts, timestamptz 'epoch') AS bucket_start
+                 FROM metrics
+                 WHERE received_at >= $3 AND received_at < $4)
+             INSERT INTO metric_rollups (server_id, step_seconds, bucket_start, samples, cpu_percent_avg,
+                 cpu_percent_max, load_1_avg, memory_used_bytes_avg, memory_total_bytes, swap_used_bytes_avg)
+             SELECT t.server_id, $1, t.bucket_start, COUNT(*), AVG(m.cpu_percent), MAX(m.cpu_percent),
+                    AVG(m.load_1), AVG(m.memory_used_bytes)::double precision, MAX(m.memory_total_bytes),
+                    AVG(m.swap_used_bytes)::double precision
+             FROM touched t
+             JOIN metrics m
+               ON m.server_id = t.server_id AND m.ts >= t.bucket_start AND m.ts < t.bucket_start + $2
+             GROUP BY t.server_id, t.bucket_start
+             ORDER BY t.server_id, t.bucket_start
+             ON CONFLICT (server_id, step_seconds, bucket_start) DO UPDATE SET
+                 samples = excluded.samples,
+                 cpu_percent_avg = excluded.cpu_percent_avg,
+                 cpu_percent_max = excluded.cpu_percent_max,
+                 load_1_avg = excluded.load_1_avg,
+                 memory_used_bytes_avg = excluded.memory_used_bytes_avg,
+                 memory_total_bytes = excluded.memory_total_bytes,
+                 swap_used_bytes_avg = excluded.swap_used_bytes_avg",
+        )
+        .bind(step_seconds)
+        .bind(step)
+        .bind(watermark)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        // Never backwards: a replica whose clock lags must not make the next
+        // run recompute buckets that are already up to date.
+        sqlx::query("UPDATE job_state SET watermark = GREATEST(watermark, $2) WHERE name = $1")
+            .bind(&job)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    async fn prune_metrics(
+        &self,
+        raw_before: DateTime<Utc>,
+        rollups_before: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let raw = sqlx::query("DELETE FROM metrics WHERE ts < $1")
+            .bind(raw_before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        let rollups = sqlx::query("DELETE FROM metric_rollups WHERE bucket_start < $1")
+            .bind(rollups_before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(raw + rollups)
+    }
+
+    async fn container_set(&self, server_id: Uuid) -> StoreResult<Option<ContainerSet>> {
+        let rows = sqlx::query(&format!(
+            "{CONTAINER_SETS_SELECT} WHERE s.deleted_at IS NULL AND r.server_id = $1
+             ORDER BY r.server_id, c.name, c.container_id"
+        ))
+        .bind(server_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(container_sets_from_rows(&rows)?.into_iter().next())
+    }
+
+    async fn latest_metrics(&self, scope: &[Uuid]) -> StoreResult<Vec<MetricsRecord>> {
+        // One index probe per live server: the newest entry of its
+        // (server_id, seq) primary key.
+        let rows = sqlx::query(&format!(
+            "SELECT latest.* FROM servers s
+             CROSS JOIN LATERAL (
+                 SELECT {METRICS_COLUMNS} FROM metrics
+                 WHERE server_id = s.id
+                 ORDER BY seq DESC
+                 LIMIT 1) latest
+             WHERE s.deleted_at IS NULL AND s.organization_id = ANY($1)
+             ORDER BY s.id"
+        ))
+        .bind(scope)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(metrics_from_row).collect()
+    }
+
+    async fn latest_container_sets(&self, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>> {
+        let rows = sqlx::query(&format!(
+            "{CONTAINER_SETS_SELECT} WHERE s.deleted_at IS NULL AND s.organization_id = ANY($1)
+             ORDER BY r.server_id, c.name, c.container_id"
+        ))
+        .bind(scope)
+        .fetch_all(&self.pool)
+        .await?;
+        container_sets_from_rows(&rows)
+    }
 }
 
 async fn insert_certificate(
@@ -817,4 +1036,266 @@ async fn insert_certificate(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+const METRICS_COLUMNS: &str = "server_id, seq, ts, cpu_percent, load_1, load_5, load_15, \
+     memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core, disks, \
+     networks, uptime_seconds, process_count, dropped_batches";
+
+fn metrics_from_row(row: &PgRow) -> StoreResult<MetricsRecord> {
+    Ok(MetricsRecord {
+        server_id: row.try_get("server_id")?,
+        seq: row.try_get("seq")?,
+        ts: row.try_get("ts")?,
+        cpu_percent: row.try_get("cpu_percent")?,
+        load_1: row.try_get("load_1")?,
+        load_5: row.try_get("load_5")?,
+        load_15: row.try_get("load_15")?,
+        memory_used_bytes: row.try_get("memory_used_bytes")?,
+        memory_total_bytes: row.try_get("memory_total_bytes")?,
+        swap_used_bytes: row.try_get("swap_used_bytes")?,
+        swap_total_bytes: row.try_get("swap_total_bytes")?,
+        cpu_per_core: row.try_get("cpu_per_core")?,
+        disks: row.try_get("disks")?,
+        networks: row.try_get("networks")?,
+        uptime_seconds: row.try_get("uptime_seconds")?,
+        process_count: row.try_get("process_count")?,
+        dropped_batches: row.try_get("dropped_batches")?,
+    })
+}
+
+/// One column of a bulk insert: `f` of every row.
+fn column<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
+    rows.iter().map(f).collect()
+}
+
+/// `s` as PostgreSQL can store it: `text` and `jsonb` refuse NUL characters,
+/// which agents could send (SQLite keeps them). One such string must not
+/// fail the whole batched write, so NUL becomes U+FFFD.
+fn text(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// `v` with NUL characters in its strings and keys replaced (see [`text`]);
+/// borrowed unless it has any.
+fn json_value(v: &serde_json::Value) -> Cow<'_, serde_json::Value> {
+    use serde_json::Value;
+    fn has_nul(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(has_nul),
+            Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    fn strip(v: &Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(text(s).into_owned()),
+            Value::Array(items) => Value::Array(items.iter().map(strip).collect()),
+            Value::Object(fields) => Value::Object(
+                fields
+                    .iter()
+                    .map(|(k, v)| (text(k).into_owned(), strip(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    if has_nul(v) {
+        Cow::Owned(strip(v))
+    } else {
+        Cow::Borrowed(v)
+    }
+}
+
+/// Inserts every point of `ingest` in one statement (one array per column,
+/// so no bind limit however many points); a `(server_id, seq)` already
+/// stored, or seen earlier in the same ingest, is skipped. Rows go in key
+/// order so replicas inserting the same replayed batches cannot deadlock.
+async fn insert_metrics(conn: &mut sqlx::PgConnection, ingest: &MetricsIngest) -> StoreResult<()> {
+    let m = ingest.metrics.as_slice();
+    let cpu_per_core = column(m, |r| json_value(&r.cpu_per_core));
+    let disks = column(m, |r| json_value(&r.disks));
+    let networks = column(m, |r| json_value(&r.networks));
+    sqlx::query(
+        "INSERT INTO metrics (server_id, seq, ts, received_at, cpu_percent, load_1, load_5, load_15,
+             memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core,
+             disks, networks, uptime_seconds, process_count, dropped_batches)
+         SELECT server_id, seq, ts, $1, cpu_percent, load_1, load_5, load_15, memory_used_bytes,
+                memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core, disks, networks,
+                uptime_seconds, process_count, dropped_batches
+         FROM UNNEST($2::uuid[], $3::bigint[], $4::timestamptz[], $5::float8[], $6::float8[],
+                     $7::float8[], $8::float8[], $9::bigint[], $10::bigint[], $11::bigint[],
+                     $12::bigint[], $13::jsonb[], $14::jsonb[], $15::jsonb[], $16::bigint[],
+                     $17::bigint[], $18::bigint[])
+             WITH ORDINALITY AS u (server_id, seq, ts, cpu_percent, load_1, load_5, load_15,
+                 memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes,
+                 cpu_per_core, disks, networks, uptime_seconds, process_count, dropped_batches,
+                 ordinal)
+         ORDER BY server_id, seq, ordinal
+         ON CONFLICT (server_id, seq) DO NOTHING",
+    )
+    .bind(ingest.received_at)
+    .bind(column(m, |r| r.server_id))
+    .bind(column(m, |r| r.seq))
+    .bind(column(m, |r| r.ts))
+    .bind(column(m, |r| r.cpu_percent))
+    .bind(column(m, |r| r.load_1))
+    .bind(column(m, |r| r.load_5))
+    .bind(column(m, |r| r.load_15))
+    .bind(column(m, |r| r.memory_used_bytes))
+    .bind(column(m, |r| r.memory_total_bytes))
+    .bind(column(m, |r| r.swap_used_bytes))
+    .bind(column(m, |r| r.swap_total_bytes))
+    .bind(column(&cpu_per_core, |v| v.as_ref()))
+    .bind(column(&disks, |v| v.as_ref()))
+    .bind(column(&networks, |v| v.as_ref()))
+    .bind(column(m, |r| r.uptime_seconds))
+    .bind(column(m, |r| r.process_count))
+    .bind(column(m, |r| r.dropped_batches))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Stores container sets newer than the stored ones. Per server only the
+/// newest set of `sets` counts (the first of equals), so one upsert
+/// statement never touches a row twice; reports are upserted in server
+/// order, and the report row lock serialises writers of one server's
+/// containers.
+async fn replace_container_sets(
+    conn: &mut sqlx::PgConnection,
+    sets: &[ContainerSet],
+) -> StoreResult<()> {
+    let docker_versions = column(sets, |s| s.docker_version.as_deref().map(text));
+    let errors = column(sets, |s| s.error.as_deref().map(text));
+    let accepted: Vec<(Uuid, i64)> = sqlx::query_as(
+        "WITH incoming AS (
+             SELECT DISTINCT ON (server_id) server_id, seq, docker_version, error, updated_at, ordinal
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::timestamptz[])
+                 WITH ORDINALITY AS u (server_id, seq, docker_version, error, updated_at, ordinal)
+             ORDER BY server_id, seq DESC, ordinal),
+         replaced AS (
+             INSERT INTO container_reports AS r (server_id, seq, docker_version, error, updated_at)
+             SELECT server_id, seq, docker_version, error, updated_at FROM incoming
+             ORDER BY server_id
+             ON CONFLICT (server_id) DO UPDATE SET
+                 seq = excluded.seq,
+                 docker_version = excluded.docker_version,
+                 error = excluded.error,
+                 updated_at = excluded.updated_at
+             WHERE excluded.seq > r.seq
+             RETURNING r.server_id)
+         SELECT i.server_id, i.ordinal FROM incoming i JOIN replaced USING (server_id)
+         ORDER BY i.server_id",
+    )
+    .bind(column(sets, |s| s.server_id))
+    .bind(column(sets, |s| s.seq))
+    .bind(docker_versions)
+    .bind(errors)
+    .bind(column(sets, |s| s.updated_at))
+    .fetch_all(&mut *conn)
+    .await?;
+    if accepted.is_empty() {
+        return Ok(());
+    }
+    let servers = column(&accepted, |(id, _)| *id);
+    sqlx::query("DELETE FROM containers WHERE server_id = ANY($1)")
+        .bind(&servers)
+        .execute(&mut *conn)
+        .await?;
+    let mut rows: Vec<(Uuid, &ContainerRecord)> = Vec::new();
+    for (_, ordinal) in &accepted {
+        let set = usize::try_from(*ordinal - 1)
+            .ok()
+            .and_then(|i| sets.get(i))
+            .ok_or_else(|| StoreError::Corrupt(format!("no container set at {ordinal}")))?;
+        rows.extend(set.containers.iter().map(|c| (set.server_id, c)));
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO containers (server_id, container_id, name, image, state, health, restart_count,
+             started_at, cpu_percent, memory_usage_bytes, memory_limit_bytes, net_rx_bytes,
+             net_tx_bytes, block_read_bytes, block_write_bytes)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                              $7::bigint[], $8::text[], $9::float8[], $10::bigint[], $11::bigint[],
+                              $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[])
+         ON CONFLICT (server_id, container_id) DO NOTHING",
+    )
+    .bind(column(&rows, |(id, _)| *id))
+    .bind(column(&rows, |(_, c)| text(&c.container_id)))
+    .bind(column(&rows, |(_, c)| text(&c.name)))
+    .bind(column(&rows, |(_, c)| text(&c.image)))
+    .bind(column(&rows, |(_, c)| text(&c.state)))
+    .bind(column(&rows, |(_, c)| c.health.as_deref().map(text)))
+    .bind(column(&rows, |(_, c)| c.restart_count))
+    .bind(column(&rows, |(_, c)| c.started_at.as_deref().map(text)))
+    .bind(column(&rows, |(_, c)| c.cpu_percent))
+    .bind(column(&rows, |(_, c)| c.memory_usage_bytes))
+    .bind(column(&rows, |(_, c)| c.memory_limit_bytes))
+    .bind(column(&rows, |(_, c)| c.net_rx_bytes))
+    .bind(column(&rows, |(_, c)| c.net_tx_bytes))
+    .bind(column(&rows, |(_, c)| c.block_read_bytes))
+    .bind(column(&rows, |(_, c)| c.block_write_bytes))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Container reports of live servers with their containers, one row per
+/// container (or one row with NULL container columns for an empty report).
+/// One statement, so a report and its containers come from one snapshot.
+const CONTAINER_SETS_SELECT: &str = "SELECT r.server_id, r.seq, r.docker_version, r.error, \
+     r.updated_at, c.container_id, c.name, c.image, c.state, c.health, c.restart_count, c.started_at, \
+     c.cpu_percent, c.memory_usage_bytes, c.memory_limit_bytes, c.net_rx_bytes, c.net_tx_bytes, \
+     c.block_read_bytes, c.block_write_bytes
+     FROM container_reports r
+     JOIN servers s ON s.id = r.server_id
+     LEFT JOIN containers c ON c.server_id = r.server_id";
+
+/// Groups rows of [`CONTAINER_SETS_SELECT`] (ordered by server) into sets.
+fn container_sets_from_rows(rows: &[PgRow]) -> StoreResult<Vec<ContainerSet>> {
+    let mut sets: Vec<ContainerSet> = Vec::new();
+    for row in rows {
+        let server_id: Uuid = row.try_get("server_id")?;
+        if sets.last().map(|s| s.server_id) != Some(server_id) {
+            sets.push(ContainerSet {
+                server_id,
+                seq: row.try_get("seq")?,
+                docker_version: row.try_get("docker_version")?,
+                error: row.try_get("error")?,
+                updated_at: row.try_get("updated_at")?,
+                containers: Vec::new(),
+            });
+        }
+        let Some(container_id) = row.try_get::<Option<String>, _>("container_id")? else {
+            continue;
+        };
+        let container = ContainerRecord {
+            container_id,
+            name: row.try_get("name")?,
+            image: row.try_get("image")?,
+            state: row.try_get("state")?,
+            health: row.try_get("health")?,
+            restart_count: row.try_get("restart_count")?,
+            started_at: row.try_get("started_at")?,
+            cpu_percent: row.try_get("cpu_percent")?,
+            memory_usage_bytes: row.try_get("memory_usage_bytes")?,
+            memory_limit_bytes: row.try_get("memory_limit_bytes")?,
+            net_rx_bytes: row.try_get("net_rx_bytes")?,
+            net_tx_bytes: row.try_get("net_tx_bytes")?,
+            block_read_bytes: row.try_get("block_read_bytes")?,
+            block_write_bytes: row.try_get("block_write_bytes")?,
+        };
+        if let Some(set) = sets.last_mut() {
+            set.containers.push(container);
+        }
+    }
+    Ok(sets)
 }

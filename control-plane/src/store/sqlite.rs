@@ -214,6 +214,20 @@ impl Store for SqliteStore {
         rows.iter().map(|s| uuid(s)).collect()
     }
 
+    async fn organization_history_scope(&self, organization_id: Uuid) -> StoreResult<Vec<Uuid>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE tree (id) AS (
+                 SELECT id FROM organizations WHERE id = ?
+                 UNION ALL
+                 SELECT o.id FROM organizations o JOIN tree t ON o.parent_id = t.id)
+             SELECT id FROM tree",
+        )
+        .bind(organization_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        parse_ids(&rows)
+    }
+
     async fn api_token(&self, id: Uuid) -> StoreResult<Option<ApiToken>> {
         let row = sqlx::query(
             "SELECT id, organization_id, name, scopes, created_at, expires_at, revoked_at
@@ -790,6 +804,239 @@ impl Store for SqliteStore {
         };
         Ok(result.rows_affected() == 1)
     }
+    async fn ingest_metrics(&self, ingest: &MetricsIngest) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let received_at = ms(ingest.received_at);
+        // 18 binds per row; SQLite allows 32766 binds per statement.
+        for chunk in ingest.metrics.chunks(1000) {
+            let mut builder = QueryBuilder::new(
+                "INSERT INTO metrics (server_id, seq, ts, received_at, cpu_percent, load_1, load_5, load_15,
+                 memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core,
+                 disks, networks, uptime_seconds, process_count, dropped_batches) ",
+            );
+            builder.push_values(chunk, |mut row, m| {
+                row.push_bind(m.server_id.to_string())
+                    .push_bind(m.seq)
+                    .push_bind(ms(m.ts))
+                    .push_bind(received_at)
+                    .push_bind(m.cpu_percent)
+                    .push_bind(m.load_1)
+                    .push_bind(m.load_5)
+                    .push_bind(m.load_15)
+                    .push_bind(m.memory_used_bytes)
+                    .push_bind(m.memory_total_bytes)
+                    .push_bind(m.swap_used_bytes)
+                    .push_bind(m.swap_total_bytes)
+                    .push_bind(to_json(&m.cpu_per_core))
+                    .push_bind(to_json(&m.disks))
+                    .push_bind(to_json(&m.networks))
+                    .push_bind(m.uptime_seconds)
+                    .push_bind(m.process_count)
+                    .push_bind(m.dropped_batches);
+            });
+            builder.push(" ON CONFLICT (server_id, seq) DO NOTHING");
+            builder.build().execute(&mut *tx).await?;
+        }
+        for set in &ingest.containers {
+            let newer = sqlx::query(
+                "INSERT INTO container_reports (server_id, seq, docker_version, error, updated_at)
+                 VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT (server_id) DO UPDATE SET seq = excluded.seq, docker_version = excluded.docker_version,
+                     error = excluded.error, updated_at = excluded.updated_at
+                 WHERE excluded.seq > container_reports.seq",
+            )
+            .bind(set.server_id.to_string())
+            .bind(set.seq)
+            .bind(&set.docker_version)
+            .bind(&set.error)
+            .bind(ms(set.updated_at))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !newer {
+                continue;
+            }
+            sqlx::query("DELETE FROM containers WHERE server_id = ?")
+                .bind(set.server_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            for chunk in set.containers.chunks(1000) {
+                let mut builder = QueryBuilder::new(
+                    "INSERT INTO containers (server_id, container_id, name, image, state, health, restart_count,
+                     started_at, cpu_percent, memory_usage_bytes, memory_limit_bytes, net_rx_bytes, net_tx_bytes,
+                     block_read_bytes, block_write_bytes) ",
+                );
+                builder.push_values(chunk, |mut row, c| {
+                    row.push_bind(set.server_id.to_string())
+                        .push_bind(c.container_id.clone())
+                        .push_bind(c.name.clone())
+                        .push_bind(c.image.clone())
+                        .push_bind(c.state.clone())
+                        .push_bind(c.health.clone())
+                        .push_bind(c.restart_count)
+                        .push_bind(c.started_at.clone())
+                        .push_bind(c.cpu_percent)
+                        .push_bind(c.memory_usage_bytes)
+                        .push_bind(c.memory_limit_bytes)
+                        .push_bind(c.net_rx_bytes)
+                        .push_bind(c.net_tx_bytes)
+                        .push_bind(c.block_read_bytes)
+                        .push_bind(c.block_write_bytes);
+                });
+                builder.push(" ON CONFLICT (server_id, container_id) DO NOTHING");
+                builder.build().execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn metrics_points(
+        &self,
+        server_id: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<MetricsRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {METRICS_COLUMNS} FROM metrics WHERE server_id = ? AND ts >= ? AND ts < ? ORDER BY ts, seq LIMIT ?"
+        ))
+        .bind(server_id.to_string())
+        .bind(ms(from))
+        .bind(ms(to))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(metrics_from_row).collect()
+    }
+
+    async fn metrics_rollups(
+        &self,
+        server_id: Uuid,
+        step_seconds: i64,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<RollupRecord>> {
+        let rows = sqlx::query(
+            "SELECT server_id, step_seconds, bucket_start, samples, cpu_percent_avg, cpu_percent_max, load_1_avg,
+                    memory_used_bytes_avg, memory_total_bytes, swap_used_bytes_avg
+             FROM metric_rollups WHERE server_id = ? AND step_seconds = ? AND bucket_start >= ? AND bucket_start < ?
+             ORDER BY bucket_start LIMIT ?",
+        )
+        .bind(server_id.to_string())
+        .bind(step_seconds)
+        .bind(ms(from))
+        .bind(ms(to))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RollupRecord {
+                    server_id: uuid(row.try_get("server_id")?)?,
+                    step_seconds: row.try_get("step_seconds")?,
+                    bucket_start: from_ms(row.try_get("bucket_start")?),
+                    samples: row.try_get("samples")?,
+                    cpu_percent_avg: row.try_get("cpu_percent_avg")?,
+                    cpu_percent_max: row.try_get("cpu_percent_max")?,
+                    load_1_avg: row.try_get("load_1_avg")?,
+                    memory_used_bytes_avg: row.try_get("memory_used_bytes_avg")?,
+                    memory_total_bytes: row.try_get("memory_total_bytes")?,
+                    swap_used_bytes_avg: row.try_get("swap_used_bytes_avg")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn compute_rollups(&self, step_seconds: i64, now: DateTime<Utc>) -> StoreResult<u64> {
+        let step_ms = step_seconds.max(1) * 1000;
+        let job = format!("rollup:{step_seconds}");
+        let mut tx = self.pool.begin().await?;
+        // Write first: take the write lock before reading the watermark.
+        sqlx::query("INSERT INTO job_state (name, value) VALUES (?, 0) ON CONFLICT (name) DO NOTHING")
+            .bind(&job)
+            .execute(&mut *tx)
+            .await?;
+        let watermark: i64 = sqlx::query_scalar("SELECT value FROM job_state WHERE name = ?")
+            .bind(&job)
+            .fetch_one(&mut *tx)
+            .await?;
+        let until = ms(now);
+        let written = sqlx::query(
+            "INSERT INTO metric_rollups (server_id, step_seconds, bucket_start, samples, cpu_percent_avg,
+                 cpu_percent_max, load_1_avg, memory_used_bytes_avg, memory_total_bytes, swap_used_bytes_avg)
+             SELECT m.server_id, ?1, (m.ts / ?2) * ?2, COUNT(*), AVG(m.cpu_percent), MAX(m.cpu_percent),
+                    AVG(m.load_1), AVG(m.memory_used_bytes), MAX(m.memory_total_bytes), AVG(m.swap_used_bytes)
+             FROM metrics m
+             JOIN (SELECT DISTINCT server_id, (ts / ?2) * ?2 AS bucket FROM metrics
+                   WHERE received_at >= ?3 AND received_at < ?4) t
+               ON m.server_id = t.server_id AND m.ts >= t.bucket AND m.ts < t.bucket + ?2
+             WHERE 1
+             GROUP BY m.server_id, (m.ts / ?2) * ?2
+             ON CONFLICT (server_id, step_seconds, bucket_start) DO UPDATE SET
+                 samples = excluded.samples, cpu_percent_avg = excluded.cpu_percent_avg,
+                 cpu_percent_max = excluded.cpu_percent_max, load_1_avg = excluded.load_1_avg,
+                 memory_used_bytes_avg = excluded.memory_used_bytes_avg,
+                 memory_total_bytes = excluded.memory_total_bytes, swap_used_bytes_avg = excluded.swap_used_bytes_avg",
+        )
+        .bind(step_seconds)
+        .bind(step_ms)
+        .bind(watermark)
+        .bind(until)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE job_state SET value = MAX(value, ?) WHERE name = ?")
+            .bind(until)
+            .bind(&job)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    async fn prune_metrics(
+        &self,
+        raw_before: DateTime<Utc>,
+        rollups_before: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let raw = sqlx::query("DELETE FROM metrics WHERE ts < ?")
+            .bind(ms(raw_before))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        let rollups = sqlx::query("DELETE FROM metric_rollups WHERE bucket_start < ?")
+            .bind(ms(rollups_before))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(raw + rollups)
+    }
+
+    async fn container_set(&self, server_id: Uuid) -> StoreResult<Option<ContainerSet>> {
+        let sets = self.container_sets(Some(server_id), &[]).await?;
+        Ok(sets.into_iter().next())
+    }
+
+    async fn latest_metrics(&self, scope: &[Uuid]) -> StoreResult<Vec<MetricsRecord>> {
+        let mut builder = QueryBuilder::new(format!(
+            "SELECT {METRICS_COLUMNS_QUALIFIED} FROM metrics m
+             JOIN (SELECT l.server_id, MAX(l.seq) AS seq FROM metrics l
+                   JOIN servers s ON s.id = l.server_id WHERE s.deleted_at IS NULL"
+        ));
+        push_scope(&mut builder, "s.organization_id", scope);
+        builder.push(
+            " GROUP BY l.server_id) latest ON m.server_id = latest.server_id AND m.seq = latest.seq ORDER BY m.server_id",
+        );
+        let rows = builder.build().fetch_all(&self.pool).await?;
+        rows.iter().map(metrics_from_row).collect()
+    }
+
+    async fn latest_container_sets(&self, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>> {
+        self.container_sets(None, scope).await
+    }
 }
 
 const ORGANIZATION_COLUMNS: &str =
@@ -836,4 +1083,94 @@ async fn insert_certificate(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+const METRICS_COLUMNS: &str = "server_id, seq, ts, cpu_percent, load_1, load_5, load_15, memory_used_bytes, \
+     memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core, disks, networks, uptime_seconds, \
+     process_count, dropped_batches";
+const METRICS_COLUMNS_QUALIFIED: &str = "m.server_id, m.seq, m.ts, m.cpu_percent, m.load_1, m.load_5, m.load_15, \
+     m.memory_used_bytes, m.memory_total_bytes, m.swap_used_bytes, m.swap_total_bytes, m.cpu_per_core, m.disks, \
+     m.networks, m.uptime_seconds, m.process_count, m.dropped_batches";
+
+fn metrics_from_row(row: &SqliteRow) -> StoreResult<MetricsRecord> {
+    Ok(MetricsRecord {
+        server_id: uuid(row.try_get("server_id")?)?,
+        seq: row.try_get("seq")?,
+        ts: from_ms(row.try_get("ts")?),
+        cpu_percent: row.try_get("cpu_percent")?,
+        load_1: row.try_get("load_1")?,
+        load_5: row.try_get("load_5")?,
+        load_15: row.try_get("load_15")?,
+        memory_used_bytes: row.try_get("memory_used_bytes")?,
+        memory_total_bytes: row.try_get("memory_total_bytes")?,
+        swap_used_bytes: row.try_get("swap_used_bytes")?,
+        swap_total_bytes: row.try_get("swap_total_bytes")?,
+        cpu_per_core: json(row.try_get("cpu_per_core")?)?,
+        disks: json(row.try_get("disks")?)?,
+        networks: json(row.try_get("networks")?)?,
+        uptime_seconds: row.try_get("uptime_seconds")?,
+        process_count: row.try_get("process_count")?,
+        dropped_batches: row.try_get("dropped_batches")?,
+    })
+}
+
+impl SqliteStore {
+    /// Container reports of one server, or of every live server in `scope`.
+    async fn container_sets(&self, server_id: Option<Uuid>, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>> {
+        let mut builder = QueryBuilder::new(
+            "SELECT r.server_id, r.seq, r.docker_version, r.error, r.updated_at FROM container_reports r
+             JOIN servers s ON s.id = r.server_id WHERE s.deleted_at IS NULL",
+        );
+        match server_id {
+            Some(id) => {
+                builder.push(" AND r.server_id = ").push_bind(id.to_string());
+            }
+            None => push_scope(&mut builder, "s.organization_id", scope),
+        }
+        builder.push(" ORDER BY r.server_id");
+        let reports = builder.build().fetch_all(&self.pool).await?;
+        let mut sets = Vec::with_capacity(reports.len());
+        for report in reports {
+            let id: String = report.try_get("server_id")?;
+            let rows = sqlx::query(
+                "SELECT container_id, name, image, state, health, restart_count, started_at, cpu_percent,
+                        memory_usage_bytes, memory_limit_bytes, net_rx_bytes, net_tx_bytes, block_read_bytes,
+                        block_write_bytes
+                 FROM containers WHERE server_id = ? ORDER BY name",
+            )
+            .bind(&id)
+            .fetch_all(&self.pool)
+            .await?;
+            let containers = rows
+                .iter()
+                .map(|row| {
+                    Ok(ContainerRecord {
+                        container_id: row.try_get("container_id")?,
+                        name: row.try_get("name")?,
+                        image: row.try_get("image")?,
+                        state: row.try_get("state")?,
+                        health: row.try_get("health")?,
+                        restart_count: row.try_get("restart_count")?,
+                        started_at: row.try_get("started_at")?,
+                        cpu_percent: row.try_get("cpu_percent")?,
+                        memory_usage_bytes: row.try_get("memory_usage_bytes")?,
+                        memory_limit_bytes: row.try_get("memory_limit_bytes")?,
+                        net_rx_bytes: row.try_get("net_rx_bytes")?,
+                        net_tx_bytes: row.try_get("net_tx_bytes")?,
+                        block_read_bytes: row.try_get("block_read_bytes")?,
+                        block_write_bytes: row.try_get("block_write_bytes")?,
+                    })
+                })
+                .collect::<StoreResult<Vec<_>>>()?;
+            sets.push(ContainerSet {
+                server_id: uuid(&id)?,
+                seq: report.try_get("seq")?,
+                docker_version: report.try_get("docker_version")?,
+                error: report.try_get("error")?,
+                updated_at: from_ms(report.try_get("updated_at")?),
+                containers,
+            });
+        }
+        Ok(sets)
+    }
 }

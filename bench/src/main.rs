@@ -1,0 +1,77 @@
+//! `tether-bench`: Tether's benchmarks.
+//!
+//! * `fleet` — N simulated agents (real keys, real enrollment, real mutual-TLS
+//!   QUIC sessions) against one real `tether serve`, with an HTTP+JSON
+//!   ingestion baseline of the same reports in the same run.
+//! * `http-baseline-server` — the baseline's server process (started by `fleet`).
+//! * `footprint` — the idle footprint of `tether-agent` next to
+//!   prometheus-node-exporter.
+//! * `summary` — the tables of result files written with `--json-out`.
+//!
+//! See bench/README.md and docs/performance.md.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod control_plane;
+mod fleet;
+mod footprint;
+mod http_baseline;
+mod procfs;
+mod report;
+mod summary;
+
+#[derive(Parser)]
+#[command(
+    name = "tether-bench",
+    about = "Tether benchmarks: fleet simulator and agent footprint"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Simulated fleet against a real control plane (plus the HTTP+JSON baseline).
+    Fleet(fleet::FleetArgs),
+    /// The HTTP+JSON baseline server (started by `fleet`).
+    HttpBaselineServer(http_baseline::ServerArgs),
+    /// Idle footprint of tether-agent and prometheus-node-exporter.
+    Footprint(footprint::FootprintArgs),
+    /// Prints the tables of result files written with --json-out.
+    Summary(summary::SummaryArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tether_certs::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Fleet(args) => fleet::run(args).await.map(|_| ()),
+            Command::HttpBaselineServer(args) => http_baseline::serve(args).await,
+            Command::Footprint(args) => footprint::run(args).await.map(|_| ()),
+            Command::Summary(args) => summary::run(args),
+        }
+    });
+    // Tasks still holding connections are dropped with the runtime.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
