@@ -302,7 +302,10 @@ mod tests {
         assert!(config.docker.enabled);
         assert_eq!(config.docker.socket, "/var/run/docker.sock");
         let tiny = Config::parse("[spool]\nmax_bytes = 10").unwrap_err();
-        assert!(tiny.starts_with("line 2:") && tiny.contains("at least"), "{tiny}");
+        assert!(
+            tiny.starts_with("line 2:") && tiny.contains("at least"),
+            "{tiny}"
+        );
         let typo = Config::parse("[docker]\nsokcet = \"/x\"").unwrap_err();
         assert!(typo.contains("sokcet"), "{typo}");
         let typo = Config::parse("[spool]\nmax_byte = 100000").unwrap_err();

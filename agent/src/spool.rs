@@ -137,7 +137,11 @@ impl Spool {
     /// Hands out the next sequence number, persisting the counter first.
     pub fn allocate_seq(&mut self) -> Result<u64, SpoolError> {
         let seq = self.next_seq;
-        write_atomic(&self.dir, NEXT_SEQ_FILE, format!("{}\n", seq + 1).as_bytes())?;
+        write_atomic(
+            &self.dir,
+            NEXT_SEQ_FILE,
+            format!("{}\n", seq + 1).as_bytes(),
+        )?;
         self.next_seq = seq + 1;
         Ok(seq)
     }
@@ -204,7 +208,11 @@ impl Spool {
 
     fn count_dropped(&mut self, count: u64) -> Result<(), SpoolError> {
         self.dropped += count;
-        write_atomic(&self.dir, DROPPED_FILE, format!("{}\n", self.dropped).as_bytes())
+        write_atomic(
+            &self.dir,
+            DROPPED_FILE,
+            format!("{}\n", self.dropped).as_bytes(),
+        )
     }
 
     fn remove(&mut self, seq: u64) {
@@ -435,7 +443,11 @@ mod tests {
         fs::write(dir.join(batch_name(1)), b"\xff\xff\xff not postcard").unwrap();
         fs::write(dir.join(batch_name(2)), b"").unwrap();
         // A valid batch under the wrong name is not trusted either.
-        fs::write(dir.join(batch_name(3)), postcard::to_stdvec(&batch(9)).unwrap()).unwrap();
+        fs::write(
+            dir.join(batch_name(3)),
+            postcard::to_stdvec(&batch(9)).unwrap(),
+        )
+        .unwrap();
         fs::write(dir.join(".00000000000000000005.batch.tmp"), b"half").unwrap();
         fs::write(dir.join("notes.txt"), b"left alone").unwrap();
 

@@ -70,7 +70,9 @@ impl Outbox {
     pub fn spool(&self) -> MutexGuard<'_, Spool> {
         // A panic while holding the lock leaves the spool's files consistent
         // (each operation is atomic on disk), so the guard is still usable.
-        self.spool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.spool
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -104,12 +106,7 @@ impl Telemetry {
             .docker
             .enabled
             .then(|| DockerCollector::new(config.docker.socket.clone()));
-        let task = tokio::spawn(collect_loop(
-            outbox.clone(),
-            docker,
-            interval_rx,
-            shutdown,
-        ));
+        let task = tokio::spawn(collect_loop(outbox.clone(), docker, interval_rx, shutdown));
         Ok(Self {
             outbox,
             interval,
@@ -130,7 +127,8 @@ impl Telemetry {
             // Welcome.
             let dir = self.outbox.spool().dir().to_path_buf();
             let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
-            if let Err(err) = spool::write_atomic(&dir, INTERVAL_FILE, format!("{ms}\n").as_bytes()) {
+            if let Err(err) = spool::write_atomic(&dir, INTERVAL_FILE, format!("{ms}\n").as_bytes())
+            {
                 tracing::warn!("cannot remember the metrics interval: {err}");
             }
         }
@@ -176,10 +174,7 @@ async fn collect_loop(
     let mut last = Instant::now();
     let mut due = last + interval;
     let mut watching = true;
-    tracing::debug!(
-        "collecting metrics every {}",
-        format_duration(interval)
-    );
+    tracing::debug!("collecting metrics every {}", format_duration(interval));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -250,7 +245,10 @@ enum DeliveryError {
 }
 
 /// Opens a stream and writes the batch on it.
-async fn send(connection: &quinn::Connection, batch: MetricsBatch) -> Result<AgentStream, DeliveryError> {
+async fn send(
+    connection: &quinn::Connection,
+    batch: MetricsBatch,
+) -> Result<AgentStream, DeliveryError> {
     let mut stream = AgentStream::open(connection).await?;
     stream.send(&AgentMessage::MetricsBatch(batch)).await?;
     stream.finish()?;
@@ -389,7 +387,12 @@ mod tests {
         let pending = telemetry.outbox().spool().pending();
         assert!(pending.len() >= 2, "{pending:?}");
         assert_eq!(pending[0], 1);
-        let batch = telemetry.outbox().spool().load(pending[1]).unwrap().unwrap();
+        let batch = telemetry
+            .outbox()
+            .spool()
+            .load(pending[1])
+            .unwrap()
+            .unwrap();
         assert_eq!(batch.seq, 2);
         assert_eq!(batch.containers, None, "Docker disabled");
         assert!(batch.system.memory_total_bytes > 0);
@@ -415,7 +418,8 @@ mod tests {
         telemetry.set_interval_ms(5_000);
         shutdown.cancel();
         telemetry.stopped().await;
-        let telemetry = Telemetry::start(root.path(), &config(false), CancellationToken::new()).unwrap();
+        let telemetry =
+            Telemetry::start(root.path(), &config(false), CancellationToken::new()).unwrap();
         assert_eq!(*telemetry.interval.borrow(), Duration::from_secs(5));
     }
 }

@@ -122,3 +122,38 @@ pub fn raise_nofile_limit() -> u64 {
     }
     limit.rlim_cur
 }
+
+/// Busy and total CPU time of the whole machine, in seconds of one core
+/// (from the first line of `/proc/stat`).
+pub fn machine_cpu_seconds() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let values: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = values.iter().take(8).sum();
+    let idle = values.get(3)? + values.get(4).copied().unwrap_or(0.0);
+    let ticks = ticks_per_second();
+    Some(((total - idle) / ticks, total / ticks))
+}
+
+/// A reading of the whole machine's CPU at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineMark {
+    busy: f64,
+}
+
+impl MachineMark {
+    pub fn now() -> Self {
+        Self {
+            busy: machine_cpu_seconds().map(|(busy, _)| busy).unwrap_or(0.0),
+        }
+    }
+
+    /// CPU seconds the whole machine was busy since `earlier`.
+    pub fn busy_since(&self, earlier: &MachineMark) -> f64 {
+        (self.busy - earlier.busy).max(0.0)
+    }
+}

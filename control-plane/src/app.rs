@@ -96,8 +96,6 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     crate::fsutil::create_private_dir(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let sealer = crate::rotate::load_sealer(&config.master_key_file)?;
-    let master = sealer.current().clone();
-    let tokens = TokenAuthority::new(&master);
     let store = crate::store::open(&config.database_url)
         .await
         .with_context(|| {
@@ -106,6 +104,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
                 crate::store::redact_url(&config.database_url)
             )
         })?;
+    let tokens = TokenAuthority::new(&instance_secret(&*store, &sealer, "api-token-signing").await?);
+    let quic_secret = instance_secret(&*store, &sealer, "quic-keys").await?;
 
     let (instance, admin_token) = initialise_instance(&*store, &config, &sealer, &tokens).await?;
     let admin_token_file = match admin_token {
@@ -150,7 +150,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     let endpoint = tether_transport::server_endpoint(
         config.quic_listen,
         tls,
-        &master.derive("tether/quic-stateless-reset/v1"),
+        &quic_secret,
     )?;
     let quic_addr = endpoint
         .local_addr()
@@ -236,6 +236,19 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         tasks,
         endpoint,
     })
+}
+
+/// The instance secret called `name` (32 random bytes), created sealed in
+/// the store on first use.
+async fn instance_secret(store: &dyn Store, sealer: &Sealer, name: &str) -> anyhow::Result<Vec<u8>> {
+    let context = crate::store::instance_secret_context(name);
+    let candidate: [u8; 32] = rand::random();
+    let sealed = store
+        .ensure_instance_secret(name, &sealer.seal(&candidate, &context))
+        .await?;
+    sealer
+        .open(&sealed, &context)
+        .with_context(|| format!("opening the instance secret {name} (is this the master key the database was initialised with?)"))
 }
 
 /// Loads the instance, or creates it (CA, root organization, admin token) on

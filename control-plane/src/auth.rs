@@ -1,7 +1,8 @@
 //! Admin API tokens: JWTs signed by the control plane, and scopes.
 //!
-//! Tokens are HS256 JWTs whose key is derived from the master key, so every
-//! replica sharing the master key verifies them. The algorithm is pinned
+//! Tokens are HS256 JWTs signed with a random instance secret kept sealed in
+//! the store, so every replica verifies them and rotating the master key
+//! leaves them valid. The algorithm is pinned
 //! (`none` and any other algorithm are refused). Each token carries its
 //! organization, scopes and id (`jti`); the id's row in the store is checked on
 //! every request, so revocation takes effect at once on every replica.
@@ -11,7 +12,6 @@ use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::secrets::MasterKey;
 
 /// Issuer claim of every token.
 const ISSUER: &str = "tether";
@@ -92,11 +92,11 @@ impl std::fmt::Debug for TokenAuthority {
 }
 
 impl TokenAuthority {
-    pub fn new(master: &MasterKey) -> Self {
-        let key = master.derive("tether/api-token-signing/v1");
+    /// An authority signing with `secret` (at least 32 random bytes).
+    pub fn new(secret: &[u8]) -> Self {
         Self {
-            encoding: EncodingKey::from_secret(&key),
-            decoding: DecodingKey::from_secret(&key),
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
         }
     }
 
@@ -142,7 +142,8 @@ mod tests {
     use base64::Engine;
 
     fn authority() -> TokenAuthority {
-        TokenAuthority::new(&MasterKey::generate())
+        let secret: [u8; 32] = rand::random();
+        TokenAuthority::new(&secret)
     }
 
     #[test]

@@ -5,16 +5,14 @@
 //! key. A sealed value carries the id of the key that sealed it
 //! (`v1:<key-id>:<base64 nonce||ciphertext>`), so the master key can rotate:
 //! values sealed under an older key stay readable while they are re-sealed.
-//! The master key is also the root from which purpose-specific keys are
-//! derived (API token signing, QUIC stateless resets), so replicas sharing one
-//! master key agree on all of them.
+//! Random instance secrets (API token signing, QUIC reset keys) are sealed
+//! like any other secret, so rotating the master key keeps them.
 
 use std::path::Path;
 
 use aes_gcm::aead::{Aead, KeyInit, OsRng};
 use aes_gcm::{AeadCore, Aes256Gcm, Key, Nonce};
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -107,14 +105,6 @@ impl MasterKey {
             .try_into()
             .map_err(|_| SecretError::MalformedKey(path.display().to_string()))?;
         Ok(Self::from_bytes(bytes))
-    }
-
-    /// A key for one purpose, derived with HMAC-SHA256(master, purpose).
-    pub fn derive(&self, purpose: &str) -> [u8; 32] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.bytes)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-        mac.update(purpose.as_bytes());
-        mac.finalize().into_bytes().into()
     }
 
     fn cipher(&self) -> Aes256Gcm {

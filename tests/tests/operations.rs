@@ -25,7 +25,7 @@ async fn rotating_the_master_key_reseals_the_ca_key_and_the_control_plane_still_
 
     let (ok, out) = tether(&["rotate-master-key", "--data-dir", data.to_str().unwrap()]);
     assert!(ok, "rotation failed: {out}");
-    assert!(out.contains("1 secrets re-sealed"), "{out}");
+    assert!(out.contains("3 secrets re-sealed"), "{out}");
     let new_key = std::fs::read_to_string(data.join("master.key")).unwrap();
     assert_ne!(old_key, new_key);
     assert_eq!(std::fs::read_to_string(data.join("master.key.previous")).unwrap(), old_key);

@@ -236,7 +236,9 @@ impl DockerCollector {
                 let container = &containers[i];
                 match self.known.get(&container.id) {
                     Some(known) => {
-                        known.inspected_tick.is_none_or(|at| tick >= at + REINSPECT_EVERY)
+                        known
+                            .inspected_tick
+                            .is_none_or(|at| tick >= at + REINSPECT_EVERY)
                             || known.state != container.state
                             || container.state == "restarting"
                             || restarted.contains(&container.id)
@@ -497,7 +499,8 @@ mod tests {
         let too_new = "client version 1.53 is too new. Maximum supported API version is 1.41";
         let version = supported_version(too_new).unwrap();
         assert_eq!((version.major_version, version.minor_version), (1, 41));
-        let too_old = "client version 1.41 is too old. Minimum supported API version is 1.44, please upgrade";
+        let too_old =
+            "client version 1.41 is too old. Minimum supported API version is 1.44, please upgrade";
         let version = supported_version(too_old).unwrap();
         assert_eq!((version.major_version, version.minor_version), (1, 44));
         let too_old = "client version 1.41 is too old. Minimum supported API version is 1.44.";

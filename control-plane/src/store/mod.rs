@@ -259,11 +259,18 @@ pub struct AuditRecord {
 /// Sealing context of the instance's CA key.
 pub const INSTANCE_CA_KEY_CONTEXT: &str = "instance/ca-key";
 
+/// Sealing context of the instance secret called `name`.
+pub fn instance_secret_context(name: &str) -> String {
+    format!("instance/secret/{name}")
+}
+
 /// Kinds of values sealed under the master key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SealedKind {
     /// The CA private key of the instance.
     InstanceCaKey,
+    /// A random secret of the instance (see `Store::ensure_instance_secret`).
+    InstanceSecret,
 }
 
 /// A sealed value as stored, for re-sealing under a new master key.
@@ -481,6 +488,11 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
         at: DateTime<Utc>,
     ) -> StoreResult<bool>;
+
+    /// The sealed instance secret called `name`: stores `candidate` if there
+    /// is none yet, and returns whichever value is stored (so replicas racing
+    /// at first start agree on one).
+    async fn ensure_instance_secret(&self, name: &str, candidate: &str) -> StoreResult<String>;
 
     /// Every value sealed under the master key.
     async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>>;

@@ -784,12 +784,24 @@ impl Store for PostgresStore {
         Ok(revoked == 1)
     }
 
+    async fn ensure_instance_secret(&self, name: &str, candidate: &str) -> StoreResult<String> {
+        sqlx::query("INSERT INTO instance_secrets (name, sealed) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(candidate)
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query_scalar("SELECT sealed FROM instance_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>> {
         let sealed: Vec<String> =
             sqlx::query_scalar("SELECT ca_key_sealed FROM instance WHERE id = 1")
                 .fetch_all(&self.pool)
                 .await?;
-        Ok(sealed
+        let mut secrets: Vec<SealedSecret> = sealed
             .into_iter()
             .map(|sealed| SealedSecret {
                 kind: SealedKind::InstanceCaKey,
@@ -797,7 +809,20 @@ impl Store for PostgresStore {
                 context: INSTANCE_CA_KEY_CONTEXT.into(),
                 sealed,
             })
-            .collect())
+            .collect();
+        let named = sqlx::query("SELECT name, sealed FROM instance_secrets ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        for row in named {
+            let name: String = row.try_get("name")?;
+            secrets.push(SealedSecret {
+                kind: SealedKind::InstanceSecret,
+                context: instance_secret_context(&name),
+                id: name,
+                sealed: row.try_get("sealed")?,
+            });
+        }
+        Ok(secrets)
     }
 
     async fn replace_sealed_secret(
@@ -806,6 +831,15 @@ impl Store for PostgresStore {
         resealed: &str,
     ) -> StoreResult<bool> {
         let replaced = match secret.kind {
+            SealedKind::InstanceSecret => {
+                sqlx::query("UPDATE instance_secrets SET sealed = $1 WHERE name = $2 AND sealed = $3")
+                    .bind(resealed)
+                    .bind(&secret.id)
+                    .bind(&secret.sealed)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected()
+            }
             SealedKind::InstanceCaKey => sqlx::query(
                 "UPDATE instance SET ca_key_sealed = $1 WHERE id = 1 AND ca_key_sealed = $2",
             )

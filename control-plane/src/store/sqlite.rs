@@ -770,12 +770,24 @@ impl Store for SqliteStore {
         Ok(builder.build().execute(&self.pool).await?.rows_affected() == 1)
     }
 
+    async fn ensure_instance_secret(&self, name: &str, candidate: &str) -> StoreResult<String> {
+        sqlx::query("INSERT INTO instance_secrets (name, sealed) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(candidate)
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query_scalar("SELECT sealed FROM instance_secrets WHERE name = ?")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>> {
         let rows: Vec<String> =
             sqlx::query_scalar("SELECT ca_key_sealed FROM instance WHERE id = 1")
                 .fetch_all(&self.pool)
                 .await?;
-        Ok(rows
+        let mut secrets: Vec<SealedSecret> = rows
             .into_iter()
             .map(|sealed| SealedSecret {
                 kind: SealedKind::InstanceCaKey,
@@ -783,7 +795,20 @@ impl Store for SqliteStore {
                 context: INSTANCE_CA_KEY_CONTEXT.into(),
                 sealed,
             })
-            .collect())
+            .collect();
+        let named = sqlx::query("SELECT name, sealed FROM instance_secrets ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        for row in named {
+            let name: String = row.try_get("name")?;
+            secrets.push(SealedSecret {
+                kind: SealedKind::InstanceSecret,
+                context: instance_secret_context(&name),
+                id: name,
+                sealed: row.try_get("sealed")?,
+            });
+        }
+        Ok(secrets)
     }
 
     async fn replace_sealed_secret(
@@ -792,6 +817,14 @@ impl Store for SqliteStore {
         resealed: &str,
     ) -> StoreResult<bool> {
         let result = match secret.kind {
+            SealedKind::InstanceSecret => {
+                sqlx::query("UPDATE instance_secrets SET sealed = ? WHERE name = ? AND sealed = ?")
+                    .bind(resealed)
+                    .bind(&secret.id)
+                    .bind(&secret.sealed)
+                    .execute(&self.pool)
+                    .await?
+            }
             SealedKind::InstanceCaKey => {
                 sqlx::query(
                     "UPDATE instance SET ca_key_sealed = ? WHERE id = 1 AND ca_key_sealed = ?",
