@@ -139,6 +139,9 @@ pub struct IdleResult {
     pub window_seconds: f64,
     /// Control-plane RSS before any agent enrolled (tokens created).
     pub cp_rss_before_kib: u64,
+    /// Control-plane RSS after every agent enrolled (enrollment connections
+    /// closed), before any session.
+    pub cp_rss_after_enrollment_kib: u64,
     pub cp_rss_connected_kib: u64,
     pub cp_pss_connected_kib: Option<u64>,
     /// (RSS connected - RSS before) / agents.
@@ -152,6 +155,10 @@ pub struct IdleResult {
     /// UDP payload bytes (both directions) per agent per minute while idle.
     pub udp_bytes_per_agent_per_minute: f64,
     pub heartbeats_sent: u64,
+    /// The whole machine's busy CPU during the window, % of one core (200 =
+    /// both cores); other = machine - control plane - simulator - PostgreSQL.
+    pub machine_cpu_percent: f64,
+    pub other_processes_cpu_percent: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -175,7 +182,12 @@ pub struct LoadResult {
     pub udp_datagrams_per_report: f64,
     /// UDP payload + 28 bytes of IPv4/UDP header per datagram.
     pub ip_bytes_per_report: f64,
+    /// The same, less the idle traffic (keep-alives, heartbeats) the fleet
+    /// would have sent anyway during the load phase.
+    pub ip_bytes_per_report_net_of_idle: f64,
     pub lost_packets: u64,
+    pub machine_cpu_percent: f64,
+    pub other_processes_cpu_percent: f64,
     pub cp_rss_after_kib: u64,
     pub cp_peak_rss_kib: u64,
     pub stored_points_checked: Option<String>,
@@ -405,6 +417,7 @@ struct Sample {
     cp: CpuMark,
     client: CpuMark,
     db: Option<CpuMark>,
+    machine: procfs::MachineMark,
 }
 
 fn per_item_ms(cpu_seconds: f64, items: u64) -> f64 {
@@ -613,6 +626,9 @@ async fn run_with(
             .unwrap_or_default()
     );
 
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after_enrollment = procfs::status_kib(cp_pid, "VmRSS").unwrap_or(0);
+
     // 3. Sessions with the agents' certificates: Hello -> Welcome.
     let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
@@ -679,20 +695,36 @@ async fn run_with(
     // 4. Idle: everyone connected, heartbeats and keep-alives only.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let idle_cp = CpuMark::of(cp_pid);
+    let idle_client = CpuMark::of(self_pid);
+    let idle_machine = procfs::MachineMark::now();
     let idle_db = is_pg.then(|| CpuMark::of_name("postgres"));
     let idle_udp = udp_totals(&sessions);
     let heartbeats_before = counters.heartbeats.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
     let idle_cp_end = CpuMark::of(cp_pid);
+    let idle_client_end = CpuMark::of(self_pid);
+    let idle_machine_end = procfs::MachineMark::now();
     let idle_db_end = is_pg.then(|| CpuMark::of_name("postgres"));
     let idle_udp_end = udp_totals(&sessions);
     let rss_connected = procfs::status_kib(cp_pid, "VmRSS").unwrap_or(0);
     let idle_window = idle_cp_end.at.duration_since(idle_cp.at).as_secs_f64();
     let cp_idle_percent = idle_cp_end.percent_since(&idle_cp);
+    let idle_db_cpu = idle_db
+        .zip(idle_db_end)
+        .map(|(a, b)| b.cpu_since(&a))
+        .unwrap_or(0.0);
+    let idle_machine_percent = 100.0 * idle_machine_end.busy_since(&idle_machine) / idle_window;
+    let idle_other_percent = idle_machine_percent
+        - 100.0
+            * (idle_cp_end.cpu_since(&idle_cp)
+                + idle_client_end.cpu_since(&idle_client)
+                + idle_db_cpu)
+            / idle_window;
     let idle = IdleResult {
         connected_agents: connected_count,
         window_seconds: idle_window,
         cp_rss_before_kib: rss_before,
+        cp_rss_after_enrollment_kib: rss_after_enrollment,
         cp_rss_connected_kib: rss_connected,
         cp_pss_connected_kib: procfs::pss_kib(cp_pid),
         kib_per_agent_marginal: rss_connected.saturating_sub(rss_before) as f64
@@ -705,7 +737,14 @@ async fn run_with(
             / connected_count as f64
             / (idle_window / 60.0),
         heartbeats_sent: counters.heartbeats.load(Ordering::Relaxed) - heartbeats_before,
+        machine_cpu_percent: idle_machine_percent,
+        other_processes_cpu_percent: idle_other_percent.max(0.0),
     };
+    let idle_ip_bytes_per_agent_second = ((idle_udp_end.bytes - idle_udp.bytes)
+        + 28 * (idle_udp_end.datagrams - idle_udp.datagrams))
+        as f64
+        / connected_count as f64
+        / idle_window.max(1e-9);
     println!(
         "idle: {} agents connected; control plane RSS {} KiB (was {} KiB before enrollment) = {:.1} KiB/agent marginal, {:.1} KiB/agent total; CPU {:.2} % of one core ({:.3} % per 1,000 agents){}",
         connected_count,
@@ -732,6 +771,7 @@ async fn run_with(
         cp: CpuMark::of(cp_pid),
         client: CpuMark::of(self_pid),
         db: is_pg.then(|| CpuMark::of_name("postgres")),
+        machine: procfs::MachineMark::now(),
     };
     let mut samples = vec![sample(&counters)];
     let mut report_tasks = tokio::task::JoinSet::new();
@@ -804,6 +844,15 @@ async fn run_with(
             v as f64 / acked as f64
         }
     };
+    let idle_share = idle_ip_bytes_per_agent_second * connected_count as f64 * load_seconds;
+    let window_machine = last.machine.busy_since(&first.machine);
+    let window_ours = last.cp.cpu_since(&first.cp)
+        + last.client.cpu_since(&first.client)
+        + first
+            .db
+            .zip(last.db)
+            .map(|(a, b)| b.cpu_since(&a))
+            .unwrap_or(0.0);
     // Check one agent's points really are in the store.
     let stored_points_checked = match sessions.first() {
         Some(s) => {
@@ -845,7 +894,15 @@ async fn run_with(
         udp_payload_bytes_per_report: per_report(udp_bytes),
         udp_datagrams_per_report: per_report(udp_datagrams),
         ip_bytes_per_report: per_report(udp_bytes + 28 * udp_datagrams),
+        ip_bytes_per_report_net_of_idle: if acked == 0 {
+            0.0
+        } else {
+            ((udp_bytes + 28 * udp_datagrams) as f64 - idle_share).max(0.0) / acked as f64
+        },
         lost_packets: load_udp_end.lost - load_udp.lost,
+        machine_cpu_percent: 100.0 * window_machine / window.max(1e-9),
+        other_processes_cpu_percent: (100.0 * (window_machine - window_ours) / window.max(1e-9))
+            .max(0.0),
         cp_rss_after_kib: procfs::status_kib(cp_pid, "VmRSS").unwrap_or(0),
         cp_peak_rss_kib: procfs::status_kib(cp_pid, "VmHWM").unwrap_or(0),
         stored_points_checked,

@@ -266,7 +266,7 @@ async fn stats(State(app): State<Arc<App>>) -> Json<ServerStats> {
 
 /// Creates the instance and `agents` enrolled servers in a fresh store;
 /// returns (bearer token, server id) pairs.
-async fn create_servers(
+pub(crate) async fn create_servers(
     store: &Arc<dyn Store>,
     agents: u32,
 ) -> anyhow::Result<Vec<(String, Uuid)>> {
@@ -428,6 +428,10 @@ pub struct HttpResult {
     pub ip_bytes_per_report: f64,
     pub tcp_connections: u64,
     pub server_peak_rss_kib: u64,
+    /// The whole machine's busy CPU during the window, % of one core.
+    pub machine_cpu_percent: f64,
+    /// Machine - server - clients - PostgreSQL, % of one core.
+    pub other_processes_cpu_percent: f64,
     pub first_error: Option<String>,
 }
 
@@ -567,6 +571,7 @@ async fn load(
         server: CpuMark,
         client: CpuMark,
         db: Option<CpuMark>,
+        machine: procfs::MachineMark,
     }
     let measure_pg = params.measure_postgres;
     let sample = |acked: &AtomicU64, finished: &AtomicU64| Sample {
@@ -576,6 +581,7 @@ async fn load(
         server: CpuMark::of(server_pid),
         client: CpuMark::of(self_pid),
         db: measure_pg.then(|| CpuMark::of_name("postgres")),
+        machine: procfs::MachineMark::now(),
     };
     let stats_start = server_stats(&stats_client, stats_url).await?;
     let start = Instant::now();
@@ -666,6 +672,14 @@ async fn load(
             v as f64 / total_acked as f64
         }
     };
+    let window_machine = last.machine.busy_since(&first.machine);
+    let window_ours = last.server.cpu_since(&first.server)
+        + last.client.cpu_since(&first.client)
+        + first
+            .db
+            .zip(last.db)
+            .map(|(a, b)| b.cpu_since(&a))
+            .unwrap_or(0.0);
     let request_bytes = stats_end.read - stats_start.read;
     let response_bytes = stats_end.written - stats_start.written;
     let http_bytes_per_report = per_report(request_bytes + response_bytes);
@@ -703,6 +717,9 @@ async fn load(
             + tcp_segments_per_report * TCP_IP_HEADER_BYTES as f64,
         tcp_connections: stats_closed.connections,
         server_peak_rss_kib: procfs::status_kib(server_pid, "VmHWM").unwrap_or(0),
+        machine_cpu_percent: 100.0 * window_machine / window.max(1e-9),
+        other_processes_cpu_percent: (100.0 * (window_machine - window_ours) / window.max(1e-9))
+            .max(0.0),
         first_error,
     })
 }

@@ -6,6 +6,8 @@
 //! * `http-baseline-server` — the baseline's server process (started by `fleet`).
 //! * `footprint` — the idle footprint of `tether-agent` next to
 //!   prometheus-node-exporter.
+//! * `store` — the store alone (`Store::ingest_metrics`), to tell the
+//!   database's share of the per-report cost from the transport's.
 //! * `summary` — the tables of result files written with `--json-out`.
 //!
 //! See bench/README.md and docs/performance.md.
@@ -20,6 +22,7 @@ mod footprint;
 mod http_baseline;
 mod procfs;
 mod report;
+mod store_bench;
 mod summary;
 
 #[derive(Parser)]
@@ -40,6 +43,8 @@ enum Command {
     HttpBaselineServer(http_baseline::ServerArgs),
     /// Idle footprint of tether-agent and prometheus-node-exporter.
     Footprint(footprint::FootprintArgs),
+    /// The store alone: realistic reports through Store::ingest_metrics.
+    Store(store_bench::StoreArgs),
     /// Prints the tables of result files written with --json-out.
     Summary(summary::SummaryArgs),
 }
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
             Command::Fleet(args) => fleet::run(args).await.map(|_| ()),
             Command::HttpBaselineServer(args) => http_baseline::serve(args).await,
             Command::Footprint(args) => footprint::run(args).await.map(|_| ()),
+            Command::Store(args) => store_bench::run(args).await.map(|_| ()),
             Command::Summary(args) => summary::run(args),
         }
     });

@@ -157,3 +157,16 @@ impl MachineMark {
         (self.busy - earlier.busy).max(0.0)
     }
 }
+
+/// CPU time of the calling thread, in seconds (exact, not in ticks).
+pub fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into a local timespec.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}

@@ -85,6 +85,15 @@ pub fn print_fleet(r: &FleetResult) {
         Some(r.idle.connected_agents >= GOAL_AGENTS),
     );
     row(
+        "control-plane RSS after enrollment, no session",
+        format!(
+            "{:.1} MiB",
+            r.idle.cp_rss_after_enrollment_kib as f64 / 1024.0
+        ),
+        "",
+        None,
+    );
+    row(
         "control-plane RSS, fleet connected and idle",
         format!("{:.1} MiB", r.idle.cp_rss_connected_kib as f64 / 1024.0),
         "",
@@ -122,6 +131,15 @@ pub fn print_fleet(r: &FleetResult) {
             None,
         );
     }
+    row(
+        "  machine CPU (other processes) during idle",
+        format!(
+            "{:.0} % ({:.0} %) of a core",
+            r.idle.machine_cpu_percent, r.idle.other_processes_cpu_percent
+        ),
+        "",
+        None,
+    );
     row(
         "idle traffic (keep-alives + heartbeats)",
         format!("{:.0} B/agent/min", r.idle.udp_bytes_per_agent_per_minute),
@@ -191,6 +209,21 @@ pub fn print_fleet(r: &FleetResult) {
         None,
     );
     row(
+        "  same, less idle keep-alive/heartbeat traffic",
+        format!("{:.0} B", r.load.ip_bytes_per_report_net_of_idle),
+        "",
+        None,
+    );
+    row(
+        "  machine CPU (other processes) during load",
+        format!(
+            "{:.0} % ({:.0} %) of a core",
+            r.load.machine_cpu_percent, r.load.other_processes_cpu_percent
+        ),
+        "",
+        None,
+    );
+    row(
         "control-plane peak RSS (VmHWM)",
         format!("{:.1} MiB", r.load.cp_peak_rss_kib as f64 / 1024.0),
         "",
@@ -200,6 +233,12 @@ pub fn print_fleet(r: &FleetResult) {
         row(
             "HTTP+JSON baseline: acked reports, sustained",
             format!("{:.0} reports/s", h.reports_per_second_sustained),
+            "",
+            None,
+        );
+        row(
+            "  server CPU during load",
+            format!("{:.0} % of a core", h.server_cpu_percent_of_core),
             "",
             None,
         );
@@ -234,6 +273,15 @@ pub fn print_fleet(r: &FleetResult) {
             format!(
                 "{:.0} B ({:.1} segs)",
                 h.ip_bytes_per_report, h.tcp_segments_per_report
+            ),
+            "",
+            None,
+        );
+        row(
+            "  machine CPU (other processes) during load",
+            format!(
+                "{:.0} % ({:.0} %) of a core",
+                h.machine_cpu_percent, h.other_processes_cpu_percent
             ),
             "",
             None,

@@ -104,7 +104,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
                 crate::store::redact_url(&config.database_url)
             )
         })?;
-    let tokens = TokenAuthority::new(&instance_secret(&*store, &sealer, "api-token-signing").await?);
+    let tokens =
+        TokenAuthority::new(&instance_secret(&*store, &sealer, "api-token-signing").await?);
     let quic_secret = instance_secret(&*store, &sealer, "quic-keys").await?;
 
     let (instance, admin_token) = initialise_instance(&*store, &config, &sealer, &tokens).await?;
@@ -147,11 +148,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         chain,
         tether_certs::authority::pem_to_private_key(&server_cert.key_pem)?,
     )?;
-    let endpoint = tether_transport::server_endpoint(
-        config.quic_listen,
-        tls,
-        &quic_secret,
-    )?;
+    let endpoint = tether_transport::server_endpoint(config.quic_listen, tls, &quic_secret)?;
     let quic_addr = endpoint
         .local_addr()
         .context("reading the QUIC listen address")?;
@@ -240,7 +237,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
 
 /// The instance secret called `name` (32 random bytes), created sealed in
 /// the store on first use.
-async fn instance_secret(store: &dyn Store, sealer: &Sealer, name: &str) -> anyhow::Result<Vec<u8>> {
+async fn instance_secret(
+    store: &dyn Store,
+    sealer: &Sealer,
+    name: &str,
+) -> anyhow::Result<Vec<u8>> {
     let context = crate::store::instance_secret_context(name);
     let candidate: [u8; 32] = rand::random();
     let sealed = store

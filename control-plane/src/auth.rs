@@ -12,7 +12,6 @@ use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-
 /// Issuer claim of every token.
 const ISSUER: &str = "tether";
 

@@ -40,9 +40,12 @@ pub async fn run_once(cp: &ControlPlane) -> Result<(), crate::store::StoreError>
             tracing::debug!(step, written, "rollups computed");
         }
     }
-    let raw_before = now - chrono::Duration::from_std(cp.config.metrics_retention).unwrap_or(chrono::Duration::days(7));
-    let rollups_before =
-        now - chrono::Duration::from_std(cp.config.rollup_retention).unwrap_or(chrono::Duration::days(90));
+    let raw_before = now
+        - chrono::Duration::from_std(cp.config.metrics_retention)
+            .unwrap_or(chrono::Duration::days(7));
+    let rollups_before = now
+        - chrono::Duration::from_std(cp.config.rollup_retention)
+            .unwrap_or(chrono::Duration::days(90));
     let pruned = cp.store.prune_metrics(raw_before, rollups_before).await?;
     if pruned > 0 {
         tracing::info!(pruned, "expired metrics removed");

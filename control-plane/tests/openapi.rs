@@ -151,7 +151,10 @@ async fn body_json(response: axum::response::Response) -> (StatusCode, Value) {
         .unwrap();
     if status.is_success() && is_text {
         // The Prometheus exposition: text by contract.
-        return (status, Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        return (
+            status,
+            Value::String(String::from_utf8_lossy(&bytes).into_owned()),
+        );
     }
     let value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
         panic!(

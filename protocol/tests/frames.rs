@@ -843,7 +843,12 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         small_bytes().prop_map(|csr_der| AgentMessage::RenewCertificate(
             CertificateRenewalRequest { csr_der }
         )),
-        (any::<u64>(), any::<u64>(), -1.0e6f32..1.0e6f32, proptest::option::of(small_string()))
+        (
+            any::<u64>(),
+            any::<u64>(),
+            -1.0e6f32..1.0e6f32,
+            proptest::option::of(small_string())
+        )
             .prop_map(|(seq, dropped_batches, cpu, version)| {
                 let mut batch = metrics_batch();
                 batch.seq = seq;

@@ -503,9 +503,16 @@ pub mod docker {
     pub const IMAGE: &str = "tether-test-busybox:local";
 
     fn docker(args: &[&str]) -> anyhow::Result<String> {
-        let output = Command::new("docker").args(args).output().context("running docker")?;
+        let output = Command::new("docker")
+            .args(args)
+            .output()
+            .context("running docker")?;
         if !output.status.success() {
-            bail!("docker {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "docker {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
     }
@@ -528,7 +535,10 @@ pub mod docker {
         }
         let status = Command::new("sh")
             .arg("-c")
-            .arg(format!("tar -C {} -c . | docker import - {IMAGE}", root.path().display()))
+            .arg(format!(
+                "tar -C {} -c . | docker import - {IMAGE}",
+                root.path().display()
+            ))
             .status()?;
         if !status.success() {
             bail!("docker import of {IMAGE} failed");
@@ -550,7 +560,10 @@ pub mod docker {
             let mut args = vec!["run", "-d", "--name", name, IMAGE];
             args.extend_from_slice(command);
             let id = docker(&args)?;
-            Ok(Self { name: name.to_string(), id })
+            Ok(Self {
+                name: name.to_string(),
+                id,
+            })
         }
     }
 
@@ -571,7 +584,9 @@ impl UdpCut {
     fn rule(action: &str, port: u16) -> anyhow::Result<()> {
         let port = port.to_string();
         let status = Command::new("iptables")
-            .args([action, "INPUT", "-i", "lo", "-p", "udp", "--dport", &port, "-j", "DROP"])
+            .args([
+                action, "INPUT", "-i", "lo", "-p", "udp", "--dport", &port, "-j", "DROP",
+            ])
             .status()
             .context("running iptables (root and the iptables package are needed)")?;
         if !status.success() {
@@ -594,9 +609,16 @@ impl Drop for UdpCut {
 }
 
 /// Raw metrics points of a server (oldest first), as the API serves them.
-pub async fn raw_points(cp: &ControlPlane, server_id: &str, from: &str) -> anyhow::Result<Vec<Value>> {
+pub async fn raw_points(
+    cp: &ControlPlane,
+    server_id: &str,
+    from: &str,
+) -> anyhow::Result<Vec<Value>> {
     let response = cp
-        .request(reqwest::Method::GET, &format!("/api/v1/servers/{server_id}/metrics"))
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/v1/servers/{server_id}/metrics"),
+        )
         .query(&[("from", from), ("limit", "10000")])
         .send()
         .await?

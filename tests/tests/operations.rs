@@ -8,7 +8,11 @@ use tether_tests::{binary, enrolled_running_agent, ControlPlane};
 
 fn tether(args: &[&str]) -> (bool, String) {
     let output = Command::new(binary("tether")).args(args).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     (output.status.success(), text)
 }
 
@@ -17,8 +21,12 @@ async fn rotating_the_master_key_reseals_the_ca_key_and_the_control_plane_still_
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("cp");
     let mut cp = ControlPlane::start(&data, &[]).await.unwrap();
-    let (_agent, server_id) = enrolled_running_agent(&cp, dir.path(), "before-rotation").await.unwrap();
-    cp.wait_for_status(&server_id, "online", Duration::from_secs(10)).await.unwrap();
+    let (_agent, server_id) = enrolled_running_agent(&cp, dir.path(), "before-rotation")
+        .await
+        .unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(10))
+        .await
+        .unwrap();
     let fingerprint = cp.ca_fingerprint.clone();
     let old_key = std::fs::read_to_string(data.join("master.key")).unwrap();
     cp.stop(false);
@@ -28,14 +36,22 @@ async fn rotating_the_master_key_reseals_the_ca_key_and_the_control_plane_still_
     assert!(out.contains("3 secrets re-sealed"), "{out}");
     let new_key = std::fs::read_to_string(data.join("master.key")).unwrap();
     assert_ne!(old_key, new_key);
-    assert_eq!(std::fs::read_to_string(data.join("master.key.previous")).unwrap(), old_key);
-    assert!(!out.contains(old_key.trim()) && !out.contains(new_key.trim()), "a key reached the output");
+    assert_eq!(
+        std::fs::read_to_string(data.join("master.key.previous")).unwrap(),
+        old_key
+    );
+    assert!(
+        !out.contains(old_key.trim()) && !out.contains(new_key.trim()),
+        "a key reached the output"
+    );
 
     // The old key alone no longer opens the CA key: move it away and start.
     std::fs::remove_file(data.join("master.key.previous")).unwrap();
     cp.restart().await.unwrap();
     assert_eq!(cp.ca_fingerprint, fingerprint, "same CA after rotation");
-    cp.wait_for_status(&server_id, "online", Duration::from_secs(15)).await.unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

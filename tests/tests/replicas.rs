@@ -13,16 +13,28 @@ use tether_tests::{enrolled_running_agent, ControlPlane};
 
 /// A fresh, empty database on the test PostgreSQL server; returns its URL.
 fn fresh_database() -> String {
-    let admin = std::env::var("TETHER_TEST_DATABASE_URL")
-        .expect("TETHER_TEST_DATABASE_URL is not set: run scripts/postgres.sh and export the URL it prints");
-    let name = format!("tether_replicas_{}", std::process::id() as u64 * 1000 + rand_suffix());
+    let admin = std::env::var("TETHER_TEST_DATABASE_URL").expect(
+        "TETHER_TEST_DATABASE_URL is not set: run scripts/postgres.sh and export the URL it prints",
+    );
+    let name = format!(
+        "tether_replicas_{}",
+        std::process::id() as u64 * 1000 + rand_suffix()
+    );
     let status = std::process::Command::new("psql")
         .arg(&admin)
-        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", &format!("CREATE DATABASE {name}")])
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
         .status()
         .expect("psql must be installed");
     assert!(status.success(), "could not create database {name}");
-    let (base, _) = admin.rsplit_once('/').expect("database URL ends in /DBNAME");
+    let (base, _) = admin
+        .rsplit_once('/')
+        .expect("database URL ends in /DBNAME");
     format!("{base}/{name}")
 }
 
@@ -35,10 +47,17 @@ fn rand_suffix() -> u64 {
 
 async fn two_replicas(dir: &std::path::Path) -> (ControlPlane, ControlPlane) {
     let url = fresh_database();
-    let a = ControlPlane::start(&dir.join("a"), &["--database-url", &url]).await.unwrap();
+    let a = ControlPlane::start(&dir.join("a"), &["--database-url", &url])
+        .await
+        .unwrap();
     let key = dir.join("a").join("master.key");
     let key = key.to_str().unwrap();
-    let b = ControlPlane::start(&dir.join("b"), &["--database-url", &url, "--master-key-file", key]).await.unwrap();
+    let b = ControlPlane::start(
+        &dir.join("b"),
+        &["--database-url", &url, "--master-key-file", key],
+    )
+    .await
+    .unwrap();
     (a, b)
 }
 
@@ -49,15 +68,22 @@ async fn replicas_share_one_ca_and_only_the_first_writes_an_admin_token() {
     assert_eq!(a.ca_fingerprint, b.ca_fingerprint);
     assert_eq!(a.branch_id, b.branch_id);
     assert!(a.data_dir.join("admin.token").exists());
-    assert!(!b.data_dir.join("admin.token").exists(), "a joining replica must not write an admin token");
+    assert!(
+        !b.data_dir.join("admin.token").exists(),
+        "a joining replica must not write an admin token"
+    );
 }
 
 #[tokio::test]
 async fn server_registered_through_one_replica_is_listed_by_the_other() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = two_replicas(dir.path()).await;
-    let (_agent, server_id) = enrolled_running_agent(&a, dir.path(), "shared-1").await.unwrap();
-    a.wait_for_status(&server_id, "online", Duration::from_secs(10)).await.unwrap();
+    let (_agent, server_id) = enrolled_running_agent(&a, dir.path(), "shared-1")
+        .await
+        .unwrap();
+    a.wait_for_status(&server_id, "online", Duration::from_secs(10))
+        .await
+        .unwrap();
     // B answers with A's admin token: tokens are signed with a key derived
     // from the shared master key and checked against the shared database.
     let listed = b
@@ -68,7 +94,12 @@ async fn server_registered_through_one_replica_is_listed_by_the_other() {
         .unwrap();
     assert_eq!(listed.status(), 200);
     let body: serde_json::Value = listed.json().await.unwrap();
-    let server = body["data"].as_array().unwrap().iter().find(|s| s["id"] == server_id.as_str()).cloned();
+    let server = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == server_id.as_str())
+        .cloned();
     let server = server.expect("replica B lists the server registered through A");
     assert_eq!(server["status"], "online");
     assert_eq!(server["name"], "shared-1");
@@ -98,11 +129,29 @@ async fn token_revoked_through_one_replica_is_refused_by_the_other_at_once() {
         .unwrap();
     let token = created["token"].as_str().unwrap();
     let id = created["id"].as_str().unwrap();
-    let before = b.anonymous(Method::GET, "/api/v1/servers").bearer_auth(token).send().await.unwrap();
+    let before = b
+        .anonymous(Method::GET, "/api/v1/servers")
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(before.status(), 200);
 
-    let revoked = a.request(Method::DELETE, &format!("/api/v1/tokens/{id}")).send().await.unwrap();
+    let revoked = a
+        .request(Method::DELETE, &format!("/api/v1/tokens/{id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(revoked.status(), 204);
-    let after = b.anonymous(Method::GET, "/api/v1/servers").bearer_auth(token).send().await.unwrap();
-    assert_eq!(after.status(), 401, "replica B still accepts a token revoked through A");
+    let after = b
+        .anonymous(Method::GET, "/api/v1/servers")
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        after.status(),
+        401,
+        "replica B still accepts a token revoked through A"
+    );
 }

@@ -102,11 +102,19 @@ pub async fn list(
         .transpose()?;
     // The log outlives what it records: entries of deleted organizations
     // stay visible to whoever could see those organizations.
-    let history = cp.store.organization_history_scope(caller.organization_id).await?;
+    let history = cp
+        .store
+        .organization_history_scope(caller.organization_id)
+        .await?;
     let (scope, include_unscoped) = match params.organization_id {
-        Some(org) if history.contains(&org) => (cp.store.organization_history_scope(org).await?, false),
+        Some(org) if history.contains(&org) => {
+            (cp.store.organization_history_scope(org).await?, false)
+        }
         Some(_) => return Err(ApiError::not_found("no such organization")),
-        None => (history, caller.organization_id == cp.instance.root_organization_id),
+        None => (
+            history,
+            caller.organization_id == cp.instance.root_organization_id,
+        ),
     };
     let records = cp
         .store

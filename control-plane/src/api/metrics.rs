@@ -173,12 +173,16 @@ pub async fn server_metrics(
     }
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::invalid_request(format!("limit must be between 1 and {MAX_LIMIT}")));
+        return Err(ApiError::invalid_request(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
     }
-    let fields = q
-        .fields
-        .as_deref()
-        .map(|f| f.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
+    let fields = q.fields.as_deref().map(|f| {
+        f.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    });
     let step = q.step.as_deref().unwrap_or("raw");
     let step_seconds = match step {
         "raw" | "" => None,
@@ -193,11 +197,23 @@ pub async fn server_metrics(
     let (step_name, data) = match step_seconds {
         None => {
             let points = cp.store.metrics_points(id, from, to, limit).await?;
-            ("raw", points.iter().map(|p| select(raw_point(p), &fields)).collect())
+            (
+                "raw",
+                points
+                    .iter()
+                    .map(|p| select(raw_point(p), &fields))
+                    .collect(),
+            )
         }
         Some(step) => {
             let points = cp.store.metrics_rollups(id, step, from, to, limit).await?;
-            (if step == 300 { "5m" } else { "1h" }, points.iter().map(|p| select(rollup_point(p), &fields)).collect())
+            (
+                if step == 300 { "5m" } else { "1h" },
+                points
+                    .iter()
+                    .map(|p| select(rollup_point(p), &fields))
+                    .collect(),
+            )
         }
     };
     Ok(Json(MetricsPage {
@@ -285,7 +301,11 @@ pub async fn server_containers(
     readable_server(&cp, &caller, id).await?;
     let page = match cp.store.container_set(id).await? {
         Some(set) => ContainerPage {
-            data: set.containers.into_iter().map(ContainerView::from).collect(),
+            data: set
+                .containers
+                .into_iter()
+                .map(ContainerView::from)
+                .collect(),
             next_cursor: None,
             docker_version: set.docker_version,
             error: set.error,
@@ -310,14 +330,31 @@ struct Exposition {
 
 /// Escapes a label value for the text format.
 fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('\n', "\\n").replace('"', "\\\"")
+    value
+        .replace('\\', "\\\\")
+        .replace('\n', "\\n")
+        .replace('"', "\\\"")
 }
 
 impl Exposition {
-    fn add(&mut self, name: &'static str, kind: &'static str, help: &'static str, labels: &[(&str, &str)], value: f64) {
-        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+    fn add(
+        &mut self,
+        name: &'static str,
+        kind: &'static str,
+        help: &'static str,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect();
         let line = format!("{name}{{{}}} {value}", labels.join(","));
-        self.families.entry(name).or_insert((kind, help, Vec::new())).2.push(line);
+        self.families
+            .entry(name)
+            .or_insert((kind, help, Vec::new()))
+            .2
+            .push(line);
     }
 
     fn render(&self) -> String {
@@ -346,7 +383,10 @@ impl Exposition {
         (status = 500, description = "`internal_error`: a failure of the control plane.", body = ErrorBody),
     )
 )]
-pub async fn fleet(State(cp): State<Arc<ControlPlane>>, caller: Caller) -> Result<Response, ApiError> {
+pub async fn fleet(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
     caller.require(Scope::ServersRead)?;
     let scope = caller.visible_organizations.clone();
     let mut servers = Vec::new();
@@ -354,7 +394,12 @@ pub async fn fleet(State(cp): State<Arc<ControlPlane>>, caller: Caller) -> Resul
     loop {
         let page = cp
             .store
-            .list_servers(&ServerQuery { scope: scope.clone(), limit: 500, after, ..Default::default() })
+            .list_servers(&ServerQuery {
+                scope: scope.clone(),
+                limit: 500,
+                after,
+                ..Default::default()
+            })
             .await?;
         let done = page.len() < 500;
         after = page.last().map(|s| s.id);
@@ -363,8 +408,13 @@ pub async fn fleet(State(cp): State<Arc<ControlPlane>>, caller: Caller) -> Resul
             break;
         }
     }
-    let latest: HashMap<Uuid, MetricsRecord> =
-        cp.store.latest_metrics(&scope).await?.into_iter().map(|m| (m.server_id, m)).collect();
+    let latest: HashMap<Uuid, MetricsRecord> = cp
+        .store
+        .latest_metrics(&scope)
+        .await?
+        .into_iter()
+        .map(|m| (m.server_id, m))
+        .collect();
     let containers: HashMap<Uuid, Vec<ContainerRecord>> = cp
         .store
         .latest_container_sets(&scope)
@@ -376,56 +426,198 @@ pub async fn fleet(State(cp): State<Arc<ControlPlane>>, caller: Caller) -> Resul
     for server in &servers {
         let id = server.id.to_string();
         let org = server.organization_id.to_string();
-        let base = [("server_id", id.as_str()), ("server_name", server.name.as_str()), ("organization_id", org.as_str())];
-        let online = if server.status == crate::store::ServerStatus::Online { 1.0 } else { 0.0 };
-        out.add("tether_server_online", "gauge", "1 while the server's agent holds a session.", &base, online);
+        let base = [
+            ("server_id", id.as_str()),
+            ("server_name", server.name.as_str()),
+            ("organization_id", org.as_str()),
+        ];
+        let online = if server.status == crate::store::ServerStatus::Online {
+            1.0
+        } else {
+            0.0
+        };
+        out.add(
+            "tether_server_online",
+            "gauge",
+            "1 while the server's agent holds a session.",
+            &base,
+            online,
+        );
         if let Some(m) = latest.get(&server.id) {
             let gauges: [(&'static str, &'static str, f64); 10] = [
-                ("tether_server_cpu_percent", "CPU use of the whole host, percent.", m.cpu_percent),
+                (
+                    "tether_server_cpu_percent",
+                    "CPU use of the whole host, percent.",
+                    m.cpu_percent,
+                ),
                 ("tether_server_load1", "1-minute load average.", m.load_1),
                 ("tether_server_load5", "5-minute load average.", m.load_5),
                 ("tether_server_load15", "15-minute load average.", m.load_15),
-                ("tether_server_memory_used_bytes", "Memory in use.", m.memory_used_bytes as f64),
-                ("tether_server_memory_total_bytes", "Memory installed.", m.memory_total_bytes as f64),
-                ("tether_server_swap_used_bytes", "Swap in use.", m.swap_used_bytes as f64),
-                ("tether_server_uptime_seconds", "Seconds since boot.", m.uptime_seconds as f64),
-                ("tether_server_processes", "Processes running.", m.process_count as f64),
-                ("tether_server_last_report_timestamp_seconds", "When the latest report was collected.", m.ts.timestamp() as f64),
+                (
+                    "tether_server_memory_used_bytes",
+                    "Memory in use.",
+                    m.memory_used_bytes as f64,
+                ),
+                (
+                    "tether_server_memory_total_bytes",
+                    "Memory installed.",
+                    m.memory_total_bytes as f64,
+                ),
+                (
+                    "tether_server_swap_used_bytes",
+                    "Swap in use.",
+                    m.swap_used_bytes as f64,
+                ),
+                (
+                    "tether_server_uptime_seconds",
+                    "Seconds since boot.",
+                    m.uptime_seconds as f64,
+                ),
+                (
+                    "tether_server_processes",
+                    "Processes running.",
+                    m.process_count as f64,
+                ),
+                (
+                    "tether_server_last_report_timestamp_seconds",
+                    "When the latest report was collected.",
+                    m.ts.timestamp() as f64,
+                ),
             ];
             for (name, help, value) in gauges {
                 out.add(name, "gauge", help, &base, value);
             }
-            out.add("tether_server_spool_dropped_batches_total", "counter", "Reports the agent dropped from its full spool.", &base, m.dropped_batches as f64);
+            out.add(
+                "tether_server_spool_dropped_batches_total",
+                "counter",
+                "Reports the agent dropped from its full spool.",
+                &base,
+                m.dropped_batches as f64,
+            );
             for disk in m.disks.as_array().into_iter().flatten() {
                 let mount = disk["mount_point"].as_str().unwrap_or_default();
                 let device = disk["device"].as_str().unwrap_or_default();
-                let labels = [base[0], base[1], base[2], ("mount_point", mount), ("device", device)];
-                out.add("tether_server_disk_used_bytes", "gauge", "Bytes used on a filesystem.", &labels, disk["used_bytes"].as_f64().unwrap_or_default());
-                out.add("tether_server_disk_total_bytes", "gauge", "Size of a filesystem.", &labels, disk["total_bytes"].as_f64().unwrap_or_default());
+                let labels = [
+                    base[0],
+                    base[1],
+                    base[2],
+                    ("mount_point", mount),
+                    ("device", device),
+                ];
+                out.add(
+                    "tether_server_disk_used_bytes",
+                    "gauge",
+                    "Bytes used on a filesystem.",
+                    &labels,
+                    disk["used_bytes"].as_f64().unwrap_or_default(),
+                );
+                out.add(
+                    "tether_server_disk_total_bytes",
+                    "gauge",
+                    "Size of a filesystem.",
+                    &labels,
+                    disk["total_bytes"].as_f64().unwrap_or_default(),
+                );
             }
             for net in m.networks.as_array().into_iter().flatten() {
                 let interface = net["interface"].as_str().unwrap_or_default();
                 let labels = [base[0], base[1], base[2], ("interface", interface)];
-                out.add("tether_server_network_receive_bytes_total", "counter", "Bytes received on an interface.", &labels, net["rx_bytes"].as_f64().unwrap_or_default());
-                out.add("tether_server_network_transmit_bytes_total", "counter", "Bytes sent on an interface.", &labels, net["tx_bytes"].as_f64().unwrap_or_default());
+                out.add(
+                    "tether_server_network_receive_bytes_total",
+                    "counter",
+                    "Bytes received on an interface.",
+                    &labels,
+                    net["rx_bytes"].as_f64().unwrap_or_default(),
+                );
+                out.add(
+                    "tether_server_network_transmit_bytes_total",
+                    "counter",
+                    "Bytes sent on an interface.",
+                    &labels,
+                    net["tx_bytes"].as_f64().unwrap_or_default(),
+                );
             }
         }
         for c in containers.get(&server.id).into_iter().flatten() {
-            let labels = [base[0], base[1], base[2], ("container", c.name.as_str()), ("container_id", c.container_id.as_str()), ("image", c.image.as_str())];
+            let labels = [
+                base[0],
+                base[1],
+                base[2],
+                ("container", c.name.as_str()),
+                ("container_id", c.container_id.as_str()),
+                ("image", c.image.as_str()),
+            ];
             let running = if c.state == "running" { 1.0 } else { 0.0 };
-            out.add("tether_container_running", "gauge", "1 while the container runs.", &labels, running);
-            out.add("tether_container_cpu_percent", "gauge", "CPU use of a container, percent of one core.", &labels, c.cpu_percent);
-            out.add("tether_container_memory_usage_bytes", "gauge", "Memory used by a container.", &labels, c.memory_usage_bytes as f64);
-            out.add("tether_container_memory_limit_bytes", "gauge", "Memory limit of a container.", &labels, c.memory_limit_bytes as f64);
-            out.add("tether_container_network_receive_bytes_total", "counter", "Bytes a container received.", &labels, c.net_rx_bytes as f64);
-            out.add("tether_container_network_transmit_bytes_total", "counter", "Bytes a container sent.", &labels, c.net_tx_bytes as f64);
-            out.add("tether_container_block_read_bytes_total", "counter", "Bytes a container read from block devices.", &labels, c.block_read_bytes as f64);
-            out.add("tether_container_block_write_bytes_total", "counter", "Bytes a container wrote to block devices.", &labels, c.block_write_bytes as f64);
-            out.add("tether_container_restarts_total", "counter", "Times the container was restarted.", &labels, c.restart_count as f64);
+            out.add(
+                "tether_container_running",
+                "gauge",
+                "1 while the container runs.",
+                &labels,
+                running,
+            );
+            out.add(
+                "tether_container_cpu_percent",
+                "gauge",
+                "CPU use of a container, percent of one core.",
+                &labels,
+                c.cpu_percent,
+            );
+            out.add(
+                "tether_container_memory_usage_bytes",
+                "gauge",
+                "Memory used by a container.",
+                &labels,
+                c.memory_usage_bytes as f64,
+            );
+            out.add(
+                "tether_container_memory_limit_bytes",
+                "gauge",
+                "Memory limit of a container.",
+                &labels,
+                c.memory_limit_bytes as f64,
+            );
+            out.add(
+                "tether_container_network_receive_bytes_total",
+                "counter",
+                "Bytes a container received.",
+                &labels,
+                c.net_rx_bytes as f64,
+            );
+            out.add(
+                "tether_container_network_transmit_bytes_total",
+                "counter",
+                "Bytes a container sent.",
+                &labels,
+                c.net_tx_bytes as f64,
+            );
+            out.add(
+                "tether_container_block_read_bytes_total",
+                "counter",
+                "Bytes a container read from block devices.",
+                &labels,
+                c.block_read_bytes as f64,
+            );
+            out.add(
+                "tether_container_block_write_bytes_total",
+                "counter",
+                "Bytes a container wrote to block devices.",
+                &labels,
+                c.block_write_bytes as f64,
+            );
+            out.add(
+                "tether_container_restarts_total",
+                "counter",
+                "Times the container was restarted.",
+                &labels,
+                c.restart_count as f64,
+            );
         }
     }
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         out.render(),
     )
         .into_response())
@@ -438,7 +630,13 @@ mod tests {
     #[test]
     fn exposition_groups_families_and_escapes_label_values() {
         let mut out = Exposition::default();
-        out.add("b_metric", "gauge", "B.", &[("name", "a \"quoted\"\nname\\")], 1.0);
+        out.add(
+            "b_metric",
+            "gauge",
+            "B.",
+            &[("name", "a \"quoted\"\nname\\")],
+            1.0,
+        );
         out.add("a_metric", "counter", "A.", &[("x", "1")], 2.5);
         out.add("b_metric", "gauge", "B.", &[("name", "other")], 3.0);
         let text = out.render();

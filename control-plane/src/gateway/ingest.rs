@@ -50,7 +50,11 @@ impl Ingestor {
     pub async fn submit(&self, server_id: Uuid, batch: MetricsBatch) -> Result<(), IngestError> {
         let (done, answer) = oneshot::channel();
         self.queue
-            .send(Pending { server_id, batch, done })
+            .send(Pending {
+                server_id,
+                batch,
+                done,
+            })
             .await
             .map_err(|_| IngestError::Stopped)?;
         answer
@@ -114,12 +118,18 @@ fn collected_at(batch: &MetricsBatch, now: DateTime<Utc>) -> DateTime<Utc> {
     i64::try_from(batch.collected_at_unix_ms)
         .ok()
         .and_then(DateTime::from_timestamp_millis)
-        .filter(|t| *t > now - chrono::Duration::days(30) && *t < now + chrono::Duration::minutes(5))
+        .filter(|t| {
+            *t > now - chrono::Duration::days(30) && *t < now + chrono::Duration::minutes(5)
+        })
         .unwrap_or(now)
 }
 
 /// The store's records of one batch.
-pub fn records(server_id: Uuid, batch: &MetricsBatch, now: DateTime<Utc>) -> (MetricsRecord, Option<ContainerSet>) {
+pub fn records(
+    server_id: Uuid,
+    batch: &MetricsBatch,
+    now: DateTime<Utc>,
+) -> (MetricsRecord, Option<ContainerSet>) {
     let s = &batch.system;
     let ts = collected_at(batch, now);
     let metrics = MetricsRecord {
@@ -163,11 +173,19 @@ pub fn records(server_id: Uuid, batch: &MetricsBatch, now: DateTime<Utc>) -> (Me
         process_count: i64::from(s.process_count),
         dropped_batches: int(batch.dropped_batches),
     };
-    let containers = batch.containers.as_ref().map(|report| container_set(server_id, batch.seq, report, ts));
+    let containers = batch
+        .containers
+        .as_ref()
+        .map(|report| container_set(server_id, batch.seq, report, ts));
     (metrics, containers)
 }
 
-fn container_set(server_id: Uuid, seq: u64, report: &ContainerReport, ts: DateTime<Utc>) -> ContainerSet {
+fn container_set(
+    server_id: Uuid,
+    seq: u64,
+    report: &ContainerReport,
+    ts: DateTime<Utc>,
+) -> ContainerSet {
     ContainerSet {
         server_id,
         seq: int(seq),

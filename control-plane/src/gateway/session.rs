@@ -278,7 +278,10 @@ async fn agent_stream(
             let seq = batch.seq;
             match renewal.cp.ingestor.submit(renewal.server_id, batch).await {
                 Ok(()) => {
-                    if let Err(e) = stream.send(&ControlMessage::Ack(tether_protocol::Ack { seq })).await {
+                    if let Err(e) = stream
+                        .send(&ControlMessage::Ack(tether_protocol::Ack { seq }))
+                        .await
+                    {
                         tracing::debug!(seq, error = %e, "could not deliver an ack; the agent will resend");
                     }
                     let _ = stream.finish();

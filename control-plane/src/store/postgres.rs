@@ -790,10 +790,12 @@ impl Store for PostgresStore {
             .bind(candidate)
             .execute(&self.pool)
             .await?;
-        Ok(sqlx::query_scalar("SELECT sealed FROM instance_secrets WHERE name = $1")
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT sealed FROM instance_secrets WHERE name = $1")
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>> {
@@ -831,15 +833,15 @@ impl Store for PostgresStore {
         resealed: &str,
     ) -> StoreResult<bool> {
         let replaced = match secret.kind {
-            SealedKind::InstanceSecret => {
-                sqlx::query("UPDATE instance_secrets SET sealed = $1 WHERE name = $2 AND sealed = $3")
-                    .bind(resealed)
-                    .bind(&secret.id)
-                    .bind(&secret.sealed)
-                    .execute(&self.pool)
-                    .await?
-                    .rows_affected()
-            }
+            SealedKind::InstanceSecret => sqlx::query(
+                "UPDATE instance_secrets SET sealed = $1 WHERE name = $2 AND sealed = $3",
+            )
+            .bind(resealed)
+            .bind(&secret.id)
+            .bind(&secret.sealed)
+            .execute(&self.pool)
+            .await?
+            .rows_affected(),
             SealedKind::InstanceCaKey => sqlx::query(
                 "UPDATE instance SET ca_key_sealed = $1 WHERE id = 1 AND ca_key_sealed = $2",
             )

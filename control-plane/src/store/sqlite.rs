@@ -776,10 +776,12 @@ impl Store for SqliteStore {
             .bind(candidate)
             .execute(&self.pool)
             .await?;
-        Ok(sqlx::query_scalar("SELECT sealed FROM instance_secrets WHERE name = ?")
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT sealed FROM instance_secrets WHERE name = ?")
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>> {
@@ -988,10 +990,12 @@ impl Store for SqliteStore {
         let job = format!("rollup:{step_seconds}");
         let mut tx = self.pool.begin().await?;
         // Write first: take the write lock before reading the watermark.
-        sqlx::query("INSERT INTO job_state (name, value) VALUES (?, 0) ON CONFLICT (name) DO NOTHING")
-            .bind(&job)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO job_state (name, value) VALUES (?, 0) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&job)
+        .execute(&mut *tx)
+        .await?;
         let watermark: i64 = sqlx::query_scalar("SELECT value FROM job_state WHERE name = ?")
             .bind(&job)
             .fetch_one(&mut *tx)
@@ -1149,14 +1153,20 @@ fn metrics_from_row(row: &SqliteRow) -> StoreResult<MetricsRecord> {
 
 impl SqliteStore {
     /// Container reports of one server, or of every live server in `scope`.
-    async fn container_sets(&self, server_id: Option<Uuid>, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>> {
+    async fn container_sets(
+        &self,
+        server_id: Option<Uuid>,
+        scope: &[Uuid],
+    ) -> StoreResult<Vec<ContainerSet>> {
         let mut builder = QueryBuilder::new(
             "SELECT r.server_id, r.seq, r.docker_version, r.error, r.updated_at FROM container_reports r
              JOIN servers s ON s.id = r.server_id WHERE s.deleted_at IS NULL",
         );
         match server_id {
             Some(id) => {
-                builder.push(" AND r.server_id = ").push_bind(id.to_string());
+                builder
+                    .push(" AND r.server_id = ")
+                    .push_bind(id.to_string());
             }
             None => push_scope(&mut builder, "s.organization_id", scope),
         }
