@@ -206,6 +206,14 @@ impl Spool {
         Ok(dropped)
     }
 
+    /// Counts a batch that could not be spooled at all (disk full...) as
+    /// dropped; persisting the count is best effort.
+    pub fn record_lost(&mut self) {
+        if let Err(err) = self.count_dropped(1) {
+            tracing::debug!("{err}");
+        }
+    }
+
     fn count_dropped(&mut self, count: u64) -> Result<(), SpoolError> {
         self.dropped += count;
         write_atomic(

@@ -223,7 +223,10 @@ async fn collect_loop(
                 tracing::debug!(seq, waiting, "metrics batch spooled");
                 outbox.spooled.notify_one();
             }
-            Err(err) => tracing::warn!("metrics batch lost: {err}"),
+            Err(err) => {
+                tracing::warn!("metrics batch lost: {err}");
+                outbox.spool().record_lost();
+            }
         }
         // A slow tick (Docker timing out) shifts the schedule instead of
         // firing the missed ticks in a burst.

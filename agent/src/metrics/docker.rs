@@ -50,7 +50,7 @@ const REQUEST_TIMEOUT_SECS: u64 = 10;
 /// The whole collection (list, stats, inspects) must finish within this.
 pub const COLLECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Concurrent one-shot stats calls.
-pub const STATS_CONCURRENCY: usize = 16;
+pub const STATS_CONCURRENCY: usize = 32;
 /// Concurrent inspect calls.
 const INSPECT_CONCURRENCY: usize = 4;
 /// The cached daemon version is re-read this often.
@@ -656,6 +656,26 @@ mod tests {
         let report = collector.collect().await;
         assert!(report.error.is_some());
         assert!(report.containers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn docker_is_picked_up_when_its_socket_appears() {
+        if !std::path::Path::new(DEFAULT_SOCKET).exists() {
+            eprintln!("no Docker daemon at {DEFAULT_SOCKET}; skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("docker.sock");
+        let mut collector = DockerCollector::new(link.to_string_lossy());
+        let missing = collector.collect().await;
+        assert!(missing.error.is_some() && missing.docker_version.is_none());
+        std::os::unix::fs::symlink(DEFAULT_SOCKET, &link).unwrap();
+        let back = collector.collect().await;
+        assert_eq!(back.error, None);
+        assert!(back.docker_version.is_some());
+        std::fs::remove_file(&link).unwrap();
+        let gone = collector.collect().await;
+        assert!(gone.error.is_some() && gone.containers.is_empty());
     }
 
     #[tokio::test]

@@ -416,10 +416,7 @@ vethab12: 10 1 0 0 0 0 0 0 10 1 0 0 0 0 0 0
                 assert!(used <= total);
             }
         }
-        assert!(
-            metrics.networks.iter().any(|n| n.interface == "lo") || !metrics.networks.is_empty(),
-            "no network interface found"
-        );
+        assert!(!metrics.networks.is_empty(), "no network interface found");
         // A second tick keeps working off the first one.
         let again = collector.collect();
         assert_eq!(again.cpu_per_core.len(), cores);
