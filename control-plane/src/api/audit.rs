@@ -86,20 +86,8 @@ pub async fn list(
             )));
         }
     }
-    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::invalid_request(format!(
-            "limit must be between 1 and {MAX_LIMIT}"
-        )));
-    }
-    let before_seq = params
-        .cursor
-        .as_deref()
-        .map(|c| {
-            c.parse::<i64>()
-                .map_err(|_| ApiError::invalid_request("cursor is not valid"))
-        })
-        .transpose()?;
+    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let before_seq = super::page_cursor(params.cursor.as_deref())?;
     // The log outlives what it records: entries of deleted organizations
     // stay visible to whoever could see those organizations.
     let history = cp

@@ -244,6 +244,28 @@ async fn openapi_json() -> impl IntoResponse {
     )
 }
 
+/// Checks a list's `limit` (default `default`, at most `max`).
+pub fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
+    let limit = limit.unwrap_or(default);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::invalid_request(format!(
+            "limit must be between 1 and {max}"
+        )))
+    }
+}
+
+/// Parses a list's opaque `cursor` (an id or a sequence number).
+pub fn page_cursor<T: std::str::FromStr>(cursor: Option<&str>) -> Result<Option<T>, ApiError> {
+    cursor
+        .map(|c| {
+            c.parse()
+                .map_err(|_| ApiError::invalid_request("cursor is not valid"))
+        })
+        .transpose()
+}
+
 /// A page of a list: `{ "data": [...], "next_cursor": ... }`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T> {

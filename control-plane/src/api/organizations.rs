@@ -188,17 +188,8 @@ pub async fn list(
     caller: Caller,
     ApiQuery(params): ApiQuery<ListOrganizations>,
 ) -> Result<Json<Page<OrganizationView>>, ApiError> {
-    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::invalid_request(format!(
-            "limit must be between 1 and {MAX_LIMIT}"
-        )));
-    }
-    let after = params
-        .cursor
-        .as_deref()
-        .map(|c| Uuid::parse_str(c).map_err(|_| ApiError::invalid_request("cursor is not valid")))
-        .transpose()?;
+    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let after = super::page_cursor(params.cursor.as_deref())?;
     let orgs = cp
         .store
         .list_organizations(&caller.visible_organizations, limit + 1, after)

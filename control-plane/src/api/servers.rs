@@ -144,17 +144,8 @@ pub async fn list(
             )))
         }
     }
-    let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::invalid_request(format!(
-            "limit must be between 1 and {MAX_LIMIT}"
-        )));
-    }
-    let after = params
-        .cursor
-        .as_deref()
-        .map(|c| Uuid::parse_str(c).map_err(|_| ApiError::invalid_request("cursor is not valid")))
-        .transpose()?;
+    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let after = super::page_cursor(params.cursor.as_deref())?;
     let servers = cp
         .store
         .list_servers(&ServerQuery {

@@ -11,10 +11,8 @@ use tether_protocol::{
     classify_first_message, AgentMessage, CloseCode, ControlMessage, EnrollRejection,
     EnrollRequest, EnrollmentGrant, PeerKind,
 };
-use tether_transport::ControlStream;
 use uuid::Uuid;
 
-use super::FIRST_FRAME_TIMEOUT;
 use crate::app::ControlPlane;
 use crate::store::{AuditEntry, Enrollment, EnrollmentRefusal};
 
@@ -25,25 +23,10 @@ pub fn token_hash(token: &str) -> String {
 
 /// Serves an unauthenticated connection.
 pub async fn serve(connection: quinn::Connection, cp: Arc<ControlPlane>) {
-    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
-        let (send, recv) = connection.accept_bi().await?;
-        let mut stream = ControlStream::new(send, recv);
-        let message = stream.expect().await?;
-        Ok::<_, tether_transport::TransportError>((stream, message))
-    })
-    .await;
-    let (mut stream, message) = match first {
-        Ok(Ok(first)) => first,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "unauthenticated connection sent no valid frame; closing");
-            tether_transport::close(&connection, CloseCode::ProtocolViolation);
-            return;
-        }
-        Err(_) => {
-            tracing::warn!("unauthenticated connection sent nothing in time; closing");
-            tether_transport::close(&connection, CloseCode::ProtocolViolation);
-            return;
-        }
+    let Some((mut stream, message)) =
+        super::first_stream(&connection, "unauthenticated connection").await
+    else {
+        return;
     };
     if let Err(violation) = classify_first_message(PeerKind::Unauthenticated, &message) {
         tracing::warn!(%violation, "closing unauthenticated connection");

@@ -19,6 +19,33 @@ pub mod session;
 /// How long a peer has to open its first stream and send its first frame.
 pub(crate) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The first stream a peer opens and its first message. On failure (no
+/// stream, no valid frame, nothing in time) the connection is closed with
+/// `ProtocolViolation`, the reason logged with `who`, and `None` returned.
+pub(crate) async fn first_stream(
+    connection: &quinn::Connection,
+    who: &str,
+) -> Option<(
+    tether_transport::ControlStream,
+    tether_protocol::AgentMessage,
+)> {
+    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
+        let (send, recv) = connection.accept_bi().await?;
+        let mut stream = tether_transport::ControlStream::new(send, recv);
+        let message = stream.expect().await?;
+        Ok::<_, tether_transport::TransportError>((stream, message))
+    })
+    .await;
+    let reason = match first {
+        Ok(Ok(first)) => return Some(first),
+        Ok(Err(e)) => format!("sent no valid first frame: {e}"),
+        Err(_) => "sent nothing in time".to_string(),
+    };
+    tracing::warn!("{who} {reason}; closing");
+    tether_transport::close(connection, tether_protocol::CloseCode::ProtocolViolation);
+    None
+}
+
 /// Accepts connections until the endpoint closes.
 pub async fn accept_loop(endpoint: quinn::Endpoint, cp: Arc<ControlPlane>) {
     while let Some(incoming) = endpoint.accept().await {

@@ -80,31 +80,17 @@ async fn run(
         }
     }
 
-    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
-        let (send, recv) = connection.accept_bi().await?;
-        let mut stream = ControlStream::new(send, recv);
-        let message = stream.expect().await?;
-        Ok::<_, tether_transport::TransportError>((stream, message))
-    })
-    .await;
+    let Some(first) = super::first_stream(&connection, "session refused: the agent").await else {
+        return;
+    };
     let (mut control, hello) = match first {
-        Ok(Ok((stream, AgentMessage::Hello(hello)))) => (stream, hello),
-        Ok(Ok((_, other))) => {
+        (stream, AgentMessage::Hello(hello)) => (stream, hello),
+        (_, other) => {
             let violation = classify_first_message(PeerKind::Agent, &other).err();
             tracing::warn!(
                 ?violation,
                 "session refused: the first stream must open with Hello"
             );
-            tether_transport::close(&connection, CloseCode::ProtocolViolation);
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "session refused: no valid Hello");
-            tether_transport::close(&connection, CloseCode::ProtocolViolation);
-            return;
-        }
-        Err(_) => {
-            tracing::warn!("session refused: no Hello in time");
             tether_transport::close(&connection, CloseCode::ProtocolViolation);
             return;
         }
