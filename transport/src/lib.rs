@@ -47,6 +47,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     config.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
     // The constant is well inside QUIC's VarInt range.
     config.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    // Tether sends no unreliable datagrams and opens no unidirectional streams.
+    config.datagram_receive_buffer_size(None);
+    config.max_concurrent_uni_streams(0u8.into());
     Arc::new(config)
 }
 
@@ -130,6 +133,9 @@ pub fn close_code_of(err: &quinn::ConnectionError) -> Option<CloseCode> {
     }
 }
 
+/// Initial capacity of a framed stream's read and write buffers.
+const STREAM_BUFFER_INITIAL: usize = 512;
+
 /// A bidirectional stream that reads `In` frames and writes `Out` frames.
 pub struct FramedStream<In, Out> {
     send: FramedWrite<quinn::SendStream, FrameCodec<In, Out>>,
@@ -142,11 +148,13 @@ pub type AgentStream = FramedStream<ControlMessage, AgentMessage>;
 pub type ControlStream = FramedStream<AgentMessage, ControlMessage>;
 
 impl<In: DeserializeOwned, Out: Serialize> FramedStream<In, Out> {
-    /// Wraps the two halves of a bidirectional stream.
+    /// Wraps the two halves of a bidirectional stream. Buffers start small
+    /// (most frames are a few hundred bytes) and grow for larger frames: a
+    /// control plane holds one control stream per connected agent.
     pub fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
         Self {
-            send: FramedWrite::new(send, FrameCodec::default()),
-            recv: FramedRead::new(recv, FrameCodec::default()),
+            send: FramedWrite::with_capacity(send, FrameCodec::default(), STREAM_BUFFER_INITIAL),
+            recv: FramedRead::with_capacity(recv, FrameCodec::default(), STREAM_BUFFER_INITIAL),
         }
     }
 
