@@ -2,17 +2,19 @@
 # Tether benchmarks: builds the release binaries, then runs
 #   - the fleet simulator on SQLite and PostgreSQL at 1,000 and 10,000 agents,
 #     each with its HTTP+JSON baseline in the same run;
+#   - the store alone (Store::ingest_metrics) on each database;
 #   - the footprint bench (tether-agent vs prometheus-node-exporter);
 # and prints one summary table per run. Results land in $RESULTS (JSON) and
 # the logs of every process under $WORK.
 #
 # Environment (all optional):
 #   AGENTS="1000 10000"      fleet sizes
-#   REPORTS=20               reports per agent in the load phase
+#   REPORTS=auto             reports per agent in the load phase (auto: 200,000 / agents, at least 20)
 #   DATABASES="sqlite postgres"
 #   LOAD_SECONDS=60 IDLE_SECONDS=30   bounds of the load and idle phases
 #   FOOTPRINT=1              0 skips the footprint bench
 #   FOOTPRINT_WINDOW=120     seconds of footprint measurement
+#   STORE_REPORTS=5000       reports per transaction size in the store-alone bench
 #   WORK=/var/tmp/tether-bench
 #   CARGO_TARGET_DIR=/var/tmp/tether-target
 #
@@ -23,12 +25,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tether-target}"
 AGENTS="${AGENTS:-1000 10000}"
-REPORTS="${REPORTS:-20}"
+REPORTS="${REPORTS:-auto}"
 DATABASES="${DATABASES:-sqlite postgres}"
 LOAD_SECONDS="${LOAD_SECONDS:-60}"
 IDLE_SECONDS="${IDLE_SECONDS:-30}"
 FOOTPRINT="${FOOTPRINT:-1}"
 FOOTPRINT_WINDOW="${FOOTPRINT_WINDOW:-120}"
+STORE_REPORTS="${STORE_REPORTS:-5000}"
 WORK="${WORK:-/var/tmp/tether-bench}"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 RESULTS="$WORK/results-$STAMP"
@@ -64,8 +67,13 @@ files=()
 for n in $AGENTS; do
     for db in $DATABASES; do
         out="$RESULTS/fleet-$db-$n.json"
+        reports="$REPORTS"
+        if [ "$reports" = "auto" ]; then
+            reports=$((200000 / n))
+            [ "$reports" -ge 20 ] || reports=20
+        fi
         say "fleet: $n agents on $db"
-        if "$BENCH" fleet --agents "$n" --reports-per-agent "$REPORTS" --database "$db" \
+        if "$BENCH" fleet --agents "$n" --reports-per-agent "$reports" --database "$db" \
             --load-seconds "$LOAD_SECONDS" --idle-seconds "$IDLE_SECONDS" \
             --work-dir "$WORK" --json-out "$out" 2>&1 | tee "$RESULTS/fleet-$db-$n.log"; then
             files+=("$out")
@@ -73,6 +81,16 @@ for n in $AGENTS; do
             say "fleet $n on $db failed; see $RESULTS/fleet-$db-$n.log"
         fi
     done
+done
+
+# The store alone: where the per-report cost of the database ends.
+for db in $DATABASES; do
+    out="$RESULTS/store-$db.json"
+    say "store alone: $db"
+    if "$BENCH" store --database "$db" --servers 1000 --reports "$STORE_REPORTS" \
+        --work-dir "$WORK" --json-out "$out" 2>&1 | tee "$RESULTS/store-$db.log"; then
+        files+=("$out")
+    fi
 done
 
 if [ "$FOOTPRINT" = "1" ]; then

@@ -115,8 +115,20 @@ pub struct FleetResult {
     pub sessions: PhaseResult,
     pub idle: IdleResult,
     pub load: LoadResult,
+    /// Packets dropped at the control plane's QUIC socket (receive buffer
+    /// full), per phase.
+    pub cp_socket_drops: SocketDrops,
     pub http: Option<HttpResult>,
     pub ratios: Option<Ratios>,
+}
+
+/// Kernel drops at the control plane's UDP socket, per phase.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct SocketDrops {
+    pub enrollment: u64,
+    pub sessions: u64,
+    pub idle: u64,
+    pub load: u64,
 }
 
 /// A phase that creates things: how many, how fast, at what CPU cost.
@@ -592,6 +604,8 @@ async fn run_with(
     let enroll_config = quinn_client_config(tether_certs::agent_client_config(pin, None)?)?;
     let endpoint_of = |i: u32| endpoints[(i / args.agents_per_endpoint.max(1)) as usize].clone();
     let addr = cp.quic_addr;
+    let quic_port = cp.quic_addr.port();
+    let drops_start = procfs::udp_socket_drops(quic_port);
     let phase_cp = CpuMark::of(cp_pid);
     let phase_client = CpuMark::of(self_pid);
     let configs: Vec<anyhow::Result<quinn::ClientConfig>> =
@@ -626,6 +640,7 @@ async fn run_with(
             .unwrap_or_default()
     );
 
+    let drops_enrolled = procfs::udp_socket_drops(quic_port);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after_enrollment = procfs::status_kib(cp_pid, "VmRSS").unwrap_or(0);
 
@@ -656,6 +671,7 @@ async fn run_with(
     .collect()
     .await;
     let session_phase = phase(&connected, phase_cp, phase_client, cp_pid, self_pid);
+    let drops_sessions = procfs::udp_socket_drops(quic_port);
     println!(
         "sessions: {} connected (mTLS + Hello/Welcome), {} failed in {:.1} s = {:.0} sessions/s{}",
         session_phase.ok,
@@ -694,6 +710,7 @@ async fn run_with(
 
     // 4. Idle: everyone connected, heartbeats and keep-alives only.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let drops_idle_start = procfs::udp_socket_drops(quic_port);
     let idle_cp = CpuMark::of(cp_pid);
     let idle_client = CpuMark::of(self_pid);
     let idle_machine = procfs::MachineMark::now();
@@ -701,6 +718,7 @@ async fn run_with(
     let idle_udp = udp_totals(&sessions);
     let heartbeats_before = counters.heartbeats.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+    let drops_idle_end = procfs::udp_socket_drops(quic_port);
     let idle_cp_end = CpuMark::of(cp_pid);
     let idle_client_end = CpuMark::of(self_pid);
     let idle_machine_end = procfs::MachineMark::now();
@@ -795,10 +813,14 @@ async fn run_with(
     }
     samples.push(sample(&counters));
     let load_udp_end = udp_totals(&sessions);
+    let drops_load_end = procfs::udp_socket_drops(quic_port);
     let load_seconds = start.elapsed().as_secs_f64();
     let acked = counters.acked.load(Ordering::Relaxed);
     let errors = counters.report_errors.load(Ordering::Relaxed);
-    // Sustained window: after 1 s of warm-up, while no agent had finished.
+    // Agents that stopped early (an error) do not end the window: it ends
+    // when more than 1 % of the agents are done.
+    let stragglers = (sessions.len() as u64) / 100;
+    // Sustained window: after 1 s of warm-up, while (almost) every agent was sending.
     let first = samples
         .iter()
         .find(|s| s.at.duration_since(start) >= Duration::from_secs(1))
@@ -807,7 +829,7 @@ async fn run_with(
     let mut last = samples
         .iter()
         .rev()
-        .find(|s| s.finished == 0 && s.at > first.at)
+        .find(|s| s.finished <= stragglers && s.at > first.at)
         .copied()
         .unwrap_or(samples[samples.len() - 1]);
     let (first, last) = if last.at.duration_since(first.at) < Duration::from_secs(2) {
@@ -960,6 +982,12 @@ async fn run_with(
         sessions: session_phase,
         idle,
         load,
+        cp_socket_drops: SocketDrops {
+            enrollment: drops_enrolled.saturating_sub(drops_start),
+            sessions: drops_sessions.saturating_sub(drops_enrolled),
+            idle: drops_idle_end.saturating_sub(drops_idle_start),
+            load: drops_load_end.saturating_sub(drops_idle_end),
+        },
         http: None,
         ratios: None,
     })

@@ -52,6 +52,12 @@ pub struct ProcessFootprint {
     pub rss_kib_end: u64,
     pub pss_kib_end: Option<u64>,
     pub peak_rss_kib: u64,
+    /// VmRSS split at the end: anonymous (heap, stacks) and file-backed
+    /// (the binary and shared libraries).
+    pub rss_anon_kib_end: u64,
+    pub rss_file_kib_end: u64,
+    /// Size of the executable on disk.
+    pub binary_bytes: u64,
     pub cpu_seconds: f64,
     pub cpu_percent_of_core: f64,
 }
@@ -335,6 +341,12 @@ pub async fn run(args: FootprintArgs) -> anyhow::Result<FootprintResult> {
                 rss_kib_end: procfs::status_kib(*pid, "VmRSS").unwrap_or(0),
                 pss_kib_end: procfs::pss_kib(*pid),
                 peak_rss_kib: procfs::status_kib(*pid, "VmHWM").unwrap_or(0),
+                rss_anon_kib_end: procfs::status_kib(*pid, "RssAnon").unwrap_or(0),
+                rss_file_kib_end: procfs::status_kib(*pid, "RssFile").unwrap_or(0)
+                    + procfs::status_kib(*pid, "RssShmem").unwrap_or(0),
+                binary_bytes: std::fs::metadata(format!("/proc/{pid}/exe"))
+                    .map(|m| m.len())
+                    .unwrap_or(0),
                 cpu_seconds: end.cpu_since(&start),
                 cpu_percent_of_core: end.percent_since(&start),
             }

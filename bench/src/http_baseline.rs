@@ -640,6 +640,9 @@ async fn load(
     }
     let total_acked = acked.load(Ordering::Relaxed);
 
+    // Agents that stopped early (an error) do not end the window: it ends
+    // when more than 1 % of the agents are done.
+    let stragglers = (tokens.len() as u64) / 100;
     let first = samples
         .iter()
         .find(|s| s.at.duration_since(start) >= Duration::from_secs(1))
@@ -648,7 +651,7 @@ async fn load(
     let last = samples
         .iter()
         .rev()
-        .find(|s| s.finished == 0 && s.at > first.at)
+        .find(|s| s.finished <= stragglers && s.at > first.at)
         .copied()
         .unwrap_or(samples[samples.len() - 1]);
     let (first, last) = if last.at.duration_since(first.at) < Duration::from_secs(2) {

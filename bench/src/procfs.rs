@@ -170,3 +170,26 @@ pub fn thread_cpu_seconds() -> f64 {
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
+
+/// Packets the kernel dropped at the UDP sockets bound to `port` (receive
+/// buffer full), from the `drops` column of `/proc/net/udp` and `udp6`.
+pub fn udp_socket_drops(port: u16) -> u64 {
+    let needle = format!(":{port:04X}");
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local = fields.get(1)?;
+                    if !local.ends_with(&needle) {
+                        return None;
+                    }
+                    fields.last()?.parse::<u64>().ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}

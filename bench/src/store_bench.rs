@@ -85,26 +85,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<StoreResult> {
         let _ = crate::control_plane::drop_postgres_database(admin, name).await;
     }
     let result = result?;
-    println!();
-    println!(
-        "### store alone: {:?}, reports spread over {} servers",
-        args.database, args.servers
-    );
-    println!();
-    println!("| reports per transaction | reports/s | process CPU per report | PostgreSQL CPU per report | of which building records |");
-    println!("|---:|---:|---:|---:|---:|");
-    for row in &result.rows {
-        println!(
-            "| {} | {:.0} reports/s | {:.0} µs | {} | {:.1} µs |",
-            row.batch_size,
-            row.reports_per_second,
-            row.process_cpu_us_per_report,
-            row.db_cpu_us_per_report
-                .map(|c| format!("{c:.0} µs"))
-                .unwrap_or_else(|| "-".into()),
-            row.records_cpu_us_per_report
-        );
-    }
+    print(&result);
     if let Some(path) = &args.json_out {
         std::fs::write(path, serde_json::to_string_pretty(&result)?)?;
     }
@@ -174,4 +155,29 @@ async fn measure(args: &StoreArgs, url: &str) -> anyhow::Result<StoreResult> {
         servers: args.servers,
         rows,
     })
+}
+
+/// Prints a store bench result as a table.
+pub fn print(result: &StoreResult) {
+    println!();
+    println!(
+        "### store alone: {}, reports spread over {} servers",
+        result.database, result.servers
+    );
+    println!();
+    println!("| reports per transaction | reports/s | process CPU per report | PostgreSQL CPU per report | of which building records |");
+    println!("|---:|---:|---:|---:|---:|");
+    for row in &result.rows {
+        println!(
+            "| {} | {:.0} reports/s | {:.0} µs | {} | {:.1} µs |",
+            row.batch_size,
+            row.reports_per_second,
+            row.process_cpu_us_per_report,
+            row.db_cpu_us_per_report
+                .map(|c| format!("{c:.0} µs"))
+                .unwrap_or_else(|| "-".into()),
+            row.records_cpu_us_per_report
+        );
+    }
+    println!();
 }

@@ -224,6 +224,24 @@ pub fn print_fleet(r: &FleetResult) {
         None,
     );
     row(
+        "  QUIC packets lost (simulator's view)",
+        format!("{} packets", r.load.lost_packets),
+        "",
+        None,
+    );
+    row(
+        "control-plane UDP socket drops: enroll/sess/idle/load",
+        format!(
+            "{}/{}/{}/{}",
+            r.cp_socket_drops.enrollment,
+            r.cp_socket_drops.sessions,
+            r.cp_socket_drops.idle,
+            r.cp_socket_drops.load
+        ),
+        "",
+        None,
+    );
+    row(
         "control-plane peak RSS (VmHWM)",
         format!("{:.1} MiB", r.load.cp_peak_rss_kib as f64 / 1024.0),
         "",
@@ -336,6 +354,18 @@ fn footprint_rows(p: &ProcessFootprint, goals: bool) {
             .flatten(),
     );
     row(
+        &format!("{}: RSS anon / file-backed at the end", p.name),
+        format!("{} / {} KiB", p.rss_anon_kib_end, p.rss_file_kib_end),
+        "",
+        None,
+    );
+    row(
+        &format!("{}: executable size", p.name),
+        format!("{:.1} MiB", p.binary_bytes as f64 / 1048576.0),
+        "",
+        None,
+    );
+    row(
         &format!("{}: peak RSS since start (VmHWM)", p.name),
         format!("{} KiB", p.peak_rss_kib),
         "",
@@ -409,6 +439,8 @@ pub fn run(args: SummaryArgs) -> anyhow::Result<()> {
             print_fleet(&fleet);
         } else if let Ok(fp) = serde_json::from_str::<FootprintResult>(&text) {
             print_footprint(&fp);
+        } else if let Ok(store) = serde_json::from_str::<crate::store_bench::StoreResult>(&text) {
+            crate::store_bench::print(&store);
         } else {
             eprintln!("{}: not a tether-bench result", path.display());
         }
