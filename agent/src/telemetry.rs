@@ -260,7 +260,7 @@ async fn send(
 
 /// Waits for the ack of `seq` on `stream`.
 async fn acked(mut stream: AgentStream, seq: u64) -> Result<(), DeliveryError> {
-    let answer = tokio::time::timeout(ACK_TIMEOUT, stream.expect())
+    let answer = tokio::time::timeout(ACK_TIMEOUT, stream.recv_required())
         .await
         .map_err(|_| DeliveryError::Timeout)??;
     match answer {

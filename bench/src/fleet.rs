@@ -354,7 +354,7 @@ async fn send_report(connection: &quinn::Connection, index: u32, seq: u64) -> an
         .send(&AgentMessage::MetricsBatch(realistic_batch(index, seq)))
         .await?;
     stream.finish()?;
-    match stream.expect().await? {
+    match stream.recv_required().await? {
         ControlMessage::Ack(ack) if ack.seq == seq => {}
         other => bail!("expected Ack {seq}, got {other:?}"),
     }

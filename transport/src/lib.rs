@@ -180,14 +180,14 @@ impl<In: DeserializeOwned, Out: Serialize> FramedStream<In, Out> {
     }
 
     /// The next message, treating a finished stream as an error.
-    pub async fn expect(&mut self) -> Result<In, TransportError> {
+    pub async fn recv_required(&mut self) -> Result<In, TransportError> {
         self.recv().await?.ok_or(TransportError::StreamClosed)
     }
 
     /// Sends one message and waits for the answer.
     pub async fn request(&mut self, message: &Out) -> Result<In, TransportError> {
         self.send(message).await?;
-        self.expect().await
+        self.recv_required().await
     }
 
     /// Finishes the sending half (the peer reads end-of-stream).

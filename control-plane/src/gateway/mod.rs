@@ -32,7 +32,7 @@ pub(crate) async fn first_stream(
     let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, async {
         let (send, recv) = connection.accept_bi().await?;
         let mut stream = tether_transport::ControlStream::new(send, recv);
-        let message = stream.expect().await?;
+        let message = stream.recv_required().await?;
         Ok::<_, tether_transport::TransportError>((stream, message))
     })
     .await;

@@ -248,7 +248,7 @@ async fn agent_stream(
     mut stream: ControlStream,
     renewal: Arc<RenewalContext>,
 ) {
-    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, stream.expect()).await {
+    let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, stream.recv_required()).await {
         Ok(Ok(message)) => message,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "agent stream ended without a valid first frame");
