@@ -228,9 +228,22 @@ pub async fn create_postgres_database(admin_url: &str, name: &str) -> anyhow::Re
 pub async fn drop_postgres_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(admin_url).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&mut conn)
-        .await?;
+    // An autovacuum worker on the fresh database makes FORCE fail for a
+    // non-superuser; it finishes soon, so try again for a while.
+    let mut attempt = 0;
+    loop {
+        let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut conn)
+            .await;
+        match dropped {
+            Ok(_) => break,
+            Err(_) if attempt < 30 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     conn.close().await?;
     Ok(())
 }

@@ -34,6 +34,10 @@ pub struct FootprintArgs {
     /// Scrape interval for node-exporter, and the agent's metrics interval.
     #[arg(long, default_value_t = 30)]
     pub interval: u64,
+    /// Agent builds to measure side by side, as LABEL=PATH (repeatable)
+    /// [default: release=<this binary's directory>/tether-agent].
+    #[arg(long = "agent-binary", value_name = "LABEL=PATH")]
+    pub agent_binaries: Vec<String>,
     /// Work directory [default: /var/tmp/tether-bench].
     #[arg(long, default_value = "/var/tmp/tether-bench")]
     pub work_dir: PathBuf,
@@ -68,13 +72,14 @@ pub struct FootprintResult {
     pub interval_seconds: u64,
     pub warmup_seconds: u64,
     pub window_seconds: f64,
-    pub agent: ProcessFootprint,
+    /// One per agent build measured.
+    pub agents: Vec<ProcessFootprint>,
     pub node_exporter: Option<ProcessFootprint>,
     pub node_exporter_scrapes_in_window: u64,
     /// Size of one /metrics answer.
     pub node_exporter_scrape_bytes: u64,
-    pub agent_reports_stored_in_window: Option<u64>,
-    pub agent_containers_reported: Option<u64>,
+    /// Reports each agent stored during the window (same order as `agents`).
+    pub agent_reports_stored_in_window: Vec<Option<u64>>,
     pub sentinel: String,
 }
 
@@ -217,42 +222,62 @@ pub async fn run(args: FootprintArgs) -> anyhow::Result<FootprintResult> {
         &["--metrics-interval", &interval],
     )
     .await?;
-    let token = cp.enrollment_token("footprint-agent").await?;
-    let state_dir = dir.join("agent-state");
-    let agent_bin = binary("tether-agent")?;
-    let enrolled = Command::new(&agent_bin)
-        .arg("enroll")
-        .args(["--server", &cp.quic_addr.to_string()])
-        .args(["--ca-fingerprint", &cp.ca_fingerprint])
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .env("TETHER_AGENT_TOKEN", &token)
-        .stdin(Stdio::null())
-        .output()
-        .context("running tether-agent enroll")?;
-    if !enrolled.status.success() {
-        bail!(
-            "tether-agent enroll failed: {}",
-            String::from_utf8_lossy(&enrolled.stderr)
-        );
-    }
+    let builds: Vec<(String, PathBuf)> = if args.agent_binaries.is_empty() {
+        vec![("release".to_string(), binary("tether-agent")?)]
+    } else {
+        args.agent_binaries
+            .iter()
+            .map(|spec| match spec.split_once('=') {
+                Some((label, path)) => Ok((label.to_string(), PathBuf::from(path))),
+                None => bail!("--agent-binary takes LABEL=PATH, not {spec:?}"),
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
     let config = dir.join("agent.toml");
     std::fs::write(&config, "# agent.toml of the footprint bench\n")?;
-    let agent_log = std::fs::File::create(dir.join("agent.log"))?;
-    let agent = Guard(
-        Command::new(&agent_bin)
-            .arg("run")
+    let mut agents = Vec::new();
+    for (label, agent_bin) in &builds {
+        if !agent_bin.is_file() {
+            bail!("agent binary {} ({label}) is missing", agent_bin.display());
+        }
+        let token = cp.enrollment_token(&format!("footprint-{label}")).await?;
+        let state_dir = dir.join(format!("agent-state-{label}"));
+        let enrolled = Command::new(agent_bin)
+            .arg("enroll")
+            .args(["--server", &cp.quic_addr.to_string()])
+            .args(["--ca-fingerprint", &cp.ca_fingerprint])
             .arg("--state-dir")
             .arg(&state_dir)
-            .arg("--config")
-            .arg(&config)
+            .env("TETHER_AGENT_TOKEN", &token)
             .stdin(Stdio::null())
-            .stdout(agent_log.try_clone()?)
-            .stderr(agent_log)
-            .spawn()
-            .context("spawning tether-agent run")?,
-    );
-    let agent_pid = agent.0.id();
+            .output()
+            .context("running tether-agent enroll")?;
+        if !enrolled.status.success() {
+            bail!(
+                "tether-agent enroll ({label}) failed: {}",
+                String::from_utf8_lossy(&enrolled.stderr)
+            );
+        }
+        let agent_log = std::fs::File::create(dir.join(format!("agent-{label}.log")))?;
+        let agent = Guard(
+            Command::new(agent_bin)
+                .arg("run")
+                .arg("--state-dir")
+                .arg(&state_dir)
+                .arg("--config")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(agent_log.try_clone()?)
+                .stderr(agent_log)
+                .spawn()
+                .context("spawning tether-agent run")?,
+        );
+        agents.push((
+            format!("tether-agent ({label})"),
+            format!("footprint-{label}"),
+            agent,
+        ));
+    }
     let agent_started = Instant::now();
 
     let node_exporter = match find_node_exporter() {
@@ -300,7 +325,9 @@ pub async fn run(args: FootprintArgs) -> anyhow::Result<FootprintResult> {
     tokio::time::sleep(Duration::from_secs(args.warmup).saturating_sub(agent_started.elapsed()))
         .await;
     let ne_pid = node_exporter.as_ref().map(|(g, _)| g.0.id());
-    let pids: Vec<(String, u32)> = std::iter::once(("tether-agent".to_string(), agent_pid))
+    let pids: Vec<(String, u32)> = agents
+        .iter()
+        .map(|(name, _, guard)| (name.clone(), guard.0.id()))
         .chain(ne_pid.map(|p| (NODE_EXPORTER.to_string(), p)))
         .collect();
     for (name, pid) in &pids {
@@ -354,51 +381,55 @@ pub async fn run(args: FootprintArgs) -> anyhow::Result<FootprintResult> {
         .collect();
     let window_seconds = args.window as f64;
 
-    // What the agent delivered during the window.
-    let mut reports_in_window = None;
-    let mut containers_reported = None;
-    if let Ok(servers) = cp.get("/api/v1/servers").await {
-        if let Some(id) = servers["data"][0]["id"].as_str() {
-            let from = window_start_utc.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    // What each agent delivered during the window.
+    let servers = cp.get("/api/v1/servers").await.unwrap_or_default();
+    let from = window_start_utc.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut reports_in_window = Vec::new();
+    for (_, server_name, _) in &agents {
+        let id = servers["data"]
+            .as_array()
+            .and_then(|list| list.iter().find(|s| s["name"] == server_name.as_str()))
+            .and_then(|s| s["id"].as_str())
+            .map(str::to_string);
+        let mut stored = None;
+        if let Some(id) = id {
             if let Ok(points) = cp
                 .get(&format!(
                     "/api/v1/servers/{id}/metrics?from={from}&limit=1000"
                 ))
                 .await
             {
-                reports_in_window = points["data"].as_array().map(|a| a.len() as u64);
-            }
-            if let Ok(body) = cp.get(&format!("/api/v1/servers/{id}/containers")).await {
-                containers_reported = body["data"]
-                    .as_array()
-                    .or_else(|| body["containers"].as_array())
-                    .map(|a| a.len() as u64);
+                stored = points["data"].as_array().map(|a| a.len() as u64);
             }
         }
+        reports_in_window.push(stored);
     }
 
     if let Some(task) = scraper {
         task.abort();
     }
     let window_scrapes = scrapes.load(Ordering::Relaxed) - window_scrapes_start;
-    drop(agent);
+    drop(agents);
     drop(node_exporter);
     cp.stop();
     drop(containers);
 
-    let agent_fp = measured.remove(0);
+    let node_exporter_fp = if ne_pid.is_some() {
+        measured.pop()
+    } else {
+        None
+    };
     let result = FootprintResult {
         containers: args.containers,
         interval_seconds: args.interval,
         warmup_seconds: args.warmup,
         window_seconds,
-        agent: agent_fp,
-        node_exporter: measured.pop(),
+        agents: measured,
+        node_exporter: node_exporter_fp,
         node_exporter_scrapes_in_window: window_scrapes,
         node_exporter_scrape_bytes: scrape_bytes.load(Ordering::Relaxed)
             / scrapes.load(Ordering::Relaxed).max(1),
         agent_reports_stored_in_window: reports_in_window,
-        agent_containers_reported: containers_reported,
         sentinel: "not measured: Coolify's Sentinel agent is written in Go (github.com/coollabsio/sentinel) and is not published on crates.io, so it cannot be built here from crates.io alone".into(),
     };
     crate::summary::print_footprint(&result);

@@ -385,15 +385,20 @@ pub fn print_footprint(r: &FootprintResult) {
         "footprint: {} containers, {} s interval, {:.0} s window after {} s warm-up",
         r.containers, r.interval_seconds, r.window_seconds, r.warmup_seconds
     ));
-    footprint_rows(&r.agent, true);
-    row(
-        "tether-agent: reports stored during the window",
-        r.agent_reports_stored_in_window
-            .map(|n| format!("{n} reports"))
-            .unwrap_or_else(|| "n/a".into()),
-        "",
-        None,
-    );
+    for (i, agent) in r.agents.iter().enumerate() {
+        footprint_rows(agent, true);
+        row(
+            &format!("{}: reports stored in the window", agent.name),
+            r.agent_reports_stored_in_window
+                .get(i)
+                .copied()
+                .flatten()
+                .map(|n| format!("{n} reports"))
+                .unwrap_or_else(|| "n/a".into()),
+            "",
+            None,
+        );
+    }
     if let Some(ne) = &r.node_exporter {
         footprint_rows(ne, false);
         row(
@@ -405,21 +410,23 @@ pub fn print_footprint(r: &FootprintResult) {
             "",
             None,
         );
-        row(
-            "RSS tether-agent / node-exporter",
-            format!("{:.2} x", r.agent.rss_kib_mean / ne.rss_kib_mean.max(1.0)),
-            "",
-            None,
-        );
-        row(
-            "CPU tether-agent / node-exporter",
-            format!(
-                "{:.2} x",
-                r.agent.cpu_percent_of_core / ne.cpu_percent_of_core.max(1e-9)
-            ),
-            "",
-            None,
-        );
+        for agent in &r.agents {
+            row(
+                &format!("RSS {} / node-exporter", agent.name),
+                format!("{:.2} x", agent.rss_kib_mean / ne.rss_kib_mean.max(1.0)),
+                "",
+                None,
+            );
+            row(
+                &format!("CPU {} / node-exporter", agent.name),
+                format!(
+                    "{:.2} x",
+                    agent.cpu_percent_of_core / ne.cpu_percent_of_core.max(1e-9)
+                ),
+                "",
+                None,
+            );
+        }
     }
     println!("Coolify Sentinel: {}", r.sentinel);
     println!();
