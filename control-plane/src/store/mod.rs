@@ -264,6 +264,27 @@ pub fn instance_secret_context(name: &str) -> String {
     format!("instance/secret/{name}")
 }
 
+/// The sealed values of an instance as [`Store::sealed_secrets`] lists them:
+/// its CA key(s), then its named secrets.
+pub(crate) fn sealed_secret_list(
+    ca_keys: Vec<String>,
+    named: Vec<(String, String)>,
+) -> Vec<SealedSecret> {
+    let ca = ca_keys.into_iter().map(|sealed| SealedSecret {
+        kind: SealedKind::InstanceCaKey,
+        id: "1".into(),
+        context: INSTANCE_CA_KEY_CONTEXT.into(),
+        sealed,
+    });
+    let named = named.into_iter().map(|(name, sealed)| SealedSecret {
+        kind: SealedKind::InstanceSecret,
+        context: instance_secret_context(&name),
+        id: name,
+        sealed,
+    });
+    ca.chain(named).collect()
+}
+
 /// Kinds of values sealed under the master key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SealedKind {

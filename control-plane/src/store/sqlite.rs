@@ -785,32 +785,15 @@ impl Store for SqliteStore {
     }
 
     async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>> {
-        let rows: Vec<String> =
+        let ca_keys: Vec<String> =
             sqlx::query_scalar("SELECT ca_key_sealed FROM instance WHERE id = 1")
                 .fetch_all(&self.pool)
                 .await?;
-        let mut secrets: Vec<SealedSecret> = rows
-            .into_iter()
-            .map(|sealed| SealedSecret {
-                kind: SealedKind::InstanceCaKey,
-                id: "1".into(),
-                context: INSTANCE_CA_KEY_CONTEXT.into(),
-                sealed,
-            })
-            .collect();
-        let named = sqlx::query("SELECT name, sealed FROM instance_secrets ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
-        for row in named {
-            let name: String = row.try_get("name")?;
-            secrets.push(SealedSecret {
-                kind: SealedKind::InstanceSecret,
-                context: instance_secret_context(&name),
-                id: name,
-                sealed: row.try_get("sealed")?,
-            });
-        }
-        Ok(secrets)
+        let named: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, sealed FROM instance_secrets ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(super::sealed_secret_list(ca_keys, named))
     }
 
     async fn replace_sealed_secret(
