@@ -555,6 +555,11 @@ pub(crate) fn kind(message: &ControlMessage) -> &'static str {
         ControlMessage::CertificateRenewed(_) => "CertificateRenewed",
         ControlMessage::RenewalRejected(_) => "RenewalRejected",
         ControlMessage::Ack(_) => "Ack",
+        ControlMessage::HealthAck { .. } => "HealthAck",
+        ControlMessage::ConfigureHealthChecks(_) => "ConfigureHealthChecks",
+        ControlMessage::RunHealthChecksNow => "RunHealthChecksNow",
+        ControlMessage::RunCommand(_) => "RunCommand",
+        ControlMessage::CancelCommand => "CancelCommand",
     }
 }
 

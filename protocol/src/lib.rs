@@ -9,7 +9,8 @@
 //! * [`messages`] — the typed messages, one enum per direction.
 //! * [`codec`] — `u32` length prefix + postcard body, with a maximum frame size.
 //! * [`session`] — protocol rules that do not need IO: version negotiation,
-//!   what an unauthenticated peer may do, connection close codes.
+//!   what an unauthenticated peer may do, what opens which stream (both
+//!   directions), connection close codes.
 
 pub mod codec;
 pub mod messages;
@@ -18,8 +19,8 @@ pub mod session;
 pub use codec::{FrameCodec, FrameError, MAX_FRAME_LEN};
 pub use messages::*;
 pub use session::{
-    classify_first_message, negotiate_version, CloseCode, PeerKind, StreamKind, VersionError,
-    Violation,
+    classify_control_opener, classify_first_message, negotiate_version, CloseCode,
+    ControlStreamKind, PeerKind, StreamKind, VersionError, Violation,
 };
 
 /// ALPN protocol id spoken on every Tether QUIC connection.

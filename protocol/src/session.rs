@@ -1,7 +1,10 @@
 //! Protocol rules that need no IO: version negotiation, what each kind of
 //! peer may open a stream with, and the QUIC close codes both sides use.
+//!
+//! Streams an agent opens are classified by [`classify_first_message`],
+//! streams a control plane opens by [`classify_control_opener`].
 
-use crate::messages::AgentMessage;
+use crate::messages::{AgentMessage, ControlMessage};
 
 /// Application close codes carried in QUIC `CONNECTION_CLOSE` frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,13 +108,25 @@ pub enum PeerKind {
     Agent,
 }
 
-/// What a stream is for, decided by its first message.
+/// What a stream opened by an agent is for, decided by its first message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamKind {
     Enrollment,
     Control,
     CertificateRenewal,
     Metrics,
+    /// A [`crate::HealthReport`], answered by `HealthAck`.
+    Health,
+}
+
+/// What a stream opened by the control plane is for, decided by its first
+/// message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlStreamKind {
+    /// `RunCommand`: one command, its output and its outcome.
+    Command,
+    /// `ConfigureHealthChecks` or `RunHealthChecksNow`.
+    HealthConfig,
 }
 
 /// A peer opened a stream with a message it may not open one with.
@@ -147,6 +162,36 @@ pub fn classify_first_message(
         (PeerKind::Agent, AgentMessage::Hello(_)) => Ok(StreamKind::Control),
         (PeerKind::Agent, AgentMessage::RenewCertificate(_)) => Ok(StreamKind::CertificateRenewal),
         (PeerKind::Agent, AgentMessage::MetricsBatch(_)) => Ok(StreamKind::Metrics),
-        (PeerKind::Agent, AgentMessage::Heartbeat(_)) => Err(Violation::NotAStreamOpener),
+        (PeerKind::Agent, AgentMessage::HealthReport(_)) => Ok(StreamKind::Health),
+        (
+            PeerKind::Agent,
+            AgentMessage::Heartbeat(_)
+            | AgentMessage::HealthChecksConfigured(_)
+            | AgentMessage::CommandStarted { .. }
+            | AgentMessage::CommandOutput { .. }
+            | AgentMessage::CommandFinished(_),
+        ) => Err(Violation::NotAStreamOpener),
+    }
+}
+
+/// Decides what a stream the control plane opened with `first` is for. Only
+/// `RunCommand`, `ConfigureHealthChecks` and `RunHealthChecksNow` open
+/// streams; anything else is [`Violation::NotAStreamOpener`].
+pub fn classify_control_opener(first: &ControlMessage) -> Result<ControlStreamKind, Violation> {
+    match first {
+        ControlMessage::RunCommand(_) => Ok(ControlStreamKind::Command),
+        ControlMessage::ConfigureHealthChecks(_) | ControlMessage::RunHealthChecksNow => {
+            Ok(ControlStreamKind::HealthConfig)
+        }
+        ControlMessage::Enrolled(_)
+        | ControlMessage::EnrollRejected(_)
+        | ControlMessage::Welcome(_)
+        | ControlMessage::HelloRejected(_)
+        | ControlMessage::HeartbeatAck(_)
+        | ControlMessage::CertificateRenewed(_)
+        | ControlMessage::RenewalRejected(_)
+        | ControlMessage::Ack(_)
+        | ControlMessage::HealthAck { .. }
+        | ControlMessage::CancelCommand => Err(Violation::NotAStreamOpener),
     }
 }

@@ -45,6 +45,11 @@ fn agent_variant_name(message: &AgentMessage) -> &'static str {
         AgentMessage::Heartbeat(_) => "Heartbeat",
         AgentMessage::RenewCertificate(_) => "RenewCertificate",
         AgentMessage::MetricsBatch(_) => "MetricsBatch",
+        AgentMessage::HealthReport(_) => "HealthReport",
+        AgentMessage::HealthChecksConfigured(_) => "HealthChecksConfigured",
+        AgentMessage::CommandStarted { .. } => "CommandStarted",
+        AgentMessage::CommandOutput { .. } => "CommandOutput",
+        AgentMessage::CommandFinished(_) => "CommandFinished",
     }
 }
 
@@ -58,11 +63,16 @@ fn control_variant_name(message: &ControlMessage) -> &'static str {
         ControlMessage::CertificateRenewed(_) => "CertificateRenewed",
         ControlMessage::RenewalRejected(_) => "RenewalRejected",
         ControlMessage::Ack(_) => "Ack",
+        ControlMessage::HealthAck { .. } => "HealthAck",
+        ControlMessage::ConfigureHealthChecks(_) => "ConfigureHealthChecks",
+        ControlMessage::RunHealthChecksNow => "RunHealthChecksNow",
+        ControlMessage::RunCommand(_) => "RunCommand",
+        ControlMessage::CancelCommand => "CancelCommand",
     }
 }
 
-const AGENT_VARIANTS: usize = 5;
-const CONTROL_VARIANTS: usize = 8;
+const AGENT_VARIANTS: usize = 10;
+const CONTROL_VARIANTS: usize = 13;
 
 fn agent_samples() -> Vec<AgentMessage> {
     vec![
@@ -99,7 +109,167 @@ fn agent_samples() -> Vec<AgentMessage> {
             containers: None,
             dropped_batches: 0,
         }),
+        AgentMessage::HealthReport(health_report()),
+        AgentMessage::HealthReport(HealthReport {
+            seq: 0,
+            results: vec![],
+        }),
+        AgentMessage::HealthChecksConfigured(HealthChecksConfigured {
+            active: vec!["web".into(), "db".into()],
+            rejected: vec![RejectedHealthCheck {
+                id: "builtin:disk".into(),
+                reason: "ids starting with builtin: are reserved".into(),
+            }],
+        }),
+        AgentMessage::HealthChecksConfigured(HealthChecksConfigured {
+            active: vec![],
+            rejected: vec![],
+        }),
+        AgentMessage::CommandStarted { pid: 4242 },
+        AgentMessage::CommandStarted { pid: u32::MAX },
+        AgentMessage::CommandOutput {
+            stream: OutputStream::Stdout,
+            data: b"hello\n".to_vec(),
+        },
+        AgentMessage::CommandOutput {
+            stream: OutputStream::Stderr,
+            data: vec![0xff; COMMAND_OUTPUT_CHUNK],
+        },
+        AgentMessage::CommandOutput {
+            stream: OutputStream::Stderr,
+            data: vec![],
+        },
     ]
+    .into_iter()
+    .chain(command_outcomes().into_iter().map(AgentMessage::CommandFinished))
+    .collect()
+}
+
+fn health_report() -> HealthReport {
+    HealthReport {
+        seq: 7,
+        results: vec![
+            HealthResult {
+                check_id: "builtin:docker".into(),
+                name: "docker".into(),
+                status: HealthStatus::Passing,
+                output: "Docker daemon 28.2.2 answered in 3 ms".into(),
+                checked_at_unix_ms: 1_700_000_000_000,
+                duration_ms: 3,
+                consecutive_failures: 0,
+            },
+            HealthResult {
+                check_id: "web".into(),
+                name: "web frontend ✓".into(),
+                status: HealthStatus::Failing,
+                output: "x".repeat(HEALTH_OUTPUT_LIMIT),
+                checked_at_unix_ms: u64::MAX,
+                duration_ms: u64::MAX,
+                consecutive_failures: u32::MAX,
+            },
+            HealthResult {
+                check_id: "db".into(),
+                name: String::new(),
+                status: HealthStatus::Starting,
+                output: String::new(),
+                checked_at_unix_ms: 0,
+                duration_ms: 0,
+                consecutive_failures: 1,
+            },
+        ],
+    }
+}
+
+fn command_outcomes() -> Vec<CommandOutcome> {
+    [
+        CommandStatus::Exited { code: 0 },
+        CommandStatus::Exited { code: -1 },
+        CommandStatus::Killed { signal: 9 },
+        CommandStatus::TimedOut,
+        CommandStatus::Cancelled,
+        CommandStatus::Refused {
+            reason: "commands are disabled on this server".into(),
+        },
+        CommandStatus::FailedToStart {
+            reason: "No such file or directory (os error 2)".into(),
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, status)| CommandOutcome {
+        status,
+        output_truncated: i % 2 == 0,
+        output_bytes: i as u64 * 1000,
+        duration_ms: i as u64,
+    })
+    .collect()
+}
+
+fn health_specs() -> Vec<HealthCheckSpec> {
+    vec![
+        HealthCheckSpec {
+            id: "web".into(),
+            name: "web frontend".into(),
+            kind: HealthCheckKind::Http {
+                url: "http://127.0.0.1:8080/healthz".into(),
+                expected_status: Some(204),
+                body_contains: Some("ok".into()),
+            },
+            interval_ms: 30_000,
+            timeout_ms: 5_000,
+            retries: 3,
+            start_period_ms: 60_000,
+        },
+        HealthCheckSpec {
+            id: "db".into(),
+            name: "postgres".into(),
+            kind: HealthCheckKind::Tcp {
+                address: "db.internal:5432".into(),
+            },
+            interval_ms: 10_000,
+            timeout_ms: 1_000,
+            retries: 0,
+            start_period_ms: 0,
+        },
+        HealthCheckSpec {
+            id: "queue".into(),
+            name: String::new(),
+            kind: HealthCheckKind::Exec {
+                argv: vec!["/usr/local/bin/queue-ok".into(), "--quiet".into()],
+            },
+            interval_ms: u64::MAX,
+            timeout_ms: u64::MAX,
+            retries: u32::MAX,
+            start_period_ms: u64::MAX,
+        },
+        HealthCheckSpec {
+            id: "any".into(),
+            name: "any 2xx".into(),
+            kind: HealthCheckKind::Http {
+                url: "https://example.com/".into(),
+                expected_status: None,
+                body_contains: None,
+            },
+            interval_ms: 1_000,
+            timeout_ms: 1,
+            retries: 1,
+            start_period_ms: 0,
+        },
+    ]
+}
+
+fn command_request() -> CommandRequest {
+    CommandRequest {
+        command_id: "0192f0c4-7a9e-7c3b-9d3e-000000000001".into(),
+        argv: vec!["/bin/sh".into(), "-c".into(), "echo \"$GREETING\"".into()],
+        env: vec![
+            ("GREETING".into(), "hello".into()),
+            ("DB_PASSWORD".into(), "hunter2".into()),
+        ],
+        stdin: Some(b"secret stdin".to_vec()),
+        timeout_ms: 60_000,
+        max_output_bytes: 1 << 20,
+    }
 }
 
 fn metrics_batch() -> MetricsBatch {
@@ -207,6 +377,21 @@ fn control_samples() -> Vec<ControlMessage> {
         samples.push(ControlMessage::RenewalRejected(rejection));
     }
     samples.push(ControlMessage::Ack(Ack { seq: 42 }));
+    samples.push(ControlMessage::HealthAck { seq: 7 });
+    samples.push(ControlMessage::HealthAck { seq: u64::MAX });
+    samples.push(ControlMessage::ConfigureHealthChecks(health_specs()));
+    samples.push(ControlMessage::ConfigureHealthChecks(vec![]));
+    samples.push(ControlMessage::RunHealthChecksNow);
+    samples.push(ControlMessage::RunCommand(command_request()));
+    samples.push(ControlMessage::RunCommand(CommandRequest {
+        command_id: String::new(),
+        argv: vec![],
+        env: vec![],
+        stdin: None,
+        timeout_ms: 0,
+        max_output_bytes: 0,
+    }));
+    samples.push(ControlMessage::CancelCommand);
     samples
 }
 
@@ -365,6 +550,16 @@ fn enroll_request_debug_output_redacts_the_token() {
     let debug = format!("{:?}", AgentMessage::Enroll(request));
     assert!(!debug.contains("tok_super_secret_value"), "{debug}");
     assert!(debug.contains("<redacted>"), "{debug}");
+}
+
+#[test]
+fn command_request_debug_output_shows_env_names_but_not_values_or_stdin() {
+    let debug = format!("{:?}", ControlMessage::RunCommand(command_request()));
+    assert!(debug.contains("GREETING") && debug.contains("DB_PASSWORD"), "{debug}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    assert!(!debug.contains("secret stdin"), "{debug}");
+    assert!(debug.contains("stdin_len: Some(12)"), "{debug}");
+    assert!(debug.contains("$GREETING"), "argv is shown: {debug}");
 }
 
 // ---------------------------------------------------------------------------
@@ -561,7 +756,17 @@ enum NewerAgentMessage {
     RenewCertificate(CertificateRenewalRequest),
     #[allow(dead_code)]
     MetricsBatch(MetricsBatch),
-    HealthReportOfTheFuture {
+    #[allow(dead_code)]
+    HealthReport(HealthReport),
+    #[allow(dead_code)]
+    HealthChecksConfigured(HealthChecksConfigured),
+    #[allow(dead_code)]
+    CommandStarted { pid: u32 },
+    #[allow(dead_code)]
+    CommandOutput { stream: OutputStream, data: Vec<u8> },
+    #[allow(dead_code)]
+    CommandFinished(CommandOutcome),
+    FeatureOfTheFuture {
         seq: u64,
         samples: Vec<u8>,
     },
@@ -569,7 +774,7 @@ enum NewerAgentMessage {
 
 #[test]
 fn unknown_top_level_discriminant_is_unknown_variant() {
-    for discriminant in [AGENT_VARIANTS as u8, 5, 0x7f] {
+    for discriminant in [AGENT_VARIANTS as u8, AGENT_VARIANTS as u8 + 1, 0x7f] {
         let mut buf = raw_frame(&[discriminant, 0, 0, 0]);
         let err = ControlSide::default().decode(&mut buf).unwrap_err();
         assert!(
@@ -593,11 +798,23 @@ fn unknown_nested_discriminant_is_unknown_variant() {
     // RenewalRejected(<rejection #3>).
     let err = decode_body::<ControlMessage>(&[6, 3]).unwrap_err();
     assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
+    // CommandOutput { stream: <#2>, .. }: OutputStream has 2 variants.
+    let err = decode_body::<AgentMessage>(&[8, 2, 0]).unwrap_err();
+    assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
+    // CommandFinished(<status #6>): CommandStatus has 6 variants.
+    let err = decode_body::<AgentMessage>(&[9, 6, 0, 0, 0]).unwrap_err();
+    assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
+    // ConfigureHealthChecks([{ id "", name "", kind <#3> }]): 3 kinds.
+    let err = decode_body::<ControlMessage>(&[9, 1, 0, 0, 3]).unwrap_err();
+    assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
+    // HealthReport { seq 0, [{ "", "", status <#3> }] }: 3 statuses.
+    let err = decode_body::<AgentMessage>(&[5, 0, 1, 0, 0, 3]).unwrap_err();
+    assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
 }
 
 #[test]
 fn variant_appended_by_a_newer_peer_is_unknown_variant_and_older_variants_still_decode() {
-    let newer = NewerAgentMessage::HealthReportOfTheFuture {
+    let newer = NewerAgentMessage::FeatureOfTheFuture {
         seq: 1,
         samples: vec![1, 2, 3],
     };
@@ -859,7 +1076,153 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
                 }
                 AgentMessage::MetricsBatch(batch)
             }),
+        (any::<u64>(), proptest::collection::vec(health_result(), 0..4))
+            .prop_map(|(seq, results)| AgentMessage::HealthReport(HealthReport { seq, results })),
+        (
+            proptest::collection::vec(small_string(), 0..4),
+            proptest::collection::vec((small_string(), small_string()), 0..3)
+        )
+            .prop_map(|(active, rejected)| {
+                AgentMessage::HealthChecksConfigured(HealthChecksConfigured {
+                    active,
+                    rejected: rejected
+                        .into_iter()
+                        .map(|(id, reason)| RejectedHealthCheck { id, reason })
+                        .collect(),
+                })
+            }),
+        any::<u32>().prop_map(|pid| AgentMessage::CommandStarted { pid }),
+        (output_stream(), small_bytes())
+            .prop_map(|(stream, data)| AgentMessage::CommandOutput { stream, data }),
+        (command_status(), any::<bool>(), any::<u64>(), any::<u64>()).prop_map(
+            |(status, output_truncated, output_bytes, duration_ms)| {
+                AgentMessage::CommandFinished(CommandOutcome {
+                    status,
+                    output_truncated,
+                    output_bytes,
+                    duration_ms,
+                })
+            }
+        ),
     ]
+}
+
+fn health_status() -> impl Strategy<Value = HealthStatus> {
+    prop_oneof![
+        Just(HealthStatus::Starting),
+        Just(HealthStatus::Passing),
+        Just(HealthStatus::Failing),
+    ]
+}
+
+fn health_result() -> impl Strategy<Value = HealthResult> {
+    (
+        small_string(),
+        small_string(),
+        health_status(),
+        small_string(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u32>(),
+    )
+        .prop_map(
+            |(
+                check_id,
+                name,
+                status,
+                output,
+                checked_at_unix_ms,
+                duration_ms,
+                consecutive_failures,
+            )| HealthResult {
+                check_id,
+                name,
+                status,
+                output,
+                checked_at_unix_ms,
+                duration_ms,
+                consecutive_failures,
+            },
+        )
+}
+
+fn output_stream() -> impl Strategy<Value = OutputStream> {
+    prop_oneof![Just(OutputStream::Stdout), Just(OutputStream::Stderr)]
+}
+
+fn command_status() -> impl Strategy<Value = CommandStatus> {
+    prop_oneof![
+        any::<i32>().prop_map(|code| CommandStatus::Exited { code }),
+        any::<i32>().prop_map(|signal| CommandStatus::Killed { signal }),
+        Just(CommandStatus::TimedOut),
+        Just(CommandStatus::Cancelled),
+        small_string().prop_map(|reason| CommandStatus::Refused { reason }),
+        small_string().prop_map(|reason| CommandStatus::FailedToStart { reason }),
+    ]
+}
+
+fn health_check_kind() -> impl Strategy<Value = HealthCheckKind> {
+    prop_oneof![
+        (
+            small_string(),
+            proptest::option::of(any::<u16>()),
+            proptest::option::of(small_string())
+        )
+            .prop_map(|(url, expected_status, body_contains)| HealthCheckKind::Http {
+                url,
+                expected_status,
+                body_contains
+            }),
+        small_string().prop_map(|address| HealthCheckKind::Tcp { address }),
+        proptest::collection::vec(small_string(), 0..4)
+            .prop_map(|argv| HealthCheckKind::Exec { argv }),
+    ]
+}
+
+fn health_check_spec() -> impl Strategy<Value = HealthCheckSpec> {
+    (
+        small_string(),
+        small_string(),
+        health_check_kind(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u32>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(id, name, kind, interval_ms, timeout_ms, retries, start_period_ms)| {
+                HealthCheckSpec {
+                    id,
+                    name,
+                    kind,
+                    interval_ms,
+                    timeout_ms,
+                    retries,
+                    start_period_ms,
+                }
+            },
+        )
+}
+
+fn command_request_strategy() -> impl Strategy<Value = CommandRequest> {
+    (
+        small_string(),
+        proptest::collection::vec(small_string(), 0..4),
+        proptest::collection::vec((small_string(), small_string()), 0..3),
+        proptest::option::of(small_bytes()),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(command_id, argv, env, stdin, timeout_ms, max_output_bytes)| CommandRequest {
+                command_id,
+                argv,
+                env,
+                stdin,
+                timeout_ms,
+                max_output_bytes,
+            },
+        )
 }
 
 fn control_message() -> impl Strategy<Value = ControlMessage> {
@@ -927,6 +1290,12 @@ fn control_message() -> impl Strategy<Value = ControlMessage> {
         ),
         certificate_chain().prop_map(ControlMessage::CertificateRenewed),
         renewal_rejection.prop_map(ControlMessage::RenewalRejected),
+        any::<u64>().prop_map(|seq| ControlMessage::HealthAck { seq }),
+        proptest::collection::vec(health_check_spec(), 0..4)
+            .prop_map(ControlMessage::ConfigureHealthChecks),
+        Just(ControlMessage::RunHealthChecksNow),
+        command_request_strategy().prop_map(ControlMessage::RunCommand),
+        Just(ControlMessage::CancelCommand),
     ]
 }
 
@@ -1205,6 +1574,17 @@ fn first_message_decides_the_stream_kind_or_the_violation_for_every_peer_and_var
     let heartbeat = M::Heartbeat(Heartbeat { sent_at_unix_ms: 1 });
     let renew = M::RenewCertificate(CertificateRenewalRequest { csr_der: vec![] });
     let metrics = M::MetricsBatch(metrics_batch());
+    let health = M::HealthReport(health_report());
+    let configured = M::HealthChecksConfigured(HealthChecksConfigured {
+        active: vec![],
+        rejected: vec![],
+    });
+    let started = M::CommandStarted { pid: 1 };
+    let output = M::CommandOutput {
+        stream: OutputStream::Stdout,
+        data: vec![1],
+    };
+    let finished = M::CommandFinished(command_outcomes().remove(0));
 
     let table: &[(PeerKind, &AgentMessage, Result<StreamKind, Violation>)] = &[
         (
@@ -1241,6 +1621,40 @@ fn first_message_decides_the_stream_kind_or_the_violation_for_every_peer_and_var
             Err(Violation::NotEnrolled),
         ),
         (PeerKind::Agent, &metrics, Ok(StreamKind::Metrics)),
+        (
+            PeerKind::Unauthenticated,
+            &health,
+            Err(Violation::NotEnrolled),
+        ),
+        (PeerKind::Agent, &health, Ok(StreamKind::Health)),
+        (
+            PeerKind::Unauthenticated,
+            &configured,
+            Err(Violation::NotEnrolled),
+        ),
+        (
+            PeerKind::Agent,
+            &configured,
+            Err(Violation::NotAStreamOpener),
+        ),
+        (
+            PeerKind::Unauthenticated,
+            &started,
+            Err(Violation::NotEnrolled),
+        ),
+        (PeerKind::Agent, &started, Err(Violation::NotAStreamOpener)),
+        (
+            PeerKind::Unauthenticated,
+            &output,
+            Err(Violation::NotEnrolled),
+        ),
+        (PeerKind::Agent, &output, Err(Violation::NotAStreamOpener)),
+        (
+            PeerKind::Unauthenticated,
+            &finished,
+            Err(Violation::NotEnrolled),
+        ),
+        (PeerKind::Agent, &finished, Err(Violation::NotAStreamOpener)),
     ];
     for (peer, first, expected) in table {
         assert_eq!(
@@ -1258,6 +1672,49 @@ fn first_message_decides_the_stream_kind_or_the_violation_for_every_peer_and_var
     covered.sort_unstable();
     covered.dedup();
     assert_eq!(covered.len(), AGENT_VARIANTS);
+}
+
+#[test]
+fn control_plane_opens_streams_only_with_commands_and_health_configuration() {
+    let mut covered = Vec::new();
+    for message in control_samples() {
+        let expected = match &message {
+            ControlMessage::RunCommand(_) => Ok(ControlStreamKind::Command),
+            ControlMessage::ConfigureHealthChecks(_) | ControlMessage::RunHealthChecksNow => {
+                Ok(ControlStreamKind::HealthConfig)
+            }
+            _ => Err(Violation::NotAStreamOpener),
+        };
+        assert_eq!(
+            classify_control_opener(&message),
+            expected,
+            "control plane opening with {}",
+            control_variant_name(&message)
+        );
+        covered.push(control_variant_name(&message));
+    }
+    covered.sort_unstable();
+    covered.dedup();
+    assert_eq!(covered.len(), CONTROL_VARIANTS);
+}
+
+#[test]
+fn every_agent_stream_opener_is_answered_on_its_stream_not_a_new_one() {
+    // Messages that only answer a control-plane stream never open one.
+    for message in agent_samples() {
+        if matches!(
+            message,
+            AgentMessage::HealthChecksConfigured(_)
+                | AgentMessage::CommandStarted { .. }
+                | AgentMessage::CommandOutput { .. }
+                | AgentMessage::CommandFinished(_)
+        ) {
+            assert_eq!(
+                classify_first_message(PeerKind::Agent, &message),
+                Err(Violation::NotAStreamOpener)
+            );
+        }
+    }
 }
 
 #[test]

@@ -285,6 +285,24 @@ async fn agent_stream(
             }
             let _ = stream.finish();
         }
+        (Ok(StreamKind::Health), AgentMessage::HealthReport(report)) => {
+            // TODO(lead): store health results
+            let seq = report.seq;
+            for result in &report.results {
+                tracing::debug!(
+                    server_id = %renewal.server_id,
+                    seq,
+                    check_id = %result.check_id,
+                    status = ?result.status,
+                    consecutive_failures = result.consecutive_failures,
+                    "health result"
+                );
+            }
+            if let Err(e) = stream.send(&ControlMessage::HealthAck { seq }).await {
+                tracing::debug!(seq, error = %e, "could not deliver a health ack; the agent will report again");
+            }
+            let _ = stream.finish();
+        }
         (classified, _) => {
             tracing::warn!(
                 ?classified,
