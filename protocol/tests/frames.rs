@@ -141,7 +141,11 @@ fn agent_samples() -> Vec<AgentMessage> {
         },
     ]
     .into_iter()
-    .chain(command_outcomes().into_iter().map(AgentMessage::CommandFinished))
+    .chain(
+        command_outcomes()
+            .into_iter()
+            .map(AgentMessage::CommandFinished),
+    )
     .collect()
 }
 
@@ -555,7 +559,10 @@ fn enroll_request_debug_output_redacts_the_token() {
 #[test]
 fn command_request_debug_output_shows_env_names_but_not_values_or_stdin() {
     let debug = format!("{:?}", ControlMessage::RunCommand(command_request()));
-    assert!(debug.contains("GREETING") && debug.contains("DB_PASSWORD"), "{debug}");
+    assert!(
+        debug.contains("GREETING") && debug.contains("DB_PASSWORD"),
+        "{debug}"
+    );
     assert!(!debug.contains("hunter2"), "{debug}");
     assert!(!debug.contains("secret stdin"), "{debug}");
     assert!(debug.contains("stdin_len: Some(12)"), "{debug}");
@@ -761,9 +768,14 @@ enum NewerAgentMessage {
     #[allow(dead_code)]
     HealthChecksConfigured(HealthChecksConfigured),
     #[allow(dead_code)]
-    CommandStarted { pid: u32 },
+    CommandStarted {
+        pid: u32,
+    },
     #[allow(dead_code)]
-    CommandOutput { stream: OutputStream, data: Vec<u8> },
+    CommandOutput {
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
     #[allow(dead_code)]
     CommandFinished(CommandOutcome),
     FeatureOfTheFuture {
@@ -1076,7 +1088,10 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
                 }
                 AgentMessage::MetricsBatch(batch)
             }),
-        (any::<u64>(), proptest::collection::vec(health_result(), 0..4))
+        (
+            any::<u64>(),
+            proptest::collection::vec(health_result(), 0..4)
+        )
             .prop_map(|(seq, results)| AgentMessage::HealthReport(HealthReport { seq, results })),
         (
             proptest::collection::vec(small_string(), 0..4),
@@ -1168,11 +1183,13 @@ fn health_check_kind() -> impl Strategy<Value = HealthCheckKind> {
             proptest::option::of(any::<u16>()),
             proptest::option::of(small_string())
         )
-            .prop_map(|(url, expected_status, body_contains)| HealthCheckKind::Http {
-                url,
-                expected_status,
-                body_contains
-            }),
+            .prop_map(
+                |(url, expected_status, body_contains)| HealthCheckKind::Http {
+                    url,
+                    expected_status,
+                    body_contains
+                }
+            ),
         small_string().prop_map(|address| HealthCheckKind::Tcp { address }),
         proptest::collection::vec(small_string(), 0..4)
             .prop_map(|argv| HealthCheckKind::Exec { argv }),
@@ -1190,16 +1207,14 @@ fn health_check_spec() -> impl Strategy<Value = HealthCheckSpec> {
         any::<u64>(),
     )
         .prop_map(
-            |(id, name, kind, interval_ms, timeout_ms, retries, start_period_ms)| {
-                HealthCheckSpec {
-                    id,
-                    name,
-                    kind,
-                    interval_ms,
-                    timeout_ms,
-                    retries,
-                    start_period_ms,
-                }
+            |(id, name, kind, interval_ms, timeout_ms, retries, start_period_ms)| HealthCheckSpec {
+                id,
+                name,
+                kind,
+                interval_ms,
+                timeout_ms,
+                retries,
+                start_period_ms,
             },
         )
 }
