@@ -1,0 +1,183 @@
+#!/bin/sh
+# Tether bootstrap: download the agent from the control plane, check its
+# SHA-256, install it, start it, and report each stage to the control plane.
+# POSIX sh (dash, busybox ash). Written by cloud-init to
+# /var/lib/tether/bootstrap.sh and run once by its runcmd.
+#
+#   bootstrap.sh [--root DIR] [--mode systemd|process]
+#
+# --root (env TETHER_ROOT, default "") prefixes every path: "" on a real
+# server, a directory for the `local` Terraform target.
+# --mode (env TETHER_BOOTSTRAP_MODE, default systemd): `systemd` enables the
+# tether-agent unit; `process` starts the agent as a detached process and
+# writes its pid to $ROOT/run/tether-agent.pid.
+#
+# Its settings come from $ROOT/var/lib/tether/bootstrap.env (0600, written by
+# cloud-init): TETHER_API_URL, TETHER_AGENT_SHA256 ("os/arch=hex ..."),
+# TETHER_REPORT_FIELDS (the JSON members naming the deployment and carrying
+# the bootstrap token). Secrets never reach a command line: report bodies are
+# written to 0600 files (here-documents) and posted from the file. The file
+# is removed once the agent runs.
+set -u
+umask 077
+
+ROOT=${TETHER_ROOT:-}
+MODE=${TETHER_BOOTSTRAP_MODE:-systemd}
+while [ $# -gt 0 ]; do
+    case $1 in
+        --root) ROOT=${2-}; shift 2 || exit 2 ;;
+        --mode) MODE=${2-}; shift 2 || exit 2 ;;
+        *) echo "bootstrap: unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+ROOT=${ROOT%/}
+case $MODE in systemd|process) ;; *) echo "bootstrap: unknown mode: $MODE" >&2; exit 2 ;; esac
+
+STATE="$ROOT/var/lib/tether"
+ENV_FILE="$STATE/bootstrap.env"
+CONFIG="$ROOT/etc/tether/agent.toml"
+BIN="$ROOT/usr/local/bin/tether-agent"
+PID_FILE="$ROOT/run/tether-agent.pid"
+LOG="$ROOT/var/log/tether-agent.log"
+
+log() { echo "tether-bootstrap: $*" >&2; }
+
+if [ ! -r "$ENV_FILE" ]; then
+    log "missing $ENV_FILE"
+    exit 1
+fi
+TETHER_API_URL='' TETHER_AGENT_SHA256='' TETHER_REPORT_FIELDS=''
+# shellcheck source=/dev/null
+. "$ENV_FILE"
+API=${TETHER_API_URL%/}
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/tether-bootstrap.XXXXXX") || { log "cannot create a work dir"; exit 1; }
+trap 'rm -rf "$WORK"' EXIT
+trap 'exit 1' HUP INT TERM
+
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# alive PID: the process exists and is not a zombie.
+alive() {
+    kill -0 "$1" 2>/dev/null || return 1
+    [ -r "/proc/$1/stat" ] || return 0
+    case $(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) in Z|X|x) return 1 ;; esac
+}
+
+# Runs "$@" for at most $1 seconds when `timeout` exists.
+bounded() {
+    limit=$1; shift
+    if have timeout; then timeout "$limit" "$@"; else "$@"; fi
+}
+
+# One printable line without quotes or backslashes, at most 200 characters.
+one_line() {
+    printf '%s' "$1" | tr '\n\r\t' '   ' | tr -d '\000-\037"\\' | cut -c1-200
+}
+
+# report STAGE STEP DETAIL: best effort, a few seconds at most, never fatal.
+report() {
+    stage=$1 step=$2 detail=$(one_line "$3")
+    body="$WORK/report.json"
+    members="\"stage\":\"$stage\""
+    [ -n "$step" ] && members="$members,\"step\":\"$step\""
+    [ -n "$detail" ] && members="$members,\"detail\":\"$detail\""
+    cat >"$body" <<EOF
+{$TETHER_REPORT_FIELDS,$members}
+EOF
+    url="$API/api/v1/infrastructure/boot-stages"
+    if have curl; then
+        curl -fsS -o /dev/null --connect-timeout 5 -m 5 -H 'Content-Type: application/json' \
+            --data-binary "@$body" "$url" 2>"$WORK/report.err"
+    elif have wget; then
+        bounded 5 wget -q -O /dev/null --header 'Content-Type: application/json' \
+            --post-file "$body" "$url" 2>"$WORK/report.err"
+    else
+        echo "neither curl nor wget" >"$WORK/report.err"
+        false
+    fi || log "could not report stage $stage: $(one_line "$(tail -n 1 "$WORK/report.err" 2>/dev/null)")"
+    rm -f "$body"
+    log "stage $stage${step:+ (step $step)}${detail:+: $detail}"
+}
+
+# fail STEP REASON: report `failed` and stop.
+fail() {
+    report failed "$1" "$2"
+    exit 1
+}
+
+# fetch URL FILE: curl, else wget; stderr's last line in $WORK/fetch.err.
+fetch() {
+    if have curl; then
+        curl -fsSL --connect-timeout 10 -m 300 -o "$2" "$1" 2>"$WORK/fetch.err"
+    elif have wget; then
+        bounded 300 wget -q -O "$2" "$1" 2>"$WORK/fetch.err"
+    else
+        echo "neither curl nor wget is installed" >"$WORK/fetch.err"
+        return 1
+    fi
+}
+
+# 1. Download and verify.
+case $(uname -m) in
+    x86_64|amd64) ARCH=amd64 ;;
+    aarch64|arm64) ARCH=arm64 ;;
+    *) fail download "unsupported architecture $(uname -m)" ;;
+esac
+OS=linux
+EXPECTED=''
+for pair in $TETHER_AGENT_SHA256; do
+    case $pair in "$OS/$ARCH="*) EXPECTED=${pair#*=} ;; esac
+done
+[ -n "$EXPECTED" ] || fail download "no agent checksum for $OS/$ARCH"
+have sha256sum || fail download "sha256sum is not installed"
+
+DOWNLOAD="$WORK/tether-agent"
+attempt=1
+until fetch "$API/agent/download/$OS/$ARCH" "$DOWNLOAD"; do
+    if [ "$attempt" -ge 5 ]; then
+        fail download "HTTP error: $(tail -n 1 "$WORK/fetch.err" 2>/dev/null)"
+    fi
+    log "download attempt $attempt failed: $(one_line "$(tail -n 1 "$WORK/fetch.err" 2>/dev/null)")"
+    attempt=$((attempt + 1))
+    sleep 3
+done
+ACTUAL=$(sha256sum "$DOWNLOAD" | cut -d' ' -f1)
+[ "$ACTUAL" = "$EXPECTED" ] || fail download "checksum mismatch for $OS/$ARCH: expected $EXPECTED, got $ACTUAL"
+report downloaded "" "$OS/$ARCH sha256 $ACTUAL"
+
+# 2. Install (atomically, so a running agent's binary is never half-written).
+mkdir -p "${BIN%/*}" 2>"$WORK/install.err" &&
+    cp "$DOWNLOAD" "$BIN.new" 2>"$WORK/install.err" &&
+    chmod 0755 "$BIN.new" 2>"$WORK/install.err" &&
+    mv -f "$BIN.new" "$BIN" 2>"$WORK/install.err" ||
+    fail install "cannot install $BIN: $(tail -n 1 "$WORK/install.err" 2>/dev/null)"
+chmod 0700 "$STATE" 2>/dev/null
+report installed "" "$BIN"
+
+# 3. Start.
+if [ "$MODE" = systemd ]; then
+    have systemctl || fail start "systemctl is not installed"
+    { systemctl daemon-reload && systemctl enable --now tether-agent.service; } >"$WORK/start.err" 2>&1 ||
+        fail start "systemctl error: $(tail -n 1 "$WORK/start.err" 2>/dev/null)"
+    report started "" "systemd unit tether-agent.service"
+else
+    mkdir -p "${PID_FILE%/*}" "${LOG%/*}" || fail start "cannot create ${PID_FILE%/*} or ${LOG%/*}"
+    if [ -f "$PID_FILE" ] && alive "$(cat "$PID_FILE")"; then
+        fail start "an agent already runs with pid $(cat "$PID_FILE")"
+    fi
+    # A clean environment: nothing of the caller's (e.g. terraform's) reaches
+    # the agent. All descriptors point away from the caller, so it returns.
+    if have setsid; then DETACH=setsid; else DETACH='nohup'; fi
+    env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin ${RUST_LOG:+RUST_LOG=$RUST_LOG} \
+        "$DETACH" "$BIN" run --state-dir "$STATE" --config "$CONFIG" </dev/null >>"$LOG" 2>&1 &
+    PID=$!
+    echo "$PID" >"$PID_FILE"
+    sleep 1
+    alive "$PID" || fail start "the agent exited at once: $(tail -n 1 "$LOG" 2>/dev/null)"
+    report started "" "pid $PID"
+fi
+
+# The one-time token stays in agent.toml (0600) for the agent only.
+rm -f "$ENV_FILE"
+exit 0

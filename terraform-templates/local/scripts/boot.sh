@@ -1,0 +1,51 @@
+#!/bin/sh
+# Create-time provisioner of the `local` target (see ../main.tf).
+#
+# Environment: TETHER_LOCAL_ROOT (absolute directory), TETHER_FILE_COUNT and,
+# for each write_files entry i of the user-data, TETHER_FILE_<i>_PATH,
+# TETHER_FILE_<i>_MODE and TETHER_FILE_<i>_CONTENT. File contents (one of
+# them holds the bootstrap token) are written with the shell's built-in
+# printf and leave the environment before anything else runs.
+set -eu
+umask 077
+
+root=${TETHER_LOCAL_ROOT:-}
+case $root in
+    /) echo "tether-local: refusing / as the server root" >&2; exit 1 ;;
+    /*) ;;
+    *) echo "tether-local: the server root must be an absolute path, got '$root'" >&2; exit 1 ;;
+esac
+count=${TETHER_FILE_COUNT:-0}
+case $count in '' | *[!0-9]*) echo "tether-local: bad TETHER_FILE_COUNT" >&2; exit 1 ;; esac
+
+mkdir -p "$root"
+: >"$root/.tether-local-server"
+
+i=0
+path='' mode=''
+while [ "$i" -lt "$count" ]; do
+    eval "path=\${TETHER_FILE_${i}_PATH-} mode=\${TETHER_FILE_${i}_MODE-0644}"
+    case $path in
+        /*) ;;
+        *) echo "tether-local: write_files path must be absolute, got '$path'" >&2; exit 1 ;;
+    esac
+    case /$path/ in
+        */../* | */./*) echo "tether-local: write_files path must be plain, got '$path'" >&2; exit 1 ;;
+    esac
+    case $mode in
+        [0-7][0-7][0-7] | [0-7][0-7][0-7][0-7]) ;;
+        *) echo "tether-local: bad permissions '$mode' for $path" >&2; exit 1 ;;
+    esac
+    target=$root$path
+    mkdir -p "${target%/*}"
+    eval "printf '%s' \"\${TETHER_FILE_${i}_CONTENT-}\"" >"$target.tmp"
+    chmod "$mode" "$target.tmp"
+    mv -f "$target.tmp" "$target"
+    unset "TETHER_FILE_${i}_PATH" "TETHER_FILE_${i}_MODE" "TETHER_FILE_${i}_CONTENT"
+    i=$((i + 1))
+done
+unset TETHER_FILE_COUNT
+
+script=$root/var/lib/tether/bootstrap.sh
+[ -f "$script" ] || { echo "tether-local: the user-data wrote no /var/lib/tether/bootstrap.sh" >&2; exit 1; }
+exec /bin/sh "$script" --root "$root" --mode process
