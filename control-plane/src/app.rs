@@ -41,6 +41,16 @@ pub struct ControlPlane {
     pub public_quic_addr: String,
     /// Base URL of the HTTP API.
     pub api_url: String,
+    /// URL of the HTTP API from this machine (terraform's state backend).
+    pub local_api_url: String,
+    /// Agent binaries served to provisioned servers.
+    pub agent_binaries: crate::provision::agent_binaries::AgentBinaries,
+    /// Key deriving per-deployment passwords of the Terraform state backend.
+    pub backend_key: Vec<u8>,
+    /// Identifies this process when it claims jobs.
+    pub worker_id: String,
+    /// Wakes the provisioning workers when a job is queued here.
+    pub provision_wakeup: tokio::sync::Notify,
     pub shutdown: CancellationToken,
 }
 
@@ -107,6 +117,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     let tokens =
         TokenAuthority::new(&instance_secret(&*store, &sealer, "api-token-signing").await?);
     let quic_secret = instance_secret(&*store, &sealer, "quic-keys").await?;
+    let backend_key = instance_secret(&*store, &sealer, "terraform-backend").await?;
 
     let (instance, admin_token) = initialise_instance(&*store, &config, &sealer, &tokens).await?;
     let admin_token_file = match admin_token {
@@ -174,6 +185,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         .trim_end_matches('/')
         .to_string();
 
+    let local_api_url = if api_addr.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}", api_addr.port())
+    } else {
+        format!("http://{api_addr}")
+    };
     let pki = Pki {
         ca,
         branch_id: instance.branch_id,
@@ -192,6 +208,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         ingestor,
         public_quic_addr,
         api_url,
+        local_api_url,
+        agent_binaries: crate::provision::agent_binaries::AgentBinaries::new(
+            config.agent_dir.as_deref(),
+        ),
+        backend_key,
+        worker_id: format!("{}/{}", std::process::id(), Uuid::new_v4().simple()),
+        provision_wakeup: tokio::sync::Notify::new(),
         shutdown: CancellationToken::new(),
     });
 
@@ -199,6 +222,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     tasks.spawn(crate::gateway::accept_loop(endpoint.clone(), state.clone()));
     tasks.spawn(crate::gateway::liveness_loop(state.clone()));
     tasks.spawn(crate::telemetry::maintenance_loop(state.clone()));
+    tasks.spawn(crate::provision::job::worker_loop(state.clone()));
     let router = crate::api::router(state.clone());
     let shutdown = state.shutdown.clone();
     tasks.spawn(async move {

@@ -88,6 +88,24 @@ pub struct ServeArgs {
     /// API requests per minute per admin token [default: 3000].
     #[arg(long, env = "TETHER_API_RATE_LIMIT_ADMIN")]
     pub api_rate_limit_admin: Option<u32>,
+    /// The terraform binary [default: `terraform` on PATH].
+    #[arg(long, env = "TETHER_TERRAFORM_BIN")]
+    pub terraform_bin: Option<PathBuf>,
+    /// Directory of agent binaries served at /agent/download/{os}/{arch}
+    /// (`tether-agent-<os>-<arch>`, or `tether-agent` for this machine's
+    /// platform) [default: the directory of the `tether` executable].
+    #[arg(long, env = "TETHER_AGENT_DIR")]
+    pub agent_dir: Option<PathBuf>,
+    /// A provisioned server that has not enrolled and reported after this
+    /// long fails its deployment (and is rolled back) [default: 10m].
+    #[arg(long, env = "TETHER_REGISTRATION_TIMEOUT", value_parser = parse_duration)]
+    pub registration_timeout: Option<Duration>,
+    /// Providers deployments may use, comma separated [default: all].
+    #[arg(long, env = "TETHER_ALLOWED_PROVIDERS", value_delimiter = ',')]
+    pub allowed_providers: Option<Vec<String>>,
+    /// Deployments one replica drives at once [default: 4].
+    #[arg(long, env = "TETHER_PROVISION_WORKERS")]
+    pub provision_workers: Option<u32>,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -110,6 +128,11 @@ struct FileConfig {
     metrics_retention: Option<String>,
     rollup_retention: Option<String>,
     rollup_interval: Option<String>,
+    terraform_bin: Option<PathBuf>,
+    agent_dir: Option<PathBuf>,
+    registration_timeout: Option<String>,
+    allowed_providers: Option<Vec<String>>,
+    provision_workers: Option<u32>,
 }
 
 /// Resolved configuration of a control plane.
@@ -131,6 +154,13 @@ pub struct ServeConfig {
     pub metrics_retention: Duration,
     pub rollup_retention: Duration,
     pub rollup_interval: Duration,
+    pub terraform_bin: PathBuf,
+    /// `None`: the directory of the running executable.
+    pub agent_dir: Option<PathBuf>,
+    pub registration_timeout: Duration,
+    /// `None`: every provider.
+    pub allowed_providers: Option<Vec<String>>,
+    pub provision_workers: u32,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -224,7 +254,27 @@ impl ServeArgs {
             .or(file_duration("rollup_interval", file.rollup_interval)?)
             .unwrap_or(Duration::from_secs(60))
             .max(Duration::from_millis(100));
+        let registration_timeout = self
+            .registration_timeout
+            .or(file_duration(
+                "registration_timeout",
+                file.registration_timeout,
+            )?)
+            .unwrap_or(Duration::from_secs(600))
+            .max(Duration::from_secs(1));
         Ok(ServeConfig {
+            terraform_bin: self
+                .terraform_bin
+                .or(file.terraform_bin)
+                .unwrap_or_else(|| PathBuf::from("terraform")),
+            agent_dir: self.agent_dir.or(file.agent_dir),
+            registration_timeout,
+            allowed_providers: self.allowed_providers.or(file.allowed_providers),
+            provision_workers: self
+                .provision_workers
+                .or(file.provision_workers)
+                .unwrap_or(4)
+                .clamp(1, 64),
             metrics_retention,
             rollup_retention,
             rollup_interval,

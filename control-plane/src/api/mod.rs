@@ -17,14 +17,18 @@ use utoipa_axum::routes;
 
 use crate::app::ControlPlane;
 
+pub mod agent_download;
 pub mod audit;
 pub mod auth;
+pub mod cloud_providers;
 pub mod enrollment_tokens;
 pub mod error;
+pub mod infrastructure;
 pub mod metrics;
 pub mod organizations;
 pub mod rate_limit;
 pub mod servers;
+pub mod terraform_state;
 pub mod tokens;
 
 pub use auth::Caller;
@@ -74,6 +78,7 @@ carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Er
         (name = "organizations", description = "The organization tree and its quotas."),
         (name = "tokens", description = "API tokens."),
         (name = "audit", description = "The audit log of every write."),
+        (name = "provisioning", description = "Cloud credentials, deployments made with Terraform, and what new servers download and report."),
     )
 )]
 struct ApiDoc;
@@ -130,10 +135,20 @@ fn documented() -> Documented {
         .routes(routes!(audit::list))
         .routes(routes!(metrics::server_metrics))
         .routes(routes!(metrics::server_containers))
+        .routes(routes!(cloud_providers::list, cloud_providers::create))
+        .routes(routes!(cloud_providers::delete))
+        .routes(routes!(cloud_providers::validate))
+        .routes(routes!(infrastructure::provision))
+        .routes(routes!(infrastructure::list))
+        .routes(routes!(infrastructure::get, infrastructure::destroy))
+        .routes(routes!(infrastructure::force_unlock))
+        .routes(routes!(infrastructure::events))
+        .routes(routes!(infrastructure::boot_stage))
         .split_for_parts();
     let (root, openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(health))
         .routes(routes!(metrics::fleet))
+        .routes(routes!(agent_download::download))
         .split_for_parts();
     Documented {
         root,
@@ -191,7 +206,16 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
             cp.clone(),
             rate_limit::enforce,
         ));
+    // Terraform's http backend uses LOCK/UNLOCK methods: served outside the
+    // documented API (see `terraform_state`).
+    let state_backend = Router::new()
+        .route(
+            "/terraform/state/{id}",
+            axum::routing::any(terraform_state::state),
+        )
+        .layer(DefaultBodyLimit::max(terraform_state::MAX_STATE_BYTES));
     root.nest("/api/v1", v1)
+        .merge(state_backend)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub mod postgres;
+pub mod provisioning;
 pub mod sqlite;
+
+pub use provisioning::*;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -265,10 +268,12 @@ pub fn instance_secret_context(name: &str) -> String {
 }
 
 /// The sealed values of an instance as [`Store::sealed_secrets`] lists them:
-/// its CA key(s), then its named secrets.
+/// its CA key(s), its named secrets, then the sealed values of rows
+/// (credentials, Terraform states, bootstrap tokens) by kind and row id.
 pub(crate) fn sealed_secret_list(
     ca_keys: Vec<String>,
     named: Vec<(String, String)>,
+    rows: Vec<(SealedKind, Uuid, String)>,
 ) -> Vec<SealedSecret> {
     let ca = ca_keys.into_iter().map(|sealed| SealedSecret {
         kind: SealedKind::InstanceCaKey,
@@ -282,7 +287,28 @@ pub(crate) fn sealed_secret_list(
         id: name,
         sealed,
     });
-    ca.chain(named).collect()
+    let rows = rows.into_iter().map(|(kind, id, sealed)| SealedSecret {
+        kind,
+        context: match kind {
+            SealedKind::CloudCredential => cloud_credential_context(id),
+            SealedKind::TerraformState => terraform_state_context(id),
+            SealedKind::BootstrapToken => bootstrap_token_context(id),
+            SealedKind::InstanceCaKey => INSTANCE_CA_KEY_CONTEXT.into(),
+            SealedKind::InstanceSecret => instance_secret_context(&id.to_string()),
+        },
+        id: id.to_string(),
+        sealed,
+    });
+    ca.chain(named).chain(rows).collect()
+}
+
+/// The statuses a worker drives, as an SQL list of literals.
+pub(crate) fn active_statuses_sql() -> String {
+    DeploymentStatus::ACTIVE
+        .iter()
+        .map(|status| format!("'{}'", status.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Kinds of values sealed under the master key.
@@ -292,6 +318,29 @@ pub enum SealedKind {
     InstanceCaKey,
     /// A random secret of the instance (see `Store::ensure_instance_secret`).
     InstanceSecret,
+    /// The fields of a cloud credential (id: the credential's).
+    CloudCredential,
+    /// A deployment's Terraform state (id: the deployment's).
+    TerraformState,
+    /// A deployment's bootstrap token, kept while it may be rendered again.
+    BootstrapToken,
+}
+
+impl SealedKind {
+    /// Where sealed values of a row kind live: (table, column, key column).
+    /// `None` for the instance's own values.
+    pub(crate) fn row_location(self) -> Option<(&'static str, &'static str, &'static str)> {
+        match self {
+            Self::CloudCredential => Some(("cloud_credentials", "credentials_sealed", "id")),
+            Self::TerraformState => Some(("terraform_states", "state_sealed", "deployment_id")),
+            Self::BootstrapToken => Some(("deployments", "bootstrap_token_sealed", "id")),
+            Self::InstanceCaKey | Self::InstanceSecret => None,
+        }
+    }
+
+    /// The kinds stored in rows.
+    pub(crate) const ROW_KINDS: [Self; 3] =
+        [Self::CloudCredential, Self::TerraformState, Self::BootstrapToken];
 }
 
 /// A sealed value as stored, for re-sealing under a new master key.
@@ -569,6 +618,146 @@ pub trait Store: Send + Sync + 'static {
 
     /// The latest container reports of every live server in `scope`, by server id.
     async fn latest_container_sets(&self, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>>;
+
+    // --- provisioning -------------------------------------------------
+
+    async fn create_cloud_credential(&self, credential: &CloudCredential) -> StoreResult<()>;
+
+    /// A live credential of an organization in `scope`.
+    async fn cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+    ) -> StoreResult<Option<CloudCredential>>;
+
+    /// Live credentials of the organizations in `scope`, oldest first.
+    async fn list_cloud_credentials(&self, scope: &[Uuid]) -> StoreResult<Vec<CloudCredential>>;
+
+    /// Records the outcome of a validation (and `at` as last use).
+    async fn mark_cloud_credential(
+        &self,
+        id: Uuid,
+        validated: Option<bool>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// Soft-deletes a credential; `false` when there was none in `scope`.
+    async fn delete_cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    /// Stores a new deployment and its bootstrap token in one transaction.
+    async fn create_deployment(
+        &self,
+        deployment: &Deployment,
+        token: &NewEnrollmentToken,
+    ) -> StoreResult<()>;
+
+    /// A deployment; `scope` `None` is the control plane's own view.
+    async fn deployment(&self, scope: Option<&[Uuid]>, id: Uuid)
+        -> StoreResult<Option<Deployment>>;
+
+    /// Deployments of `scope`, newest first, after `cursor` (an id).
+    async fn list_deployments(
+        &self,
+        scope: &[Uuid],
+        limit: u32,
+        cursor: Option<Uuid>,
+    ) -> StoreResult<Vec<Deployment>>;
+
+    /// Claims one active deployment whose lease is free or expired: the
+    /// worker holds it until `lease_until` (renewed by
+    /// [`Store::save_deployment`]). Oldest first.
+    async fn claim_deployment(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<Deployment>>;
+
+    /// Writes a claimed deployment back and extends the lease (released when
+    /// the status is no longer active). `false` when `worker` lost the lease.
+    async fn save_deployment(
+        &self,
+        deployment: &Deployment,
+        worker: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    /// Moves a deployment in `scope` from one of `from` to `to` (API
+    /// transitions such as a destroy request). `false` when it was not in
+    /// one of `from`.
+    async fn transition_deployment(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        from: &[DeploymentStatus],
+        to: DeploymentStatus,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    async fn append_deployment_event(
+        &self,
+        deployment_id: Uuid,
+        at: DateTime<Utc>,
+        kind: &str,
+        body: &serde_json::Value,
+    ) -> StoreResult<i64>;
+
+    /// Events of a deployment after `after_seq`, oldest first.
+    async fn deployment_events(
+        &self,
+        deployment_id: Uuid,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<DeploymentEvent>>;
+
+    /// The hash of a deployment's bootstrap token.
+    async fn deployment_token_hash(&self, deployment_id: Uuid) -> StoreResult<Option<String>>;
+
+    /// Makes a deployment's unused bootstrap token unusable.
+    async fn expire_deployment_token(
+        &self,
+        deployment_id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// The live server that enrolled with a deployment's token, and whether
+    /// it has reported metrics.
+    async fn deployment_server(&self, deployment_id: Uuid) -> StoreResult<Option<(Server, bool)>>;
+
+    async fn terraform_state(&self, deployment_id: Uuid)
+        -> StoreResult<Option<TerraformStateRecord>>;
+
+    /// Writes (`Some`) or empties (`None`) a state, refused while another
+    /// holder's lock is on it (`lock_id` is the writer's lock, if any).
+    async fn write_terraform_state(
+        &self,
+        deployment_id: Uuid,
+        state_sealed: Option<&str>,
+        lock_id: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome>;
+
+    /// Takes the state lock unless someone holds it.
+    async fn lock_terraform_state(
+        &self,
+        deployment_id: Uuid,
+        lock_id: &str,
+        info: &serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome>;
+
+    /// Releases the lock if `lock_id` holds it (`None`: whoever holds it).
+    async fn unlock_terraform_state(
+        &self,
+        deployment_id: Uuid,
+        lock_id: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome>;
 }
 
 /// Opens the store named by a database URL and runs its migrations.

@@ -1,0 +1,743 @@
+//! `/api/v1/infrastructure`: provisioning requests, deployments and their
+//! progress (JSON and SSE), destroy, force-unlock of a stale state lock, and
+//! the boot-stage reports of servers being bootstrapped.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, ErrorBody, Page};
+use crate::app::ControlPlane;
+use crate::auth::Scope;
+use crate::gateway::enrollment::token_hash;
+use crate::provision::bootstrap::BootStageReport;
+use crate::provision::credentials::Provider;
+use crate::provision::job::valid_variable_name;
+use crate::store::{
+    bootstrap_token_context, BootStage, Deployment, DeploymentRecord, DeploymentStatus,
+    DeploymentStep, NewEnrollmentToken,
+};
+
+/// A provisioning request.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionRequest {
+    /// The stored credential to use (not needed for `local`).
+    pub cloud_provider_credential_id: Option<Uuid>,
+    /// aws, digitalocean, hetzner, gcp, azure or local.
+    pub provider: String,
+    #[schema(min_length = 1, max_length = 64)]
+    pub region: String,
+    #[schema(min_length = 1, max_length = 64)]
+    pub instance_type: String,
+    /// Becomes the server's name (letters, digits, `-` and `.`, 1-63).
+    #[schema(min_length = 1, max_length = 63)]
+    pub server_name: String,
+    /// Tags on the cloud resources; also the server's labels.
+    #[serde(default)]
+    #[schema(value_type = std::collections::HashMap<String, String>)]
+    pub tags: crate::store::Labels,
+    /// Extra (non-secret) inputs of the target's module, e.g. `image`,
+    /// `disk_size_gb`, `ssh_public_keys`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub terraform_variables: Map<String, Value>,
+    /// Organization the server joins (default: the caller's).
+    pub organization_id: Option<Uuid>,
+}
+
+/// A queued deployment.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProvisionAccepted {
+    pub deployment_id: Uuid,
+    pub status: DeploymentStatus,
+    /// SSE stream of the deployment's steps and log lines.
+    pub monitor_url: String,
+}
+
+/// A step of a deployment as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StepView {
+    pub name: String,
+    pub status: crate::store::StepStatus,
+    pub started_at: DateTime<Utc>,
+    pub duration_seconds: Option<f64>,
+}
+
+impl From<DeploymentStep> for StepView {
+    fn from(s: DeploymentStep) -> Self {
+        Self {
+            name: s.name,
+            status: s.status,
+            started_at: s.started_at,
+            duration_seconds: s.duration_seconds,
+        }
+    }
+}
+
+/// A deployment.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeploymentView {
+    pub deployment_id: Uuid,
+    pub organization_id: Uuid,
+    pub provider: String,
+    pub region: String,
+    pub instance_type: String,
+    pub server_name: String,
+    pub status: DeploymentStatus,
+    pub progress_percent: u8,
+    pub current_step: Option<String>,
+    pub steps: Vec<StepView>,
+    pub server_id: Option<Uuid>,
+    pub server_ip: Option<String>,
+    pub instance_id: Option<String>,
+    /// Non-sensitive outputs of the module.
+    #[schema(value_type = Object)]
+    pub outputs: Map<String, Value>,
+    /// What went wrong (terraform's diagnostic, a boot failure, a timeout).
+    pub error_message: Option<String>,
+    /// Stages the server's bootstrap reported.
+    pub boot_stages: Vec<BootStage>,
+    /// Resources a rollback or destroy could not remove.
+    pub leftover_resources: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl From<Deployment> for DeploymentView {
+    fn from(d: Deployment) -> Self {
+        let DeploymentRecord {
+            region,
+            instance_type,
+            server_name,
+            steps,
+            current_step,
+            progress_percent,
+            instance_id,
+            server_ip,
+            outputs,
+            error_message,
+            leftover_resources,
+            boot_stages,
+            ..
+        } = d.record;
+        Self {
+            deployment_id: d.id,
+            organization_id: d.organization_id,
+            provider: d.provider,
+            region,
+            instance_type,
+            server_name,
+            status: d.status,
+            progress_percent,
+            current_step,
+            steps: steps.into_iter().map(Into::into).collect(),
+            server_id: d.server_id,
+            server_ip,
+            instance_id,
+            outputs,
+            error_message,
+            boot_stages,
+            leftover_resources,
+            created_at: d.created_at,
+            completed_at: d.completed_at,
+        }
+    }
+}
+
+fn valid_server_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+}
+
+fn valid_short_text(text: &str) -> bool {
+    !text.trim().is_empty() && text.len() <= 64 && !super::has_control_chars(text)
+}
+
+/// Queues a deployment: checks scopes, the provider, the credential, the
+/// organization's quota, then stores the deployment with a one-time bootstrap
+/// token bound to it. Needs `infrastructure:provision`.
+#[utoipa::path(
+    post,
+    path = "/infrastructure/provision",
+    operation_id = "provision_server",
+    tag = "provisioning",
+    request_body(content = ProvisionRequest, content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Queued; follow `monitor_url` or GET the deployment.", body = ProvisionAccepted),
+        (status = 400, description = "`invalid_request`: malformed JSON.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: missing scope or provider not allowed; `quota_exceeded`: no room for another server.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such organization or credential.", body = ErrorBody),
+        (status = 413, description = "`invalid_request`: body over 1 MiB.", body = ErrorBody),
+        (status = 422, description = "`validation_error`: unknown provider, credential of another provider, invalid name, tags or variables.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
+        (status = 500, description = "`internal_error`.", body = ErrorBody),
+    )
+)]
+pub async fn provision(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiJson(body): ApiJson<ProvisionRequest>,
+) -> Result<(StatusCode, Json<ProvisionAccepted>), ApiError> {
+    caller.require(Scope::InfrastructureProvision)?;
+    let organization_id = body.organization_id.unwrap_or(caller.organization_id);
+    if !caller.sees(organization_id) {
+        return Err(ApiError::not_found("no such organization"));
+    }
+    let provider =
+        Provider::parse(&body.provider).map_err(|e| ApiError::validation(e.to_string()))?;
+    if let Some(allowed) = &cp.config.allowed_providers {
+        if !allowed.iter().any(|p| p == provider.as_str()) {
+            return Err(ApiError::forbidden(format!(
+                "provider {} is not allowed on this control plane (allowed: {})",
+                provider.as_str(),
+                allowed.join(", ")
+            )));
+        }
+    }
+    if !valid_server_name(&body.server_name) {
+        return Err(ApiError::validation(
+            "server_name must be 1-63 letters, digits, '-' or '.', starting with a letter or digit",
+        ));
+    }
+    if !valid_short_text(&body.region) || !valid_short_text(&body.instance_type) {
+        return Err(ApiError::validation(
+            "region and instance_type must be 1-64 printable characters",
+        ));
+    }
+    super::enrollment_tokens::validate_labels(&body.tags)?;
+    for (name, value) in &body.terraform_variables {
+        if !valid_variable_name(name) {
+            return Err(ApiError::validation(format!(
+                "terraform_variables: {:?} is not a module input name (lowercase identifier, not server_name/region/instance_type/tags/user_data)",
+                name.chars().take(64).collect::<String>()
+            )));
+        }
+        if value.is_null() || value.to_string().len() > 16 * 1024 {
+            return Err(ApiError::validation(format!(
+                "terraform_variables: {name} must be a non-null value under 16 KiB"
+            )));
+        }
+        if value.to_string().contains('\0') {
+            return Err(ApiError::validation(format!(
+                "terraform_variables: {name} contains a NUL character"
+            )));
+        }
+    }
+    let credential_id = match (provider.needs_credential(), body.cloud_provider_credential_id) {
+        (true, None) => {
+            return Err(ApiError::validation(format!(
+                "provider {} needs cloud_provider_credential_id",
+                provider.as_str()
+            )))
+        }
+        (_, Some(id)) => {
+            let credential = cp
+                .store
+                .cloud_credential(&caller.visible_organizations, id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("no such cloud credential"))?;
+            if credential.provider != provider.as_str() {
+                return Err(ApiError::validation(format!(
+                    "cloud credential {id} is for {}, not {}",
+                    credential.provider,
+                    provider.as_str()
+                )));
+            }
+            Some(id)
+        }
+        (false, None) => None,
+    };
+    let one_server = crate::store::Usage {
+        servers: 1,
+        ..Default::default()
+    };
+    crate::quota::check(&*cp.store, organization_id, one_server).await??;
+
+    let now = Utc::now();
+    let id = Uuid::now_v7();
+    let token = super::enrollment_tokens::new_token();
+    let registration = chrono::Duration::from_std(cp.config.registration_timeout)
+        .unwrap_or_else(|_| chrono::Duration::minutes(10));
+    let deployment = Deployment {
+        id,
+        organization_id,
+        provider: provider.as_str().into(),
+        credential_id,
+        status: DeploymentStatus::Pending,
+        server_id: None,
+        record: DeploymentRecord {
+            region: body.region.clone(),
+            instance_type: body.instance_type.clone(),
+            server_name: body.server_name.clone(),
+            tags: body.tags.clone(),
+            variables: body.terraform_variables.clone(),
+            ..DeploymentRecord::default()
+        },
+        bootstrap_token_sealed: Some(cp.sealer.seal(token.as_bytes(), &bootstrap_token_context(id))),
+        created_at: now,
+        updated_at: now,
+        completed_at: None,
+    };
+    let token_record = NewEnrollmentToken {
+        id: Uuid::now_v7(),
+        token_hash: token_hash(&token),
+        organization_id,
+        server_name: Some(body.server_name.clone()),
+        labels: body.tags.clone(),
+        deployment_id: Some(id),
+        created_at: now,
+        // Long enough for a slow apply plus the registration window; the job
+        // expires it as soon as the deployment settles.
+        expires_at: now + registration + chrono::Duration::hours(2),
+    };
+    cp.store.create_deployment(&deployment, &token_record).await?;
+    cp.provision_wakeup.notify_one();
+    tracing::info!(deployment_id = %id, provider = provider.as_str(), server_name = %body.server_name, "deployment queued");
+    caller
+        .audit(
+            &cp,
+            organization_id,
+            "infrastructure.provision",
+            id.to_string(),
+            serde_json::json!({
+                "provider": provider.as_str(),
+                "region": body.region,
+                "instance_type": body.instance_type,
+                "server_name": body.server_name,
+            }),
+        )
+        .await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ProvisionAccepted {
+            deployment_id: id,
+            status: DeploymentStatus::Pending,
+            monitor_url: format!(
+                "{}/api/v1/infrastructure/deployments/{id}/events",
+                cp.api_url
+            ),
+        }),
+    ))
+}
+
+/// Paging of the deployment list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentListQuery {
+    /// Page size, 1-500 (default 100).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Lists deployments of the caller's organization tree, newest first.
+#[utoipa::path(
+    get,
+    path = "/infrastructure/deployments",
+    operation_id = "list_deployments",
+    tag = "provisioning",
+    params(DeploymentListQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "A page of deployments.", body = Page<DeploymentView>),
+        (status = 400, description = "`invalid_request`: bad limit or cursor.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
+        (status = 500, description = "`internal_error`.", body = ErrorBody),
+    )
+)]
+pub async fn list(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<DeploymentListQuery>,
+) -> Result<Json<Page<DeploymentView>>, ApiError> {
+    caller.require(Scope::ServersRead)?;
+    let limit = super::page_limit(query.limit, 100, 500)?;
+    let cursor = super::page_cursor::<Uuid>(query.cursor.as_deref())?;
+    let page = cp
+        .store
+        .list_deployments(&caller.visible_organizations, limit, cursor)
+        .await?;
+    let next_cursor = (page.len() == limit as usize)
+        .then(|| page.last().map(|d| d.id.to_string()))
+        .flatten();
+    Ok(Json(Page {
+        data: page.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+async fn visible_deployment(
+    cp: &ControlPlane,
+    caller: &Caller,
+    id: Uuid,
+) -> Result<Deployment, ApiError> {
+    cp.store
+        .deployment(Some(&caller.visible_organizations), id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such deployment"))
+}
+
+/// One deployment: status, steps with durations, outputs, errors.
+#[utoipa::path(
+    get,
+    path = "/infrastructure/deployments/{id}",
+    operation_id = "get_deployment",
+    tag = "provisioning",
+    params(("id" = Uuid, Path, description = "Deployment id.")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The deployment.", body = DeploymentView),
+        (status = 400, description = "`invalid_request`: the id is not a UUID.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`.", body = ErrorBody),
+        (status = 404, description = "`not_found`.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
+        (status = 500, description = "`internal_error`.", body = ErrorBody),
+    )
+)]
+pub async fn get(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<DeploymentView>, ApiError> {
+    caller.require(Scope::ServersRead)?;
+    Ok(Json(visible_deployment(&cp, &caller, id).await?.into()))
+}
+
+/// Options of a destroy.
+#[derive(Debug, Default, Deserialize, ToSchema, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyOptions {
+    /// Destroy even while commands run on the server.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Destroys a deployment's server: `terraform destroy`, certificate revoked,
+/// session closed, server removed (soft). Needs `infrastructure:destroy`.
+#[utoipa::path(
+    delete,
+    path = "/infrastructure/deployments/{id}",
+    operation_id = "destroy_deployment",
+    tag = "provisioning",
+    params(("id" = Uuid, Path, description = "Deployment id."), DestroyOptions),
+    request_body(content = Option<DestroyOptions>, content_type = "application/json", description = "`{force?}` (also accepted as a query parameter)."),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Destroy queued (or already under way / done).", body = DeploymentView),
+        (status = 400, description = "`invalid_request`: malformed body or id.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `infrastructure:destroy`.", body = ErrorBody),
+        (status = 404, description = "`not_found`.", body = ErrorBody),
+        (status = 409, description = "`conflict`: the deployment is still being provisioned or rolled back.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
+        (status = 500, description = "`internal_error`.", body = ErrorBody),
+    )
+)]
+pub async fn destroy(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(query): ApiQuery<DestroyOptions>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
+    caller.require(Scope::InfrastructureDestroy)?;
+    let options: DestroyOptions = if body.iter().all(u8::is_ascii_whitespace) {
+        DestroyOptions::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?
+    };
+    let force = options.force || query.force;
+    let deployment = visible_deployment(&cp, &caller, id).await?;
+    match deployment.status {
+        DeploymentStatus::Destroying | DeploymentStatus::Destroyed => {
+            return Ok((StatusCode::ACCEPTED, Json(deployment.into())))
+        }
+        DeploymentStatus::Completed | DeploymentStatus::Failed => {}
+        other => {
+            return Err(ApiError::conflict(format!(
+                "the deployment is {}; destroy it once it completed or failed",
+                other.as_str()
+            ))
+            .with_detail("status", other.as_str()))
+        }
+    }
+    let moved = cp
+        .store
+        .transition_deployment(
+            &caller.visible_organizations,
+            id,
+            &[DeploymentStatus::Completed, DeploymentStatus::Failed],
+            DeploymentStatus::Destroying,
+            Utc::now(),
+        )
+        .await?;
+    if !moved {
+        return Err(ApiError::conflict("the deployment changed status; try again"));
+    }
+    cp.provision_wakeup.notify_one();
+    caller
+        .audit(
+            &cp,
+            deployment.organization_id,
+            "infrastructure.destroy",
+            id.to_string(),
+            serde_json::json!({ "force": force, "server_id": deployment.server_id }),
+        )
+        .await;
+    let deployment = visible_deployment(&cp, &caller, id).await?;
+    Ok((StatusCode::ACCEPTED, Json(deployment.into())))
+}
+
+/// Releases the Terraform state lock of a deployment whatever holds it (a
+/// run that died). Needs `infrastructure:destroy`.
+#[utoipa::path(
+    delete,
+    path = "/infrastructure/deployments/{id}/lock",
+    operation_id = "force_unlock_deployment_state",
+    tag = "provisioning",
+    params(("id" = Uuid, Path, description = "Deployment id.")),
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "The state is unlocked."),
+        (status = 400, description = "`invalid_request`: the id is not a UUID.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`.", body = ErrorBody),
+        (status = 404, description = "`not_found`.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
+        (status = 500, description = "`internal_error`.", body = ErrorBody),
+    )
+)]
+pub async fn force_unlock(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Scope::InfrastructureDestroy)?;
+    let deployment = visible_deployment(&cp, &caller, id).await?;
+    let holder = cp
+        .store
+        .terraform_state(id)
+        .await?
+        .and_then(|s| s.lock_info);
+    cp.store.unlock_terraform_state(id, None, Utc::now()).await?;
+    caller
+        .audit(
+            &cp,
+            deployment.organization_id,
+            "infrastructure.force_unlock",
+            id.to_string(),
+            serde_json::json!({ "holder": holder }),
+        )
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// How long an SSE watcher waits between looks at the event log.
+const SSE_POLL: Duration = Duration::from_millis(200);
+
+/// The deployment's steps, log lines, boot stages and status changes as
+/// server-sent events (`event:` the kind, `id:` the sequence number, `data:`
+/// JSON). Resumes after `Last-Event-ID`; ends once the deployment settled.
+#[utoipa::path(
+    get,
+    path = "/infrastructure/deployments/{id}/events",
+    operation_id = "deployment_events",
+    tag = "provisioning",
+    params(("id" = Uuid, Path, description = "Deployment id.")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "An SSE stream (`text/event-stream`) of `status`, `step`, `log` and `boot_stage` events.", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_request`: the id is not a UUID.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`.", body = ErrorBody),
+        (status = 404, description = "`not_found`.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
+        (status = 500, description = "`internal_error`.", body = ErrorBody),
+    )
+)]
+pub async fn events(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    caller.require(Scope::ServersRead)?;
+    visible_deployment(&cp, &caller, id).await?;
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0);
+    struct Cursor {
+        cp: Arc<ControlPlane>,
+        id: Uuid,
+        after: i64,
+        finished: bool,
+    }
+    let stream = futures::stream::unfold(
+        Cursor {
+            cp,
+            id,
+            after,
+            finished: false,
+        },
+        |mut cursor| async move {
+            loop {
+                if cursor.finished {
+                    return None;
+                }
+                let batch = cursor
+                    .cp
+                    .store
+                    .deployment_events(cursor.id, cursor.after, 200)
+                    .await
+                    .ok()?;
+                if let Some(last) = batch.last() {
+                    cursor.after = last.seq;
+                    return Some((sse_events(batch), cursor));
+                }
+                let settled = cursor
+                    .cp
+                    .store
+                    .deployment(None, cursor.id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none_or(|d| !d.status.is_active());
+                if settled {
+                    // One more look: events written just before settling.
+                    cursor.finished = true;
+                    let tail = cursor
+                        .cp
+                        .store
+                        .deployment_events(cursor.id, cursor.after, 200)
+                        .await
+                        .ok()?;
+                    if tail.is_empty() {
+                        return None;
+                    }
+                    cursor.after = tail.last().map_or(cursor.after, |e| e.seq);
+                    return Some((sse_events(tail), cursor));
+                }
+                tokio::select! {
+                    _ = cursor.cp.shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(SSE_POLL) => {}
+                }
+            }
+        },
+    );
+    use futures::StreamExt;
+    Ok(Sse::new(stream.flatten()).keep_alive(KeepAlive::default()))
+}
+
+/// Deployment events as SSE events.
+fn sse_events(
+    batch: Vec<crate::store::DeploymentEvent>,
+) -> futures::stream::Iter<std::vec::IntoIter<Result<Event, Infallible>>> {
+    futures::stream::iter(
+        batch
+            .into_iter()
+            .map(|e| {
+                Ok(Event::default()
+                    .event(e.kind)
+                    .id(e.seq.to_string())
+                    .data(e.body.to_string()))
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Records a boot stage a server's bootstrap reached (`downloaded`,
+/// `installed`, `started`) or where it failed. Authenticated by the
+/// deployment's bootstrap token in the body (never in a URL or header a
+/// proxy might log).
+#[utoipa::path(
+    post,
+    path = "/infrastructure/boot-stages",
+    operation_id = "report_boot_stage",
+    tag = "provisioning",
+    request_body(content = Object, content_type = "application/json", description = "`{deployment_id, token, stage: downloaded|installed|started|failed, step?, detail?}`"),
+    responses(
+        (status = 204, description = "Recorded."),
+        (status = 400, description = "`invalid_request`: malformed JSON.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: unknown deployment or wrong token.", body = ErrorBody),
+        (status = 409, description = "`conflict`: the deployment is no longer being provisioned.", body = ErrorBody),
+        (status = 413, description = "`invalid_request`: body over 1 MiB.", body = ErrorBody),
+        (status = 422, description = "`validation_error`: wrong types or unknown stage.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
+        (status = 500, description = "`internal_error`.", body = ErrorBody),
+    )
+)]
+pub async fn boot_stage(
+    State(cp): State<Arc<ControlPlane>>,
+    ApiJson(report): ApiJson<BootStageReport>,
+) -> Result<StatusCode, ApiError> {
+    let refused = || ApiError::unauthorized("unknown deployment or wrong bootstrap token");
+    let id = Uuid::parse_str(&report.deployment_id).map_err(|_| refused())?;
+    let expected = cp.store.deployment_token_hash(id).await?.ok_or_else(refused)?;
+    if !subtle_eq(expected.as_bytes(), token_hash(&report.token).as_bytes()) {
+        return Err(refused());
+    }
+    let deployment = cp.store.deployment(None, id).await?.ok_or_else(refused)?;
+    if !matches!(
+        deployment.status,
+        DeploymentStatus::Pending | DeploymentStatus::Provisioning | DeploymentStatus::Registering
+    ) {
+        return Err(ApiError::conflict(format!(
+            "deployment is {}",
+            deployment.status.as_str()
+        )));
+    }
+    let clean = |text: Option<String>, max: usize| {
+        text.map(|t| {
+            t.chars()
+                .filter(|c| !c.is_control())
+                .take(max)
+                .collect::<String>()
+        })
+    };
+    let stage = BootStage {
+        stage: report.stage.as_str().into(),
+        step: clean(report.step, 32),
+        detail: clean(report.detail, 500),
+        at: Utc::now(),
+    };
+    tracing::info!(deployment_id = %id, stage = %stage.stage, step = ?stage.step, detail = ?stage.detail, "boot stage");
+    cp.store
+        .append_deployment_event(
+            id,
+            stage.at,
+            "boot_stage",
+            &serde_json::to_value(&stage).map_err(ApiError::internal)?,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Equality of two byte strings in time independent of where they differ.
+fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,166 @@
+//! `/terraform/state/{deployment_id}`: the state store of terraform's
+//! built-in `http` backend for one deployment: `GET`/`POST`/`DELETE` the
+//! state, `LOCK`/`UNLOCK` it (423 with the holder's LockInfo while another
+//! run holds it). States are sealed under the master key in the database.
+//! Each deployment has its own Basic credentials (user `deployment`, a
+//! password derived from an instance secret), handed to terraform only as
+//! `TF_HTTP_*` environment variables. This is terraform's protocol, not the
+//! admin API, so it is outside `/api/v1` and its OpenAPI document.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::ApiError;
+use crate::app::ControlPlane;
+use crate::provision::job::backend_password;
+use crate::store::{terraform_state_context, LockOutcome};
+
+/// Largest state accepted.
+pub const MAX_STATE_BYTES: usize = 32 << 20;
+
+fn authorized(cp: &ControlPlane, id: Uuid, headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+    else {
+        return false;
+    };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(value.trim()) else {
+        return false;
+    };
+    let expected = format!("deployment:{}", backend_password(&cp.backend_key, id));
+    decoded.len() == expected.len()
+        && decoded
+            .iter()
+            .zip(expected.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn locked(holder: serde_json::Value) -> Response {
+    (StatusCode::LOCKED, axum::Json(holder)).into_response()
+}
+
+/// Serves every method of the state endpoint.
+pub async fn state(
+    State(cp): State<Arc<ControlPlane>>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match serve(&cp, &id, &params, &method, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn serve(
+    cp: &ControlPlane,
+    id: &str,
+    params: &HashMap<String, String>,
+    method: &Method,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let id = Uuid::parse_str(id).map_err(|_| ApiError::not_found("no such state"))?;
+    if !authorized(cp, id, headers) {
+        let mut response =
+            ApiError::unauthorized("state credentials are wrong or missing").into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"terraform state\""),
+        );
+        return Ok(response);
+    }
+    if cp.store.deployment(None, id).await?.is_none() {
+        return Err(ApiError::not_found("no such deployment"));
+    }
+    let now = Utc::now();
+    let lock_id_of = |body: &Bytes| -> Result<(String, serde_json::Value), ApiError> {
+        let info: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::invalid_request(format!("LockInfo is not JSON: {e}")))?;
+        let lock_id = info
+            .get("ID")
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .ok_or_else(|| ApiError::invalid_request("LockInfo has no ID"))?
+            .to_string();
+        Ok((lock_id, info))
+    };
+    match method.as_str() {
+        "GET" => {
+            let sealed = cp.store.terraform_state(id).await?.and_then(|s| s.state_sealed);
+            match sealed {
+                None => Ok(StatusCode::NO_CONTENT.into_response()),
+                Some(sealed) => {
+                    let state = cp
+                        .sealer
+                        .open(&sealed, &terraform_state_context(id))
+                        .map_err(ApiError::internal)?;
+                    Ok(([(header::CONTENT_TYPE, "application/json")], state).into_response())
+                }
+            }
+        }
+        "POST" => {
+            if serde_json::from_slice::<serde_json::Value>(&body).is_err() {
+                return Err(ApiError::invalid_request("state is not JSON"));
+            }
+            let sealed = cp.sealer.seal(&body, &terraform_state_context(id));
+            let lock_id = params.get("ID").map(String::as_str);
+            match cp
+                .store
+                .write_terraform_state(id, Some(&sealed), lock_id, now)
+                .await?
+            {
+                LockOutcome::Done => Ok(StatusCode::OK.into_response()),
+                LockOutcome::HeldBy(holder) => Ok(locked(holder)),
+            }
+        }
+        "DELETE" => {
+            let lock_id = params.get("ID").map(String::as_str);
+            match cp.store.write_terraform_state(id, None, lock_id, now).await? {
+                LockOutcome::Done => Ok(StatusCode::OK.into_response()),
+                LockOutcome::HeldBy(holder) => Ok(locked(holder)),
+            }
+        }
+        "LOCK" => {
+            let (lock_id, info) = lock_id_of(&body)?;
+            match cp.store.lock_terraform_state(id, &lock_id, &info, now).await? {
+                LockOutcome::Done => {
+                    tracing::debug!(deployment_id = %id, %lock_id, "state locked");
+                    Ok(StatusCode::OK.into_response())
+                }
+                LockOutcome::HeldBy(holder) => Ok(locked(holder)),
+            }
+        }
+        "UNLOCK" => {
+            let (lock_id, _) = lock_id_of(&body)?;
+            match cp
+                .store
+                .unlock_terraform_state(id, Some(&lock_id), now)
+                .await?
+            {
+                LockOutcome::Done => Ok(StatusCode::OK.into_response()),
+                LockOutcome::HeldBy(holder) => {
+                    Ok((StatusCode::CONFLICT, axum::Json(holder)).into_response())
+                }
+            }
+        }
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "method not allowed on this route",
+        )),
+    }
+}

@@ -1,0 +1,902 @@
+//! The persisted job that drives a deployment: claimed from the store with a
+//! lease (so a replica that dies hands it over, and a restarted control plane
+//! resumes it), it renders the working directory, runs `terraform init`,
+//! `plan -json -out`, `apply -json` on the saved plan, waits for the agent to
+//! enroll with the deployment's bootstrap token and report, and on any
+//! failure rolls back with `terraform destroy`, recording what it could not
+//! remove. `DELETE` requests are driven the same way.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Map, Value};
+use sha2::Sha256;
+use tether_protocol::CloseCode;
+use tokio::sync::Mutex;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::bootstrap::{render_user_data, AgentChecksum, BootstrapParams};
+use super::credentials::Provider;
+use super::runner::{Terraform, TerraformError, TerraformEvent};
+use crate::app::ControlPlane;
+use crate::store::{
+    bootstrap_token_context, cloud_credential_context, Deployment, DeploymentStatus,
+    DeploymentStep, StepStatus, StoreError,
+};
+
+/// How long a claimed job is ours without renewal.
+const LEASE: Duration = Duration::from_secs(15);
+/// How often a running job renews its lease.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How often an idle worker looks for jobs (it is also woken at once when
+/// this replica queues one).
+const POLL: Duration = Duration::from_secs(1);
+/// How often registration is checked.
+const REGISTRATION_POLL: Duration = Duration::from_millis(250);
+
+/// Module inputs every target takes; `terraform_variables` may not set them.
+pub const FIXED_VARIABLES: [&str; 5] =
+    ["server_name", "region", "instance_type", "tags", "user_data"];
+
+/// Why a step of a job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Terraform(#[from] TerraformError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("preparing the working directory: {0}")]
+    Workdir(std::io::Error),
+    #[error("{0}")]
+    Bootstrap(String),
+    #[error("cloud credential: {0}")]
+    Credential(String),
+    #[error("{0}")]
+    Registration(String),
+    /// Another worker took the job over (this one lost its lease).
+    #[error("lease lost")]
+    LeaseLost,
+}
+
+/// The per-deployment password of the Terraform HTTP backend, derived from
+/// an instance secret so nothing needs storing and a resumed job gets the
+/// same one.
+pub fn backend_password(key: &[u8], deployment_id: Uuid) -> String {
+    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key) {
+        Ok(mac) => mac,
+        Err(_) => return String::new(),
+    };
+    mac.update(b"terraform-backend/");
+    mac.update(deployment_id.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// The working directory of a deployment.
+pub fn workdir(cp: &ControlPlane, deployment_id: Uuid) -> PathBuf {
+    cp.config
+        .data_dir
+        .join("deployments")
+        .join(deployment_id.to_string())
+}
+
+/// Runs jobs until shutdown: claims up to `--provision-workers` deployments
+/// at a time.
+pub async fn worker_loop(cp: Arc<ControlPlane>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        cp.config.provision_workers as usize,
+    ));
+    loop {
+        let permit = tokio::select! {
+            _ = cp.shutdown.cancelled() => return,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let now = Utc::now();
+        let claimed = cp
+            .store
+            .claim_deployment(&cp.worker_id, now, now + lease())
+            .await;
+        match claimed {
+            Ok(Some(deployment)) => {
+                let cp = cp.clone();
+                let span = tracing::info_span!("deployment", deployment_id = %deployment.id);
+                tokio::spawn(
+                    async move {
+                        let _permit = permit;
+                        Job::new(cp, deployment).run().await;
+                    }
+                    .instrument(span),
+                );
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not claim a deployment"),
+        }
+        drop(permit);
+        tokio::select! {
+            _ = cp.shutdown.cancelled() => return,
+            _ = cp.provision_wakeup.notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+fn lease() -> chrono::Duration {
+    chrono::Duration::from_std(LEASE).unwrap_or_else(|_| chrono::Duration::seconds(15))
+}
+
+/// One claimed deployment.
+struct Job {
+    cp: Arc<ControlPlane>,
+    deployment: Mutex<Deployment>,
+    id: Uuid,
+}
+
+impl Job {
+    fn new(cp: Arc<ControlPlane>, deployment: Deployment) -> Arc<Self> {
+        Arc::new(Self {
+            id: deployment.id,
+            cp,
+            deployment: Mutex::new(deployment),
+        })
+    }
+
+    /// Writes the deployment back (renewing the lease).
+    async fn save(&self) -> Result<(), JobError> {
+        let mut d = self.deployment.lock().await;
+        d.updated_at = Utc::now();
+        if self
+            .cp
+            .store
+            .save_deployment(&d, &self.cp.worker_id, Utc::now() + lease())
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(JobError::LeaseLost)
+        }
+    }
+
+    async fn event(&self, kind: &str, body: Value) {
+        if let Err(e) = self
+            .cp
+            .store
+            .append_deployment_event(self.id, Utc::now(), kind, &body)
+            .await
+        {
+            tracing::warn!(error = %e, "could not record a deployment event");
+        }
+    }
+
+    async fn set_status(&self, status: DeploymentStatus) -> Result<(), JobError> {
+        {
+            let mut d = self.deployment.lock().await;
+            d.status = status;
+            if !status.is_active() {
+                d.completed_at = Some(Utc::now());
+                d.record.current_step = None;
+            }
+        }
+        self.save().await?;
+        self.event("status", json!({ "status": status })).await;
+        tracing::info!(status = status.as_str(), "deployment status");
+        Ok(())
+    }
+
+    async fn step_started(&self, name: &str, progress: u8) -> Result<Instant, JobError> {
+        {
+            let mut d = self.deployment.lock().await;
+            d.record.steps.push(DeploymentStep {
+                name: name.into(),
+                status: StepStatus::Running,
+                started_at: Utc::now(),
+                duration_seconds: None,
+            });
+            d.record.current_step = Some(name.into());
+            d.record.progress_percent = d.record.progress_percent.max(progress);
+        }
+        self.save().await?;
+        self.event("step", json!({ "name": name, "status": "running" }))
+            .await;
+        Ok(Instant::now())
+    }
+
+    async fn step_ended(
+        &self,
+        name: &str,
+        started: Instant,
+        ok: bool,
+        progress: u8,
+    ) -> Result<(), JobError> {
+        let duration = started.elapsed().as_secs_f64();
+        let status = if ok {
+            StepStatus::Succeeded
+        } else {
+            StepStatus::Failed
+        };
+        {
+            let mut d = self.deployment.lock().await;
+            if let Some(step) = d
+                .record
+                .steps
+                .iter_mut()
+                .rev()
+                .find(|s| s.name == name && s.status == StepStatus::Running)
+            {
+                step.status = status;
+                step.duration_seconds = Some((duration * 1000.0).round() / 1000.0);
+            }
+            if ok {
+                d.record.progress_percent = d.record.progress_percent.max(progress);
+            }
+        }
+        self.save().await?;
+        self.event(
+            "step",
+            json!({ "name": name, "status": status, "duration_seconds": duration }),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Runs one named step around `work`.
+    async fn step<T>(
+        &self,
+        name: &str,
+        start_progress: u8,
+        end_progress: u8,
+        work: impl std::future::Future<Output = Result<T, JobError>>,
+    ) -> Result<T, JobError> {
+        let started = self.step_started(name, start_progress).await?;
+        let result = work.await;
+        self.step_ended(name, started, result.is_ok(), end_progress)
+            .await?;
+        result
+    }
+
+    async fn run(self: Arc<Self>) {
+        let renewer = {
+            let job = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(RENEW_EVERY).await;
+                    if let Err(e) = job.save().await {
+                        tracing::warn!(error = %e, "could not renew the deployment lease");
+                    }
+                }
+            })
+        };
+        let result = self.drive().await;
+        renewer.abort();
+        match result {
+            Ok(()) | Err(JobError::LeaseLost) => {}
+            Err(e) => tracing::error!(error = %e, "deployment job failed"),
+        }
+    }
+
+    async fn drive(&self) -> Result<(), JobError> {
+        let (status, attempts) = {
+            let mut d = self.deployment.lock().await;
+            d.record.attempts += 1;
+            (d.status, d.record.attempts)
+        };
+        if attempts > 1 && status != DeploymentStatus::Pending {
+            // The previous worker died (its lease ran out): whatever lock
+            // its terraform held is stale.
+            self.cp
+                .store
+                .unlock_terraform_state(self.id, None, Utc::now())
+                .await?;
+            self.event(
+                "log",
+                json!({ "level": "warn", "message": format!("resuming after an interrupted run ({status:?}); stale state lock released") }),
+            )
+            .await;
+            tracing::warn!(?status, "resuming an interrupted deployment");
+        }
+        match status {
+            DeploymentStatus::Pending | DeploymentStatus::Provisioning => {
+                if status == DeploymentStatus::Pending {
+                    crate::webhooks::emit_deployment(
+                        &self.cp,
+                        &*self.deployment.lock().await,
+                        "infrastructure.provisioning.started",
+                    )
+                    .await;
+                }
+                self.set_status(DeploymentStatus::Provisioning).await?;
+                match self.provision().await {
+                    Ok(()) => self.register().await,
+                    Err(JobError::LeaseLost) => Err(JobError::LeaseLost),
+                    Err(e) => self.fail(e.to_string()).await,
+                }
+            }
+            DeploymentStatus::Registering => self.register().await,
+            DeploymentStatus::RollingBack => self.roll_back().await,
+            DeploymentStatus::Destroying => self.destroy_requested().await,
+            DeploymentStatus::Completed
+            | DeploymentStatus::Failed
+            | DeploymentStatus::Destroyed => Ok(()),
+        }
+    }
+
+    /// The terraform process for this deployment, with its environment.
+    async fn terraform(&self, for_destroy: bool) -> Result<Terraform, JobError> {
+        let d = self.deployment.lock().await.clone();
+        let mut env: Vec<(String, String)> = Vec::new();
+        let address = format!("{}/terraform/state/{}", self.cp.local_api_url, d.id);
+        for key in ["TF_HTTP_ADDRESS", "TF_HTTP_LOCK_ADDRESS", "TF_HTTP_UNLOCK_ADDRESS"] {
+            env.push((key.into(), address.clone()));
+        }
+        env.push(("TF_HTTP_USERNAME".into(), "deployment".into()));
+        env.push((
+            "TF_HTTP_PASSWORD".into(),
+            backend_password(&self.cp.backend_key, d.id),
+        ));
+        env.push(("TF_VAR_user_data".into(), self.user_data(&d, for_destroy)?));
+        if let Some(credential_id) = d.credential_id {
+            let credential = self
+                .cp
+                .store
+                .cloud_credential(&[d.organization_id], credential_id)
+                .await?
+                .ok_or_else(|| {
+                    JobError::Credential("the cloud credential was deleted".into())
+                })?;
+            let fields = self
+                .cp
+                .sealer
+                .open(
+                    &credential.credentials_sealed,
+                    &cloud_credential_context(credential.id),
+                )
+                .map_err(|e| JobError::Credential(e.to_string()))?;
+            let fields: Map<String, Value> = serde_json::from_slice(&fields)
+                .map_err(|_| JobError::Credential("stored credential is not JSON".into()))?;
+            let provider = Provider::parse(&d.provider)
+                .map_err(|e| JobError::Credential(e.to_string()))?;
+            for (key, value) in provider
+                .environment(&fields)
+                .map_err(|e| JobError::Credential(e.to_string()))?
+            {
+                env.push((key.into(), value));
+            }
+            if let Err(e) = self
+                .cp
+                .store
+                .mark_cloud_credential(credential.id, None, Utc::now())
+                .await
+            {
+                tracing::warn!(error = %e, "could not record the credential's use");
+            }
+        }
+        Ok(Terraform::new(
+            &self.cp.config.terraform_bin,
+            &workdir(&self.cp, d.id),
+            env,
+        ))
+    }
+
+    /// The cloud-init user-data of this deployment. A destroy needs the
+    /// variable set but not the token (already used or expired).
+    fn user_data(&self, d: &Deployment, for_destroy: bool) -> Result<String, JobError> {
+        let token = match (&d.bootstrap_token_sealed, for_destroy) {
+            (Some(sealed), false) => {
+                let token = self
+                    .cp
+                    .sealer
+                    .open(sealed, &bootstrap_token_context(d.id))
+                    .map_err(|e| JobError::Bootstrap(format!("opening the bootstrap token: {e}")))?;
+                String::from_utf8(token)
+                    .map_err(|_| JobError::Bootstrap("bootstrap token is not text".into()))?
+            }
+            (None, false) => {
+                return Err(JobError::Bootstrap(
+                    "the bootstrap token is gone; provision a new deployment".into(),
+                ))
+            }
+            (_, true) => "tet_enr_destroyed".into(),
+        };
+        let agent_checksums = self
+            .cp
+            .agent_binaries
+            .all()
+            .map_err(|e| JobError::Bootstrap(format!("reading the agent binaries: {e}")))?
+            .into_iter()
+            .map(|b| AgentChecksum {
+                os: b.os,
+                arch: b.arch,
+                sha256_hex: b.sha256_hex,
+            })
+            .collect::<Vec<_>>();
+        if agent_checksums.is_empty() && !for_destroy {
+            return Err(JobError::Bootstrap(
+                "no agent binary to serve: put tether-agent next to the tether executable or set --agent-dir".into(),
+            ));
+        }
+        render_user_data(&BootstrapParams {
+            api_url: self.cp.api_url.clone(),
+            quic_address: self.cp.public_quic_addr.clone(),
+            ca_fingerprint: self.cp.pki.ca.fingerprint().to_string(),
+            token,
+            deployment_id: d.id.to_string(),
+            agent_checksums,
+        })
+        .map_err(|e| JobError::Bootstrap(e.to_string()))
+    }
+
+    /// Writes the working directory: the target's module, a root module that
+    /// calls it with the `http` backend, and the non-secret variables.
+    async fn render(&self) -> Result<(), JobError> {
+        let d = self.deployment.lock().await.clone();
+        let dir = workdir(&self.cp, d.id);
+        write_workdir(&dir, &d).map_err(JobError::Workdir)
+    }
+
+    async fn terraform_step(
+        &self,
+        terraform: &Terraform,
+        name: &str,
+        args: &[&str],
+        progress: (u8, u8),
+    ) -> Result<(), JobError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let run = terraform.run(args, move |event| {
+            let _ = tx.send(event);
+        });
+        let forward = async {
+            while let Some(event) = rx.recv().await {
+                self.record_terraform_event(event).await;
+            }
+        };
+        self.step(name, progress.0, progress.1, async {
+            let (result, ()) = tokio::join!(run, forward);
+            result.map_err(JobError::from)
+        })
+        .await
+    }
+
+    async fn record_terraform_event(&self, event: TerraformEvent) {
+        let body = match event {
+            TerraformEvent::Log { level, message } => {
+                if message.is_empty() {
+                    return;
+                }
+                json!({ "level": level, "message": message })
+            }
+            TerraformEvent::Diagnostic {
+                severity,
+                summary,
+                detail,
+            } => json!({ "level": severity, "message": summary, "detail": detail }),
+            TerraformEvent::ResourceStarted { address, action } => {
+                json!({ "level": "info", "message": format!("{address}: {action} started"), "resource": address })
+            }
+            TerraformEvent::ResourceDone {
+                address,
+                action,
+                id,
+                elapsed_seconds,
+            } => {
+                if action == "create" {
+                    if let Some(id) = &id {
+                        self.deployment.lock().await.record.instance_id.get_or_insert(id.clone());
+                    }
+                }
+                json!({ "level": "info", "message": format!("{address}: {action} complete after {elapsed_seconds}s"), "resource": address, "id": id })
+            }
+            TerraformEvent::ResourceFailed { address, action } => {
+                json!({ "level": "error", "message": format!("{address}: {action} failed"), "resource": address })
+            }
+        };
+        self.event("log", body).await;
+    }
+
+    async fn provision(&self) -> Result<(), JobError> {
+        self.step("render", 5, 10, self.render()).await?;
+        let terraform = self.terraform(false).await?;
+        self.terraform_step(
+            &terraform,
+            "init",
+            &["init", "-input=false", "-no-color"],
+            (10, 25),
+        )
+        .await?;
+        self.terraform_step(
+            &terraform,
+            "plan",
+            &["plan", "-json", "-input=false", "-out=tfplan"],
+            (25, 40),
+        )
+        .await?;
+        self.terraform_step(
+            &terraform,
+            "apply",
+            &["apply", "-json", "-input=false", "-auto-approve", "tfplan"],
+            (40, 80),
+        )
+        .await?;
+        let outputs = terraform.outputs().await?;
+        {
+            let mut d = self.deployment.lock().await;
+            if let Some(id) = outputs.get("instance_id").and_then(Value::as_str) {
+                d.record.instance_id = Some(id.to_string());
+            }
+            d.record.server_ip = outputs
+                .get("public_ip")
+                .or_else(|| outputs.get("private_ip"))
+                .and_then(Value::as_str)
+                .filter(|ip| !ip.is_empty())
+                .map(str::to_string);
+            d.record.outputs = outputs;
+            d.record.registration_deadline = Some(
+                Utc::now()
+                    + chrono::Duration::from_std(self.cp.config.registration_timeout)
+                        .unwrap_or_else(|_| chrono::Duration::minutes(10)),
+            );
+            d.status = DeploymentStatus::Registering;
+        }
+        self.save().await?;
+        self.event("status", json!({ "status": DeploymentStatus::Registering }))
+            .await;
+        Ok(())
+    }
+
+    /// Waits for the agent to enroll with the bootstrap token and report.
+    async fn register(&self) -> Result<(), JobError> {
+        let result = self
+            .step("registration", 80, 100, self.await_registration())
+            .await;
+        match result {
+            Ok(()) => {
+                {
+                    let mut d = self.deployment.lock().await;
+                    d.bootstrap_token_sealed = None;
+                }
+                self.set_status(DeploymentStatus::Completed).await?;
+                crate::webhooks::emit_deployment(
+                    &self.cp,
+                    &*self.deployment.lock().await,
+                    "infrastructure.provisioning.completed",
+                )
+                .await;
+                Ok(())
+            }
+            Err(JobError::LeaseLost) => Err(JobError::LeaseLost),
+            Err(e) => self.fail(e.to_string()).await,
+        }
+    }
+
+    async fn await_registration(&self) -> Result<(), JobError> {
+        let deadline = self
+            .deployment
+            .lock()
+            .await
+            .record
+            .registration_deadline
+            .unwrap_or_else(Utc::now);
+        let mut seen_events = 0i64;
+        loop {
+            for event in self
+                .cp
+                .store
+                .deployment_events(self.id, seen_events, 500)
+                .await?
+            {
+                seen_events = event.seq;
+                if event.kind != "boot_stage" {
+                    continue;
+                }
+                if let Ok(stage) = serde_json::from_value::<crate::store::BootStage>(event.body) {
+                    let failed = stage.stage == "failed";
+                    let why = format!(
+                        "the server's bootstrap failed at step {}: {}",
+                        stage.step.as_deref().unwrap_or("unknown"),
+                        stage.detail.as_deref().unwrap_or("no detail")
+                    );
+                    self.deployment.lock().await.record.boot_stages.push(stage);
+                    if failed {
+                        return Err(JobError::Registration(why));
+                    }
+                }
+            }
+            if let Some((server, reported)) = self.cp.store.deployment_server(self.id).await? {
+                let newly = {
+                    let mut d = self.deployment.lock().await;
+                    let newly = d.server_id.is_none();
+                    d.server_id = Some(server.id);
+                    newly
+                };
+                if newly {
+                    self.save().await?;
+                    self.event(
+                        "log",
+                        json!({ "level": "info", "message": format!("agent enrolled as server {} ({})", server.id, server.name) }),
+                    )
+                    .await;
+                }
+                if reported {
+                    return Ok(());
+                }
+            }
+            if Utc::now() >= deadline {
+                let d = self.deployment.lock().await;
+                let last_stage = d
+                    .record
+                    .boot_stages
+                    .last()
+                    .map(|s| s.stage.clone())
+                    .unwrap_or_else(|| "none reported".into());
+                return Err(JobError::Registration(match d.server_id {
+                    Some(_) => format!(
+                        "registration timed out after {}: the agent enrolled but never reported metrics",
+                        humantime::format_duration(self.cp.config.registration_timeout)
+                    ),
+                    None => format!(
+                        "registration timed out after {}: the agent never enrolled (last boot stage: {last_stage})",
+                        humantime::format_duration(self.cp.config.registration_timeout)
+                    ),
+                }));
+            }
+            tokio::select! {
+                _ = self.cp.shutdown.cancelled() => return Err(JobError::LeaseLost),
+                _ = tokio::time::sleep(REGISTRATION_POLL) => {}
+            }
+        }
+    }
+
+    /// Records the failure and rolls back.
+    async fn fail(&self, error: String) -> Result<(), JobError> {
+        tracing::warn!(error = %error, "deployment failed; rolling back");
+        {
+            let mut d = self.deployment.lock().await;
+            d.record.error_message = Some(error.clone());
+            d.bootstrap_token_sealed = None;
+        }
+        self.cp
+            .store
+            .expire_deployment_token(self.id, Utc::now())
+            .await?;
+        self.event("log", json!({ "level": "error", "message": error }))
+            .await;
+        self.set_status(DeploymentStatus::RollingBack).await?;
+        self.roll_back().await
+    }
+
+    /// Destroys what a failed deployment made; the deployment ends `failed`.
+    async fn roll_back(&self) -> Result<(), JobError> {
+        self.cp
+            .store
+            .expire_deployment_token(self.id, Utc::now())
+            .await?;
+        self.tear_down("rollback").await?;
+        self.set_status(DeploymentStatus::Failed).await?;
+        crate::webhooks::emit_deployment(
+            &self.cp,
+            &*self.deployment.lock().await,
+            "infrastructure.provisioning.failed",
+        )
+        .await;
+        Ok(())
+    }
+
+    /// `DELETE`: destroys the server; the deployment ends `destroyed`.
+    async fn destroy_requested(&self) -> Result<(), JobError> {
+        crate::webhooks::emit_deployment(
+            &self.cp,
+            &*self.deployment.lock().await,
+            "infrastructure.destroying.started",
+        )
+        .await;
+        self.tear_down("destroy").await?;
+        let leftovers = !self
+            .deployment
+            .lock()
+            .await
+            .record
+            .leftover_resources
+            .is_empty();
+        if leftovers {
+            // Stay destroyable: an admin can retry once the cause is fixed.
+            self.set_status(DeploymentStatus::Failed).await?;
+            return Ok(());
+        }
+        self.set_status(DeploymentStatus::Destroyed).await?;
+        crate::webhooks::emit_deployment(
+            &self.cp,
+            &*self.deployment.lock().await,
+            "infrastructure.destroying.completed",
+        )
+        .await;
+        Ok(())
+    }
+
+    /// `terraform destroy`, then the server is revoked and removed and the
+    /// state emptied; what destroy could not remove is recorded.
+    async fn tear_down(&self, step_name: &str) -> Result<(), JobError> {
+        let dir = workdir(&self.cp, self.id);
+        let has_state = self
+            .cp
+            .store
+            .terraform_state(self.id)
+            .await?
+            .and_then(|s| s.state_sealed)
+            .is_some();
+        let mut destroyed = true;
+        if has_state {
+            // A fresh working dir if the old one is gone (another replica).
+            self.render().await?;
+            let terraform = self.terraform(true).await?;
+            let init = self
+                .terraform_step(
+                    &terraform,
+                    "init",
+                    &["init", "-input=false", "-no-color"],
+                    (0, 0),
+                )
+                .await;
+            let result = match init {
+                Ok(()) => {
+                    self.terraform_step(
+                        &terraform,
+                        step_name,
+                        &["destroy", "-json", "-input=false", "-auto-approve"],
+                        (0, 0),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                if matches!(e, JobError::LeaseLost) {
+                    return Err(e);
+                }
+                destroyed = false;
+                let leftovers = terraform.state_list().await.unwrap_or_default();
+                let mut d = self.deployment.lock().await;
+                d.record.leftover_resources = leftovers;
+                let message = format!("{step_name} failed: {e}");
+                d.record.error_message = Some(match d.record.error_message.take() {
+                    Some(first) if step_name == "rollback" => format!("{first}; {message}"),
+                    _ => message,
+                });
+            }
+        }
+        if destroyed {
+            self.deployment.lock().await.record.leftover_resources.clear();
+            self.cp
+                .store
+                .write_terraform_state(self.id, None, None, Utc::now())
+                .await?;
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(error = %e, dir = %dir.display(), "could not remove the working directory");
+                }
+            }
+        }
+        self.remove_server().await?;
+        self.save().await
+    }
+
+    /// Revokes and removes the server the deployment made, if it enrolled.
+    async fn remove_server(&self) -> Result<(), JobError> {
+        let (organization_id, server_id) = {
+            let d = self.deployment.lock().await;
+            (d.organization_id, d.server_id)
+        };
+        let server_id = match server_id {
+            Some(id) => Some(id),
+            None => self
+                .cp
+                .store
+                .deployment_server(self.id)
+                .await?
+                .map(|(s, _)| s.id),
+        };
+        if let Some(server_id) = server_id {
+            let scope = self.cp.store.organization_scope(organization_id).await?;
+            if self
+                .cp
+                .store
+                .remove_server(&scope, server_id, Utc::now())
+                .await?
+            {
+                self.cp.sessions.disconnect(server_id, CloseCode::Revoked);
+                tracing::info!(%server_id, "server of the deployment removed and revoked");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The root module: the `http` backend (configured through `TF_HTTP_*`
+/// environment variables) and one call of the target's module.
+fn root_module(variables: &Map<String, Value>) -> String {
+    let mut out = String::from(
+        "# Written by tether for one deployment; regenerated on every run.\n\
+         terraform {\n  backend \"http\" {}\n}\n\n",
+    );
+    for name in FIXED_VARIABLES {
+        let sensitive = if name == "user_data" {
+            "\n  sensitive = true"
+        } else {
+            ""
+        };
+        out.push_str(&format!("variable \"{name}\" {{{sensitive}\n}}\n\n"));
+    }
+    for name in variables.keys() {
+        out.push_str(&format!("variable \"{name}\" {{\n}}\n\n"));
+    }
+    out.push_str("module \"server\" {\n  source = \"./module\"\n");
+    for name in FIXED_VARIABLES.iter().copied().chain(variables.keys().map(String::as_str)) {
+        out.push_str(&format!("  {name} = var.{name}\n"));
+    }
+    out.push_str("}\n");
+    for output in ["instance_id", "public_ip", "private_ip"] {
+        out.push_str(&format!(
+            "\noutput \"{output}\" {{\n  value = module.server.{output}\n}}\n"
+        ));
+    }
+    out
+}
+
+/// Whether a `terraform_variables` name can be a module input.
+pub fn valid_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !FIXED_VARIABLES.contains(&name)
+}
+
+fn write_workdir(dir: &Path, d: &Deployment) -> std::io::Result<()> {
+    crate::fsutil::create_private_dir(dir)?;
+    super::templates::write_module(&d.provider, &dir.join("module"))?;
+    std::fs::write(dir.join("main.tf"), root_module(&d.record.variables))?;
+    let mut vars = d.record.variables.clone();
+    vars.insert("server_name".into(), json!(d.record.server_name));
+    vars.insert("region".into(), json!(d.record.region));
+    vars.insert("instance_type".into(), json!(d.record.instance_type));
+    vars.insert("tags".into(), json!(d.record.tags));
+    let text = serde_json::to_string_pretty(&vars).map_err(std::io::Error::other)?;
+    crate::fsutil::write_private(&dir.join("terraform.tfvars.json"), text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_module_passes_fixed_and_extra_variables_to_the_module() {
+        let mut extra = Map::new();
+        extra.insert("disk_size_gb".into(), json!(20));
+        let text = root_module(&extra);
+        assert!(text.contains("backend \"http\" {}"));
+        assert!(text.contains("  disk_size_gb = var.disk_size_gb\n"));
+        assert!(text.contains("  user_data = var.user_data\n"));
+        assert!(text.contains("variable \"user_data\" {\n  sensitive = true\n}"));
+    }
+
+    #[test]
+    fn variable_names_are_identifiers_and_not_fixed_inputs() {
+        assert!(valid_variable_name("disk_size_gb"));
+        assert!(!valid_variable_name("user_data"));
+        assert!(!valid_variable_name("a\"}\nresource"));
+        assert!(!valid_variable_name("1abc"));
+    }
+
+    #[test]
+    fn backend_passwords_differ_per_deployment_and_key() {
+        let a = Uuid::now_v7();
+        let b = Uuid::now_v7();
+        assert_eq!(backend_password(b"k", a), backend_password(b"k", a));
+        assert_ne!(backend_password(b"k", a), backend_password(b"k", b));
+        assert_ne!(backend_password(b"k", a), backend_password(b"j", a));
+    }
+}

@@ -1,0 +1,15 @@
+//! Provisioning: servers made with the real `terraform` binary that register
+//! themselves. Templates embedded in the binary ([`templates`]), the
+//! cloud-init user-data they all share ([`bootstrap`]), cloud credentials
+//! ([`credentials`]), the agent binaries servers
+//! download ([`agent_binaries`]), the
+//! terraform process and its JSON event stream ([`runner`]) and the persisted
+//! job that drives a deployment from `pending` to `completed` or `failed`
+//! and back to `destroyed` ([`job`]).
+
+pub mod agent_binaries;
+pub mod bootstrap;
+pub mod credentials;
+pub mod job;
+pub mod runner;
+pub mod templates;

@@ -1,0 +1,216 @@
+//! Domain types of provisioning as the store keeps them: cloud credentials
+//! (sealed), deployments (each one a persisted job with a lease), their
+//! event log, and Terraform state behind the HTTP backend with its lock.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A cloud account's credentials; the secret part is sealed and never leaves
+/// the control plane except as environment variables of a terraform process.
+#[derive(Debug, Clone)]
+pub struct CloudCredential {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub name: String,
+    pub provider: String,
+    pub default_region: Option<String>,
+    /// The credential fields (JSON object) sealed under the master key with
+    /// [`cloud_credential_context`].
+    pub credentials_sealed: String,
+    pub is_validated: bool,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// Sealing context of a cloud credential.
+pub fn cloud_credential_context(id: Uuid) -> String {
+    format!("cloud-credential/{id}")
+}
+
+/// Sealing context of a deployment's Terraform state.
+pub fn terraform_state_context(deployment_id: Uuid) -> String {
+    format!("terraform-state/{deployment_id}")
+}
+
+/// Sealing context of a deployment's bootstrap token.
+pub fn bootstrap_token_context(deployment_id: Uuid) -> String {
+    format!("deployment/{deployment_id}/bootstrap-token")
+}
+
+/// Where a deployment is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentStatus {
+    /// Queued; no worker has claimed it yet.
+    Pending,
+    /// `terraform init/plan/apply` is running.
+    Provisioning,
+    /// Applied; waiting for the agent to enroll and report.
+    Registering,
+    /// The agent enrolled and reported.
+    Completed,
+    /// A failed apply or registration is being destroyed.
+    RollingBack,
+    /// Failed (and rolled back); `error_message` says why.
+    Failed,
+    /// `DELETE` asked for: `terraform destroy` is running (or queued).
+    Destroying,
+    /// Destroyed; the server is removed.
+    Destroyed,
+}
+
+impl DeploymentStatus {
+    pub const ALL: [Self; 8] = [
+        Self::Pending,
+        Self::Provisioning,
+        Self::Registering,
+        Self::Completed,
+        Self::RollingBack,
+        Self::Failed,
+        Self::Destroying,
+        Self::Destroyed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Provisioning => "provisioning",
+            Self::Registering => "registering",
+            Self::Completed => "completed",
+            Self::RollingBack => "rolling_back",
+            Self::Failed => "failed",
+            Self::Destroying => "destroying",
+            Self::Destroyed => "destroyed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == s)
+    }
+
+    /// Statuses a worker drives (a job exists for them).
+    pub const ACTIVE: [Self; 5] = [
+        Self::Pending,
+        Self::Provisioning,
+        Self::Registering,
+        Self::RollingBack,
+        Self::Destroying,
+    ];
+
+    /// Whether a worker still has something to do.
+    pub fn is_active(self) -> bool {
+        Self::ACTIVE.contains(&self)
+    }
+}
+
+/// The state of one step of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// One step (`init`, `plan`, `apply`, `registration`, `destroy`...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeploymentStep {
+    pub name: String,
+    pub status: StepStatus,
+    pub started_at: DateTime<Utc>,
+    /// Set once the step ended.
+    pub duration_seconds: Option<f64>,
+}
+
+/// A boot stage the server's bootstrap reported (`downloaded`, `installed`,
+/// `started`, or `failed` with the failing step).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BootStage {
+    pub stage: String,
+    pub step: Option<String>,
+    pub detail: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// What a deployment's job knows, kept as one document.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    pub region: String,
+    pub instance_type: String,
+    pub server_name: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Extra (non-secret) module inputs from the request.
+    #[serde(default)]
+    pub variables: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub steps: Vec<DeploymentStep>,
+    pub current_step: Option<String>,
+    #[serde(default)]
+    pub progress_percent: u8,
+    pub instance_id: Option<String>,
+    pub server_ip: Option<String>,
+    /// Non-sensitive module outputs.
+    #[serde(default)]
+    pub outputs: serde_json::Map<String, serde_json::Value>,
+    pub error_message: Option<String>,
+    /// Resources a destroy could not remove (ids or addresses).
+    #[serde(default)]
+    pub leftover_resources: Vec<String>,
+    #[serde(default)]
+    pub boot_stages: Vec<BootStage>,
+    pub registration_deadline: Option<DateTime<Utc>>,
+    /// How many times a worker started on this deployment (resumes count).
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+/// A deployment row.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub provider: String,
+    pub credential_id: Option<Uuid>,
+    pub status: DeploymentStatus,
+    pub server_id: Option<Uuid>,
+    pub record: DeploymentRecord,
+    /// Sealed with [`bootstrap_token_context`] while the job may render its
+    /// user-data again; `None` once the deployment settled.
+    pub bootstrap_token_sealed: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// One entry of a deployment's event log (served over SSE).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentEvent {
+    pub seq: i64,
+    pub deployment_id: Uuid,
+    pub at: DateTime<Utc>,
+    /// `status`, `step`, `log` or `boot_stage`.
+    pub kind: String,
+    pub body: serde_json::Value,
+}
+
+/// A deployment's Terraform state as the HTTP backend stores it.
+#[derive(Debug, Clone, Default)]
+pub struct TerraformStateRecord {
+    /// Sealed with [`terraform_state_context`]; `None` when empty.
+    pub state_sealed: Option<String>,
+    pub lock_id: Option<String>,
+    /// The holder's LockInfo as terraform sent it.
+    pub lock_info: Option<serde_json::Value>,
+}
+
+/// Outcome of a state write or a lock request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LockOutcome {
+    Done,
+    /// Someone else holds the lock: here is their LockInfo.
+    HeldBy(serde_json::Value),
+}
