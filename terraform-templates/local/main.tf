@@ -5,7 +5,9 @@
 # and runs the bootstrap script cloud-init's runcmd would run, in `process`
 # mode: the agent runs detached, its pid in <root>/run/tether-agent.pid and
 # its output in <root>/var/log/tether-agent.log. Destroying the resource
-# stops that process (TERM, then KILL) and removes the root.
+# stops that process (TERM, then KILL) and removes the root. A failed boot
+# removes the root at once (unless keep_failed_root): the boot stages posted
+# to the control plane and terraform's error say why.
 #
 # Secrets (the bootstrap token is inside user_data) reach the scripts only
 # through their environment, never through a command line.
@@ -45,8 +47,9 @@ resource "terraform_data" "server" {
     interpreter = ["/bin/sh"]
     command     = "${path.module}/scripts/boot.sh"
     environment = merge(local.file_environment, {
-      TETHER_LOCAL_ROOT = local.root
-      TETHER_FILE_COUNT = tostring(length(local.files))
+      TETHER_LOCAL_ROOT        = local.root
+      TETHER_FILE_COUNT        = tostring(length(local.files))
+      TETHER_LOCAL_KEEP_FAILED = tostring(var.keep_failed_root)
     })
   }
 

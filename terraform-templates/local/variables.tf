@@ -62,3 +62,9 @@ variable "stop_timeout_seconds" {
   type        = number
   default     = 10
 }
+
+variable "keep_failed_root" {
+  description = "Keep the root of a server whose boot failed, for inspection (default: removed)."
+  type        = bool
+  default     = false
+}

@@ -669,7 +669,8 @@ mod tests {
 
     #[test]
     fn unrepresentable_values_are_refused_by_name() {
-        let cases: Vec<(fn(&mut BootstrapParams), BootstrapError)> = vec![
+        type Edit = fn(&mut BootstrapParams);
+        let cases: Vec<(Edit, BootstrapError)> = vec![
             (
                 |p| p.token = String::new(),
                 BootstrapError::Empty { field: "token" },

@@ -5,7 +5,9 @@
 # for each write_files entry i of the user-data, TETHER_FILE_<i>_PATH,
 # TETHER_FILE_<i>_MODE and TETHER_FILE_<i>_CONTENT. File contents (one of
 # them holds the bootstrap token) are written with the shell's built-in
-# printf and leave the environment before anything else runs.
+# printf and leave the environment before anything else runs. Then the
+# bootstrap script runs in `process` mode; if it fails, the root is removed
+# (TETHER_LOCAL_KEEP_FAILED=true keeps it) and the exit status is its own.
 set -eu
 umask 077
 
@@ -48,4 +50,15 @@ unset TETHER_FILE_COUNT
 
 script=$root/var/lib/tether/bootstrap.sh
 [ -f "$script" ] || { echo "tether-local: the user-data wrote no /var/lib/tether/bootstrap.sh" >&2; exit 1; }
-exec /bin/sh "$script" --root "$root" --mode process
+/bin/sh "$script" --root "$root" --mode process && exit 0
+status=$?
+
+# A failed boot leaves nothing behind (destroy-time provisioners do not run
+# for the tainted resource a failed create leaves): stop whatever started,
+# remove the root, unless asked to keep it for inspection.
+if [ "${TETHER_LOCAL_KEEP_FAILED:-false}" = true ]; then
+    echo "tether-local: boot failed; $root kept for inspection" >&2
+else
+    TETHER_LOCAL_ROOT=$root /bin/sh "$(dirname "$0")/stop.sh" || true
+fi
+exit "$status"
