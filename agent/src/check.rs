@@ -1,6 +1,9 @@
 //! `tether-agent check`: whether the state dir holds a valid identity, when
-//! its certificate expires, and whether the control plane completes a QUIC
-//! handshake. Health checks join this list in a later issue.
+//! its certificate expires, whether the control plane completes a QUIC
+//! handshake, and the built-in health checks run once (`docker`, `disk`,
+//! `memory`; `clock_skew` needs the heartbeats of a running session and is
+//! listed as skipped). One line each; any `FAIL` makes the exit status
+//! non-zero.
 
 use std::fmt;
 use std::time::{Instant, SystemTime};
@@ -11,13 +14,19 @@ use tether_protocol::CloseCode;
 use crate::config::Config;
 use crate::dial::dial;
 use crate::format_time;
+use crate::health::builtin::{self, Builtin, BuiltinContext};
+use crate::health::{Probe, SessionSignals};
+use crate::metrics::docker::DockerConnection;
 use crate::state::StateDir;
 
 /// One line of the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckLine {
     pub name: &'static str,
+    /// False only for a failure (a skipped check is ok).
     pub ok: bool,
+    /// Not run here.
+    pub skipped: bool,
     pub detail: String,
 }
 
@@ -26,14 +35,26 @@ impl CheckLine {
         Self {
             name,
             ok,
+            skipped: false,
             detail: detail.into(),
+        }
+    }
+
+    fn skipped(name: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            skipped: true,
+            ..Self::new(name, true, detail)
         }
     }
 }
 
 impl fmt::Display for CheckLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let status = if self.ok { "ok" } else { "FAIL" };
+        let status = match (self.ok, self.skipped) {
+            (_, true) => "skip",
+            (true, false) => "ok",
+            (false, false) => "FAIL",
+        };
         write!(f, "{status:<5} {}: {}", self.name, self.detail)
     }
 }
@@ -129,6 +150,42 @@ pub async fn check(state_dir: &StateDir, config: &Config) -> Vec<CheckLine> {
         ),
     };
     lines.push(line);
+    lines.extend(builtin_checks(config).await);
+    lines
+}
+
+/// The built-in health checks `config` enables, run once.
+async fn builtin_checks(config: &Config) -> Vec<CheckLine> {
+    let context = BuiltinContext {
+        docker: config
+            .docker
+            .enabled
+            .then(|| DockerConnection::new(config.docker.socket.clone())),
+        config: config.health.clone(),
+        signals: SessionSignals::default(),
+    };
+    let mut lines = Vec::new();
+    for check in Builtin::enabled(config) {
+        let name = match check {
+            Builtin::Docker => "docker",
+            Builtin::Disk => "disk",
+            Builtin::Memory => "memory",
+            // The QUIC handshake above stands for it.
+            Builtin::ControlPlane => continue,
+            Builtin::ClockSkew => {
+                lines.push(CheckLine::skipped(
+                    "clock skew",
+                    "measured from heartbeat answers while `tether-agent run` holds a session",
+                ));
+                continue;
+            }
+        };
+        lines.push(match builtin::run(check, &context).await {
+            Probe::Pass(detail) => CheckLine::new(name, true, detail),
+            Probe::Fail(detail) => CheckLine::new(name, false, detail),
+            Probe::Pending(detail) => CheckLine::skipped(name, detail),
+        });
+    }
     lines
 }
 
@@ -139,11 +196,48 @@ mod tests {
     #[tokio::test]
     async fn unenrolled_and_unconfigured_agent_fails_both_checks() {
         let root = tempfile::tempdir().unwrap();
-        let lines = check(&StateDir::new(root.path()), &Config::default()).await;
-        assert_eq!(lines.len(), 2);
-        assert!(lines.iter().all(|line| !line.ok));
+        let mut config = Config::default();
+        config.docker.enabled = false;
+        let lines = check(&StateDir::new(root.path()), &config).await;
+        let names: Vec<_> = lines.iter().map(|line| line.name).collect();
+        assert_eq!(
+            names,
+            ["identity", "control plane", "disk", "memory", "clock skew"]
+        );
+        assert!(!lines[0].ok && !lines[1].ok);
         assert!(lines[0]
             .to_string()
             .starts_with("FAIL  identity: not enrolled"));
+        assert!(lines[4].to_string().starts_with("skip  clock skew: "));
+    }
+
+    #[tokio::test]
+    async fn builtin_thresholds_decide_the_lines() {
+        let mut config = Config::default();
+        config.docker.enabled = false;
+        config.health.disabled = vec!["clock_skew".into()];
+        config.health.memory_max_percent = 100.0;
+        let lines = builtin_checks(&config).await;
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[1].ok, "{}", lines[1]);
+        config.health.memory_max_percent = 0.001;
+        let lines = builtin_checks(&config).await;
+        assert!(
+            lines[1].to_string().starts_with("FAIL  memory: "),
+            "{}",
+            lines[1]
+        );
+    }
+
+    #[tokio::test]
+    async fn docker_line_says_why_the_daemon_is_unreachable() {
+        let root = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.docker.socket = root.path().join("docker.sock").display().to_string();
+        config.health.disabled = vec!["disk".into(), "memory".into(), "clock_skew".into()];
+        let lines = builtin_checks(&config).await;
+        assert_eq!(lines.len(), 1);
+        assert!(!lines[0].ok);
+        assert!(lines[0].to_string().contains("docker.sock"), "{}", lines[0]);
     }
 }

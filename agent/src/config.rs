@@ -1,7 +1,7 @@
 //! `agent.toml` and its `TETHER_AGENT_*` environment overrides: where the
 //! control plane is, which CA to pin, the bootstrap token, the deployment the
-//! server belongs to, the local command policy, the metrics spool bound and
-//! the Docker socket.
+//! server belongs to, the local command policy, the metrics spool bound,
+//! the Docker socket and the built-in health checks' thresholds.
 //!
 //! Every key is optional. A missing file is an empty configuration unless the
 //! operator named the file explicitly.
@@ -52,13 +52,18 @@ impl FromStr for BootstrapToken {
 #[error("the enrollment token is empty")]
 pub struct EmptyToken;
 
-/// Which commands relayed by the control plane this agent runs (`[commands]`).
+/// Which commands relayed by the control plane (and pushed `exec` health
+/// checks) this agent runs (`[commands]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CommandPolicy {
     /// `false` refuses every command.
     pub enabled: bool,
-    /// When present, only these programs may run.
+    /// When present and not empty, only these programs may run: bare names
+    /// (`uptime`, matching a bare `argv[0]` looked up in the agent's `PATH`)
+    /// or absolute paths (`/usr/bin/uptime`, matching that `argv[0]` or a bare
+    /// name that resolves to it). Absent or empty: every program may run
+    /// (`enabled = false` refuses all).
     pub allow: Option<Vec<String>>,
 }
 
@@ -121,6 +126,85 @@ impl Default for DockerConfig {
     }
 }
 
+/// The built-in health checks (`[health]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// How often the built-in checks run, in seconds (at least 1).
+    #[serde(deserialize_with = "parse_interval_seconds")]
+    pub interval_seconds: u64,
+    /// `builtin:disk` fails when a real filesystem's space or inodes are
+    /// used above this percentage.
+    #[serde(deserialize_with = "parse_percent")]
+    pub disk_max_percent: f64,
+    /// `builtin:memory` fails when memory in use (total minus available) is
+    /// above this percentage.
+    #[serde(deserialize_with = "parse_percent")]
+    pub memory_max_percent: f64,
+    /// `builtin:clock_skew` fails when the clock differs from the control
+    /// plane's by more than this, in milliseconds.
+    pub clock_skew_max_ms: u64,
+    /// Built-in checks not to run, by name: `docker`, `disk`, `memory`,
+    /// `control_plane`, `clock_skew`. (`docker` is also off when
+    /// `[docker] enabled = false`.)
+    #[serde(deserialize_with = "parse_builtin_names")]
+    pub disabled: Vec<String>,
+}
+
+/// Names of the built-in health checks (ids are `builtin:<name>`).
+pub const BUILTIN_CHECKS: [&str; 5] = ["docker", "disk", "memory", "control_plane", "clock_skew"];
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_seconds: 30,
+            disk_max_percent: 90.0,
+            memory_max_percent: 95.0,
+            clock_skew_max_ms: 5_000,
+            disabled: Vec::new(),
+        }
+    }
+}
+
+fn parse_interval_seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let seconds = u64::deserialize(deserializer)?;
+    if !(1..=86_400).contains(&seconds) {
+        return Err(serde::de::Error::custom(format!(
+            "interval_seconds must be between 1 and 86400, got {seconds}"
+        )));
+    }
+    Ok(seconds)
+}
+
+fn parse_percent<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    let percent = f64::deserialize(deserializer)?;
+    if !(percent > 0.0 && percent <= 100.0) {
+        return Err(serde::de::Error::custom(format!(
+            "a percentage must be above 0 and at most 100, got {percent}"
+        )));
+    }
+    Ok(percent)
+}
+
+fn parse_builtin_names<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<String>, D::Error> {
+    let names = Vec::<String>::deserialize(deserializer)?;
+    for name in &names {
+        let bare = name.strip_prefix("builtin:").unwrap_or(name);
+        if !BUILTIN_CHECKS.contains(&bare) {
+            return Err(serde::de::Error::custom(format!(
+                "unknown built-in health check {name:?} (known: {})",
+                BUILTIN_CHECKS.join(", ")
+            )));
+        }
+    }
+    Ok(names
+        .into_iter()
+        .map(|name| name.trim_start_matches("builtin:").to_string())
+        .collect())
+}
+
 /// The parsed `agent.toml`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,6 +227,8 @@ pub struct Config {
     pub spool: SpoolConfig,
     #[serde(default)]
     pub docker: DockerConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
 }
 
 /// What is needed to enroll.
@@ -276,6 +362,12 @@ mod tests {
             [docker]
             enabled = false
             socket = "/run/user/1000/docker.sock"
+            [health]
+            interval_seconds = 10
+            disk_max_percent = 80
+            memory_max_percent = 97.5
+            clock_skew_max_ms = 2000
+            disabled = ["docker", "builtin:clock_skew"]
             "#
         );
         let config = Config::parse(&text).unwrap();
@@ -291,6 +383,11 @@ mod tests {
         assert_eq!(config.spool.max_bytes, 1 << 20);
         assert!(!config.docker.enabled);
         assert_eq!(config.docker.socket, "/run/user/1000/docker.sock");
+        assert_eq!(config.health.interval_seconds, 10);
+        assert_eq!(config.health.disk_max_percent, 80.0);
+        assert_eq!(config.health.memory_max_percent, 97.5);
+        assert_eq!(config.health.clock_skew_max_ms, 2000);
+        assert_eq!(config.health.disabled, vec!["docker", "clock_skew"]);
         let bootstrap = config.bootstrap().unwrap();
         assert_eq!(bootstrap.server, "cp.example.com:7443");
     }
@@ -310,6 +407,28 @@ mod tests {
         assert!(typo.contains("sokcet"), "{typo}");
         let typo = Config::parse("[spool]\nmax_byte = 100000").unwrap_err();
         assert!(typo.contains("max_byte"), "{typo}");
+    }
+
+    #[test]
+    fn health_defaults_and_invalid_health_values() {
+        let health = Config::parse("").unwrap().health;
+        assert_eq!(health.interval_seconds, 30);
+        assert_eq!(health.disk_max_percent, 90.0);
+        assert_eq!(health.memory_max_percent, 95.0);
+        assert_eq!(health.clock_skew_max_ms, 5000);
+        assert!(health.disabled.is_empty());
+        let err = Config::parse("[health]\ndisk_max_percent = 120").unwrap_err();
+        assert!(
+            err.starts_with("line 2:") && err.contains("at most 100"),
+            "{err}"
+        );
+        let err = Config::parse("[health]\ndisabled = [\"dsik\"]").unwrap_err();
+        assert!(
+            err.contains("dsik") && err.contains("control_plane"),
+            "{err}"
+        );
+        let err = Config::parse("[health]\ninterval_seconds = 0").unwrap_err();
+        assert!(err.contains("interval_seconds"), "{err}");
     }
 
     #[test]

@@ -12,15 +12,24 @@
 //! * [`spool`] — unacknowledged metrics batches on disk, bounded.
 //! * [`telemetry`] — the collection loop and the per-session sender.
 //! * [`reconnect`] — the reconnect backoff policy.
+//! * [`command`] — commands relayed by the control plane: policy, process
+//!   groups, streamed and bounded output, timeout and cancellation.
+//! * [`health`] — built-in and pushed health checks, their scheduler and
+//!   their reports.
+//! * [`incoming`] — streams the control plane opens (commands, health
+//!   configuration), classified and dispatched.
 //! * [`check`] — `tether-agent check`.
 //!
 //! The binary (`main.rs`) only parses the command line and wires these up.
 
 pub mod check;
+pub mod command;
 pub mod config;
 pub mod dial;
 pub mod enroll;
 pub mod facts;
+pub mod health;
+pub mod incoming;
 pub mod metrics;
 pub mod reconnect;
 pub mod session;

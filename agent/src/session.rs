@@ -3,15 +3,19 @@
 //! ends.
 //!
 //! One session: `Hello` -> `Welcome` on the control stream, then until the
-//! connection ends, concurrently: heartbeats on the control stream, streams
-//! opened by the control plane (refused for now; commands come later),
-//! certificate renewal at 2/3 of the certificate's lifetime and delivery of
-//! spooled metrics batches.
+//! connection ends, concurrently: heartbeats on the control stream (their
+//! answers feed the `control_plane` and `clock_skew` health checks), streams
+//! opened by the control plane (commands and health configuration, see
+//! [`crate::incoming`]), certificate renewal at 2/3 of the certificate's
+//! lifetime, delivery of spooled metrics batches and health reports.
 //!
-//! Metrics are collected for the whole life of the process, sessions or not
-//! ([`crate::telemetry`]); `Welcome` sets their interval.
+//! Metrics are collected and health checks run for the whole life of the
+//! process, sessions or not ([`crate::telemetry`], [`crate::health`]);
+//! `Welcome` sets the metrics interval, which is also the longest time
+//! between two health reports.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -25,10 +29,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::command::CommandRunner;
 use crate::config::Config;
 use crate::dial::{dial, DialError};
 use crate::enroll::{enroll, verify_chain, EnrollError, EnrollParams};
 use crate::facts::{self, AGENT_VERSION};
+use crate::health::{self, Health, SessionSignals};
+use crate::incoming::{self, Services};
+use crate::metrics::docker::DockerConnection;
 use crate::reconnect::{Outcome, ReconnectPolicy};
 use crate::spool::SpoolError;
 use crate::state::{AgentState, CredentialError, Credentials, Identity, StateDir, StateError};
@@ -79,13 +87,52 @@ pub async fn run(
             return Ok(());
         }
     }
-    let stop_telemetry = shutdown.child_token();
-    let telemetry = Telemetry::start(state_dir.path(), config, stop_telemetry.clone())
-        .map_err(RunError::Spool)?;
-    let result = sessions(state_dir, config, shutdown, &telemetry, &mut policy).await;
-    stop_telemetry.cancel();
+    let stop_background = shutdown.child_token();
+    let docker = config
+        .docker
+        .enabled
+        .then(|| DockerConnection::new(config.docker.socket.clone()));
+    let telemetry = Telemetry::start(
+        state_dir.path(),
+        config,
+        docker.clone(),
+        stop_background.clone(),
+    )
+    .map_err(RunError::Spool)?;
+    let signals = SessionSignals::default();
+    let health = Arc::new(Health::start(
+        config,
+        docker,
+        signals.clone(),
+        stop_background.clone(),
+    ));
+    let agent = Agent {
+        telemetry,
+        signals,
+        services: Services {
+            commands: CommandRunner::new(config.commands.clone()),
+            health,
+        },
+    };
+    let result = sessions(state_dir, config, shutdown, &agent, &mut policy).await;
+    stop_background.cancel();
+    let Agent {
+        telemetry,
+        services,
+        ..
+    } = agent;
     telemetry.stopped().await;
+    if let Ok(health) = Arc::try_unwrap(services.health) {
+        health.stopped().await;
+    }
     result
+}
+
+/// What lives as long as the process and serves every session.
+struct Agent {
+    telemetry: Telemetry,
+    signals: SessionSignals,
+    services: Services,
 }
 
 /// Keeps a session, reconnecting with backoff, until `shutdown`.
@@ -93,7 +140,7 @@ async fn sessions(
     state_dir: &StateDir,
     config: &Config,
     shutdown: &CancellationToken,
-    telemetry: &Telemetry,
+    agent: &Agent,
     policy: &mut ReconnectPolicy,
 ) -> Result<(), RunError> {
     loop {
@@ -104,7 +151,7 @@ async fn sessions(
                     .server
                     .clone()
                     .unwrap_or_else(|| state.identity.server.clone());
-                let report = attempt(state_dir, state, &server, telemetry, shutdown)
+                let report = attempt(state_dir, state, &server, agent, shutdown)
                     .instrument(span.clone())
                     .await;
                 (span, report)
@@ -248,7 +295,7 @@ async fn attempt(
     state_dir: &StateDir,
     state: AgentState,
     server: &str,
-    telemetry: &Telemetry,
+    agent: &Agent,
     shutdown: &CancellationToken,
 ) -> Report {
     let AgentState {
@@ -272,7 +319,7 @@ async fn attempt(
     let connection = &dialed.connection;
     let (welcomed_at, end) = tokio::select! {
         _ = shutdown.cancelled() => (None, SessionEnd::Shutdown),
-        result = established(connection, state_dir, &identity, credentials.certificate, facts::collect(), telemetry) => result,
+        result = established(connection, state_dir, &identity, credentials.certificate, facts::collect(), agent) => result,
     };
     let end = match (end, connection.close_reason()) {
         (SessionEnd::Shutdown, _) => SessionEnd::Shutdown,
@@ -298,8 +345,9 @@ async fn established(
     identity: &Identity,
     certificate: CertificateInfo,
     facts: HostFacts,
-    telemetry: &Telemetry,
+    agent: &Agent,
 ) -> (Option<Instant>, SessionEnd) {
+    let telemetry = &agent.telemetry;
     let hostname = facts.hostname.clone();
     let hello = AgentMessage::Hello(Hello {
         min_version: MIN_PROTOCOL_VERSION,
@@ -345,19 +393,26 @@ async fn established(
     if welcome.config.metrics_interval_ms > 0 {
         telemetry.set_interval_ms(welcome.config.metrics_interval_ms);
     }
+    agent.signals.session_started(interval);
     let end = tokio::select! {
-        end = heartbeat(&mut control, interval) => end,
-        end = accept_streams(connection) => end,
+        end = heartbeat(&mut control, interval, &agent.signals) => end,
+        err = incoming::accept(connection, &agent.services) => SessionEnd::Closed(err),
         end = renew_certificate(connection, state_dir, identity, certificate, &hostname) => end,
         never = telemetry::deliver(telemetry.outbox(), connection) => match never {},
+        never = health::report::deliver(&agent.services.health, connection, || telemetry.interval()) => match never {},
         err = connection.closed() => SessionEnd::Closed(err),
     };
     (Some(since), end)
 }
 
 /// Sends a heartbeat every `interval` and waits for its ack; a missing ack
-/// ends the session.
-async fn heartbeat(control: &mut AgentStream, interval: Duration) -> SessionEnd {
+/// ends the session. Each ack is recorded in `signals` with the clock skew
+/// it shows.
+async fn heartbeat(
+    control: &mut AgentStream,
+    interval: Duration,
+    signals: &SessionSignals,
+) -> SessionEnd {
     let patience = (interval * MISSED_HEARTBEATS).max(Duration::from_secs(5));
     loop {
         tokio::time::sleep(interval).await;
@@ -380,8 +435,11 @@ async fn heartbeat(control: &mut AgentStream, interval: Duration) -> SessionEnd 
         };
         match tokio::time::timeout(patience, exchange).await {
             Ok(Ok(Some(ack))) => {
-                let midpoint = (sent_at_unix_ms + unix_ms(SystemTime::now())) / 2;
+                let answered_at = unix_ms(SystemTime::now());
+                let midpoint = sent_at_unix_ms / 2 + answered_at / 2;
                 let skew_ms = i128::from(ack.received_at_unix_ms) - i128::from(midpoint);
+                let skew_ms = i64::try_from(skew_ms).unwrap_or(i64::MAX);
+                signals.heartbeat_acked(skew_ms, answered_at.saturating_sub(sent_at_unix_ms));
                 tracing::trace!(skew_ms, "heartbeat acknowledged");
             }
             Ok(Ok(None)) => {
@@ -391,24 +449,6 @@ async fn heartbeat(control: &mut AgentStream, interval: Duration) -> SessionEnd 
             Err(_) => return SessionEnd::HeartbeatTimeout(patience),
         }
     }
-}
-
-/// Takes the streams the control plane opens until the connection ends.
-async fn accept_streams(connection: &quinn::Connection) -> SessionEnd {
-    loop {
-        match connection.accept_bi().await {
-            Ok((send, recv)) => incoming_stream(send, recv),
-            Err(err) => return SessionEnd::Closed(err),
-        }
-    }
-}
-
-/// Hook for streams opened by the control plane (commands, in a later
-/// issue). This build runs no commands, so each stream is refused at once.
-fn incoming_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    tracing::debug!(stream = %send.id(), "refusing a stream opened by the control plane: not supported yet");
-    let _ = recv.stop(0u32.into());
-    let _ = send.reset(0u32.into());
 }
 
 /// Why a renewal attempt failed.

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::format_duration;
-use crate::metrics::docker::DockerCollector;
+use crate::metrics::docker::{DockerCollector, DockerConnection};
 use crate::metrics::system::SystemCollector;
 use crate::spool::{self, Spool, SpoolError};
 
@@ -85,10 +85,13 @@ pub struct Telemetry {
 
 impl Telemetry {
     /// Opens the spool in `<state_dir>/spool` and starts collecting. The
-    /// loop stops when `shutdown` is cancelled.
+    /// loop stops when `shutdown` is cancelled. Container metrics come
+    /// through `docker` (shared with the health check) when Docker is
+    /// enabled; without one, the collector connects on its own.
     pub fn start(
         state_dir: &Path,
         config: &Config,
+        docker: Option<DockerConnection>,
         shutdown: CancellationToken,
     ) -> Result<Self, SpoolError> {
         let spool = Spool::open(state_dir.join("spool"), config.spool.max_bytes)?;
@@ -102,10 +105,10 @@ impl Telemetry {
         }
         let outbox = Outbox::new(spool);
         let (interval, interval_rx) = watch::channel(initial);
-        let docker = config
-            .docker
-            .enabled
-            .then(|| DockerCollector::new(config.docker.socket.clone()));
+        let docker = config.docker.enabled.then(|| match docker {
+            Some(connection) => DockerCollector::with_connection(connection),
+            None => DockerCollector::new(config.docker.socket.clone()),
+        });
         let task = tokio::spawn(collect_loop(outbox.clone(), docker, interval_rx, shutdown));
         Ok(Self {
             outbox,
@@ -132,6 +135,11 @@ impl Telemetry {
                 tracing::warn!("cannot remember the metrics interval: {err}");
             }
         }
+    }
+
+    /// The current collection interval.
+    pub fn interval(&self) -> Duration {
+        *self.interval.borrow()
     }
 
     /// What the session's sender delivers from.
@@ -381,7 +389,8 @@ mod tests {
     async fn batches_are_spooled_every_interval_while_disconnected() {
         let root = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
-        let telemetry = Telemetry::start(root.path(), &config(false), shutdown.clone()).unwrap();
+        let telemetry =
+            Telemetry::start(root.path(), &config(false), None, shutdown.clone()).unwrap();
         telemetry.set_interval_ms(1_000);
         let deadline = Instant::now() + Duration::from_secs(10);
         while telemetry.outbox().spool().len() < 2 && Instant::now() < deadline {
@@ -412,7 +421,8 @@ mod tests {
     async fn intervals_from_the_control_plane_are_clamped_and_remembered() {
         let root = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
-        let telemetry = Telemetry::start(root.path(), &config(false), shutdown.clone()).unwrap();
+        let telemetry =
+            Telemetry::start(root.path(), &config(false), None, shutdown.clone()).unwrap();
         assert_eq!(*telemetry.interval.borrow(), DEFAULT_INTERVAL);
         telemetry.set_interval_ms(10);
         assert_eq!(*telemetry.interval.borrow(), MIN_INTERVAL);
@@ -422,7 +432,7 @@ mod tests {
         shutdown.cancel();
         telemetry.stopped().await;
         let telemetry =
-            Telemetry::start(root.path(), &config(false), CancellationToken::new()).unwrap();
+            Telemetry::start(root.path(), &config(false), None, CancellationToken::new()).unwrap();
         assert_eq!(*telemetry.interval.borrow(), Duration::from_secs(5));
     }
 }

@@ -380,9 +380,10 @@ pub enum HealthCheckKind {
     },
     /// A TCP connection to `address` (`host:port`) is established.
     Tcp { address: String },
-    /// Runs `argv` (no shell; `argv[0]` is looked up in `PATH`) in its own
-    /// process group, subject to the agent's `[commands]` policy; passes when
-    /// it exits with 0. On timeout the whole process group is killed.
+    /// Runs `argv` (no shell; `argv[0]` is looked up in the agent's `PATH`)
+    /// in its own process group, subject to the agent's `[commands]` policy;
+    /// passes when it exits with 0. On timeout the whole process group is
+    /// killed.
     Exec { argv: Vec<String> },
 }
 
@@ -486,8 +487,9 @@ pub const COMMAND_OUTPUT_CHUNK: usize = 16 * 1024;
 pub struct CommandRequest {
     /// Chosen by the control plane; the agent only logs it.
     pub command_id: String,
-    /// Program and arguments, no shell. `argv[0]` is an absolute path or a
-    /// name looked up in `PATH` (the request's, else the agent's).
+    /// Program and arguments, no shell. `argv[0]` is a path or a name looked
+    /// up in the agent's own `PATH` (never the request's, so that the
+    /// agent's allow list means what it says).
     pub argv: Vec<String>,
     /// Set on top of the agent's environment (minus its `TETHER_AGENT_*`
     /// variables). Values may be secrets: `Debug` shows only the names.

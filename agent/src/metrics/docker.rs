@@ -32,8 +32,12 @@
 //! A daemon that cannot be reached gives a report with `error` set and no
 //! containers; the client is dropped and a new connection is tried at the
 //! next tick, so the agent picks Docker up again when it comes back.
+//!
+//! The client itself is a [`DockerConnection`], shared with the built-in
+//! `docker` health check ([`DockerConnection::ping`]).
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bollard::errors::Error as DockerError;
@@ -74,10 +78,85 @@ struct CpuSample {
     system_ns: u64,
 }
 
+/// A lazily connected client of one Docker socket. Clones share the client:
+/// the metrics collector and the health check use one connection, and a
+/// failure seen by either makes the next use reconnect.
+#[derive(Clone)]
+pub struct DockerConnection {
+    socket: Arc<str>,
+    client: Arc<Mutex<Option<Docker>>>,
+}
+
+impl DockerConnection {
+    /// A connection to the daemon at `socket` (a path, or `unix://` + path).
+    /// Nothing is connected until first used.
+    pub fn new(socket: impl Into<String>) -> Self {
+        let socket = socket.into();
+        let socket = socket
+            .strip_prefix("unix://")
+            .map(str::to_string)
+            .unwrap_or(socket);
+        Self {
+            socket: socket.into(),
+            client: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &str {
+        &self.socket
+    }
+
+    fn cached(&self) -> Option<Docker> {
+        self.client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The client, connecting (and negotiating the API version) if needed;
+    /// `true` when the connection is new.
+    async fn client(&self) -> Result<(Docker, bool), DockerError> {
+        if let Some(docker) = self.cached() {
+            return Ok((docker, false));
+        }
+        let docker = connect(&self.socket).await?;
+        *self
+            .client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(docker.clone());
+        Ok((docker, true))
+    }
+
+    /// Forgets the client: the next use connects again.
+    fn reset(&self) {
+        *self
+            .client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+
+    /// Whether the daemon answers `/_ping`; the error says why not, in one
+    /// line naming the socket.
+    pub async fn ping(&self) -> Result<(), String> {
+        let result = match self.client().await {
+            Ok((docker, _)) => docker.ping().await.map(|_| ()),
+            Err(err) => Err(err),
+        };
+        result.map_err(|err| {
+            self.reset();
+            format!(
+                "cannot reach the Docker daemon at {}: {}",
+                self.socket,
+                describe(&err)
+            )
+        })
+    }
+}
+
 /// Collects [`ContainerReport`]s from one Docker socket.
 pub struct DockerCollector {
-    socket: String,
-    client: Option<Docker>,
+    connection: DockerConnection,
     version: Option<String>,
     version_read_at: Option<Instant>,
     tick: u64,
@@ -89,14 +168,13 @@ impl DockerCollector {
     /// A collector for the daemon at `socket` (a path, or `unix://` + path).
     /// Nothing is connected until the first [`collect`](Self::collect).
     pub fn new(socket: impl Into<String>) -> Self {
-        let socket = socket.into();
-        let socket = socket
-            .strip_prefix("unix://")
-            .map(str::to_string)
-            .unwrap_or(socket);
+        Self::with_connection(DockerConnection::new(socket))
+    }
+
+    /// A collector using (and sharing) `connection`.
+    pub fn with_connection(connection: DockerConnection) -> Self {
         Self {
-            socket,
-            client: None,
+            connection,
             version: None,
             version_read_at: None,
             tick: 0,
@@ -113,7 +191,7 @@ impl DockerCollector {
             Ok(result) => result,
             Err(_) => Err(format!(
                 "the Docker daemon at {} did not answer within {} s",
-                self.socket,
+                self.connection.socket(),
                 COLLECT_TIMEOUT.as_secs()
             )),
         };
@@ -123,7 +201,7 @@ impl DockerCollector {
                     tracing::info!(
                         version = self.version.as_deref().unwrap_or("?"),
                         "Docker daemon reachable again at {}",
-                        self.socket
+                        self.connection.socket()
                     );
                 }
                 ContainerReport {
@@ -137,7 +215,7 @@ impl DockerCollector {
                     tracing::warn!("{reason}; container metrics are empty until it answers");
                 }
                 self.last_error = Some(reason.clone());
-                self.client = None;
+                self.connection.reset();
                 self.version = None;
                 self.known.clear();
                 ContainerReport {
@@ -152,7 +230,7 @@ impl DockerCollector {
     fn unreachable(&self, err: &DockerError) -> String {
         format!(
             "cannot read the Docker daemon at {}: {}",
-            self.socket,
+            self.connection.socket(),
             describe(err)
         )
     }
@@ -160,17 +238,14 @@ impl DockerCollector {
     /// The client, connecting (and negotiating the API version) if needed;
     /// refreshes the cached daemon version when due.
     async fn client(&mut self) -> Result<Docker, String> {
-        let docker = match &self.client {
-            Some(docker) => docker.clone(),
-            None => {
-                let docker = connect(&self.socket)
-                    .await
-                    .map_err(|err| self.unreachable(&err))?;
-                self.client = Some(docker.clone());
-                self.version = None;
-                docker
-            }
-        };
+        let (docker, fresh) = self
+            .connection
+            .client()
+            .await
+            .map_err(|err| self.unreachable(&err))?;
+        if fresh {
+            self.version = None;
+        }
         let stale = self
             .version_read_at
             .is_none_or(|at| at.elapsed() >= VERSION_EVERY);

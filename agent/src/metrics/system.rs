@@ -238,6 +238,17 @@ fn unescape_octal(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Size and inode use of each real filesystem, read now (the built-in
+/// `disk` health check).
+pub fn disk_usage() -> Vec<DiskMetrics> {
+    let mut buf = String::new();
+    if read_into("/proc/self/mountinfo", &mut buf) {
+        disks(&buf)
+    } else {
+        Vec::new()
+    }
+}
+
 /// Size and inode use of each real filesystem.
 fn disks(mountinfo: &str) -> Vec<DiskMetrics> {
     real_mounts(mountinfo)
