@@ -112,6 +112,11 @@ pub struct DeploymentView {
     pub boot_stages: Vec<BootStage>,
     /// Resources a rollback or destroy could not remove.
     pub leftover_resources: Vec<String>,
+    /// Whether the control plane holds a Terraform state for it.
+    pub state_present: bool,
+    /// Who holds the state lock (terraform's LockInfo), if anyone.
+    #[schema(value_type = Option<Object>)]
+    pub state_lock: Option<Value>,
     pub created_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
 }
@@ -151,9 +156,22 @@ impl From<Deployment> for DeploymentView {
             error_message,
             boot_stages,
             leftover_resources,
+            state_present: false,
+            state_lock: None,
             created_at: d.created_at,
             completed_at: d.completed_at,
         }
+    }
+}
+
+impl DeploymentView {
+    /// The view with what the state backend holds.
+    async fn with_state(mut self, cp: &ControlPlane) -> Result<Self, ApiError> {
+        if let Some(state) = cp.store.terraform_state(self.deployment_id).await? {
+            self.state_present = state.state_sealed.is_some();
+            self.state_lock = state.lock_id.map(|_| state.lock_info.unwrap_or_default());
+        }
+        Ok(self)
     }
 }
 
@@ -421,7 +439,8 @@ pub async fn get(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<DeploymentView>, ApiError> {
     caller.require(Scope::ServersRead)?;
-    Ok(Json(visible_deployment(&cp, &caller, id).await?.into()))
+    let view = DeploymentView::from(visible_deployment(&cp, &caller, id).await?);
+    Ok(Json(view.with_state(&cp).await?))
 }
 
 /// Options of a destroy.
@@ -473,7 +492,8 @@ pub async fn destroy(
     let deployment = visible_deployment(&cp, &caller, id).await?;
     match deployment.status {
         DeploymentStatus::Destroying | DeploymentStatus::Destroyed => {
-            return Ok((StatusCode::ACCEPTED, Json(deployment.into())))
+            let view = DeploymentView::from(deployment).with_state(&cp).await?;
+            return Ok((StatusCode::ACCEPTED, Json(view)));
         }
         DeploymentStatus::Completed | DeploymentStatus::Failed => {}
         other => {
@@ -507,8 +527,8 @@ pub async fn destroy(
             serde_json::json!({ "force": force, "server_id": deployment.server_id }),
         )
         .await;
-    let deployment = visible_deployment(&cp, &caller, id).await?;
-    Ok((StatusCode::ACCEPTED, Json(deployment.into())))
+    let view = DeploymentView::from(visible_deployment(&cp, &caller, id).await?);
+    Ok((StatusCode::ACCEPTED, Json(view.with_state(&cp).await?)))
 }
 
 /// Releases the Terraform state lock of a deployment whatever holds it (a
