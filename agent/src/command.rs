@@ -555,6 +555,7 @@ async fn execute(
     let mut signals_open = true;
     let mut drain_at: Option<Instant> = None;
     let mut drain_cap: Option<Instant> = None;
+    let mut exited_at = None;
 
     if lost {
         ending = Some(CommandStatus::Cancelled);
@@ -589,6 +590,7 @@ async fn execute(
                 group.finish();
                 exit = Some(status);
                 let now = Instant::now();
+                exited_at = Some(now);
                 drain_at = Some(now + DRAIN_GRACE);
                 drain_cap = Some(now + DRAIN_MAX);
             }
@@ -663,7 +665,7 @@ async fn execute(
         status,
         output_truncated: output.truncated,
         output_bytes: output.total,
-        duration_ms: millis(started.elapsed()),
+        duration_ms: millis(exited_at.unwrap_or_else(Instant::now) - started),
     }
 }
 
