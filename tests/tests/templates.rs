@@ -1,9 +1,10 @@
 //! Provisioning templates with the real tools: `terraform fmt` on every
 //! module, `cloud-init schema` and terraform's `yamldecode` on the rendered
-//! user-data, `sh -n`/`busybox sh -n` on the scripts, and the `local` target
-//! booting a "server" for real: `terraform init/apply/destroy` against a tiny
-//! HTTP server that plays the control plane (serves the agent, records the
-//! boot stages). Missing tools fail the tests; nothing is skipped.
+//! user-data, `sh -n`/`busybox sh -n` on the scripts, and the `local` and
+//! `docker` targets booting a "server" for real: `terraform
+//! init/apply/destroy` against a tiny HTTP server that plays the control
+//! plane (serves the agent, records the boot stages). Missing tools (and a
+//! Docker engine that does not answer) fail the tests; nothing is skipped.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -270,6 +271,8 @@ fn shell_scripts_parse_with_sh_and_busybox() {
         root.join("packaging/bootstrap/bootstrap.sh"),
         root.join("terraform-templates/local/scripts/boot.sh"),
         root.join("terraform-templates/local/scripts/stop.sh"),
+        root.join("terraform-templates/docker/scripts/up.sh"),
+        root.join("terraform-templates/docker/scripts/down.sh"),
     ];
     let mut shells = vec![vec!["sh".to_string()]];
     let busybox = Path::new("/bin/busybox");
@@ -301,8 +304,14 @@ struct FakeApi {
 
 impl FakeApi {
     fn start(agent: Vec<u8>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        Self::start_on("127.0.0.1", "127.0.0.1", agent)
+    }
+
+    /// Listens on `bind`; the URL names `host` (how the server reaches it).
+    fn start_on(bind: &str, host: &str, agent: Vec<u8>) -> Self {
+        let listener = TcpListener::bind((bind, 0)).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let url = format!("http://{host}:{port}");
         let stages = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (recorded, stopped) = (stages.clone(), stop.clone());
@@ -331,7 +340,14 @@ impl Drop for FakeApi {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.url.trim_start_matches("http://"));
+        let _ = TcpStream::connect_timeout(
+            &self
+                .url
+                .trim_start_matches("http://")
+                .parse()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 9))),
+            Duration::from_secs(1),
+        );
     }
 }
 
@@ -723,4 +739,195 @@ fn local_module_with_a_wrong_checksum_fails_reports_why_and_runs_nothing() {
         text(&destroy)
     );
     assert!(!deployment.root.exists(), "the server root is removed");
+}
+
+fn docker(args: &[&str]) -> Output {
+    let mut command = Command::new(tool("docker", "the docker CLI and a running engine"));
+    command.args(args);
+    run(command, Duration::from_secs(120))
+}
+
+/// A working dir with a root module calling the embedded `docker` module on
+/// its own network. Dropping it removes the container and the network.
+struct DockerDeployment {
+    _dir: tempfile::TempDir,
+    tf: PathBuf,
+    container: String,
+    network: String,
+    user_data: String,
+}
+
+const DOCKER_SUBNET: &str = "172.31.251.0/24";
+const DOCKER_GATEWAY: &str = "172.31.251.1";
+
+impl DockerDeployment {
+    fn new(user_data: String) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tf = dir.path().join("work");
+        templates::write_module("docker", &tf.join("modules/docker")).expect("write module");
+        let name = format!("tmpl-test-{}", std::process::id());
+        let network = format!("tether-test-{}", std::process::id());
+        std::fs::write(
+            tf.join("main.tf"),
+            format!(
+                r#"
+variable "user_data" {{
+  type      = string
+  sensitive = true
+}}
+
+module "server" {{
+  source         = "./modules/docker"
+  server_name    = "{name}"
+  user_data      = var.user_data
+  docker_network = "{network}"
+  docker_subnet  = "{DOCKER_SUBNET}"
+  tags           = {{ role = "test" }}
+}}
+
+output "instance_id" {{ value = module.server.instance_id }}
+output "public_ip" {{ value = module.server.public_ip }}
+output "private_ip" {{ value = module.server.private_ip }}
+output "host_address" {{ value = module.server.host_address }}
+output "container_name" {{ value = module.server.container_name }}
+"#
+            ),
+        )
+        .expect("write main.tf");
+        Self {
+            _dir: dir,
+            tf,
+            container: format!("tether-{name}"),
+            network,
+            user_data,
+        }
+    }
+
+    fn terraform(&self, args: &[&str]) -> Output {
+        let mut command = terraform_in(&self.tf);
+        command
+            .args(args)
+            .arg("-no-color")
+            .env("TF_VAR_user_data", &self.user_data);
+        run(command, Duration::from_secs(300))
+    }
+
+    fn exec(&self, script: &str) -> Output {
+        docker(&["exec", &self.container, "/bin/sh", "-c", script])
+    }
+}
+
+impl Drop for DockerDeployment {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.container]);
+        let _ = docker(&["network", "rm", &self.network]);
+    }
+}
+
+#[test]
+fn docker_module_boots_an_agent_in_its_own_container_and_destroy_removes_it() {
+    let agent_dir = tempfile::tempdir().expect("tempdir");
+    let agent_file = agent_dir.path().join("agent");
+    std::fs::write(&agent_file, FAKE_AGENT).expect("write fake agent");
+    let sha = sha256_hex(&agent_file);
+    let api = FakeApi::start_on("0.0.0.0", DOCKER_GATEWAY, FAKE_AGENT.as_bytes().to_vec());
+    let checksums = ["amd64", "arm64"]
+        .iter()
+        .map(|arch| AgentChecksum {
+            os: "linux".into(),
+            arch: arch.to_string(),
+            sha256_hex: sha.clone(),
+        })
+        .collect();
+    let user_data = render_user_data(&params(&api.url, "d-docker-1", checksums)).expect("render");
+    let deployment = DockerDeployment::new(user_data);
+
+    let watch = ArgvWatch::start(vec![MARKER.into(), "TETHER_REPORT_FIELDS".into()]);
+    let init = deployment.terraform(&["init", "-input=false"]);
+    assert!(init.status.success(), "terraform init: {}", text(&init));
+    let apply = deployment.terraform(&["apply", "-auto-approve", "-input=false"]);
+    let leaks = watch.finish();
+    assert!(apply.status.success(), "terraform apply: {}", text(&apply));
+    assert_no_secret_in("terraform apply", &text(&apply));
+    assert!(leaks.is_empty(), "secrets on a command line: {leaks:#?}");
+
+    let stages = api.stages();
+    assert_eq!(
+        stage_names(&stages),
+        ["downloaded", "installed", "started"],
+        "{stages:#?}"
+    );
+    for stage in &stages {
+        assert_eq!(stage["deployment_id"], "d-docker-1");
+        assert_eq!(stage["token"], AWKWARD_TOKEN);
+    }
+
+    // Its own address on the network, as the outputs say.
+    let outputs = deployment.terraform(&["output", "-json"]);
+    assert!(outputs.status.success(), "output: {}", text(&outputs));
+    let outputs: Value = serde_json::from_slice(&outputs.stdout).expect("outputs json");
+    assert_eq!(outputs["host_address"]["value"], DOCKER_GATEWAY);
+    assert_eq!(outputs["container_name"]["value"], deployment.container);
+    let ip = outputs["public_ip"]["value"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ip.starts_with("172.31.251.") && ip != DOCKER_GATEWAY,
+        "{ip}"
+    );
+    assert_eq!(outputs["private_ip"]["value"], ip.as_str());
+    let inspect = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &deployment.container,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&inspect.stdout).trim(), ip);
+
+    // Inside: the agent runs with the expected paths; the files have their modes.
+    let argv = deployment.exec("cat /var/lib/tether/fake-agent-argv");
+    assert!(argv.status.success(), "{}", text(&argv));
+    assert_eq!(
+        String::from_utf8_lossy(&argv.stdout),
+        "run\n--state-dir\n/var/lib/tether\n--config\n/etc/tether/agent.toml\n"
+    );
+    let running = deployment.exec(
+        "pid=$(cat /run/tether-agent.pid) && kill -0 \"$pid\" && tr '\\0' ' ' </proc/$pid/cmdline",
+    );
+    assert!(
+        running.status.success(),
+        "agent running: {}",
+        text(&running)
+    );
+    assert!(String::from_utf8_lossy(&running.stdout).contains("--config /etc/tether/agent.toml"));
+    let modes = deployment.exec(
+        "stat -c '%a %n' /etc /etc/tether/agent.toml /usr/local/bin/tether-agent /var/lib/tether; \
+         test ! -e /var/lib/tether/bootstrap.env && echo env-removed",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&modes.stdout),
+        "755 /etc\n600 /etc/tether/agent.toml\n755 /usr/local/bin/tether-agent\n700 /var/lib/tether\nenv-removed\n",
+        "{}",
+        text(&modes)
+    );
+
+    let destroy = deployment.terraform(&["destroy", "-auto-approve", "-input=false"]);
+    assert!(
+        destroy.status.success(),
+        "terraform destroy: {}",
+        text(&destroy)
+    );
+    assert!(
+        !docker(&["container", "inspect", &deployment.container])
+            .status
+            .success(),
+        "the container is removed"
+    );
+    assert!(
+        !docker(&["network", "inspect", &deployment.network])
+            .status
+            .success(),
+        "the network is removed with its last container"
+    );
 }

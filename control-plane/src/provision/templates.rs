@@ -14,7 +14,15 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// The targets, each a folder of `terraform-templates/`.
-pub const PROVIDERS: &[&str] = &["aws", "digitalocean", "hetzner", "gcp", "azure", "local"];
+pub const PROVIDERS: &[&str] = &[
+    "aws",
+    "digitalocean",
+    "hetzner",
+    "gcp",
+    "azure",
+    "local",
+    "docker",
+];
 
 /// The inputs every module declares.
 pub const COMMON_VARIABLES: &[&str] = &[
@@ -58,6 +66,14 @@ const LOCAL: ModuleFiles = module!(
     "scripts/boot.sh",
     "scripts/stop.sh",
 );
+const DOCKER: ModuleFiles = module!(
+    "docker": "versions.tf",
+    "variables.tf",
+    "main.tf",
+    "outputs.tf",
+    "scripts/up.sh",
+    "scripts/down.sh",
+);
 
 /// The files of one target's module, (relative file name, contents);
 /// `None` for an unknown target.
@@ -69,6 +85,7 @@ pub fn module_files(provider: &str) -> Option<ModuleFiles> {
         "gcp" => Some(GCP),
         "azure" => Some(AZURE),
         "local" => Some(LOCAL),
+        "docker" => Some(DOCKER),
         _ => None,
     }
 }
