@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tether_control_plane::provision::bootstrap::{
     render_agent_toml, render_user_data, AgentChecksum, BootstrapParams, AGENT_SYSTEMD_UNIT,
-    BOOTSTRAP_SCRIPT, USER_DATA_MAX_BYTES,
+    BOOTSTRAP_SCRIPT, DESTROY_USER_DATA, USER_DATA_MAX_BYTES,
 };
 use tether_control_plane::provision::templates::{self, PROVIDERS};
 
@@ -530,12 +530,19 @@ output "pid_file" { value = module.server.pid_file }
         }
     }
 
+    /// Runs terraform; `destroy` gets [`DESTROY_USER_DATA`], as the control
+    /// plane gives it once the token is spent.
     fn terraform(&self, args: &[&str]) -> Output {
         let mut command = terraform_in(&self.tf);
+        let user_data = if args.first() == Some(&"destroy") {
+            DESTROY_USER_DATA
+        } else {
+            &self.user_data
+        };
         command
             .args(args)
             .arg("-no-color")
-            .env("TF_VAR_user_data", &self.user_data);
+            .env("TF_VAR_user_data", user_data);
         run(command, Duration::from_secs(180))
     }
 
@@ -803,12 +810,18 @@ output "container_name" {{ value = module.server.container_name }}
         }
     }
 
+    /// Runs terraform; `destroy` gets [`DESTROY_USER_DATA`].
     fn terraform(&self, args: &[&str]) -> Output {
         let mut command = terraform_in(&self.tf);
+        let user_data = if args.first() == Some(&"destroy") {
+            DESTROY_USER_DATA
+        } else {
+            &self.user_data
+        };
         command
             .args(args)
             .arg("-no-color")
-            .env("TF_VAR_user_data", &self.user_data);
+            .env("TF_VAR_user_data", user_data);
         run(command, Duration::from_secs(300))
     }
 

@@ -40,6 +40,12 @@ pub const AGENT_SYSTEMD_UNIT: &str =
 /// The smallest user-data limit of the supported clouds (AWS: 16 KiB).
 pub const USER_DATA_MAX_BYTES: usize = 16 * 1024;
 
+/// The `user_data` to give a module when destroying: Terraform needs the
+/// variable set (and the `local`/`docker` modules decode it), not the token,
+/// which is spent by then. Valid `#cloud-config` that writes nothing.
+pub const DESTROY_USER_DATA: &str =
+    "#cloud-config\n# Placeholder: destroying needs the variable, not a token.\n{}\n";
+
 /// Where the agent's configuration is written (under the server's root).
 pub const AGENT_CONFIG_PATH: &str = "/etc/tether/agent.toml";
 /// Where the bootstrap script is written (under the server's root).
@@ -782,6 +788,12 @@ mod tests {
             serde_json::from_str(r#"{"deployment_id":"d","token":"t","stage":"started"}"#).unwrap();
         assert_eq!(ok.stage, BootStageKind::Started);
         assert_eq!(ok.detail, None);
+    }
+
+    #[test]
+    fn destroy_user_data_is_cloud_config_without_a_token() {
+        assert!(DESTROY_USER_DATA.starts_with("#cloud-config\n"));
+        assert!(!DESTROY_USER_DATA.contains("token ="));
     }
 
     #[test]
