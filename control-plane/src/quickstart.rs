@@ -1,26 +1,30 @@
 //! `tether quickstart`: everything on one machine. A control plane on the
-//! embedded SQLite default, N local servers whose agents enroll and report,
-//! and a summary of what to try next.
-//!
-//! The agents run as local `tether-agent` processes, each with its own state
-//! dir under `DATA_DIR/agents/`; their bootstrap token travels in a 0600
-//! `agent.toml`, never in argv. Re-running quickstart on the same data dir
-//! reuses the enrolled agents.
+//! embedded SQLite default and N servers provisioned through the `local`
+//! Terraform target exactly as a cloud server would be: a deployment, a
+//! rendered cloud-init user-data, `terraform init/plan/apply` against the
+//! control plane's own state backend, a bootstrap that downloads and checks
+//! the agent, an agent that enrolls with the deployment's token and reports.
+//! On exit the deployments are destroyed (`terraform destroy`), so nothing
+//! keeps running.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use uuid::Uuid;
 
-use crate::api::enrollment_tokens;
 use crate::app::{self, RunningControlPlane};
 use crate::config::ServeArgs;
-use crate::store::{ServerQuery, ServerStatus};
+use crate::provision::credentials::Provider;
+use crate::store::{DeploymentRecord, DeploymentStatus};
+
+/// How long quickstart waits for its servers.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct QuickstartArgs {
-    /// Where the control plane and the local agents keep their state.
+    /// Where the control plane and the local servers keep their state.
     #[arg(long, env = "TETHER_DATA_DIR", default_value = "tether-quickstart")]
     pub data_dir: PathBuf,
     /// HTTP API listen address.
@@ -29,41 +33,20 @@ pub struct QuickstartArgs {
     /// QUIC listen address for the agents.
     #[arg(long, env = "TETHER_QUIC_LISTEN", default_value = "127.0.0.1:7443")]
     pub quic_listen: SocketAddr,
-    /// How many local servers to start.
+    /// How many local servers to provision.
     #[arg(long, default_value_t = 3)]
     pub servers: u32,
-    /// The tether-agent binary [default: next to this binary, else on PATH].
-    #[arg(long, env = "TETHER_AGENT_BIN")]
-    pub agent_bin: Option<PathBuf>,
-    /// Exit once every server is online instead of running until Ctrl-C.
+    /// Directory holding the tether-agent binary the servers download
+    /// [default: the directory of this binary].
+    #[arg(long, env = "TETHER_AGENT_DIR")]
+    pub agent_dir: Option<PathBuf>,
+    /// The terraform binary [default: `terraform` on PATH].
+    #[arg(long, env = "TETHER_TERRAFORM_BIN")]
+    pub terraform_bin: Option<PathBuf>,
+    /// Exit (destroying the servers) once every server is online instead of
+    /// running until Ctrl-C.
     #[arg(long)]
     pub exit_when_ready: bool,
-}
-
-/// The local agent processes.
-struct LocalAgents {
-    children: Vec<tokio::process::Child>,
-}
-
-impl LocalAgents {
-    async fn stop(mut self) {
-        for child in &self.children {
-            if let Some(pid) = child.id() {
-                // SAFETY: kill(2) with a pid we spawned and a valid signal number.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
-                }
-            }
-        }
-        for child in &mut self.children {
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
-        }
-    }
 }
 
 pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
@@ -71,128 +54,141 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         data_dir: Some(args.data_dir.clone()),
         api_listen: Some(args.api_listen),
         quic_listen: Some(args.quic_listen),
+        agent_dir: args.agent_dir.clone(),
+        terraform_bin: args.terraform_bin.clone(),
+        registration_timeout: Some(Duration::from_secs(120)),
         ..Default::default()
     }
     .resolve()?;
+    let terraform = tokio::process::Command::new(&config.terraform_bin)
+        .arg("version")
+        .output()
+        .await;
+    if !terraform.is_ok_and(|o| o.status.success()) {
+        anyhow::bail!(
+            "quickstart provisions its servers with terraform's local target, and {} does not run: install terraform (1.4 or newer) or pass --terraform-bin",
+            config.terraform_bin.display()
+        );
+    }
     let running = app::start(config).await?;
-    let agent_bin = agent_binary(args.agent_bin.as_deref())?;
-    let agents = match start_agents(&running, &args, &agent_bin).await {
-        Ok(agents) => agents,
+    let deployments = match provision_servers(&running, args.servers).await {
+        Ok(ids) => ids,
         Err(e) => {
             running.shutdown().await;
             return Err(e);
         }
     };
-    let ready = wait_until_online(&running, args.servers).await;
+    let ready = wait_until_completed(&running, &deployments).await;
     print_summary(&running, &args, ready.as_ref().ok().copied());
-    if let Err(e) = ready {
-        agents.stop().await;
-        running.shutdown().await;
-        return Err(e);
-    }
-    if !args.exit_when_ready {
+    if ready.is_ok() && !args.exit_when_ready {
         app::shutdown_signal().await;
     }
-    agents.stop().await;
+    destroy_servers(&running, &deployments).await;
     running.shutdown().await;
-    Ok(())
+    ready.map(|_| ())
 }
 
-fn agent_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(path) = explicit {
-        return Ok(path.to_path_buf());
-    }
-    let sibling = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("tether-agent")));
-    if let Some(path) = sibling.filter(|p| p.is_file()) {
-        return Ok(path);
-    }
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("tether-agent"))
-            .find(|p| p.is_file())
-    });
-    on_path.context("tether-agent not found next to tether or on PATH (build it with `cargo build --release`, or pass --agent-bin)")
-}
-
-async fn start_agents(
-    running: &RunningControlPlane,
-    args: &QuickstartArgs,
-    agent_bin: &Path,
-) -> anyhow::Result<LocalAgents> {
+async fn provision_servers(running: &RunningControlPlane, count: u32) -> anyhow::Result<Vec<Uuid>> {
     let cp = &running.state;
-    let mut children = Vec::new();
-    for i in 1..=args.servers {
-        let name = format!("quickstart-{i}");
-        let state_dir = args.data_dir.join("agents").join(&name);
-        crate::fsutil::create_private_dir(&state_dir)?;
-        let config_path = state_dir.join("agent.toml");
-        if !state_dir.join("identity.toml").exists() {
-            let labels = [("quickstart".to_string(), "true".to_string())]
+    let mut ids = Vec::new();
+    for i in 1..=count {
+        let record = DeploymentRecord {
+            region: "local".into(),
+            instance_type: "process".into(),
+            server_name: format!("quickstart-{i}"),
+            tags: [("quickstart".to_string(), "true".to_string())]
                 .into_iter()
-                .collect();
-            let (token, _) = enrollment_tokens::issue(
-                cp,
-                cp.instance.root_organization_id,
-                labels,
-                Some(name.clone()),
-                3600,
-            )
-            .await?;
-            let agent_toml = format!(
-                "# Written by tether quickstart.\nserver = \"{}\"\nca_fingerprint = \"{}\"\ntoken = \"{}\"\n",
-                cp.public_quic_addr,
-                cp.pki.ca.fingerprint(),
-                token
-            );
-            crate::fsutil::write_private(&config_path, agent_toml.as_bytes())?;
-        }
-        let log = std::fs::File::create(state_dir.join("agent.log"))?;
-        let child = tokio::process::Command::new(agent_bin)
-            .arg("run")
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", agent_bin.display()))?;
-        children.push(child);
+                .collect(),
+            ..DeploymentRecord::default()
+        };
+        let id = crate::provision::job::queue(
+            cp,
+            cp.instance.root_organization_id,
+            Provider::Local,
+            None,
+            record,
+        )
+        .await
+        .context("queueing a local deployment")?;
+        println!("provisioning quickstart-{i} (deployment {id}) through terraform's local target");
+        ids.push(id);
     }
-    Ok(LocalAgents { children })
+    Ok(ids)
 }
 
-async fn wait_until_online(
+async fn wait_until_completed(
     running: &RunningControlPlane,
-    expected: u32,
+    deployments: &[Uuid],
 ) -> anyhow::Result<Duration> {
     let cp = &running.state;
     let started = Instant::now();
-    let scope = vec![cp.instance.root_organization_id];
     loop {
-        let online = cp
-            .store
-            .list_servers(&ServerQuery {
-                scope: scope.clone(),
-                status: Some(ServerStatus::Online),
-                labels: vec![("quickstart".into(), "true".into())],
-                limit: expected + 1,
-                after: None,
-            })
-            .await?
-            .len();
-        if online as u32 >= expected {
+        let mut completed = 0;
+        for id in deployments {
+            let Some(d) = cp.store.deployment(None, *id).await? else {
+                anyhow::bail!("deployment {id} vanished");
+            };
+            match d.status {
+                DeploymentStatus::Completed => completed += 1,
+                DeploymentStatus::Failed | DeploymentStatus::RollingBack => anyhow::bail!(
+                    "{} failed: {}",
+                    d.record.server_name,
+                    d.record.error_message.unwrap_or_default()
+                ),
+                _ => {}
+            }
+        }
+        if completed == deployments.len() {
             return Ok(started.elapsed());
         }
-        if started.elapsed() > Duration::from_secs(60) {
-            anyhow::bail!("only {online} of {expected} servers came online within 60 s; see the agent logs under agents/*/agent.log");
+        if started.elapsed() > READY_TIMEOUT {
+            anyhow::bail!(
+                "only {completed} of {} servers registered within {} s; GET /api/v1/infrastructure/deployments shows where each one is",
+                deployments.len(),
+                READY_TIMEOUT.as_secs()
+            );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Destroys the deployments (stops the local agents) and waits for it.
+async fn destroy_servers(running: &RunningControlPlane, deployments: &[Uuid]) {
+    let cp = &running.state;
+    let scope = vec![cp.instance.root_organization_id];
+    println!("destroying the local servers (terraform destroy)...");
+    for id in deployments {
+        let moved = cp
+            .store
+            .transition_deployment(
+                &scope,
+                *id,
+                &[DeploymentStatus::Completed, DeploymentStatus::Failed],
+                DeploymentStatus::Destroying,
+                chrono::Utc::now(),
+            )
+            .await;
+        if let Err(e) = moved {
+            eprintln!("could not destroy deployment {id}: {e}");
+        }
+    }
+    cp.provision_wakeup.notify_one();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        let mut pending = 0;
+        for id in deployments {
+            if let Ok(Some(d)) = cp.store.deployment(None, *id).await {
+                if d.status.is_active() {
+                    pending += 1;
+                }
+            }
+        }
+        if pending == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("some deployments are still being destroyed; `tether serve --data-dir` on this directory finishes the job");
 }
 
 fn print_summary(running: &RunningControlPlane, args: &QuickstartArgs, ready_in: Option<Duration>) {
@@ -214,17 +210,18 @@ fn print_summary(running: &RunningControlPlane, args: &QuickstartArgs, ready_in:
     println!("  CA fingerprint {}", cp.pki.ca.fingerprint());
     println!("  admin token    {}", token_path.display());
     println!(
-        "  agent logs     {}",
-        args.data_dir.join("agents").display()
+        "  servers        {}/deployments/<id>/local-server (agent logs in var/log)",
+        args.data_dir.display()
     );
     println!();
     println!("Try:");
     println!("  export TETHER_TOKEN=$(cat {})", token_path.display());
     println!("  curl -s -H \"Authorization: Bearer $TETHER_TOKEN\" {api}/api/v1/servers");
     println!("  curl -s -H \"Authorization: Bearer $TETHER_TOKEN\" '{api}/api/v1/servers?status=online&label=quickstart=true'");
-    println!("  curl -s -X POST -H \"Authorization: Bearer $TETHER_TOKEN\" -H 'Content-Type: application/json' -d '{{}}' {api}/api/v1/enrollment-tokens");
+    println!("  curl -s -H \"Authorization: Bearer $TETHER_TOKEN\" {api}/api/v1/infrastructure/deployments");
+    println!("  curl -s -X POST -H \"Authorization: Bearer $TETHER_TOKEN\" -H 'Content-Type: application/json' -d '{{\"provider\":\"local\",\"region\":\"local\",\"instance_type\":\"process\",\"server_name\":\"one-more\"}}' {api}/api/v1/infrastructure/provision");
     println!();
     if !args.exit_when_ready {
-        println!("Press Ctrl-C to stop the control plane and the local servers.");
+        println!("Press Ctrl-C to destroy the local servers and stop the control plane.");
     }
 }

@@ -514,5 +514,20 @@ async fn quickstart_brings_local_servers_online() {
     );
     assert!(stdout.contains("2 servers online"), "{stdout}");
     assert!(stdout.contains("admin.token"), "{stdout}");
+    assert!(
+        stdout.contains("through terraform's local target"),
+        "{stdout}"
+    );
+    // The servers were terraform deployments, destroyed on exit: no agent
+    // of this data dir is left running.
+    let data_dir = dir.path().join("qs").display().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .filter(|c| c.contains("tether-agent") && c.contains(&data_dir))
+        .collect();
+    assert!(left.is_empty(), "agents left running: {left:?}");
     let _ = Arc::new(());
 }

@@ -173,7 +173,10 @@ async fn sse_event_names(cp: &ControlPlane, id: &str) -> anyhow::Result<Vec<Stri
     }
     Ok(text
         .lines()
-        .filter_map(|l| l.strip_prefix("event: ").or_else(|| l.strip_prefix("event:")))
+        .filter_map(|l| {
+            l.strip_prefix("event: ")
+                .or_else(|| l.strip_prefix("event:"))
+        })
         .map(|s| s.trim().to_string())
         .collect())
 }
@@ -243,7 +246,10 @@ async fn local_deployment_comes_online_reports_and_destroy_removes_everything() 
     // The whole story is on SSE, and the stream ends once settled.
     let names = sse_event_names(&cp, &id).await.expect("sse");
     for kind in ["status", "step", "log", "boot_stage"] {
-        assert!(names.iter().any(|n| n == kind), "no {kind} event in {names:?}");
+        assert!(
+            names.iter().any(|n| n == kind),
+            "no {kind} event in {names:?}"
+        );
     }
 
     // Secrets: the bootstrap token sits in the agent's own config only.
@@ -257,8 +263,8 @@ async fn local_deployment_comes_online_reports_and_destroy_removes_everything() 
         .expect("token in agent.toml");
     assert!(token.starts_with("tet_enr_"), "{token}");
     assert!(!cp.log().contains(&token), "token in the control plane log");
-    let tfvars = std::fs::read_to_string(workdir(&cp, &id).join("terraform.tfvars.json"))
-        .expect("tfvars");
+    let tfvars =
+        std::fs::read_to_string(workdir(&cp, &id).join("terraform.tfvars.json")).expect("tfvars");
     assert!(!tfvars.contains(&token) && !tfvars.contains("user_data"));
     assert!(processes_mentioning(&token).is_empty(), "token in an argv");
     let db = database_bytes(&cp);
@@ -284,7 +290,10 @@ async fn local_deployment_comes_online_reports_and_destroy_removes_everything() 
     let destroyed = wait_for(&cp, &id, &["destroyed", "failed"]).await;
     assert_eq!(destroyed["status"], "destroyed", "{destroyed:#}");
     assert!(!destroyed["state_present"].as_bool().expect("state_present"));
-    assert!(agents_of(&cp, &id).is_empty(), "agent process still running");
+    assert!(
+        agents_of(&cp, &id).is_empty(),
+        "agent process still running"
+    );
     assert!(!workdir(&cp, &id).exists(), "working dir left behind");
     let gone = cp
         .call(
@@ -329,12 +338,19 @@ async fn with_a_quota_of_one_server_the_next_provision_is_refused() {
     let cp = start(dir.path(), &[]).await;
     let admin = cp.admin_token();
     let org = cp
-        .create_organization(&admin, json!({ "name": "team", "quotas": { "max_servers": 1 } }))
+        .create_organization(
+            &admin,
+            json!({ "name": "team", "quotas": { "max_servers": 1 } }),
+        )
         .await
         .expect("organization");
     let org_id = org["id"].as_str().expect("org id");
     let (_, token) = cp
-        .create_token(&admin, org_id, &["infrastructure:provision", "servers:read"])
+        .create_token(
+            &admin,
+            org_id,
+            &["infrastructure:provision", "servers:read"],
+        )
         .await
         .expect("token");
     let (status, first) = provision(&cp, &token, local_request("one")).await;
@@ -415,8 +431,7 @@ async fn a_control_plane_killed_mid_apply_resumes_or_rolls_back_without_orphans(
     let agents = agents_of(&cp, &id);
     eprintln!(
         "after the restart the deployment is {} ({})",
-        settled["status"],
-        settled["error_message"]
+        settled["status"], settled["error_message"]
     );
     match settled["status"].as_str() {
         Some("completed") => {
@@ -427,7 +442,10 @@ async fn a_control_plane_killed_mid_apply_resumes_or_rolls_back_without_orphans(
                 .expect("online");
         }
         _ => {
-            assert!(agents.is_empty(), "rolled back but still running: {agents:?}");
+            assert!(
+                agents.is_empty(),
+                "rolled back but still running: {agents:?}"
+            );
             assert!(cp.servers("").await.expect("servers").is_empty());
         }
     }

@@ -124,14 +124,19 @@ pub async fn create(
     }
     if body.name.trim().is_empty() || body.name.len() > 100 || super::has_control_chars(&body.name)
     {
-        return Err(ApiError::validation("name must be 1-100 printable characters"));
+        return Err(ApiError::validation(
+            "name must be 1-100 printable characters",
+        ));
     }
     if let Some(region) = &body.default_region {
         if region.is_empty() || region.len() > 64 || super::has_control_chars(region) {
-            return Err(ApiError::validation("default_region must be 1-64 printable characters"));
+            return Err(ApiError::validation(
+                "default_region must be 1-64 printable characters",
+            ));
         }
     }
-    let provider = Provider::parse(&body.provider).map_err(|e| ApiError::validation(e.to_string()))?;
+    let provider =
+        Provider::parse(&body.provider).map_err(|e| ApiError::validation(e.to_string()))?;
     provider
         .check(&body.credentials)
         .map_err(|e| ApiError::validation(e.to_string()))?;
@@ -227,7 +232,10 @@ pub async fn validate(
         .ok_or_else(|| ApiError::not_found("no such cloud credential"))?;
     let fields = cp
         .sealer
-        .open(&credential.credentials_sealed, &cloud_credential_context(id))
+        .open(
+            &credential.credentials_sealed,
+            &cloud_credential_context(id),
+        )
         .map_err(ApiError::internal)?;
     let fields: Map<String, Value> = serde_json::from_slice(&fields).map_err(ApiError::internal)?;
     let outcome = match Provider::parse(&credential.provider) {
@@ -255,7 +263,10 @@ async fn terraform_runs(cp: &ControlPlane) -> Result<(), String> {
     if output.status.success() {
         Ok(())
     } else {
-        Err(format!("{} version failed", cp.config.terraform_bin.display()))
+        Err(format!(
+            "{} version failed",
+            cp.config.terraform_bin.display()
+        ))
     }
 }
 

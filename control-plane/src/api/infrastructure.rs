@@ -25,10 +25,7 @@ use crate::gateway::enrollment::token_hash;
 use crate::provision::bootstrap::BootStageReport;
 use crate::provision::credentials::Provider;
 use crate::provision::job::valid_variable_name;
-use crate::store::{
-    bootstrap_token_context, BootStage, Deployment, DeploymentRecord, DeploymentStatus,
-    DeploymentStep, NewEnrollmentToken,
-};
+use crate::store::{BootStage, Deployment, DeploymentRecord, DeploymentStatus, DeploymentStep};
 
 /// A provisioning request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -258,7 +255,10 @@ pub async fn provision(
             )));
         }
     }
-    let credential_id = match (provider.needs_credential(), body.cloud_provider_credential_id) {
+    let credential_id = match (
+        provider.needs_credential(),
+        body.cloud_provider_credential_id,
+    ) {
         (true, None) => {
             return Err(ApiError::validation(format!(
                 "provider {} needs cloud_provider_credential_id",
@@ -288,19 +288,12 @@ pub async fn provision(
     };
     crate::quota::check(&*cp.store, organization_id, one_server).await??;
 
-    let now = Utc::now();
-    let id = Uuid::now_v7();
-    let token = super::enrollment_tokens::new_token();
-    let registration = chrono::Duration::from_std(cp.config.registration_timeout)
-        .unwrap_or_else(|_| chrono::Duration::minutes(10));
-    let deployment = Deployment {
-        id,
+    let id = crate::provision::job::queue(
+        &cp,
         organization_id,
-        provider: provider.as_str().into(),
+        provider,
         credential_id,
-        status: DeploymentStatus::Pending,
-        server_id: None,
-        record: DeploymentRecord {
+        DeploymentRecord {
             region: body.region.clone(),
             instance_type: body.instance_type.clone(),
             server_name: body.server_name.clone(),
@@ -308,25 +301,8 @@ pub async fn provision(
             variables: body.terraform_variables.clone(),
             ..DeploymentRecord::default()
         },
-        bootstrap_token_sealed: Some(cp.sealer.seal(token.as_bytes(), &bootstrap_token_context(id))),
-        created_at: now,
-        updated_at: now,
-        completed_at: None,
-    };
-    let token_record = NewEnrollmentToken {
-        id: Uuid::now_v7(),
-        token_hash: token_hash(&token),
-        organization_id,
-        server_name: Some(body.server_name.clone()),
-        labels: body.tags.clone(),
-        deployment_id: Some(id),
-        created_at: now,
-        // Long enough for a slow apply plus the registration window; the job
-        // expires it as soon as the deployment settles.
-        expires_at: now + registration + chrono::Duration::hours(2),
-    };
-    cp.store.create_deployment(&deployment, &token_record).await?;
-    cp.provision_wakeup.notify_one();
+    )
+    .await?;
     tracing::info!(deployment_id = %id, provider = provider.as_str(), server_name = %body.server_name, "deployment queued");
     caller
         .audit(
@@ -515,7 +491,9 @@ pub async fn destroy(
         )
         .await?;
     if !moved {
-        return Err(ApiError::conflict("the deployment changed status; try again"));
+        return Err(ApiError::conflict(
+            "the deployment changed status; try again",
+        ));
     }
     cp.provision_wakeup.notify_one();
     caller
@@ -562,7 +540,9 @@ pub async fn force_unlock(
         .terraform_state(id)
         .await?
         .and_then(|s| s.lock_info);
-    cp.store.unlock_terraform_state(id, None, Utc::now()).await?;
+    cp.store
+        .unlock_terraform_state(id, None, Utc::now())
+        .await?;
     caller
         .audit(
             &cp,
@@ -717,7 +697,11 @@ pub async fn boot_stage(
 ) -> Result<StatusCode, ApiError> {
     let refused = || ApiError::unauthorized("unknown deployment or wrong bootstrap token");
     let id = Uuid::parse_str(&report.deployment_id).map_err(|_| refused())?;
-    let expected = cp.store.deployment_token_hash(id).await?.ok_or_else(refused)?;
+    let expected = cp
+        .store
+        .deployment_token_hash(id)
+        .await?
+        .ok_or_else(refused)?;
     if !subtle_eq(expected.as_bytes(), token_hash(&report.token).as_bytes()) {
         return Err(refused());
     }

@@ -100,7 +100,11 @@ async fn serve(
     };
     match method.as_str() {
         "GET" => {
-            let sealed = cp.store.terraform_state(id).await?.and_then(|s| s.state_sealed);
+            let sealed = cp
+                .store
+                .terraform_state(id)
+                .await?
+                .and_then(|s| s.state_sealed);
             match sealed {
                 None => Ok(StatusCode::NO_CONTENT.into_response()),
                 Some(sealed) => {
@@ -129,14 +133,22 @@ async fn serve(
         }
         "DELETE" => {
             let lock_id = params.get("ID").map(String::as_str);
-            match cp.store.write_terraform_state(id, None, lock_id, now).await? {
+            match cp
+                .store
+                .write_terraform_state(id, None, lock_id, now)
+                .await?
+            {
                 LockOutcome::Done => Ok(StatusCode::OK.into_response()),
                 LockOutcome::HeldBy(holder) => Ok(locked(holder)),
             }
         }
         "LOCK" => {
             let (lock_id, info) = lock_id_of(&body)?;
-            match cp.store.lock_terraform_state(id, &lock_id, &info, now).await? {
+            match cp
+                .store
+                .lock_terraform_state(id, &lock_id, &info, now)
+                .await?
+            {
                 LockOutcome::Done => {
                     tracing::debug!(deployment_id = %id, %lock_id, "state locked");
                     Ok(StatusCode::OK.into_response())

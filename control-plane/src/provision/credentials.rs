@@ -253,7 +253,9 @@ mod tests {
             Err(CredentialError::UnknownField { .. })
         ));
         assert!(matches!(
-            Provider::Aws.check(&map(json!({ "access_key_id": "nope", "secret_access_key": "s" }))),
+            Provider::Aws.check(&map(
+                json!({ "access_key_id": "nope", "secret_access_key": "s" })
+            )),
             Err(CredentialError::Malformed { .. })
         ));
         assert!(matches!(
@@ -270,9 +272,14 @@ mod tests {
     #[test]
     fn errors_never_repeat_a_credential_value() {
         let err = Provider::Aws
-            .check(&map(json!({ "access_key_id": "AKIA-SECRET-VALUE", "secret_access_key": "hunter2" })))
+            .check(&map(
+                json!({ "access_key_id": "AKIA-SECRET-VALUE", "secret_access_key": "hunter2" }),
+            ))
             .unwrap_err();
         let text = err.to_string();
-        assert!(!text.contains("SECRET-VALUE") && !text.contains("hunter2"), "{text}");
+        assert!(
+            !text.contains("SECRET-VALUE") && !text.contains("hunter2"),
+            "{text}"
+        );
     }
 }

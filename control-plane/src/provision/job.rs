@@ -39,8 +39,13 @@ const POLL: Duration = Duration::from_secs(1);
 const REGISTRATION_POLL: Duration = Duration::from_millis(250);
 
 /// Module inputs every target takes; `terraform_variables` may not set them.
-pub const FIXED_VARIABLES: [&str; 5] =
-    ["server_name", "region", "instance_type", "tags", "user_data"];
+pub const FIXED_VARIABLES: [&str; 5] = [
+    "server_name",
+    "region",
+    "instance_type",
+    "tags",
+    "user_data",
+];
 
 /// Why a step of a job failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +86,56 @@ pub fn workdir(cp: &ControlPlane, deployment_id: Uuid) -> PathBuf {
         .data_dir
         .join("deployments")
         .join(deployment_id.to_string())
+}
+
+/// Stores a new deployment (`pending`) with a one-time bootstrap token bound
+/// to it, and wakes this replica's workers. Callers checked scopes, the
+/// provider, the credential and the quota.
+pub async fn queue(
+    cp: &ControlPlane,
+    organization_id: Uuid,
+    provider: Provider,
+    credential_id: Option<Uuid>,
+    record: crate::store::DeploymentRecord,
+) -> Result<Uuid, StoreError> {
+    let now = Utc::now();
+    let id = Uuid::now_v7();
+    let token = crate::api::enrollment_tokens::new_token();
+    let registration = chrono::Duration::from_std(cp.config.registration_timeout)
+        .unwrap_or_else(|_| chrono::Duration::minutes(10));
+    let token_record = crate::store::NewEnrollmentToken {
+        id: Uuid::now_v7(),
+        token_hash: crate::gateway::enrollment::token_hash(&token),
+        organization_id,
+        server_name: Some(record.server_name.clone()),
+        labels: record.tags.clone(),
+        deployment_id: Some(id),
+        created_at: now,
+        // Long enough for a slow apply plus the registration window; the
+        // job expires it as soon as the deployment settles.
+        expires_at: now + registration + chrono::Duration::hours(2),
+    };
+    let deployment = Deployment {
+        id,
+        organization_id,
+        provider: provider.as_str().into(),
+        credential_id,
+        status: DeploymentStatus::Pending,
+        server_id: None,
+        record,
+        bootstrap_token_sealed: Some(
+            cp.sealer
+                .seal(token.as_bytes(), &bootstrap_token_context(id)),
+        ),
+        created_at: now,
+        updated_at: now,
+        completed_at: None,
+    };
+    cp.store
+        .create_deployment(&deployment, &token_record)
+        .await?;
+    cp.provision_wakeup.notify_one();
+    Ok(id)
 }
 
 /// Runs jobs until shutdown: claims up to `--provision-workers` deployments
@@ -331,7 +386,11 @@ impl Job {
         let d = self.deployment.lock().await.clone();
         let mut env: Vec<(String, String)> = Vec::new();
         let address = format!("{}/terraform/state/{}", self.cp.local_api_url, d.id);
-        for key in ["TF_HTTP_ADDRESS", "TF_HTTP_LOCK_ADDRESS", "TF_HTTP_UNLOCK_ADDRESS"] {
+        for key in [
+            "TF_HTTP_ADDRESS",
+            "TF_HTTP_LOCK_ADDRESS",
+            "TF_HTTP_UNLOCK_ADDRESS",
+        ] {
             env.push((key.into(), address.clone()));
         }
         env.push(("TF_HTTP_USERNAME".into(), "deployment".into()));
@@ -346,9 +405,7 @@ impl Job {
                 .store
                 .cloud_credential(&[d.organization_id], credential_id)
                 .await?
-                .ok_or_else(|| {
-                    JobError::Credential("the cloud credential was deleted".into())
-                })?;
+                .ok_or_else(|| JobError::Credential("the cloud credential was deleted".into()))?;
             let fields = self
                 .cp
                 .sealer
@@ -359,8 +416,8 @@ impl Job {
                 .map_err(|e| JobError::Credential(e.to_string()))?;
             let fields: Map<String, Value> = serde_json::from_slice(&fields)
                 .map_err(|_| JobError::Credential("stored credential is not JSON".into()))?;
-            let provider = Provider::parse(&d.provider)
-                .map_err(|e| JobError::Credential(e.to_string()))?;
+            let provider =
+                Provider::parse(&d.provider).map_err(|e| JobError::Credential(e.to_string()))?;
             for (key, value) in provider
                 .environment(&fields)
                 .map_err(|e| JobError::Credential(e.to_string()))?
@@ -392,7 +449,9 @@ impl Job {
                     .cp
                     .sealer
                     .open(sealed, &bootstrap_token_context(d.id))
-                    .map_err(|e| JobError::Bootstrap(format!("opening the bootstrap token: {e}")))?;
+                    .map_err(|e| {
+                        JobError::Bootstrap(format!("opening the bootstrap token: {e}"))
+                    })?;
                 String::from_utf8(token)
                     .map_err(|_| JobError::Bootstrap("bootstrap token is not text".into()))?
             }
@@ -486,7 +545,12 @@ impl Job {
             } => {
                 if action == "create" {
                     if let Some(id) = &id {
-                        self.deployment.lock().await.record.instance_id.get_or_insert(id.clone());
+                        self.deployment
+                            .lock()
+                            .await
+                            .record
+                            .instance_id
+                            .get_or_insert(id.clone());
                     }
                 }
                 json!({ "level": "info", "message": format!("{address}: {action} complete after {elapsed_seconds}s"), "resource": address, "id": id })
@@ -769,7 +833,12 @@ impl Job {
             }
         }
         if destroyed {
-            self.deployment.lock().await.record.leftover_resources.clear();
+            self.deployment
+                .lock()
+                .await
+                .record
+                .leftover_resources
+                .clear();
             self.cp
                 .store
                 .write_terraform_state(self.id, None, None, Utc::now())
@@ -834,7 +903,11 @@ fn root_module(variables: &Map<String, Value>) -> String {
         out.push_str(&format!("variable \"{name}\" {{\n}}\n\n"));
     }
     out.push_str("module \"server\" {\n  source = \"./module\"\n");
-    for name in FIXED_VARIABLES.iter().copied().chain(variables.keys().map(String::as_str)) {
+    for name in FIXED_VARIABLES
+        .iter()
+        .copied()
+        .chain(variables.keys().map(String::as_str))
+    {
         out.push_str(&format!("  {name} = var.{name}\n"));
     }
     out.push_str("}\n");

@@ -60,39 +60,46 @@ impl TerraformEvent {
     /// Parses one line of `terraform ... -json` output.
     pub fn from_json_line(line: &str) -> Option<Self> {
         let v: Value = serde_json::from_str(line).ok()?;
-        let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).unwrap_or_default().to_string();
+        let text = |v: &Value, key: &str| {
+            v.get(key)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
         let hook = v.get("hook").cloned().unwrap_or(Value::Null);
         let resource = hook.get("resource").cloned().unwrap_or(Value::Null);
         let address = text(&resource, "addr");
         let action = text(&hook, "action");
-        Some(match v.get("type").and_then(Value::as_str).unwrap_or_default() {
-            "diagnostic" => {
-                let d = v.get("diagnostic").cloned().unwrap_or(Value::Null);
-                Self::Diagnostic {
-                    severity: text(&d, "severity"),
-                    summary: text(&d, "summary"),
-                    detail: text(&d, "detail"),
+        Some(
+            match v.get("type").and_then(Value::as_str).unwrap_or_default() {
+                "diagnostic" => {
+                    let d = v.get("diagnostic").cloned().unwrap_or(Value::Null);
+                    Self::Diagnostic {
+                        severity: text(&d, "severity"),
+                        summary: text(&d, "summary"),
+                        detail: text(&d, "detail"),
+                    }
                 }
-            }
-            "apply_start" => Self::ResourceStarted { address, action },
-            "apply_complete" => Self::ResourceDone {
-                address,
-                action,
-                id: hook
-                    .get("id_value")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                elapsed_seconds: hook
-                    .get("elapsed_seconds")
-                    .and_then(Value::as_f64)
-                    .unwrap_or_default(),
+                "apply_start" => Self::ResourceStarted { address, action },
+                "apply_complete" => Self::ResourceDone {
+                    address,
+                    action,
+                    id: hook
+                        .get("id_value")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    elapsed_seconds: hook
+                        .get("elapsed_seconds")
+                        .and_then(Value::as_f64)
+                        .unwrap_or_default(),
+                },
+                "apply_errored" => Self::ResourceFailed { address, action },
+                _ => Self::Log {
+                    level: text(&v, "@level"),
+                    message: text(&v, "@message"),
+                },
             },
-            "apply_errored" => Self::ResourceFailed { address, action },
-            _ => Self::Log {
-                level: text(&v, "@level"),
-                message: text(&v, "@message"),
-            },
-        })
+        )
     }
 }
 
@@ -172,17 +179,26 @@ impl Terraform {
         mut on_event: impl FnMut(TerraformEvent),
     ) -> Result<(), TerraformError> {
         let command_name = args.first().copied().unwrap_or_default().to_string();
-        let mut child = self.command(args).spawn().map_err(|source| TerraformError::Spawn {
-            binary: self.binary.display().to_string(),
-            source,
-        })?;
+        let mut child = self
+            .command(args)
+            .spawn()
+            .map_err(|source| TerraformError::Spawn {
+                binary: self.binary.display().to_string(),
+                source,
+            })?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, String)>();
         let mut readers = Vec::new();
         for (is_stderr, pipe) in [
-            (false, stdout.map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
-            (true, stderr.map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>)),
+            (
+                false,
+                stdout.map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            ),
+            (
+                true,
+                stderr.map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            ),
         ] {
             let Some(pipe) = pipe else { continue };
             let tx = tx.clone();
@@ -203,10 +219,15 @@ impl Terraform {
             if line.trim().is_empty() {
                 continue;
             }
-            let event = TerraformEvent::from_json_line(&line).unwrap_or_else(|| TerraformEvent::Log {
-                level: if is_stderr { "error".into() } else { "info".into() },
-                message: line.clone(),
-            });
+            let event =
+                TerraformEvent::from_json_line(&line).unwrap_or_else(|| TerraformEvent::Log {
+                    level: if is_stderr {
+                        "error".into()
+                    } else {
+                        "info".into()
+                    },
+                    message: line.clone(),
+                });
             match &event {
                 TerraformEvent::Diagnostic {
                     severity,

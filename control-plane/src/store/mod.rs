@@ -339,8 +339,11 @@ impl SealedKind {
     }
 
     /// The kinds stored in rows.
-    pub(crate) const ROW_KINDS: [Self; 3] =
-        [Self::CloudCredential, Self::TerraformState, Self::BootstrapToken];
+    pub(crate) const ROW_KINDS: [Self; 3] = [
+        Self::CloudCredential,
+        Self::TerraformState,
+        Self::BootstrapToken,
+    ];
 }
 
 /// A sealed value as stored, for re-sealing under a new master key.
@@ -729,8 +732,10 @@ pub trait Store: Send + Sync + 'static {
     /// it has reported metrics.
     async fn deployment_server(&self, deployment_id: Uuid) -> StoreResult<Option<(Server, bool)>>;
 
-    async fn terraform_state(&self, deployment_id: Uuid)
-        -> StoreResult<Option<TerraformStateRecord>>;
+    async fn terraform_state(
+        &self,
+        deployment_id: Uuid,
+    ) -> StoreResult<Option<TerraformStateRecord>>;
 
     /// Writes (`Some`) or empties (`None`) a state, refused while another
     /// holder's lock is on it (`lock_id` is the writer's lock, if any).

@@ -139,7 +139,8 @@ fn credential_from_row(row: &PgRow) -> StoreResult<CloudCredential> {
     })
 }
 
-const DEPLOYMENT_COLUMNS: &str = "id, organization_id, provider, credential_id, status, server_id, \
+const DEPLOYMENT_COLUMNS: &str =
+    "id, organization_id, provider, credential_id, status, server_id, \
      record, bootstrap_token_sealed, created_at, updated_at, completed_at";
 
 fn deployment_from_row(row: &PgRow) -> StoreResult<Deployment> {

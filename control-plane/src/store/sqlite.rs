@@ -92,7 +92,8 @@ fn credential_from_row(row: &SqliteRow) -> StoreResult<CloudCredential> {
     })
 }
 
-const DEPLOYMENT_COLUMNS: &str = "id, organization_id, provider, credential_id, status, server_id, \
+const DEPLOYMENT_COLUMNS: &str =
+    "id, organization_id, provider, credential_id, status, server_id, \
      record, bootstrap_token_sealed, created_at, updated_at, completed_at";
 
 fn deployment_from_row(row: &SqliteRow) -> StoreResult<Deployment> {
@@ -1546,11 +1547,12 @@ impl Store for SqliteStore {
         let outcome = if taken {
             LockOutcome::Done
         } else {
-            let holder: Option<String> =
-                sqlx::query_scalar("SELECT lock_info FROM terraform_states WHERE deployment_id = ?")
-                    .bind(deployment_id.to_string())
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let holder: Option<String> = sqlx::query_scalar(
+                "SELECT lock_info FROM terraform_states WHERE deployment_id = ?",
+            )
+            .bind(deployment_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
             LockOutcome::HeldBy(holder.as_deref().map(json).transpose()?.unwrap_or_default())
         };
         tx.commit().await?;
