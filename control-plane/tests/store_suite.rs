@@ -3166,8 +3166,7 @@ async fn deployment_events_are_listed_in_order_after_a_sequence(store: Arc<dyn S
 
 async fn deployment_server_tells_whether_the_enrolled_server_reported(store: Arc<dyn Store>) {
     let instance = init(&*store).await;
-    let (deployment, token_hash) =
-        create_deployment(&*store, instance.root_organization_id).await;
+    let (deployment, token_hash) = create_deployment(&*store, instance.root_organization_id).await;
     assert_eq!(
         store
             .deployment_token_hash(deployment.id)
@@ -3207,7 +3206,9 @@ async fn deployment_server_tells_whether_the_enrolled_server_reported(store: Arc
         .await
         .expect("expire_deployment_token");
     assert_eq!(
-        try_enroll(&*store, &enrollment(&late_hash, "late")).await.err(),
+        try_enroll(&*store, &enrollment(&late_hash, "late"))
+            .await
+            .err(),
         Some(EnrollmentRefusal::ExpiredToken)
     );
 }
@@ -3225,7 +3226,10 @@ async fn organization_usage_counts_deployments_still_waiting_for_their_server(
         .await
         .expect("enrolls");
     let usage = store.organization_usage(team).await.expect("usage");
-    assert_eq!(usage.servers, 2, "a server and a deployment, never counted twice");
+    assert_eq!(
+        usage.servers, 2,
+        "a server and a deployment, never counted twice"
+    );
     assert!(store
         .transition_deployment(
             &[team],
