@@ -167,13 +167,11 @@ async fn cancel_kills_the_command_and_its_children_and_reports_cancelled() {
     );
     let pid = running.pid().await;
     // The child's pid comes as output.
-    let child: u32 = loop {
-        match running.messages.recv().await {
-            Some(AgentMessage::CommandOutput { data, .. }) => {
-                break String::from_utf8(data).unwrap().trim().parse().unwrap()
-            }
-            other => panic!("unexpected {other:?}"),
+    let child: u32 = match running.messages.recv().await {
+        Some(AgentMessage::CommandOutput { data, .. }) => {
+            String::from_utf8(data).unwrap().trim().parse().unwrap()
         }
+        other => panic!("unexpected {other:?}"),
     };
     assert!(!process_gone(child));
     let cancelled_at = Instant::now();
