@@ -100,12 +100,18 @@ pub async fn run(
     )
     .map_err(RunError::Spool)?;
     let signals = SessionSignals::default();
-    let health = Arc::new(Health::start(
-        config,
-        docker,
-        signals.clone(),
-        stop_background.clone(),
-    ));
+    let server_id = match state_dir.load() {
+        Ok(Some(state)) => state.identity.server_id,
+        _ => String::new(),
+    };
+    let health = tracing::info_span!("health", %server_id).in_scope(|| {
+        Arc::new(Health::start(
+            config,
+            docker,
+            signals.clone(),
+            stop_background.clone(),
+        ))
+    });
     let agent = Agent {
         telemetry,
         signals,

@@ -535,7 +535,7 @@ pub struct CommandOutcome {
     pub output_truncated: bool,
     /// Output bytes the process wrote (stdout and stderr), forwarded or not.
     pub output_bytes: u64,
-    /// From spawn to the end of the process group (0 when not started).
+    /// From spawn to the process's exit (0 when not started).
     pub duration_ms: u64,
 }
 

@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::builtin::{self, Builtin, BuiltinContext, BUILTIN_TIMEOUT};
 use super::probe::{self, PushedContext};
@@ -90,7 +91,8 @@ pub struct Snapshot {
 }
 
 impl Health {
-    /// Starts the built-in checks `config` enables; runs until `shutdown`.
+    /// Starts the built-in checks `config` enables; runs until `shutdown`,
+    /// logging in the current span.
     pub fn start(
         config: &Config,
         docker: Option<DockerConnection>,
@@ -132,13 +134,9 @@ impl Health {
             pushed: PushedContext::new(config.commands.clone()),
         });
         let (requests, requests_rx) = mpsc::channel(8);
-        let task = tokio::spawn(schedule(
-            checks,
-            context,
-            shared.clone(),
-            requests_rx,
-            shutdown,
-        ));
+        let task = tokio::spawn(
+            schedule(checks, context, shared.clone(), requests_rx, shutdown).in_current_span(),
+        );
         Self {
             shared,
             requests,
