@@ -441,10 +441,13 @@ impl Job {
     }
 
     /// The cloud-init user-data of this deployment. A destroy needs the
-    /// variable set but not the token (already used or expired).
+    /// variable set, not the token (spent or expired by then).
     fn user_data(&self, d: &Deployment, for_destroy: bool) -> Result<String, JobError> {
-        let token = match (&d.bootstrap_token_sealed, for_destroy) {
-            (Some(sealed), false) => {
+        if for_destroy {
+            return Ok(super::bootstrap::DESTROY_USER_DATA.to_string());
+        }
+        let token = match &d.bootstrap_token_sealed {
+            Some(sealed) => {
                 let token = self
                     .cp
                     .sealer
@@ -455,12 +458,11 @@ impl Job {
                 String::from_utf8(token)
                     .map_err(|_| JobError::Bootstrap("bootstrap token is not text".into()))?
             }
-            (None, false) => {
+            None => {
                 return Err(JobError::Bootstrap(
                     "the bootstrap token is gone; provision a new deployment".into(),
                 ))
             }
-            (_, true) => "tet_enr_destroyed".into(),
         };
         let agent_checksums = self
             .cp
@@ -474,7 +476,7 @@ impl Job {
                 sha256_hex: b.sha256_hex,
             })
             .collect::<Vec<_>>();
-        if agent_checksums.is_empty() && !for_destroy {
+        if agent_checksums.is_empty() {
             return Err(JobError::Bootstrap(
                 "no agent binary to serve: put tether-agent next to the tether executable or set --agent-dir".into(),
             ));

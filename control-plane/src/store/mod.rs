@@ -12,11 +12,17 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub mod federation;
+pub mod operations;
 pub mod postgres;
 pub mod provisioning;
 pub mod sqlite;
+pub mod webhooks;
 
+pub use federation::FederationStore;
+pub use operations::OperationsStore;
 pub use provisioning::*;
+pub use webhooks::WebhookStore;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -439,7 +445,7 @@ pub struct MetricsIngest {
 
 /// The control plane's storage. One implementation per database.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: WebhookStore + OperationsStore + FederationStore + Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
 

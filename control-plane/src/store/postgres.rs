@@ -31,10 +31,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgre
 /// PostgreSQL implementation of [`Store`].
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
-    pool: PgPool,
+    pub(crate) pool: PgPool,
 }
 
-const SERVER_COLUMNS: &str = "id, organization_id, name, hostname, labels, status, status_reason, \
+pub(crate) const SERVER_COLUMNS: &str =
+    "id, organization_id, name, hostname, labels, status, status_reason, \
      agent_version, facts, deployment_id, created_at, last_seen_at";
 
 const ORGANIZATION_COLUMNS: &str =
@@ -49,7 +50,7 @@ const AUDIT_COLUMNS: &str =
 /// A live organization and its live descendants, as the CTE `tree (id)`;
 /// `$1` is the organization. `UNION` (not `UNION ALL`) ends the walk even if
 /// the tree were corrupted into a cycle.
-const SUBTREE_CTE: &str = "WITH RECURSIVE tree (id) AS (
+pub(crate) const SUBTREE_CTE: &str = "WITH RECURSIVE tree (id) AS (
          SELECT id FROM organizations WHERE id = $1 AND deleted_at IS NULL
          UNION
          SELECT o.id FROM organizations o JOIN tree t ON o.parent_id = t.id
@@ -59,7 +60,7 @@ const ENROLLED_REASON: &str = "enrolled; waiting for the agent's first session";
 const REMOVED_REASON: &str = "removed";
 const ORGANIZATION_DELETED_REASON: &str = "organization deleted";
 
-fn server_from_row(row: &PgRow) -> StoreResult<Server> {
+pub(crate) fn server_from_row(row: &PgRow) -> StoreResult<Server> {
     let status: String = row.try_get("status")?;
     let Json(labels): Json<Labels> = row.try_get("labels")?;
     Ok(Server {
@@ -162,7 +163,7 @@ fn deployment_from_row(row: &PgRow) -> StoreResult<Deployment> {
     })
 }
 
-fn count(n: i64) -> u64 {
+pub(crate) fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 

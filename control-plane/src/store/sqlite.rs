@@ -22,26 +22,26 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite"
 /// SQLite implementation of [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
-fn ms(t: DateTime<Utc>) -> i64 {
+pub(crate) fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
-fn from_ms(v: i64) -> DateTime<Utc> {
+pub(crate) fn from_ms(v: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(v).unwrap_or_default()
 }
 
-fn opt_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
+pub(crate) fn opt_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
     v.map(from_ms)
 }
 
-fn uuid(s: &str) -> StoreResult<Uuid> {
+pub(crate) fn uuid(s: &str) -> StoreResult<Uuid> {
     Uuid::parse_str(s).map_err(|_| StoreError::Corrupt(format!("invalid uuid {s:?}")))
 }
 
-fn opt_uuid(s: Option<String>) -> StoreResult<Option<Uuid>> {
+pub(crate) fn opt_uuid(s: Option<String>) -> StoreResult<Option<Uuid>> {
     s.as_deref().map(uuid).transpose()
 }
 
@@ -53,10 +53,11 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
 }
 
-const SERVER_COLUMNS: &str = "id, organization_id, name, hostname, labels, status, status_reason, \
+pub(crate) const SERVER_COLUMNS: &str =
+    "id, organization_id, name, hostname, labels, status, status_reason, \
      agent_version, facts, deployment_id, created_at, last_seen_at";
 
-fn server_from_row(row: &SqliteRow) -> StoreResult<Server> {
+pub(crate) fn server_from_row(row: &SqliteRow) -> StoreResult<Server> {
     let status: String = row.try_get("status")?;
     Ok(Server {
         id: uuid(row.try_get("id")?)?,
@@ -114,7 +115,11 @@ fn deployment_from_row(row: &SqliteRow) -> StoreResult<Deployment> {
     })
 }
 
-fn push_scope(builder: &mut QueryBuilder<'_, sqlx::Sqlite>, column: &str, scope: &[Uuid]) {
+pub(crate) fn push_scope(
+    builder: &mut QueryBuilder<'_, sqlx::Sqlite>,
+    column: &str,
+    scope: &[Uuid],
+) {
     if scope.is_empty() {
         builder.push(" AND 0");
         return;
@@ -1597,7 +1602,7 @@ const ORGANIZATION_COLUMNS: &str =
 const ORGANIZATION_COLUMNS_QUALIFIED: &str =
     "o.id, o.name, o.parent_id, o.max_servers, o.max_cpu_cores, o.max_memory_gb, o.created_at";
 /// Ids of a live organization and its live descendants (one `?`: the root).
-const SUBTREE_SQL: &str = "WITH RECURSIVE tree (id) AS (
+pub(crate) const SUBTREE_SQL: &str = "WITH RECURSIVE tree (id) AS (
          SELECT id FROM organizations WHERE id = ? AND deleted_at IS NULL
          UNION ALL
          SELECT o.id FROM organizations o JOIN tree t ON o.parent_id = t.id WHERE o.deleted_at IS NULL)
