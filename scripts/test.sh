@@ -23,12 +23,15 @@ missing=()
 [ -x /bin/busybox ] || missing+=(busybox-static)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v psql >/dev/null || missing+=(postgresql-client)
+command -v cloud-init >/dev/null || missing+=(cloud-init)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     [ "$(id -u)" = 0 ] || fail "need root to install ${missing[*]}"
     apt-get update -qq || fail "apt-get update failed"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || fail "apt-get install ${missing[*]} failed"
 fi
+command -v terraform >/dev/null || fail "terraform is not installed (provisioning tests run the real binary; /usr/local/bin/terraform)"
+command -v cloud-init >/dev/null || fail "cloud-init is not installed (user-data is checked with cloud-init schema)"
 command -v docker >/dev/null || fail "docker is not installed"
 docker info >/dev/null 2>&1 || fail "the Docker daemon does not answer (telemetry tests need a real one)"
 iptables -L INPUT -n >/dev/null 2>&1 || fail "iptables does not work here (the network-cut test needs it, as root)"
