@@ -725,17 +725,14 @@ impl Job {
             d.record.error_message = Some(error.clone());
             d.bootstrap_token_sealed = None;
         }
-        self.cp
-            .store
-            .expire_deployment_token(self.id, Utc::now())
-            .await?;
         self.event("log", json!({ "level": "error", "message": error }))
             .await;
         self.set_status(DeploymentStatus::RollingBack).await?;
         self.roll_back().await
     }
 
-    /// Destroys what a failed deployment made; the deployment ends `failed`.
+    /// Destroys what a failed deployment made (its token expired first, so
+    /// a late agent cannot enroll); the deployment ends `failed`.
     async fn roll_back(&self) -> Result<(), JobError> {
         self.cp
             .store

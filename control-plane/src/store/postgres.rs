@@ -163,6 +163,52 @@ fn deployment_from_row(row: &PgRow) -> StoreResult<Deployment> {
     })
 }
 
+/// Inserts a one-time enrollment token (hash only).
+async fn insert_enrollment_token<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    token: &NewEnrollmentToken,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO enrollment_tokens
+           (id, token_hash, organization_id, server_name, labels, deployment_id, created_at, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(token.id)
+    .bind(&token.token_hash)
+    .bind(token.organization_id)
+    .bind(&token.server_name)
+    .bind(Json(&token.labels))
+    .bind(token.deployment_id)
+    .bind(token.created_at)
+    .bind(token.expires_at)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// The state row of a deployment (created empty if missing), locked for
+/// this transaction: its lock id and the holder's LockInfo.
+async fn locked_state_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    deployment_id: Uuid,
+    at: DateTime<Utc>,
+) -> StoreResult<(Option<String>, Option<serde_json::Value>)> {
+    sqlx::query(
+        "INSERT INTO terraform_states (deployment_id, updated_at) VALUES ($1, $2)
+         ON CONFLICT (deployment_id) DO NOTHING",
+    )
+    .bind(deployment_id)
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(sqlx::query_as(
+        "SELECT lock_id, lock_info FROM terraform_states WHERE deployment_id = $1 FOR UPDATE",
+    )
+    .bind(deployment_id)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
 pub(crate) fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
@@ -304,21 +350,7 @@ impl Store for PostgresStore {
     }
 
     async fn create_enrollment_token(&self, token: &NewEnrollmentToken) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO enrollment_tokens
-               (id, token_hash, organization_id, server_name, labels, deployment_id, created_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(token.id)
-        .bind(&token.token_hash)
-        .bind(token.organization_id)
-        .bind(&token.server_name)
-        .bind(Json(&token.labels))
-        .bind(token.deployment_id)
-        .bind(token.created_at)
-        .bind(token.expires_at)
-        .execute(&self.pool)
-        .await?;
+        insert_enrollment_token(&self.pool, token).await?;
         Ok(())
     }
 
@@ -1229,21 +1261,7 @@ impl Store for PostgresStore {
         .bind(d.completed_at)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO enrollment_tokens
-               (id, token_hash, organization_id, server_name, labels, deployment_id, created_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(token.id)
-        .bind(&token.token_hash)
-        .bind(token.organization_id)
-        .bind(&token.server_name)
-        .bind(Json(&token.labels))
-        .bind(token.deployment_id)
-        .bind(token.created_at)
-        .bind(token.expires_at)
-        .execute(&mut *tx)
-        .await?;
+        insert_enrollment_token(&mut *tx, token).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1471,20 +1489,7 @@ impl Store for PostgresStore {
         at: DateTime<Utc>,
     ) -> StoreResult<LockOutcome> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO terraform_states (deployment_id, updated_at) VALUES ($1, $2)
-             ON CONFLICT (deployment_id) DO NOTHING",
-        )
-        .bind(deployment_id)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        let (held, info): (Option<String>, Option<serde_json::Value>) = sqlx::query_as(
-            "SELECT lock_id, lock_info FROM terraform_states WHERE deployment_id = $1 FOR UPDATE",
-        )
-        .bind(deployment_id)
-        .fetch_one(&mut *tx)
-        .await?;
+        let (held, info) = locked_state_row(&mut tx, deployment_id, at).await?;
         if let Some(held) = held {
             if Some(held.as_str()) != lock_id {
                 return Ok(LockOutcome::HeldBy(info.unwrap_or_default()));
@@ -1510,20 +1515,7 @@ impl Store for PostgresStore {
         at: DateTime<Utc>,
     ) -> StoreResult<LockOutcome> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO terraform_states (deployment_id, updated_at) VALUES ($1, $2)
-             ON CONFLICT (deployment_id) DO NOTHING",
-        )
-        .bind(deployment_id)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        let (held, holder): (Option<String>, Option<serde_json::Value>) = sqlx::query_as(
-            "SELECT lock_id, lock_info FROM terraform_states WHERE deployment_id = $1 FOR UPDATE",
-        )
-        .bind(deployment_id)
-        .fetch_one(&mut *tx)
-        .await?;
+        let (held, holder) = locked_state_row(&mut tx, deployment_id, at).await?;
         let outcome = if held.is_some() {
             LockOutcome::HeldBy(holder.unwrap_or_default())
         } else {

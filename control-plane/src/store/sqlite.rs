@@ -115,6 +115,47 @@ fn deployment_from_row(row: &SqliteRow) -> StoreResult<Deployment> {
     })
 }
 
+/// Inserts a one-time enrollment token (hash only).
+async fn insert_enrollment_token<'e>(
+    executor: impl sqlx::SqliteExecutor<'e>,
+    token: &NewEnrollmentToken,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO enrollment_tokens
+           (id, token_hash, organization_id, server_name, labels, deployment_id, created_at, expires_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(token.id.to_string())
+    .bind(&token.token_hash)
+    .bind(token.organization_id.to_string())
+    .bind(&token.server_name)
+    .bind(to_json(&token.labels))
+    .bind(token.deployment_id.map(|d| d.to_string()))
+    .bind(ms(token.created_at))
+    .bind(ms(token.expires_at))
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Creates a deployment's (empty) state row if missing. Being a write, it
+/// also takes SQLite's write lock for the rest of the transaction.
+async fn ensure_state_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    deployment_id: Uuid,
+    at: DateTime<Utc>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO terraform_states (deployment_id, updated_at) VALUES (?, ?)
+         ON CONFLICT (deployment_id) DO NOTHING",
+    )
+    .bind(deployment_id.to_string())
+    .bind(ms(at))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 pub(crate) fn push_scope(
     builder: &mut QueryBuilder<'_, sqlx::Sqlite>,
     column: &str,
@@ -295,21 +336,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_enrollment_token(&self, token: &NewEnrollmentToken) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO enrollment_tokens
-               (id, token_hash, organization_id, server_name, labels, deployment_id, created_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(token.id.to_string())
-        .bind(&token.token_hash)
-        .bind(token.organization_id.to_string())
-        .bind(&token.server_name)
-        .bind(to_json(&token.labels))
-        .bind(token.deployment_id.map(|d| d.to_string()))
-        .bind(ms(token.created_at))
-        .bind(ms(token.expires_at))
-        .execute(&self.pool)
-        .await?;
+        insert_enrollment_token(&self.pool, token).await?;
         Ok(())
     }
 
@@ -1243,21 +1270,7 @@ impl Store for SqliteStore {
         .bind(d.completed_at.map(ms))
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO enrollment_tokens
-               (id, token_hash, organization_id, server_name, labels, deployment_id, created_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(token.id.to_string())
-        .bind(&token.token_hash)
-        .bind(token.organization_id.to_string())
-        .bind(&token.server_name)
-        .bind(to_json(&token.labels))
-        .bind(token.deployment_id.map(|d| d.to_string()))
-        .bind(ms(token.created_at))
-        .bind(ms(token.expires_at))
-        .execute(&mut *tx)
-        .await?;
+        insert_enrollment_token(&mut *tx, token).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1489,14 +1502,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<LockOutcome> {
         let mut tx = self.pool.begin().await?;
         // Writing first takes SQLite's write lock for the whole check-and-set.
-        sqlx::query(
-            "INSERT INTO terraform_states (deployment_id, updated_at) VALUES (?, ?)
-             ON CONFLICT (deployment_id) DO NOTHING",
-        )
-        .bind(deployment_id.to_string())
-        .bind(ms(at))
-        .execute(&mut *tx)
-        .await?;
+        ensure_state_row(&mut tx, deployment_id, at).await?;
         let (held, info): (Option<String>, Option<String>) = sqlx::query_as(
             "SELECT lock_id, lock_info FROM terraform_states WHERE deployment_id = ?",
         )
@@ -1529,14 +1535,7 @@ impl Store for SqliteStore {
         at: DateTime<Utc>,
     ) -> StoreResult<LockOutcome> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO terraform_states (deployment_id, updated_at) VALUES (?, ?)
-             ON CONFLICT (deployment_id) DO NOTHING",
-        )
-        .bind(deployment_id.to_string())
-        .bind(ms(at))
-        .execute(&mut *tx)
-        .await?;
+        ensure_state_row(&mut tx, deployment_id, at).await?;
         let taken = sqlx::query(
             "UPDATE terraform_states SET lock_id = ?, lock_info = ?, updated_at = ?
              WHERE deployment_id = ? AND lock_id IS NULL",
