@@ -446,6 +446,8 @@ pub struct DestroyOptions {
         (status = 403, description = "`forbidden`: the token lacks `infrastructure:destroy`.", body = ErrorBody),
         (status = 404, description = "`not_found`.", body = ErrorBody),
         (status = 409, description = "`conflict`: the deployment is still being provisioned or rolled back.", body = ErrorBody),
+        (status = 413, description = "`invalid_request`: body over 1 MiB.", body = ErrorBody),
+        (status = 422, description = "`validation_error`: `force` is not a boolean, or an unknown field.", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
         (status = 500, description = "`internal_error`.", body = ErrorBody),
     )
@@ -461,8 +463,10 @@ pub async fn destroy(
     let options: DestroyOptions = if body.iter().all(u8::is_ascii_whitespace) {
         DestroyOptions::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::validation(format!("invalid body: {e}")),
+            _ => ApiError::invalid_request(format!("invalid JSON body: {e}")),
+        })?
     };
     let force = options.force || query.force;
     let deployment = visible_deployment(&cp, &caller, id).await?;
