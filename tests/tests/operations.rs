@@ -27,13 +27,29 @@ async fn rotating_the_master_key_reseals_the_ca_key_and_the_control_plane_still_
     cp.wait_for_status(&server_id, "online", Duration::from_secs(10))
         .await
         .unwrap();
+    // A cloud credential is sealed too: rotation re-seals it.
+    let credential = cp
+        .call(
+            &cp.admin_token(),
+            reqwest::Method::POST,
+            "/api/v1/cloud-providers",
+            Some(&serde_json::json!({
+                "name": "hetzner", "provider": "hetzner", "credentials": { "token": "hc-secret" }
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(credential.status, 201, "{}", credential.body);
+    let credential_id = credential.body["id"].as_str().unwrap().to_string();
     let fingerprint = cp.ca_fingerprint.clone();
     let old_key = std::fs::read_to_string(data.join("master.key")).unwrap();
     cp.stop(false);
 
     let (ok, out) = tether(&["rotate-master-key", "--data-dir", data.to_str().unwrap()]);
     assert!(ok, "rotation failed: {out}");
-    assert!(out.contains("3 secrets re-sealed"), "{out}");
+    // CA key, three instance secrets (token signing, QUIC keys, state
+    // backend) and the credential.
+    assert!(out.contains("5 secrets re-sealed"), "{out}");
     let new_key = std::fs::read_to_string(data.join("master.key")).unwrap();
     assert_ne!(old_key, new_key);
     assert_eq!(
@@ -52,6 +68,20 @@ async fn rotating_the_master_key_reseals_the_ca_key_and_the_control_plane_still_
     cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
         .await
         .unwrap();
+    let validated = cp
+        .call(
+            &cp.admin_token(),
+            reqwest::Method::POST,
+            &format!("/api/v1/cloud-providers/{credential_id}/validate"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(validated.status, 200, "{}", validated.body);
+    assert_eq!(
+        validated.body["is_validated"], true,
+        "the credential opens under the new key"
+    );
 }
 
 #[tokio::test]
