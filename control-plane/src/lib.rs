@@ -14,12 +14,16 @@
 //! Architecture invariant: this crate never links sysinfo or bollard (those
 //! belong to the agent), and keeps every secret out of logs and responses.
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod commands;
 pub mod config;
+pub mod federation;
 pub mod fsutil;
 pub mod gateway;
+pub mod health;
 pub mod pki;
 pub mod provision;
 pub mod quickstart;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub mod federation;
+pub mod health;
 pub mod operations;
 pub mod postgres;
 pub mod provisioning;
@@ -20,6 +21,7 @@ pub mod sqlite;
 pub mod webhooks;
 
 pub use federation::FederationStore;
+pub use health::HealthStore;
 pub use operations::OperationsStore;
 pub use provisioning::*;
 pub use webhooks::WebhookStore;
@@ -445,7 +447,7 @@ pub struct MetricsIngest {
 
 /// The control plane's storage. One implementation per database.
 #[async_trait::async_trait]
-pub trait Store: WebhookStore + OperationsStore + FederationStore + Send + Sync + 'static {
+pub trait Store: WebhookStore + HealthStore + OperationsStore + FederationStore + Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
 

@@ -1,4 +1,4 @@
-//! Health results, pushed health checks, commands and their output.
+//! Commands sent to agents: requests, per-server status and bounded output.
 //!
 //! The trait is part of [`super::Store`]; each database implements it in its
 //! own file (`sqlite.rs`, `postgres.rs`), covered by the shared store suite.
