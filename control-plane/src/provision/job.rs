@@ -481,7 +481,7 @@ impl Job {
                 "no agent binary to serve: put tether-agent next to the tether executable or set --agent-dir".into(),
             ));
         }
-        let (api_url, quic_address) = control_plane_endpoints(&self.cp, &d)?;
+        let (api_url, quic_address) = control_plane_endpoints(&self.cp, d)?;
         render_user_data(&BootstrapParams {
             api_url,
             quic_address,
