@@ -477,6 +477,13 @@ pub async fn check_target(url: &str, own: &OwnListeners) -> Result<reqwest::Url,
         .trim_end_matches(']')
         .to_string();
     let port = parsed.port_or_known_default().ok_or(TargetError::Scheme)?;
+    if own
+        .public
+        .iter()
+        .any(|(h, p)| *p == port && h.eq_ignore_ascii_case(&host))
+    {
+        return Err(TargetError::OwnListener);
+    }
     let ips = resolve(&host, port).await?;
     for bound in &own.bound {
         if bound.port() != port {
@@ -484,7 +491,7 @@ pub async fn check_target(url: &str, own: &OwnListeners) -> Result<reqwest::Url,
         }
         if ips
             .iter()
-            .any(|ip| *ip == bound.ip() || (is_local_address(*ip)))
+            .any(|ip| *ip == bound.ip() || is_local_address(*ip))
         {
             return Err(TargetError::OwnListener);
         }
@@ -492,9 +499,6 @@ pub async fn check_target(url: &str, own: &OwnListeners) -> Result<reqwest::Url,
     for (public_host, public_port) in &own.public {
         if *public_port != port {
             continue;
-        }
-        if public_host.eq_ignore_ascii_case(&host) {
-            return Err(TargetError::OwnListener);
         }
         if let Ok(public_ips) = resolve(public_host, *public_port).await {
             if ips.iter().any(|ip| public_ips.contains(ip)) {
