@@ -175,12 +175,11 @@ pub async fn evaluate(cp: &ControlPlane, now: DateTime<Utc>) -> StoreResult<()> 
     let rules = cp.store.all_alert_rules().await?;
     let mut trees: BTreeMap<Uuid, TreeView> = BTreeMap::new();
     for rule in rules {
-        if !trees.contains_key(&rule.organization_id) {
-            let view = tree_view(cp, rule.organization_id).await?;
-            trees.insert(rule.organization_id, view);
-        }
-        let Some(view) = trees.get(&rule.organization_id) else {
-            continue;
+        let view = match trees.entry(rule.organization_id) {
+            std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert(tree_view(cp, rule.organization_id).await?)
+            }
         };
         let span = tracing::debug_span!("alert_rule", rule_id = %rule.id);
         let result = evaluate_rule(cp, &rule, view, now).instrument(span).await;
@@ -258,7 +257,10 @@ async fn evaluate_rule(
                     continue;
                 };
                 if op.holds(value, threshold) {
-                    let since = cp.store.condition_holds(rule.id, server.id, point.ts).await?;
+                    let since = cp
+                        .store
+                        .condition_holds(rule.id, server.id, point.ts)
+                        .await?;
                     if point.ts - since >= for_duration && !firing.contains_key(&server.id) {
                         fire(cp, rule, server, Some(value), now).await?;
                     }

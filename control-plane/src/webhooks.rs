@@ -193,7 +193,11 @@ async fn enqueue(cp: &ControlPlane, organization_id: Uuid, event: &str, data: se
     }
     match cp.store.enqueue_deliveries(&deliveries).await {
         Ok(()) => {
-            tracing::debug!(event, deliveries = deliveries.len(), "webhook deliveries queued");
+            tracing::debug!(
+                event,
+                deliveries = deliveries.len(),
+                "webhook deliveries queued"
+            );
             cp.webhook_wakeup.notify_one();
         }
         Err(e) => {
@@ -264,7 +268,11 @@ async fn deliver(cp: &ControlPlane, client: &reqwest::Client, delivery: Delivery
         Ok(None) => Err((None, "the webhook was deleted".to_string(), true)),
         Err(e) => {
             tracing::warn!(error = %e, "could not load the webhook of a delivery");
-            Err((None, "internal error loading the webhook".to_string(), false))
+            Err((
+                None,
+                "internal error loading the webhook".to_string(),
+                false,
+            ))
         }
     };
     let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
@@ -413,7 +421,9 @@ impl OwnListeners {
         if let Some((host, port)) = cp.public_quic_addr.rsplit_once(':') {
             if let Ok(port) = port.parse() {
                 public.push((
-                    host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
                     port,
                 ));
             }
@@ -422,7 +432,9 @@ impl OwnListeners {
             if let Ok(url) = reqwest::Url::parse(url) {
                 if let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) {
                     public.push((
-                        host.trim_start_matches('[').trim_end_matches(']').to_string(),
+                        host.trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .to_string(),
                         port,
                     ));
                 }
@@ -527,7 +539,10 @@ mod tests {
             AttemptOutcome::RetryAt(at + chrono::Duration::seconds(1))
         );
         assert_eq!(outcome_of(MAX_ATTEMPTS, false, at), AttemptOutcome::Failed);
-        assert_eq!(outcome_of(MAX_ATTEMPTS, true, at), AttemptOutcome::Delivered);
+        assert_eq!(
+            outcome_of(MAX_ATTEMPTS, true, at),
+            AttemptOutcome::Delivered
+        );
     }
 
     #[test]
@@ -550,7 +565,10 @@ mod tests {
             &f(&["infrastructure.*"]),
             "infrastructure.provisioning.failed"
         ));
-        assert!(!event_matches(&f(&["infra.*"]), "infrastructure.provisioning.failed"));
+        assert!(!event_matches(
+            &f(&["infra.*"]),
+            "infrastructure.provisioning.failed"
+        ));
         assert!(valid_event_pattern("infrastructure.provisioning.*"));
         assert!(!valid_event_pattern("server.exploded"));
         assert!(!valid_event_pattern("serv.*"));
@@ -559,7 +577,10 @@ mod tests {
     #[tokio::test]
     async fn targets_on_own_ports_of_local_addresses_are_refused() {
         let own = OwnListeners {
-            bound: vec!["127.0.0.1:8080".parse().unwrap(), "0.0.0.0:7443".parse().unwrap()],
+            bound: vec![
+                "127.0.0.1:8080".parse().unwrap(),
+                "0.0.0.0:7443".parse().unwrap(),
+            ],
             public: vec![("cp.example.invalid".into(), 443)],
         };
         for url in [
@@ -575,7 +596,9 @@ mod tests {
                 "{url} was accepted"
             );
         }
-        assert!(check_target("http://127.0.0.1:9999/hook", &own).await.is_ok());
+        assert!(check_target("http://127.0.0.1:9999/hook", &own)
+            .await
+            .is_ok());
         assert!(matches!(
             check_target("ftp://127.0.0.1/x", &own).await,
             Err(TargetError::Scheme)

@@ -13,8 +13,8 @@ mod common;
 use common::*;
 use tether_control_plane::secrets::{MasterKey, Sealer};
 use tether_control_plane::store::{
-    webhook_secret_context, Alert, AlertQuery, AlertRule, AlertRuleKind, AlertSelector,
-    AlertState, AttemptOutcome, DeliveryAttempt, DeliveryStatus, NewDelivery, Webhook,
+    webhook_secret_context, Alert, AlertQuery, AlertRule, AlertRuleKind, AlertSelector, AlertState,
+    AttemptOutcome, DeliveryAttempt, DeliveryStatus, NewDelivery, Webhook,
 };
 use tether_control_plane::webhooks::{outcome_of, MAX_ATTEMPTS};
 
@@ -124,8 +124,14 @@ async fn webhooks_are_scoped_to_the_organization_tree_and_deleted_softly(store: 
     let team_scope = scope_of(&*store, team).await;
     let root_scope = scope_of(&*store, root).await;
     let sibling_scope = scope_of(&*store, sibling).await;
-    assert_eq!(store.webhook(&team_scope, w.id).await.unwrap(), Some(w.clone()));
-    assert_eq!(store.webhook(&root_scope, w.id).await.unwrap(), Some(w.clone()));
+    assert_eq!(
+        store.webhook(&team_scope, w.id).await.unwrap(),
+        Some(w.clone())
+    );
+    assert_eq!(
+        store.webhook(&root_scope, w.id).await.unwrap(),
+        Some(w.clone())
+    );
     assert_eq!(store.webhook(&sibling_scope, w.id).await.unwrap(), None);
     let listed = store.list_webhooks(&root_scope, 10, None).await.unwrap();
     assert_eq!(listed, vec![w.clone()]);
@@ -136,9 +142,18 @@ async fn webhooks_are_scoped_to_the_organization_tree_and_deleted_softly(store: 
         .is_empty());
 
     // A sibling cannot delete it; its own tree can.
-    assert!(!store.delete_webhook(&sibling_scope, w.id, now()).await.unwrap());
-    assert!(store.delete_webhook(&team_scope, w.id, now()).await.unwrap());
-    assert!(!store.delete_webhook(&team_scope, w.id, now()).await.unwrap());
+    assert!(!store
+        .delete_webhook(&sibling_scope, w.id, now())
+        .await
+        .unwrap());
+    assert!(store
+        .delete_webhook(&team_scope, w.id, now())
+        .await
+        .unwrap());
+    assert!(!store
+        .delete_webhook(&team_scope, w.id, now())
+        .await
+        .unwrap());
     assert_eq!(store.webhook(&team_scope, w.id).await.unwrap(), None);
     assert_eq!(store.webhook_by_id(w.id).await.unwrap(), None);
     assert!(store
@@ -283,7 +298,10 @@ async fn failed_attempts_are_retried_on_the_backoff_schedule_then_fail(store: Ar
     let w = new_webhook(&*store, instance.root_organization_id).await;
     let start = now();
     let d = delivery(&w, "server.offline", start);
-    store.enqueue_deliveries(std::slice::from_ref(&d)).await.unwrap();
+    store
+        .enqueue_deliveries(std::slice::from_ref(&d))
+        .await
+        .unwrap();
 
     let mut t = start;
     let mut expected_delays = Vec::new();
@@ -342,13 +360,31 @@ async fn a_delivery_held_by_another_worker_cannot_be_recorded_until_its_lease_ex
     let w = new_webhook(&*store, instance.root_organization_id).await;
     let t = now();
     let d = delivery(&w, "alert.firing", t);
-    store.enqueue_deliveries(std::slice::from_ref(&d)).await.unwrap();
+    store
+        .enqueue_deliveries(std::slice::from_ref(&d))
+        .await
+        .unwrap();
     let lease = t + Duration::seconds(60);
-    assert_eq!(store.claim_deliveries("a", t, lease, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .claim_deliveries("a", t, lease, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     // Held: nobody else gets it, nor may record for it.
-    assert!(store.claim_deliveries("b", t, lease, 10).await.unwrap().is_empty());
+    assert!(store
+        .claim_deliveries("b", t, lease, 10)
+        .await
+        .unwrap()
+        .is_empty());
     assert!(!store
-        .record_delivery_attempt("b", &attempt(d.id, 1, t, Some(200)), AttemptOutcome::Delivered)
+        .record_delivery_attempt(
+            "b",
+            &attempt(d.id, 1, t, Some(200)),
+            AttemptOutcome::Delivered
+        )
         .await
         .unwrap());
     // After the lease, another worker takes it over; the first lost it.
@@ -359,7 +395,11 @@ async fn a_delivery_held_by_another_worker_cannot_be_recorded_until_its_lease_ex
         .unwrap();
     assert_eq!(taken.len(), 1);
     assert!(!store
-        .record_delivery_attempt("a", &attempt(d.id, 1, t, Some(200)), AttemptOutcome::Delivered)
+        .record_delivery_attempt(
+            "a",
+            &attempt(d.id, 1, t, Some(200)),
+            AttemptOutcome::Delivered
+        )
         .await
         .unwrap());
     assert!(store
@@ -406,7 +446,10 @@ async fn deliveries_list_newest_first_with_every_attempt(store: Arc<dyn Store>) 
         .claim_deliveries("w", t + Duration::seconds(1), t + Duration::seconds(60), 10)
         .await
         .unwrap();
-    assert_eq!(claimed.iter().map(|d| d.id).collect::<Vec<_>>(), vec![first.id]);
+    assert_eq!(
+        claimed.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![first.id]
+    );
     assert!(store
         .record_delivery_attempt(
             "w",
@@ -425,10 +468,19 @@ async fn deliveries_list_newest_first_with_every_attempt(store: Arc<dyn Store>) 
     assert_eq!(listed[1].attempts, 2);
     assert_eq!(listed[0].status, DeliveryStatus::Pending);
     assert_eq!(listed[0].body, second.body);
-    let page = store.list_deliveries(w.id, 1, Some(second.id)).await.unwrap();
-    assert_eq!(page.iter().map(|d| d.id).collect::<Vec<_>>(), vec![first.id]);
+    let page = store
+        .list_deliveries(w.id, 1, Some(second.id))
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|d| d.id).collect::<Vec<_>>(),
+        vec![first.id]
+    );
 
-    let attempts = store.delivery_attempts(&[first.id, second.id]).await.unwrap();
+    let attempts = store
+        .delivery_attempts(&[first.id, second.id])
+        .await
+        .unwrap();
     assert_eq!(attempts.len(), 2);
     assert_eq!(attempts[0].status_code, Some(500));
     assert_eq!(attempts[0].error.as_deref(), Some("receiver answered 500"));
@@ -441,7 +493,10 @@ async fn deleting_a_webhook_abandons_its_pending_deliveries(store: Arc<dyn Store
     let w = new_webhook(&*store, instance.root_organization_id).await;
     let t = now();
     let d = delivery(&w, "alert.firing", t);
-    store.enqueue_deliveries(std::slice::from_ref(&d)).await.unwrap();
+    store
+        .enqueue_deliveries(std::slice::from_ref(&d))
+        .await
+        .unwrap();
     let scope = scope_of(&*store, instance.root_organization_id).await;
     assert!(store.delete_webhook(&scope, w.id, t).await.unwrap());
     assert!(store
@@ -479,7 +534,10 @@ async fn alert_rules_are_scoped_and_deleting_one_forgets_its_conditions(store: A
         store.alert_rule(&team_scope, rule.id).await.unwrap(),
         Some(rule.clone())
     );
-    assert_eq!(store.alert_rule(&sibling_scope, rule.id).await.unwrap(), None);
+    assert_eq!(
+        store.alert_rule(&sibling_scope, rule.id).await.unwrap(),
+        None
+    );
     assert_eq!(
         store.list_alert_rules(&team_scope, 10, None).await.unwrap(),
         vec![rule.clone()]
@@ -489,7 +547,10 @@ async fn alert_rules_are_scoped_and_deleting_one_forgets_its_conditions(store: A
         vec![rule.clone(), offline.clone()]
     );
     assert_eq!(
-        store.list_alert_rules(&root_scope, 10, Some(rule.id)).await.unwrap(),
+        store
+            .list_alert_rules(&root_scope, 10, Some(rule.id))
+            .await
+            .unwrap(),
         vec![offline.clone()]
     );
     assert_eq!(
@@ -499,8 +560,14 @@ async fn alert_rules_are_scoped_and_deleting_one_forgets_its_conditions(store: A
 
     let server = Uuid::now_v7();
     store.condition_holds(rule.id, server, now()).await.unwrap();
-    assert!(!store.delete_alert_rule(&sibling_scope, rule.id, now()).await.unwrap());
-    assert!(store.delete_alert_rule(&team_scope, rule.id, now()).await.unwrap());
+    assert!(!store
+        .delete_alert_rule(&sibling_scope, rule.id, now())
+        .await
+        .unwrap());
+    assert!(store
+        .delete_alert_rule(&team_scope, rule.id, now())
+        .await
+        .unwrap());
     assert!(store.conditions_of_rule(rule.id).await.unwrap().is_empty());
     assert_eq!(store.alert_rule(&team_scope, rule.id).await.unwrap(), None);
     assert_eq!(store.all_alert_rules().await.unwrap(), vec![offline]);
@@ -537,7 +604,10 @@ async fn an_alert_fires_once_per_rule_and_server_until_resolved(store: Arc<dyn S
     let alert = firing(&rule, root, server, t);
     assert!(store.fire_alert(&alert).await.unwrap());
     // A second evaluation (a restart, another replica) does not page again.
-    assert!(!store.fire_alert(&firing(&rule, root, server, t)).await.unwrap());
+    assert!(!store
+        .fire_alert(&firing(&rule, root, server, t))
+        .await
+        .unwrap());
     assert_eq!(
         store.firing_alerts_of_rule(rule.id).await.unwrap(),
         vec![alert.clone()]
@@ -553,8 +623,18 @@ async fn an_alert_fires_once_per_rule_and_server_until_resolved(store: Arc<dyn S
     assert_eq!(resolved.state, AlertState::Resolved);
     assert_eq!(resolved.resolved_at, Some(resolved_at));
     assert_eq!(resolved.value, Some(97.5));
-    assert_eq!(store.resolve_alert(rule.id, server, resolved_at).await.unwrap(), None);
-    assert!(store.firing_alerts_of_rule(rule.id).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .resolve_alert(rule.id, server, resolved_at)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store
+        .firing_alerts_of_rule(rule.id)
+        .await
+        .unwrap()
+        .is_empty());
 
     // It may fire again afterwards: a new alert.
     let again = firing(&rule, root, server, resolved_at);
@@ -585,7 +665,10 @@ async fn alerts_are_listed_newest_first_by_state_within_the_scope(store: Arc<dyn
     for a in [&old, &new, &theirs] {
         assert!(store.fire_alert(a).await.unwrap());
     }
-    store.resolve_alert(rule.id, old.server_id, t).await.unwrap();
+    store
+        .resolve_alert(rule.id, old.server_id, t)
+        .await
+        .unwrap();
 
     let team_scope = scope_of(&*store, team).await;
     let query = |state: Option<AlertState>| AlertQuery {
@@ -595,13 +678,22 @@ async fn alerts_are_listed_newest_first_by_state_within_the_scope(store: Arc<dyn
         before: None,
     };
     let ids = |alerts: Vec<Alert>| alerts.into_iter().map(|a| a.id).collect::<Vec<_>>();
-    assert_eq!(ids(store.list_alerts(&query(None)).await.unwrap()), vec![new.id, old.id]);
     assert_eq!(
-        ids(store.list_alerts(&query(Some(AlertState::Firing))).await.unwrap()),
+        ids(store.list_alerts(&query(None)).await.unwrap()),
+        vec![new.id, old.id]
+    );
+    assert_eq!(
+        ids(store
+            .list_alerts(&query(Some(AlertState::Firing)))
+            .await
+            .unwrap()),
         vec![new.id]
     );
     assert_eq!(
-        ids(store.list_alerts(&query(Some(AlertState::Resolved))).await.unwrap()),
+        ids(store
+            .list_alerts(&query(Some(AlertState::Resolved)))
+            .await
+            .unwrap()),
         vec![old.id]
     );
     let page = AlertQuery {

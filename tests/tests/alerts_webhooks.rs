@@ -99,7 +99,11 @@ async fn get(cp: &ControlPlane, path: &str) -> Value {
         .call(&cp.admin_token(), Method::GET, path, None)
         .await
         .unwrap();
-    assert_eq!(response.status, reqwest::StatusCode::OK, "{path}: {response:?}");
+    assert_eq!(
+        response.status,
+        reqwest::StatusCode::OK,
+        "{path}: {response:?}"
+    );
     response.body
 }
 
@@ -111,7 +115,10 @@ async fn create_webhook(cp: &ControlPlane, url: &str) -> Value {
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    assert!(!body.to_string().contains(SECRET), "secret returned: {body}");
+    assert!(
+        !body.to_string().contains(SECRET),
+        "secret returned: {body}"
+    );
     body
 }
 
@@ -186,8 +193,7 @@ async fn an_alert_firing_reaches_the_receiver_signed_and_is_listed() {
     let points = raw_points(&cp, &server_id, "2000-01-01T00:00:00Z")
         .await
         .unwrap();
-    let first: chrono::DateTime<chrono::Utc> =
-        points[0]["ts"].as_str().unwrap().parse().unwrap();
+    let first: chrono::DateTime<chrono::Utc> = points[0]["ts"].as_str().unwrap().parse().unwrap();
     let started: chrono::DateTime<chrono::Utc> =
         data["started_at"].as_str().unwrap().parse().unwrap();
     assert!(
@@ -257,7 +263,10 @@ async fn an_alert_firing_reaches_the_receiver_signed_and_is_listed() {
     }
     let log = cp.log();
     assert!(log.contains("webhook delivered"), "{log}");
-    assert!(!log.contains(SECRET), "the secret is in the control plane's log");
+    assert!(
+        !log.contains(SECRET),
+        "the secret is in the control plane's log"
+    );
 }
 
 #[tokio::test]
@@ -274,18 +283,14 @@ async fn a_receiver_that_fails_once_gets_a_second_attempt() {
         .unwrap();
     let webhook_id = webhook["id"].as_str().unwrap();
 
-    let delivery = eventually(
-        Duration::from_secs(60),
-        "a delivered delivery",
-        || async {
-            let page = get(&cp, &format!("/api/v1/webhooks/{webhook_id}/deliveries")).await;
-            Ok(page["data"]
-                .as_array()
-                .and_then(|d| d.first())
-                .filter(|d| d["status"] == "delivered")
-                .cloned())
-        },
-    )
+    let delivery = eventually(Duration::from_secs(60), "a delivered delivery", || async {
+        let page = get(&cp, &format!("/api/v1/webhooks/{webhook_id}/deliveries")).await;
+        Ok(page["data"]
+            .as_array()
+            .and_then(|d| d.first())
+            .filter(|d| d["status"] == "delivered")
+            .cloned())
+    })
     .await
     .unwrap();
     let attempts = delivery["attempts"].as_array().unwrap();
@@ -297,17 +302,22 @@ async fn a_receiver_that_fails_once_gets_a_second_attempt() {
     assert_eq!(attempts[1]["status_code"], 204);
     assert_eq!(delivery["attempt_count"], 2);
     // About a second apart (the first backoff step).
-    let at = |a: &Value| -> chrono::DateTime<chrono::Utc> {
-        a["at"].as_str().unwrap().parse().unwrap()
-    };
+    let at =
+        |a: &Value| -> chrono::DateTime<chrono::Utc> { a["at"].as_str().unwrap().parse().unwrap() };
     let gap = at(&attempts[1]) - at(&attempts[0]);
-    assert!(gap >= chrono::Duration::milliseconds(900), "retried after {gap}");
+    assert!(
+        gap >= chrono::Duration::milliseconds(900),
+        "retried after {gap}"
+    );
 
     // The receiver saw the same signed body twice.
     let got = receiver.received();
     assert_eq!(got.len(), 2);
     assert_eq!(got[0].body, got[1].body);
-    assert_eq!(header(&got[0], "x-tether-delivery"), header(&got[1], "x-tether-delivery"));
+    assert_eq!(
+        header(&got[0], "x-tether-delivery"),
+        header(&got[1], "x-tether-delivery")
+    );
     for r in &got {
         assert_eq!(
             header(r, "x-tether-signature"),

@@ -160,7 +160,9 @@ fn validate(body: &CreateAlertRule) -> Result<AlertRuleKind, ApiError> {
         ));
     }
     if !SEVERITIES.contains(&body.severity.as_str()) {
-        return Err(ApiError::validation("severity must be info, warning or critical"));
+        return Err(ApiError::validation(
+            "severity must be info, warning or critical",
+        ));
     }
     if !(0..=MAX_FOR_SECONDS).contains(&body.for_seconds) {
         return Err(ApiError::validation(format!(
@@ -175,11 +177,9 @@ fn validate(body: &CreateAlertRule) -> Result<AlertRuleKind, ApiError> {
                 "a selector takes at most {MAX_SELECTOR_ITEMS} labels and {MAX_SELECTOR_ITEMS} server ids"
             )));
         }
-        if selector
-            .labels
-            .iter()
-            .any(|(k, v)| k.is_empty() || super::has_control_chars(k) || super::has_control_chars(v))
-        {
+        if selector.labels.iter().any(|(k, v)| {
+            k.is_empty() || super::has_control_chars(k) || super::has_control_chars(v)
+        }) {
             return Err(ApiError::validation(
                 "selector labels must be printable, with non-empty keys",
             ));

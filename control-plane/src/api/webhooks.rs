@@ -198,9 +198,7 @@ pub async fn create(
         )));
     }
     if body.events.len() > MAX_EVENTS {
-        return Err(ApiError::validation(format!(
-            "at most {MAX_EVENTS} events"
-        )));
+        return Err(ApiError::validation(format!("at most {MAX_EVENTS} events")));
     }
     for event in &body.events {
         if !valid_event_pattern(event) {
@@ -214,7 +212,9 @@ pub async fn create(
     }
     let url = check_target(&body.url, &OwnListeners::of(&cp))
         .await
-        .map_err(|e: TargetError| ApiError::validation(e.to_string()).with_detail("field", "url"))?;
+        .map_err(|e: TargetError| {
+            ApiError::validation(e.to_string()).with_detail("field", "url")
+        })?;
     let mut events = body.events.clone();
     events.sort();
     events.dedup();

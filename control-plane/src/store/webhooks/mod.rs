@@ -266,13 +266,16 @@ pub trait WebhookStore: Send + Sync {
 
     /// Live webhooks of exactly these organizations (an event's organization
     /// and its ancestors).
-    async fn webhooks_of_organizations(&self, organizations: &[Uuid])
-        -> StoreResult<Vec<Webhook>>;
+    async fn webhooks_of_organizations(&self, organizations: &[Uuid]) -> StoreResult<Vec<Webhook>>;
 
     /// Soft-deletes a webhook (its secret is erased, its pending deliveries
     /// fail); `false` when there was none in `scope`.
-    async fn delete_webhook(&self, scope: &[Uuid], id: Uuid, at: DateTime<Utc>)
-        -> StoreResult<bool>;
+    async fn delete_webhook(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
 
     // --- deliveries -----------------------------------------------------
 
@@ -372,8 +375,11 @@ pub trait WebhookStore: Send + Sync {
     ) -> StoreResult<Option<Alert>>;
 
     /// Resolves every firing alert of a rule; returns those this call resolved.
-    async fn resolve_alerts_of_rule(&self, rule_id: Uuid, at: DateTime<Utc>)
-        -> StoreResult<Vec<Alert>>;
+    async fn resolve_alerts_of_rule(
+        &self,
+        rule_id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Vec<Alert>>;
 
     /// The firing alerts of a rule.
     async fn firing_alerts_of_rule(&self, rule_id: Uuid) -> StoreResult<Vec<Alert>>;

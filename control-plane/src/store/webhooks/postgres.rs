@@ -159,10 +159,7 @@ impl WebhookStore for PostgresStore {
         rows.iter().map(webhook_from_row).collect()
     }
 
-    async fn webhooks_of_organizations(
-        &self,
-        organizations: &[Uuid],
-    ) -> StoreResult<Vec<Webhook>> {
+    async fn webhooks_of_organizations(&self, organizations: &[Uuid]) -> StoreResult<Vec<Webhook>> {
         let rows = sqlx::query(&format!(
             "SELECT {WEBHOOK_COLUMNS} FROM webhooks
              WHERE deleted_at IS NULL AND organization_id = ANY($1) ORDER BY id"

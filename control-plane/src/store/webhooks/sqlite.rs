@@ -153,15 +153,14 @@ impl WebhookStore for SqliteStore {
         if let Some(after) = after {
             builder.push(" AND id > ").push_bind(after.to_string());
         }
-        builder.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+        builder
+            .push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(limit));
         let rows = builder.build().fetch_all(&self.pool).await?;
         rows.iter().map(webhook_from_row).collect()
     }
 
-    async fn webhooks_of_organizations(
-        &self,
-        organizations: &[Uuid],
-    ) -> StoreResult<Vec<Webhook>> {
+    async fn webhooks_of_organizations(&self, organizations: &[Uuid]) -> StoreResult<Vec<Webhook>> {
         let mut builder = QueryBuilder::new(format!(
             "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE deleted_at IS NULL"
         ));
@@ -396,7 +395,9 @@ impl WebhookStore for SqliteStore {
         if let Some(after) = after {
             builder.push(" AND id > ").push_bind(after.to_string());
         }
-        builder.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+        builder
+            .push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(limit));
         let rows = builder.build().fetch_all(&self.pool).await?;
         rows.iter().map(rule_from_row).collect()
     }
