@@ -326,3 +326,203 @@ async fn a_receiver_that_fails_once_gets_a_second_attempt() {
     }
     assert!(!cp.log().contains(SECRET));
 }
+
+/// Events of `kind` the receiver got, as parsed bodies.
+fn events_of(receiver: &Receiver, kind: &str) -> Vec<Value> {
+    receiver
+        .received()
+        .iter()
+        .filter(|r| header(r, "x-tether-event") == kind)
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_offline_rule_fires_when_the_agent_stops_and_resolves_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), FAST)
+        .await
+        .unwrap();
+    let (receiver, url) = Receiver::start(0).await;
+    let (status, body) = post(
+        &cp,
+        "/api/v1/webhooks",
+        json!({ "url": url, "events": ["alert.*"], "secret": SECRET }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, rule) = post(
+        &cp,
+        "/api/v1/alert-rules",
+        json!({ "name": "host down", "kind": "offline", "for_seconds": 1, "severity": "critical" }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{rule}");
+    assert_eq!(rule["kind"], "offline");
+    assert_eq!(rule["metric"], Value::Null);
+    let (mut agent, server_id) = enrolled_running_agent(&cp, dir.path(), "goes-away")
+        .await
+        .unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(30))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        events_of(&receiver, "alert.firing").is_empty(),
+        "fired while online"
+    );
+
+    agent.stop(false);
+    cp.wait_for_status(&server_id, "offline", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let fired = eventually(Duration::from_secs(30), "alert.firing", || async {
+        Ok(events_of(&receiver, "alert.firing").into_iter().next())
+    })
+    .await
+    .unwrap();
+    assert_eq!(fired["data"]["server_id"], server_id.as_str());
+    assert_eq!(fired["data"]["kind"], "offline");
+    assert_eq!(fired["data"]["severity"], "critical");
+
+    agent.run().unwrap();
+    let resolved = eventually(Duration::from_secs(60), "alert.resolved", || async {
+        Ok(events_of(&receiver, "alert.resolved").into_iter().next())
+    })
+    .await
+    .unwrap();
+    assert_eq!(resolved["data"]["alert_id"], fired["data"]["alert_id"]);
+    assert_eq!(resolved["data"]["state"], "resolved");
+    assert!(resolved["data"]["resolved_at"].is_string());
+    let alerts = get(&cp, "/api/v1/alerts?state=resolved").await;
+    assert_eq!(alerts["data"][0]["id"], fired["data"]["alert_id"]);
+    assert!(get(&cp, "/api/v1/alerts?state=firing").await["data"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_restarted_control_plane_does_not_page_again_for_a_firing_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlane::start(&dir.path().join("cp"), FAST)
+        .await
+        .unwrap();
+    let (receiver, url) = Receiver::start(0).await;
+    create_webhook(&cp, &url).await;
+    create_cpu_rule(&cp).await;
+    let (_agent, _server_id) = enrolled_running_agent(&cp, dir.path(), "steady")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "alert.firing", || async {
+        Ok(events_of(&receiver, "alert.firing").into_iter().next())
+    })
+    .await
+    .unwrap();
+
+    cp.stop(false);
+    cp.restart().await.unwrap();
+    // The agent reconnects and keeps reporting; the rule keeps matching.
+    let before = get(&cp, "/api/v1/alerts").await["data"]
+        .as_array()
+        .unwrap()
+        .len();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(events_of(&receiver, "alert.firing").len(), 1);
+    let alerts = get(&cp, "/api/v1/alerts").await;
+    assert_eq!(alerts["data"].as_array().unwrap().len(), before);
+    assert_eq!(before, 1, "{alerts}");
+    assert_eq!(alerts["data"][0]["state"], "firing");
+}
+
+#[tokio::test]
+async fn webhook_and_rule_input_is_validated_and_needs_its_scope() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), &[])
+        .await
+        .unwrap();
+    let (_receiver, url) = Receiver::start(0).await;
+    for (body, field) in [
+        (
+            json!({ "url": "ftp://example.com/x", "secret": SECRET }),
+            "url",
+        ),
+        (json!({ "url": url, "secret": "short" }), "secret"),
+        (
+            json!({ "url": url, "secret": SECRET, "events": ["server.exploded"] }),
+            "event",
+        ),
+        (
+            json!({ "url": "http://no-such-host.invalid/x", "secret": SECRET }),
+            "resolve",
+        ),
+    ] {
+        let (status, answer) = post(&cp, "/api/v1/webhooks", body.clone()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");
+        assert_eq!(answer["error"], "validation_error");
+        assert!(
+            answer["message"].as_str().unwrap().contains(field),
+            "{field}: {answer}"
+        );
+    }
+    for body in [
+        json!({ "name": "x", "metric": "cpu_temperature", "op": ">", "threshold": 1, "severity": "info" }),
+        json!({ "name": "x", "metric": "cpu_percent", "op": "==", "threshold": 1, "severity": "info" }),
+        json!({ "name": "x", "metric": "cpu_percent", "op": ">", "severity": "info" }),
+        json!({ "name": "x", "metric": "cpu_percent", "op": ">", "threshold": 1, "severity": "page-me" }),
+        json!({ "name": "x", "kind": "offline", "metric": "cpu_percent", "severity": "info" }),
+        json!({ "name": "x", "kind": "on_fire", "severity": "info" }),
+        json!({ "name": "x", "kind": "offline", "severity": "info", "for_seconds": -1 }),
+    ] {
+        let (status, answer) = post(&cp, "/api/v1/alert-rules", body.clone()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");
+        assert_eq!(answer["error"], "validation_error");
+    }
+    let (status, answer) = post(
+        &cp,
+        "/api/v1/alert-rules",
+        json!({ "name": "disk", "metric": "disk_used_percent", "op": ">", "threshold": 90,
+                "for_seconds": 60, "severity": "warning",
+                "selector": { "labels": { "env": "prod" } } }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert_eq!(answer["selector"]["labels"]["env"], "prod");
+
+    // A token without the scopes is refused; `servers:read` may read rules.
+    let root = get(&cp, "/api/v1/organizations").await["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, reader) = cp
+        .create_token(&cp.admin_token(), &root, &["servers:read"])
+        .await
+        .unwrap();
+    let webhook_post = cp
+        .call(
+            &reader,
+            Method::POST,
+            "/api/v1/webhooks",
+            Some(&json!({ "url": url, "secret": SECRET })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(webhook_post.status, reqwest::StatusCode::FORBIDDEN);
+    assert_eq!(webhook_post.body["required_scope"], "webhooks:write");
+    let rules = cp
+        .call(&reader, Method::GET, "/api/v1/alert-rules", None)
+        .await
+        .unwrap();
+    assert_eq!(rules.status, reqwest::StatusCode::OK);
+    assert_eq!(rules.body["data"].as_array().unwrap().len(), 1);
+    let rule_post = cp
+        .call(
+            &reader,
+            Method::POST,
+            "/api/v1/alert-rules",
+            Some(&json!({ "name": "x", "kind": "offline", "severity": "info" })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rule_post.status, reqwest::StatusCode::FORBIDDEN);
+}
