@@ -55,6 +55,10 @@ const POLL: Duration = Duration::from_millis(500);
 const BATCH: u32 = 16;
 /// Longest error text recorded for an attempt.
 const MAX_ERROR_CHARS: usize = 500;
+/// How long finished deliveries (and their attempts) are kept.
+pub const DELIVERY_RETENTION: chrono::Duration = chrono::Duration::days(30);
+/// How often finished deliveries past retention are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Wait before the attempt after `attempts_made` failed ones: 1 s, 2 s,
 /// 4 s... doubling, capped at [`MAX_RETRY_DELAY`].
@@ -220,8 +224,19 @@ pub async fn delivery_loop(cp: Arc<ControlPlane>) {
             return;
         }
     };
+    let mut last_prune: Option<Instant> = None;
     loop {
         let now = Utc::now();
+        if last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(Instant::now());
+            match cp.store.prune_deliveries(now - DELIVERY_RETENTION).await {
+                Ok(0) => {}
+                Ok(pruned) => {
+                    tracing::info!(pruned, "finished webhook deliveries past retention removed")
+                }
+                Err(e) => tracing::warn!(error = %e, "could not prune webhook deliveries"),
+            }
+        }
         let claimed = cp
             .store
             .claim_deliveries(&cp.worker_id, now, now + LEASE, BATCH)

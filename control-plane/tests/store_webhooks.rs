@@ -27,6 +27,7 @@ store_tests! {
     a_delivery_held_by_another_worker_cannot_be_recorded_until_its_lease_expires,
     deliveries_list_newest_first_with_every_attempt,
     deleting_a_webhook_abandons_its_pending_deliveries,
+    prune_deliveries_deletes_only_finished_deliveries_older_than_the_cutoff,
     alert_rules_are_scoped_and_deleting_one_forgets_its_conditions,
     a_condition_keeps_its_first_since_until_cleared,
     an_alert_fires_once_per_rule_and_server_until_resolved,
@@ -712,4 +713,57 @@ async fn alerts_are_listed_newest_first_by_state_within_the_scope(store: Arc<dyn
         .await
         .unwrap();
     assert_eq!(all.len(), 3);
+}
+
+async fn prune_deliveries_deletes_only_finished_deliveries_older_than_the_cutoff(
+    store: Arc<dyn Store>,
+) {
+    let instance = init(&*store).await;
+    let w = new_webhook(&*store, instance.root_organization_id).await;
+    let t = now() - Duration::days(40);
+    let old_done = delivery(&w, "alert.firing", t);
+    let old_pending = delivery(&w, "alert.firing", t);
+    let recent_done = delivery(&w, "alert.resolved", now());
+    store
+        .enqueue_deliveries(&[old_done.clone(), old_pending.clone(), recent_done.clone()])
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_deliveries("w", now(), now() + Duration::seconds(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    for (d, at, outcome) in [
+        (&old_done, t, AttemptOutcome::Delivered),
+        (
+            &old_pending,
+            t,
+            AttemptOutcome::RetryAt(now() + Duration::hours(1)),
+        ),
+        (&recent_done, now(), AttemptOutcome::Failed),
+    ] {
+        assert!(store
+            .record_delivery_attempt("w", &attempt(d.id, 1, at, Some(500)), outcome)
+            .await
+            .unwrap());
+    }
+    let cutoff = now() - Duration::days(30);
+    assert_eq!(store.prune_deliveries(cutoff).await.unwrap(), 1);
+    assert_eq!(store.delivery(w.id, old_done.id).await.unwrap(), None);
+    assert!(store
+        .delivery_attempts(&[old_done.id])
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .delivery(w.id, old_pending.id)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(store
+        .delivery(w.id, recent_done.id)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(store.prune_deliveries(cutoff).await.unwrap(), 0);
 }

@@ -316,6 +316,10 @@ pub trait WebhookStore: Send + Sync {
     /// The attempts of these deliveries, by delivery then attempt number.
     async fn delivery_attempts(&self, delivery_ids: &[Uuid]) -> StoreResult<Vec<DeliveryAttempt>>;
 
+    /// Deletes delivered and failed deliveries (and their attempts)
+    /// completed before `before`; returns how many deliveries went.
+    async fn prune_deliveries(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+
     // --- alert rules ----------------------------------------------------
 
     async fn create_alert_rule(&self, rule: &AlertRule) -> StoreResult<()>;

@@ -355,6 +355,27 @@ impl WebhookStore for PostgresStore {
         rows.iter().map(attempt_from_row).collect()
     }
 
+    async fn prune_deliveries(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM webhook_delivery_attempts WHERE delivery_id IN (
+                 SELECT id FROM webhook_deliveries
+                 WHERE status <> 'pending' AND completed_at < $1)",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        let deleted = sqlx::query(
+            "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND completed_at < $1",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     async fn create_alert_rule(&self, r: &AlertRule) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO alert_rules (id, organization_id, name, kind, metric, op, threshold,
