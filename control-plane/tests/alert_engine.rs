@@ -287,3 +287,52 @@ async fn one_noisy_sample_never_pages_and_a_clearing_sample_resets_the_clock() {
     assert_eq!(alerts(store, scope, AlertState::Resolved).await, [prod.id]);
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_master_key_reseals_webhook_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(dir.path()).await;
+    let config = running.state.config.clone();
+    let id = Uuid::now_v7();
+    let secret = b"rotation-secret-0123456789";
+    let w = Webhook {
+        id,
+        organization_id: running.state.instance.root_organization_id,
+        url: "http://127.0.0.1:9/hook".into(),
+        events: vec![],
+        secret_sealed: running
+            .state
+            .sealer
+            .seal(secret, &webhook_secret_context(id)),
+        created_at: now(),
+    };
+    running.state.store.create_webhook(&w).await.unwrap();
+    let old_key = running.state.sealer.current().id().to_string();
+    running.shutdown().await;
+
+    let rotation = tether_control_plane::rotate::rotate(&config).await.unwrap();
+    assert_eq!(rotation.old_key_id, old_key);
+    assert!(rotation.resealed >= 1);
+
+    let running = start(dir.path()).await;
+    let stored = running
+        .state
+        .store
+        .webhook_by_id(id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        Sealer::key_id_of(&stored.secret_sealed),
+        Some(rotation.new_key_id.as_str())
+    );
+    assert_eq!(
+        running
+            .state
+            .sealer
+            .open(&stored.secret_sealed, &webhook_secret_context(id))
+            .unwrap(),
+        secret
+    );
+    running.shutdown().await;
+}
