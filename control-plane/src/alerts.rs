@@ -234,6 +234,13 @@ async fn evaluate_rule(
         .into_iter()
         .map(|a| (a.server_id, a))
         .collect();
+    // One read of the clocks; writes only when a condition starts or stops.
+    let conditions: HashMap<Uuid, DateTime<Utc>> = cp
+        .store
+        .conditions_of_rule(rule.id)
+        .await?
+        .into_iter()
+        .collect();
     let selected: Vec<&Server> = view
         .servers
         .iter()
@@ -257,15 +264,21 @@ async fn evaluate_rule(
                     continue;
                 };
                 if op.holds(value, threshold) {
-                    let since = cp
-                        .store
-                        .condition_holds(rule.id, server.id, point.ts)
-                        .await?;
+                    let since = match conditions.get(&server.id) {
+                        Some(since) => *since,
+                        None => {
+                            cp.store
+                                .condition_holds(rule.id, server.id, point.ts)
+                                .await?
+                        }
+                    };
                     if point.ts - since >= for_duration && !firing.contains_key(&server.id) {
                         fire(cp, rule, server, Some(value), now).await?;
                     }
                 } else {
-                    cp.store.clear_condition(rule.id, server.id).await?;
+                    if conditions.contains_key(&server.id) {
+                        cp.store.clear_condition(rule.id, server.id).await?;
+                    }
                     if firing.contains_key(&server.id) {
                         resolve(cp, rule, server.id, now).await?;
                     }
@@ -276,13 +289,18 @@ async fn evaluate_rule(
             for server in &selected {
                 match server.status {
                     ServerStatus::Offline | ServerStatus::Timeout => {
-                        let since = cp.store.condition_holds(rule.id, server.id, now).await?;
+                        let since = match conditions.get(&server.id) {
+                            Some(since) => *since,
+                            None => cp.store.condition_holds(rule.id, server.id, now).await?,
+                        };
                         if now - since >= for_duration && !firing.contains_key(&server.id) {
                             fire(cp, rule, server, None, now).await?;
                         }
                     }
                     ServerStatus::Online | ServerStatus::Connecting => {
-                        cp.store.clear_condition(rule.id, server.id).await?;
+                        if conditions.contains_key(&server.id) {
+                            cp.store.clear_condition(rule.id, server.id).await?;
+                        }
                         if firing.contains_key(&server.id) {
                             resolve(cp, rule, server.id, now).await?;
                         }
@@ -292,7 +310,7 @@ async fn evaluate_rule(
         }
         AlertRuleKind::HealthFailing => {
             // Conditions come from `health.failed` events (see `on_event`).
-            for (server_id, since) in cp.store.conditions_of_rule(rule.id).await? {
+            for (&server_id, &since) in &conditions {
                 let Some(server) = selected.iter().find(|s| s.id == server_id) else {
                     cp.store.clear_condition(rule.id, server_id).await?;
                     continue;
@@ -306,7 +324,9 @@ async fn evaluate_rule(
     // Alerts of servers the rule no longer selects (removed, relabelled).
     for server_id in firing.keys() {
         if !selected.iter().any(|s| s.id == *server_id) {
-            cp.store.clear_condition(rule.id, *server_id).await?;
+            if conditions.contains_key(server_id) {
+                cp.store.clear_condition(rule.id, *server_id).await?;
+            }
             resolve(cp, rule, *server_id, now).await?;
         }
     }
