@@ -526,3 +526,100 @@ async fn webhook_and_rule_input_is_validated_and_needs_its_scope() {
         .unwrap();
     assert_eq!(rule_post.status, reqwest::StatusCode::FORBIDDEN);
 }
+
+/// A fresh, empty database on the test PostgreSQL server; returns its URL.
+fn fresh_database() -> String {
+    let admin = std::env::var("TETHER_TEST_DATABASE_URL").expect(
+        "TETHER_TEST_DATABASE_URL is not set: run scripts/postgres.sh and export the URL it prints",
+    );
+    let name = format!(
+        "tether_alerts_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default()
+    );
+    let status = std::process::Command::new("psql")
+        .arg(&admin)
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .status()
+        .expect("psql must be installed");
+    assert!(status.success(), "could not create database {name}");
+    let (base, _) = admin
+        .rsplit_once('/')
+        .expect("database URL ends in /DBNAME");
+    format!("{base}/{name}")
+}
+
+#[tokio::test]
+async fn two_replicas_page_once_and_send_each_delivery_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database();
+    let a = ControlPlane::start(
+        &dir.path().join("a"),
+        &["--database-url", &url, "--metrics-interval", "1s"],
+    )
+    .await
+    .unwrap();
+    let key = dir.path().join("a").join("master.key");
+    let b = ControlPlane::start(
+        &dir.path().join("b"),
+        &[
+            "--database-url",
+            &url,
+            "--master-key-file",
+            key.to_str().unwrap(),
+            "--metrics-interval",
+            "1s",
+        ],
+    )
+    .await
+    .unwrap();
+    let (receiver, hook_url) = Receiver::start(0).await;
+    create_webhook(&a, &hook_url).await;
+    for metric in ["cpu_percent", "load_1", "memory_used_percent"] {
+        let (status, rule) = post(
+            &a,
+            "/api/v1/alert-rules",
+            json!({ "name": metric, "metric": metric, "op": ">=", "threshold": 0,
+                    "for_seconds": 1, "severity": "info" }),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{rule}");
+    }
+    let (_agent, server_id) = enrolled_running_agent(&a, dir.path(), "replicated")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "three alert.firing", || async {
+        Ok((events_of(&receiver, "alert.firing").len() >= 3).then_some(()))
+    })
+    .await
+    .unwrap();
+    // Both replicas keep evaluating and delivering for a while.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let fired = events_of(&receiver, "alert.firing");
+    assert_eq!(fired.len(), 3, "{fired:?}");
+    let rules: std::collections::BTreeSet<String> = fired
+        .iter()
+        .map(|f| f["data"]["rule_name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(rules.len(), 3);
+    assert!(fired
+        .iter()
+        .all(|f| f["data"]["server_id"] == server_id.as_str()));
+    let ids: std::collections::BTreeSet<String> = receiver
+        .received()
+        .iter()
+        .map(|r| header(r, "x-tether-delivery").to_string())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        receiver.received().len(),
+        "a delivery was sent twice"
+    );
+    let firing = get(&a, "/api/v1/alerts?state=firing").await;
+    assert_eq!(firing["data"].as_array().unwrap().len(), 3, "{firing}");
+    assert!(b.log().contains("control plane started"));
+}
