@@ -51,6 +51,10 @@ pub struct ControlPlane {
     pub worker_id: String,
     /// Wakes the provisioning workers when a job is queued here.
     pub provision_wakeup: tokio::sync::Notify,
+    /// Where this process listens (webhook URLs may not point here).
+    pub addresses: BoundAddresses,
+    /// Wakes the webhook delivery worker when a delivery is queued here.
+    pub webhook_wakeup: tokio::sync::Notify,
     pub shutdown: CancellationToken,
 }
 
@@ -215,6 +219,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         backend_key,
         worker_id: format!("{}/{}", std::process::id(), Uuid::new_v4().simple()),
         provision_wakeup: tokio::sync::Notify::new(),
+        addresses: BoundAddresses {
+            api: api_addr,
+            quic: quic_addr,
+        },
+        webhook_wakeup: tokio::sync::Notify::new(),
         shutdown: CancellationToken::new(),
     });
 
@@ -223,6 +232,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     tasks.spawn(crate::gateway::liveness_loop(state.clone()));
     tasks.spawn(crate::telemetry::maintenance_loop(state.clone()));
     tasks.spawn(crate::provision::job::worker_loop(state.clone()));
+    tasks.spawn(crate::webhooks::delivery_loop(state.clone()));
+    tasks.spawn(crate::alerts::engine_loop(state.clone()));
     let router = crate::api::router(state.clone());
     let shutdown = state.shutdown.clone();
     tasks.spawn(async move {

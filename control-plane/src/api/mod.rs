@@ -18,6 +18,7 @@ use utoipa_axum::routes;
 use crate::app::ControlPlane;
 
 pub mod agent_download;
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod cloud_providers;
@@ -30,6 +31,7 @@ pub mod rate_limit;
 pub mod servers;
 pub mod terraform_state;
 pub mod tokens;
+pub mod webhooks;
 
 pub use auth::Caller;
 pub use error::{ApiError, ErrorBody};
@@ -79,6 +81,8 @@ carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Er
         (name = "tokens", description = "API tokens."),
         (name = "audit", description = "The audit log of every write."),
         (name = "provisioning", description = "Cloud credentials, deployments made with Terraform, and what new servers download and report."),
+        (name = "webhooks", description = "Signed HTTP callbacks for events, and their delivery log."),
+        (name = "alerts", description = "Alert rules and the alerts they raise."),
     )
 )]
 struct ApiDoc;
@@ -144,6 +148,12 @@ fn documented() -> Documented {
         .routes(routes!(infrastructure::force_unlock))
         .routes(routes!(infrastructure::events))
         .routes(routes!(infrastructure::boot_stage))
+        .routes(routes!(webhooks::list, webhooks::create))
+        .routes(routes!(webhooks::get, webhooks::delete))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(alerts::list_rules, alerts::create_rule))
+        .routes(routes!(alerts::get_rule, alerts::delete_rule))
+        .routes(routes!(alerts::list_alerts))
         .split_for_parts();
     let (root, openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(health))

@@ -24,7 +24,7 @@ pub use federation::FederationStore;
 pub use health::HealthStore;
 pub use operations::OperationsStore;
 pub use provisioning::*;
-pub use webhooks::WebhookStore;
+pub use webhooks::*;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +301,7 @@ pub(crate) fn sealed_secret_list(
             SealedKind::CloudCredential => cloud_credential_context(id),
             SealedKind::TerraformState => terraform_state_context(id),
             SealedKind::BootstrapToken => bootstrap_token_context(id),
+            SealedKind::WebhookSecret => webhooks::webhook_secret_context(id),
             SealedKind::InstanceCaKey => INSTANCE_CA_KEY_CONTEXT.into(),
             SealedKind::InstanceSecret => instance_secret_context(&id.to_string()),
         },
@@ -332,6 +333,8 @@ pub enum SealedKind {
     TerraformState,
     /// A deployment's bootstrap token, kept while it may be rendered again.
     BootstrapToken,
+    /// A webhook's signing secret (id: the webhook's).
+    WebhookSecret,
 }
 
 impl SealedKind {
@@ -342,15 +345,17 @@ impl SealedKind {
             Self::CloudCredential => Some(("cloud_credentials", "credentials_sealed", "id")),
             Self::TerraformState => Some(("terraform_states", "state_sealed", "deployment_id")),
             Self::BootstrapToken => Some(("deployments", "bootstrap_token_sealed", "id")),
+            Self::WebhookSecret => Some(("webhooks", "secret_sealed", "id")),
             Self::InstanceCaKey | Self::InstanceSecret => None,
         }
     }
 
     /// The kinds stored in rows.
-    pub(crate) const ROW_KINDS: [Self; 3] = [
+    pub(crate) const ROW_KINDS: [Self; 4] = [
         Self::CloudCredential,
         Self::TerraformState,
         Self::BootstrapToken,
+        Self::WebhookSecret,
     ];
 }
 
