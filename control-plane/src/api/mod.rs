@@ -23,6 +23,7 @@ pub mod auth;
 pub mod cloud_providers;
 pub mod enrollment_tokens;
 pub mod error;
+pub mod health;
 pub mod infrastructure;
 pub mod metrics;
 pub mod organizations;
@@ -75,6 +76,7 @@ carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Er
         (name = "meta", description = "Health and this document."),
         (name = "enrollment", description = "One-time tokens for adding servers."),
         (name = "servers", description = "The fleet inventory."),
+        (name = "health", description = "Health checks pushed to agents and their latest results."),
         (name = "organizations", description = "The organization tree and its quotas."),
         (name = "tokens", description = "API tokens."),
         (name = "audit", description = "The audit log of every write."),
@@ -144,6 +146,14 @@ fn documented() -> Documented {
         .routes(routes!(infrastructure::force_unlock))
         .routes(routes!(infrastructure::events))
         .routes(routes!(infrastructure::boot_stage))
+        .routes(routes!(health::server_health))
+        .routes(routes!(health::run_now))
+        .routes(routes!(health::list_checks, health::create_check))
+        .routes(routes!(
+            health::get_check,
+            health::update_check,
+            health::delete_check
+        ))
         .split_for_parts();
     let (root, openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(health))
