@@ -35,7 +35,10 @@ pub enum HealthError {
     NotConnected,
     #[error("{0}")]
     Transport(#[from] tether_transport::TransportError),
-    #[error("the agent did not answer within {}", humantime::format_duration(AGENT_ANSWER_TIMEOUT))]
+    #[error(
+        "the agent did not answer within {}",
+        humantime::format_duration(AGENT_ANSWER_TIMEOUT)
+    )]
     Timeout,
     #[error("the agent answered with an unexpected message")]
     Unexpected,
@@ -53,7 +56,9 @@ pub fn status_str(status: HealthStatus) -> &'static str {
 }
 
 fn millis(seconds: i64) -> u64 {
-    u64::try_from(seconds).unwrap_or_default().saturating_mul(1000)
+    u64::try_from(seconds)
+        .unwrap_or_default()
+        .saturating_mul(1000)
 }
 
 /// The spec an agent runs for a stored check (its id is the check's UUID).
@@ -133,7 +138,11 @@ pub async fn push_checks(cp: &ControlPlane, server: &Server) -> Result<(), Healt
         .sessions
         .connection(server.id)
         .ok_or(HealthError::NotConnected)?;
-    let specs: Vec<HealthCheckSpec> = checks_for(cp, server).await?.iter().map(wire_spec).collect();
+    let specs: Vec<HealthCheckSpec> = checks_for(cp, server)
+        .await?
+        .iter()
+        .map(wire_spec)
+        .collect();
     let count = specs.len();
     let exchange = async {
         let mut stream = ControlStream::open(&connection).await?;
@@ -183,7 +192,11 @@ pub fn spawn_push(cp: Arc<ControlPlane>, server: Server) {
 
 /// Re-pushes checks to the servers connected to this replica that `before`
 /// or `after` (a check as it was and as it is now) applies to.
-pub fn spawn_repush(cp: Arc<ControlPlane>, before: Option<HealthCheck>, after: Option<HealthCheck>) {
+pub fn spawn_repush(
+    cp: Arc<ControlPlane>,
+    before: Option<HealthCheck>,
+    after: Option<HealthCheck>,
+) {
     let Some(organization_id) = after
         .as_ref()
         .or(before.as_ref())

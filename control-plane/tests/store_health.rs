@@ -95,17 +95,26 @@ async fn health_checks_are_created_read_updated_and_deleted_within_the_scope(
     let other_scope = scope_of(&*store, other).await;
     let root_scope = scope_of(&*store, root).await;
     assert_eq!(
-        store.health_check(&team_scope, check.id).await.expect("get"),
+        store
+            .health_check(&team_scope, check.id)
+            .await
+            .expect("get"),
         Some(check.clone()),
         "every field comes back as stored"
     );
     assert_eq!(
-        store.health_check(&root_scope, check.id).await.expect("get"),
+        store
+            .health_check(&root_scope, check.id)
+            .await
+            .expect("get"),
         Some(check.clone()),
         "an ancestor sees its descendants' checks"
     );
     assert_eq!(
-        store.health_check(&other_scope, check.id).await.expect("get"),
+        store
+            .health_check(&other_scope, check.id)
+            .await
+            .expect("get"),
         None,
         "a sibling does not"
     );
@@ -127,7 +136,10 @@ async fn health_checks_are_created_read_updated_and_deleted_within_the_scope(
         .await
         .expect("update"));
     assert_eq!(
-        store.health_check(&team_scope, check.id).await.expect("get"),
+        store
+            .health_check(&team_scope, check.id)
+            .await
+            .expect("get"),
         Some(check.clone())
     );
 
@@ -140,7 +152,10 @@ async fn health_checks_are_created_read_updated_and_deleted_within_the_scope(
         .await
         .expect("delete"));
     assert_eq!(
-        store.health_check(&team_scope, check.id).await.expect("get"),
+        store
+            .health_check(&team_scope, check.id)
+            .await
+            .expect("get"),
         None
     );
     assert!(!store
@@ -440,9 +455,7 @@ async fn a_check_missing_from_a_report_loses_its_result(store: Arc<dyn Store>) {
         .is_empty());
 }
 
-async fn end_session_marks_offline_only_the_session_that_is_still_current(
-    store: Arc<dyn Store>,
-) {
+async fn end_session_marks_offline_only_the_session_that_is_still_current(store: Arc<dyn Store>) {
     let instance = init(&*store).await;
     let root = instance.root_organization_id;
     let (server, _) = enroll_server(&*store, root, "host", Labels::new()).await;
@@ -564,9 +577,7 @@ async fn mark_stale_offline_marks_online_servers_no_replica_refreshed(store: Arc
     );
 }
 
-async fn mark_registration_timeouts_times_out_servers_that_never_connected(
-    store: Arc<dyn Store>,
-) {
+async fn mark_registration_timeouts_times_out_servers_that_never_connected(store: Arc<dyn Store>) {
     let instance = init(&*store).await;
     let root = instance.root_organization_id;
     let (never, _) = enroll_server(&*store, root, "never", Labels::new()).await;

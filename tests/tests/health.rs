@@ -139,7 +139,14 @@ async fn a_pushed_http_check_fails_on_500_with_its_message_and_passes_again_on_2
     assert_eq!(check["kind"], "http");
     assert_eq!(check["retries"], 1);
 
-    let failing = wait_for_check(&cp, &server_id, check_id, "failing", Duration::from_secs(20)).await;
+    let failing = wait_for_check(
+        &cp,
+        &server_id,
+        check_id,
+        "failing",
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(failing["server_id"], server_id.as_str());
     assert_eq!(failing["status"], "failing", "{failing}");
     assert_eq!(failing["server_status"], "online");
@@ -161,7 +168,14 @@ async fn a_pushed_http_check_fails_on_500_with_its_message_and_passes_again_on_2
     );
 
     web.set(200);
-    let passing = wait_for_check(&cp, &server_id, check_id, "passing", Duration::from_secs(20)).await;
+    let passing = wait_for_check(
+        &cp,
+        &server_id,
+        check_id,
+        "passing",
+        Duration::from_secs(20),
+    )
+    .await;
     let result = check_of(&passing, check_id).unwrap();
     assert_eq!(result["consecutive_failures"], 0);
 
@@ -186,11 +200,15 @@ async fn a_pushed_http_check_fails_on_500_with_its_message_and_passes_again_on_2
         .await
         .unwrap();
     assert_eq!(deleted.status(), 204);
-    eventually(Duration::from_secs(20), "the deleted check's result to go", || async {
-        Ok(check_of(&health(&cp, &server_id).await?, check_id)
-            .is_none()
-            .then_some(()))
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the deleted check's result to go",
+        || async {
+            Ok(check_of(&health(&cp, &server_id).await?, check_id)
+                .is_none()
+                .then_some(()))
+        },
+    )
     .await
     .unwrap();
 }
@@ -228,14 +246,24 @@ async fn a_tcp_check_to_a_closed_port_fails_and_run_now_gives_a_fresh_result() {
     )
     .await;
     let check_id = check["id"].as_str().unwrap();
-    let failing = wait_for_check(&cp, &server_id, check_id, "failing", Duration::from_secs(20)).await;
+    let failing = wait_for_check(
+        &cp,
+        &server_id,
+        check_id,
+        "failing",
+        Duration::from_secs(20),
+    )
+    .await;
     assert_eq!(failing["status"], "failing");
     let first = check_of(&failing, check_id).unwrap().clone();
     assert!(!first["message"].as_str().unwrap().is_empty(), "{first}");
 
     let started = Instant::now();
     let accepted = cp
-        .request(Method::POST, &format!("/api/v1/servers/{server_id}/health/run"))
+        .request(
+            Method::POST,
+            &format!("/api/v1/servers/{server_id}/health/run"),
+        )
         .send()
         .await
         .unwrap();
@@ -252,7 +280,10 @@ async fn a_tcp_check_to_a_closed_port_fails_and_run_now_gives_a_fresh_result() {
     .unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(fresh["status"], "failing");
-    assert!(fresh["consecutive_failures"].as_i64().unwrap() >= 2, "{fresh}");
+    assert!(
+        fresh["consecutive_failures"].as_i64().unwrap() >= 2,
+        "{fresh}"
+    );
 }
 
 #[tokio::test]
@@ -286,11 +317,17 @@ async fn a_killed_agent_goes_offline_within_offline_after_with_a_reason_and_come
     );
     let reason = offline["status_reason"].as_str().unwrap();
     assert!(reason.contains("no heartbeat for 3s"), "{reason}");
-    assert!(reason.contains("tether-agent"), "says what to check: {reason}");
+    assert!(
+        reason.contains("tether-agent"),
+        "says what to check: {reason}"
+    );
 
     // Run-now on an offline server says so.
     let refused = cp
-        .request(Method::POST, &format!("/api/v1/servers/{server_id}/health/run"))
+        .request(
+            Method::POST,
+            &format!("/api/v1/servers/{server_id}/health/run"),
+        )
         .send()
         .await
         .unwrap();
@@ -298,7 +335,10 @@ async fn a_killed_agent_goes_offline_within_offline_after_with_a_reason_and_come
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"], "conflict");
     assert_eq!(body["server_status"], "offline");
-    assert!(body["message"].as_str().unwrap().contains("offline"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("offline"),
+        "{body}"
+    );
 
     agent.run().unwrap();
     let back = cp
@@ -306,4 +346,142 @@ async fn a_killed_agent_goes_offline_within_offline_after_with_a_reason_and_come
         .await
         .unwrap();
     assert_eq!(back["status_reason"], Value::Null);
+}
+
+#[tokio::test]
+async fn an_enrolled_agent_that_never_connects_times_out_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(
+        &dir.path().join("cp"),
+        &["--registration-timeout", "2s", "--offline-after", "3s"],
+    )
+    .await
+    .unwrap();
+    let token = cp
+        .enrollment_token(json!({ "server_name": "never-runs" }))
+        .await
+        .unwrap();
+    let agent = tether_tests::Agent::new(&dir.path().join("never-runs"));
+    let (ok, stderr) = agent.enroll(&cp, token["token"].as_str().unwrap()).unwrap();
+    assert!(ok, "{stderr}");
+    let server_id = agent.server_id().unwrap();
+    let timed_out = cp
+        .wait_for_status(&server_id, "timeout", Duration::from_secs(15))
+        .await
+        .unwrap();
+    let reason = timed_out["status_reason"].as_str().unwrap();
+    assert!(reason.contains("opened no session within 2s"), "{reason}");
+    assert!(
+        reason.contains("tether-agent"),
+        "says what to check: {reason}"
+    );
+}
+
+/// A fresh, empty database on the test PostgreSQL server; returns its URL.
+fn fresh_database() -> String {
+    let admin = std::env::var("TETHER_TEST_DATABASE_URL").expect(
+        "TETHER_TEST_DATABASE_URL is not set: run scripts/postgres.sh and export the URL it prints",
+    );
+    let name = format!("tether_health_{}", uuid_like());
+    let status = std::process::Command::new("psql")
+        .arg(&admin)
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+        .arg(format!("CREATE DATABASE {name}"))
+        .status()
+        .expect("psql must be installed");
+    assert!(status.success(), "could not create database {name}");
+    let (base, _) = admin
+        .rsplit_once('/')
+        .expect("database URL ends in /DBNAME");
+    format!("{base}/{name}")
+}
+
+fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{}_{nanos}", std::process::id())
+}
+
+#[tokio::test]
+async fn a_replica_never_flaps_a_server_another_replica_holds_and_sweeps_it_when_that_replica_dies()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database();
+    let mut a = ControlPlane::start(
+        &dir.path().join("a"),
+        &["--database-url", &url, "--offline-after", "3s"],
+    )
+    .await
+    .unwrap();
+    let token = a.admin_token();
+    let key = dir.path().join("a").join("master.key");
+    let b = ControlPlane::start(
+        &dir.path().join("b"),
+        &[
+            "--database-url",
+            &url,
+            "--master-key-file",
+            key.to_str().unwrap(),
+            "--offline-after",
+            "3s",
+        ],
+    )
+    .await
+    .unwrap();
+    let status_via_b = |server_id: String| {
+        let b = &b;
+        let token = token.clone();
+        async move {
+            let body: Value = b
+                .request_as(&token, Method::GET, &format!("/api/v1/servers/{server_id}"))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            anyhow::Ok(body)
+        }
+    };
+    // The agent's session is on replica A.
+    let (_agent, server_id) = enrolled_running_agent(&a, dir.path(), "held-by-a")
+        .await
+        .unwrap();
+    a.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .unwrap();
+
+    // Replica B sweeps every second; for three offline windows it must
+    // leave the server alone.
+    let until = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < until {
+        let server = status_via_b(server_id.clone()).await.unwrap();
+        assert_eq!(server["status"], "online", "flapped: {server}\n{}", b.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Replica A dies: nobody ends the session, B's sweep notices.
+    a.stop(true);
+    let killed = Instant::now();
+    let offline = eventually(
+        Duration::from_secs(20),
+        "B to mark the server offline",
+        || async {
+            let server = status_via_b(server_id.clone()).await?;
+            Ok((server["status"] == "offline").then_some(server))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        killed.elapsed()
+    );
+    let reason = offline["status_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("no control-plane replica holds its session"),
+        "{reason}"
+    );
 }

@@ -194,7 +194,12 @@ pub fn validate(check: &HealthCheck) -> Result<(), ApiError> {
     in_range("interval_seconds", check.interval_seconds, 1, 86_400)?;
     in_range("timeout_seconds", check.timeout_seconds, 1, 3_600)?;
     in_range("retries", check.retries, 0, 100)?;
-    in_range("start_period_seconds", check.start_period_seconds, 0, 86_400)?;
+    in_range(
+        "start_period_seconds",
+        check.start_period_seconds,
+        0,
+        86_400,
+    )?;
     let spec = &check.spec;
     let text_ok = |s: &str| !s.is_empty() && !s.contains('\0');
     match check.kind {
@@ -227,10 +232,9 @@ pub fn validate(check: &HealthCheck) -> Result<(), ApiError> {
         }
         HealthCheckKind::Tcp => {
             let address = spec.address.as_deref().unwrap_or_default();
-            let valid = address
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
-                && text_ok(address)
+            let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            }) && text_ok(address)
                 && address.len() <= 512;
             if !valid {
                 return Err(ApiError::validation(
@@ -242,9 +246,7 @@ pub fn validate(check: &HealthCheck) -> Result<(), ApiError> {
                 || spec.body_contains.is_some()
                 || spec.argv.is_some()
             {
-                return Err(ApiError::validation(
-                    "a tcp check takes spec.address only",
-                ));
+                return Err(ApiError::validation("a tcp check takes spec.address only"));
             }
         }
         HealthCheckKind::Exec => {
@@ -267,10 +269,9 @@ pub fn validate(check: &HealthCheck) -> Result<(), ApiError> {
         }
     }
     if let Some(labels) = &check.selector.labels {
-        if labels
-            .iter()
-            .any(|(k, v)| k.is_empty() || super::has_control_chars(k) || super::has_control_chars(v))
-        {
+        if labels.iter().any(|(k, v)| {
+            k.is_empty() || super::has_control_chars(k) || super::has_control_chars(v)
+        }) {
             return Err(ApiError::validation(
                 "selector.labels keys must not be empty; keys and values must not contain control characters",
             ));

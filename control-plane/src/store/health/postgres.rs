@@ -178,13 +178,11 @@ impl HealthStore for PostgresStore {
     ) -> StoreResult<Vec<HealthTransition>> {
         let mut tx = self.pool.begin().await?;
         // Locks the server's row: reports of one server are stored in turn.
-        sqlx::query(
-            "UPDATE servers SET last_seen_at = GREATEST(last_seen_at, $1) WHERE id = $2",
-        )
-        .bind(received_at)
-        .bind(server_id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("UPDATE servers SET last_seen_at = GREATEST(last_seen_at, $1) WHERE id = $2")
+            .bind(received_at)
+            .bind(server_id)
+            .execute(&mut *tx)
+            .await?;
         let mut transitions = Vec::new();
         for result in results {
             let check_id = text(&result.check_id);
@@ -223,7 +221,8 @@ impl HealthStore for PostgresStore {
             .bind(received_at)
             .execute(&mut *tx)
             .await?;
-            if let Some(failed) = transition(previous.as_ref().map(|p| p.0.as_str()), &result.status)
+            if let Some(failed) =
+                transition(previous.as_ref().map(|p| p.0.as_str()), &result.status)
             {
                 transitions.push(HealthTransition {
                     check_id: result.check_id.clone(),

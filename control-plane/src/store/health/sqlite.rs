@@ -32,8 +32,7 @@ fn check_from_row(row: &SqliteRow) -> StoreResult<HealthCheck> {
         id: uuid(&id)?,
         organization_id: uuid(&organization_id)?,
         name: row.try_get("name")?,
-        kind: HealthCheckKind::parse(&kind)
-            .ok_or_else(|| corrupt("health check kind", &kind))?,
+        kind: HealthCheckKind::parse(&kind).ok_or_else(|| corrupt("health check kind", &kind))?,
         spec: serde_json::from_str(&spec).map_err(|e| corrupt("health check spec", e))?,
         interval_seconds: row.try_get("interval_seconds")?,
         timeout_seconds: row.try_get("timeout_seconds")?,
@@ -119,14 +118,15 @@ impl HealthStore for SqliteStore {
         limit: u32,
         after: Option<Uuid>,
     ) -> StoreResult<Vec<HealthCheck>> {
-        let mut builder = QueryBuilder::new(format!(
-            "SELECT {CHECK_COLUMNS} FROM health_checks WHERE 1"
-        ));
+        let mut builder =
+            QueryBuilder::new(format!("SELECT {CHECK_COLUMNS} FROM health_checks WHERE 1"));
         push_scope(&mut builder, "organization_id", scope);
         if let Some(after) = after {
             builder.push(" AND id > ").push_bind(after.to_string());
         }
-        builder.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+        builder
+            .push(" ORDER BY id LIMIT ")
+            .push_bind(i64::from(limit));
         let rows = builder.build().fetch_all(&self.pool).await?;
         rows.iter().map(check_from_row).collect()
     }
@@ -216,7 +216,8 @@ impl HealthStore for SqliteStore {
             .bind(ms(received_at))
             .execute(&mut *tx)
             .await?;
-            if let Some(failed) = transition(previous.as_ref().map(|p| p.0.as_str()), &result.status)
+            if let Some(failed) =
+                transition(previous.as_ref().map(|p| p.0.as_str()), &result.status)
             {
                 transitions.push(HealthTransition {
                     check_id: result.check_id.clone(),
