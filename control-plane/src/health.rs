@@ -129,11 +129,41 @@ fn push_lock(server_id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
         .clone()
 }
 
+/// Fingerprint of the set of checks last pushed to each server connected
+/// here (see [`reconcile`]); removed when a push fails.
+static LAST_PUSHED: LazyLock<Mutex<HashMap<Uuid, u64>>> = LazyLock::new(Default::default);
+
+fn last_pushed() -> std::sync::MutexGuard<'static, HashMap<Uuid, u64>> {
+    LAST_PUSHED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn fingerprint(specs: &[HealthCheckSpec]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    format!("{specs:?}").hash(&mut hasher);
+    hasher.finish()
+}
+
 /// Sends the server its whole set of checks (`ConfigureHealthChecks`) over
 /// its session on this replica and logs what the agent refused.
 pub async fn push_checks(cp: &ControlPlane, server: &Server) -> Result<(), HealthError> {
     let lock = push_lock(server.id);
     let _guard = lock.lock().await;
+    let outcome = push_locked(cp, server).await;
+    match &outcome {
+        Ok(fingerprint) => {
+            last_pushed().insert(server.id, *fingerprint);
+        }
+        Err(_) => {
+            last_pushed().remove(&server.id);
+        }
+    }
+    outcome.map(|_| ())
+}
+
+async fn push_locked(cp: &ControlPlane, server: &Server) -> Result<u64, HealthError> {
     let connection = cp
         .sessions
         .connection(server.id)
@@ -143,6 +173,7 @@ pub async fn push_checks(cp: &ControlPlane, server: &Server) -> Result<(), Healt
         .iter()
         .map(wire_spec)
         .collect();
+    let pushed = fingerprint(&specs);
     let count = specs.len();
     let exchange = async {
         let mut stream = ControlStream::open(&connection).await?;
@@ -171,7 +202,7 @@ pub async fn push_checks(cp: &ControlPlane, server: &Server) -> Result<(), Healt
                 rejected = answer.rejected.len(),
                 "health checks configured"
             );
-            Ok(())
+            Ok(pushed)
         }
         Ok(Ok(_)) => Err(HealthError::Unexpected),
     }
@@ -233,6 +264,97 @@ pub fn spawn_repush(
         }
         .in_current_span(),
     );
+}
+
+/// How often [`reconcile`] runs.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Re-pushes checks to this replica's sessions whose set of checks differs
+/// from the one last pushed: checks changed through another replica, and
+/// pushes that failed. Loads every check and the connected servers in pages
+/// (no query per server).
+pub async fn reconcile(cp: &Arc<ControlPlane>) -> StoreResult<()> {
+    let live: std::collections::HashSet<Uuid> = cp.sessions.server_ids().into_iter().collect();
+    if live.is_empty() {
+        return Ok(());
+    }
+    let everything = cp
+        .store
+        .organization_scope(cp.instance.root_organization_id)
+        .await?;
+    let mut checks = Vec::new();
+    let mut after = None;
+    loop {
+        let page = cp.store.list_health_checks(&everything, 500, after).await?;
+        let done = page.len() < 500;
+        after = page.last().map(|c| c.id);
+        checks.extend(page);
+        if done {
+            break;
+        }
+    }
+    let mut ancestors: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
+    let mut after = None;
+    loop {
+        let page = cp
+            .store
+            .list_servers(&crate::store::ServerQuery {
+                scope: everything.clone(),
+                limit: 500,
+                after,
+                ..Default::default()
+            })
+            .await?;
+        let done = page.len() < 500;
+        after = page.last().map(|s| s.id);
+        for server in page.into_iter().filter(|s| live.contains(&s.id)) {
+            if !ancestors.contains_key(&server.organization_id) {
+                let line = cp
+                    .store
+                    .organization_ancestors(server.organization_id)
+                    .await?
+                    .into_iter()
+                    .map(|o| o.id)
+                    .collect();
+                ancestors.insert(server.organization_id, line);
+            }
+            let line = ancestors
+                .get(&server.organization_id)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let specs: Vec<HealthCheckSpec> = checks
+                .iter()
+                .filter(|c| line.contains(&c.organization_id) && c.selector.matches(&server))
+                .map(wire_spec)
+                .collect();
+            let current = fingerprint(&specs);
+            let pushed = last_pushed().get(&server.id).copied();
+            if pushed != Some(current) {
+                tracing::debug!(server_id = %server.id, "health checks out of date; pushing");
+                spawn_push(cp.clone(), server);
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Runs [`reconcile`] every [`RECONCILE_INTERVAL`] until shutdown.
+pub async fn reconcile_loop(cp: Arc<ControlPlane>) {
+    let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cp.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = reconcile(&cp).await {
+            tracing::warn!(error = %e, "could not reconcile pushed health checks");
+        }
+    }
 }
 
 fn unix_ms(ms: u64, fallback: DateTime<Utc>) -> DateTime<Utc> {

@@ -461,6 +461,48 @@ async fn a_replica_never_flaps_a_server_another_replica_holds_and_sweeps_it_when
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // A check created through replica B reaches the agent connected to A
+    // (A reconciles what it pushed with the database).
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let created = b
+        .request_as(&token, Method::POST, "/api/v1/health-checks")
+        .json(&json!({
+            "name": "made on b",
+            "kind": "tcp",
+            "spec": { "address": format!("127.0.0.1:{closed_port}") },
+            "interval_seconds": 1,
+            "retries": 1,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let check_id = created["id"].as_str().unwrap().to_string();
+    eventually(
+        Duration::from_secs(25),
+        "the check made on B to run on A's agent",
+        || async {
+            let body: Value = b
+                .request_as(
+                    &token,
+                    Method::GET,
+                    &format!("/api/v1/servers/{server_id}/health"),
+                )
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            Ok(check_of(&body, &check_id).is_some().then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+
     // Replica A dies: nobody ends the session, B's sweep notices.
     a.stop(true);
     let killed = Instant::now();

@@ -87,6 +87,8 @@ fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer<'st
 /// a server held by another live replica is refreshed by that replica every
 /// period (at most a third of `--offline-after`), so it is never stale.
 pub async fn liveness_loop(cp: Arc<ControlPlane>) {
+    // Pushed health checks follow changes made through other replicas.
+    tokio::spawn(crate::health::reconcile_loop(cp.clone()));
     let period =
         (cp.config.offline_after / 3).clamp(Duration::from_millis(300), Duration::from_secs(10));
     let mut tick = tokio::time::interval(period);
