@@ -308,7 +308,9 @@ pub async fn reconcile(cp: &Arc<ControlPlane>) -> StoreResult<()> {
         let done = page.len() < 500;
         after = page.last().map(|s| s.id);
         for server in page.into_iter().filter(|s| live.contains(&s.id)) {
-            if !ancestors.contains_key(&server.organization_id) {
+            if let std::collections::hash_map::Entry::Vacant(entry) =
+                ancestors.entry(server.organization_id)
+            {
                 let line = cp
                     .store
                     .organization_ancestors(server.organization_id)
@@ -316,7 +318,7 @@ pub async fn reconcile(cp: &Arc<ControlPlane>) -> StoreResult<()> {
                     .into_iter()
                     .map(|o| o.id)
                     .collect();
-                ancestors.insert(server.organization_id, line);
+                entry.insert(line);
             }
             let line = ancestors
                 .get(&server.organization_id)
