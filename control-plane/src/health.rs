@@ -175,6 +175,10 @@ async fn push_locked(cp: &ControlPlane, server: &Server) -> Result<u64, HealthEr
         .collect();
     let pushed = fingerprint(&specs);
     let count = specs.len();
+    let names: HashMap<String, String> = specs
+        .iter()
+        .map(|s| (s.id.clone(), s.name.clone()))
+        .collect();
     let exchange = async {
         let mut stream = ControlStream::open(&connection).await?;
         let answer = stream
@@ -187,6 +191,24 @@ async fn push_locked(cp: &ControlPlane, server: &Server) -> Result<u64, HealthEr
         Err(_) => Err(HealthError::Timeout),
         Ok(Err(e)) => Err(e),
         Ok(Ok(AgentMessage::HealthChecksConfigured(answer))) => {
+            let now = Utc::now();
+            let refused: Vec<HealthResultRecord> = answer
+                .rejected
+                .iter()
+                .map(|r| HealthResultRecord {
+                    server_id: server.id,
+                    check_id: r.id.clone(),
+                    name: names.get(&r.id).cloned().unwrap_or_else(|| r.id.clone()),
+                    status: "rejected".into(),
+                    message: format!("the agent refused this check: {}", r.reason),
+                    consecutive_failures: 0,
+                    checked_at: now,
+                    duration_ms: 0,
+                    seq: 0,
+                    received_at: now,
+                })
+                .collect();
+            cp.store.record_rejected_checks(server.id, &refused).await?;
             for rejected in &answer.rejected {
                 tracing::warn!(
                     server_id = %server.id,

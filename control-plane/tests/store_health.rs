@@ -24,6 +24,7 @@ store_tests! {
     a_transition_to_failing_and_back_is_reported_once,
     an_older_result_never_replaces_a_newer_one,
     a_check_missing_from_a_report_loses_its_result,
+    rejected_checks_stay_through_reports_until_the_next_push_replaces_them,
     end_session_marks_offline_only_the_session_that_is_still_current,
     mark_stale_offline_marks_online_servers_no_replica_refreshed,
     mark_registration_timeouts_times_out_servers_that_never_connected,
@@ -624,4 +625,44 @@ async fn mark_registration_timeouts_times_out_servers_that_never_connected(store
     let s = server_by_id(&*store, &[root], never.id).await;
     assert_eq!(s.status, ServerStatus::Online);
     assert_eq!(s.status_reason, None);
+}
+
+async fn rejected_checks_stay_through_reports_until_the_next_push_replaces_them(
+    store: Arc<dyn Store>,
+) {
+    let instance = init(&*store).await;
+    let root = instance.root_organization_id;
+    let (server, _) = enroll_server(&*store, root, "host", Labels::new()).await;
+    let t = now() - Duration::minutes(5);
+    let refused = HealthResultRecord {
+        status: "rejected".into(),
+        message: "the agent refused this check: commands are disabled".into(),
+        consecutive_failures: 0,
+        duration_ms: 0,
+        seq: 0,
+        ..result(server.id, "exec-1", "rejected", "", t, 0)
+    };
+    store
+        .record_rejected_checks(server.id, std::slice::from_ref(&refused))
+        .await
+        .expect("record rejected");
+    let report = [result(server.id, "builtin:disk", "passing", "ok", t, 1)];
+    store
+        .record_health_report(server.id, &report, t)
+        .await
+        .expect("record");
+    assert_eq!(
+        store.health_results(server.id).await.expect("results"),
+        vec![report[0].clone(), refused.clone()],
+        "a report (which cannot hold a refused check) keeps the refusal"
+    );
+    store
+        .record_rejected_checks(server.id, &[])
+        .await
+        .expect("record rejected");
+    assert_eq!(
+        store.health_results(server.id).await.expect("results"),
+        report.to_vec(),
+        "a push the agent fully accepted clears it"
+    );
 }

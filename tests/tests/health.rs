@@ -527,3 +527,55 @@ async fn a_replica_never_flaps_a_server_another_replica_holds_and_sweeps_it_when
         "{reason}"
     );
 }
+
+#[tokio::test]
+async fn a_check_the_agent_refuses_shows_as_rejected_with_the_agents_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), FAST)
+        .await
+        .unwrap();
+    let token = cp
+        .enrollment_token(json!({ "server_name": "locked-down" }))
+        .await
+        .unwrap();
+    let state_dir = dir.path().join("locked-down");
+    // The agent's local policy forbids commands, so exec checks too.
+    std::fs::write(
+        state_dir.with_extension("toml"),
+        "[commands]\nenabled = false\n",
+    )
+    .unwrap();
+    let mut agent = tether_tests::Agent::new(&state_dir);
+    let (ok, stderr) = agent.enroll(&cp, token["token"].as_str().unwrap()).unwrap();
+    assert!(ok, "{stderr}");
+    let server_id = agent.server_id().unwrap();
+    agent.run().unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .unwrap();
+
+    let check = create_check(
+        &cp,
+        json!({ "name": "true", "kind": "exec", "spec": { "argv": ["true"] }, "interval_seconds": 1 }),
+    )
+    .await;
+    let check_id = check["id"].as_str().unwrap();
+    let body = wait_for_check(
+        &cp,
+        &server_id,
+        check_id,
+        "rejected",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(body["status"], "failing", "{body}");
+    let refused = check_of(&body, check_id).unwrap();
+    assert_eq!(refused["name"], "true");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("the agent refused this check: "),
+        "{refused}"
+    );
+}

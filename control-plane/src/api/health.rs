@@ -36,7 +36,8 @@ pub struct HealthResultView {
     /// `builtin:disk`, `builtin:memory`, `builtin:control_plane`, `builtin:clock_skew`).
     pub check_id: String,
     pub name: String,
-    /// `starting`, `passing` or `failing`.
+    /// `starting`, `passing`, `failing`, or `rejected` (the agent refused
+    /// the check, e.g. its command policy forbids it; `message` says why).
     pub status: String,
     /// What the last run said (status line, error, program output).
     pub message: String,
@@ -67,7 +68,7 @@ impl From<HealthResultRecord> for HealthResultView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ServerHealthView {
     pub server_id: Uuid,
-    /// `failing` when a check fails, `passing` when every check passes,
+    /// `failing` when a check fails (or was refused by the agent), `passing` when every check passes,
     /// `unknown` otherwise (no results yet, or checks still starting).
     pub status: String,
     /// The server's connection state: results of a server that is not
@@ -320,7 +321,10 @@ pub async fn server_health(
         .await?
         .ok_or_else(|| ApiError::not_found("no such server"))?;
     let results = cp.store.health_results(id).await?;
-    let status = if results.iter().any(|r| r.status == "failing") {
+    let status = if results
+        .iter()
+        .any(|r| r.status == "failing" || r.status == "rejected")
+    {
         "failing"
     } else if !results.is_empty() && results.iter().all(|r| r.status == "passing") {
         "passing"

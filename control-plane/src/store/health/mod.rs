@@ -126,7 +126,8 @@ pub struct HealthResultRecord {
     /// The pushed check's id (a UUID) or `builtin:<name>`.
     pub check_id: String,
     pub name: String,
-    /// `starting`, `passing` or `failing`.
+    /// `starting`, `passing`, `failing`, or `rejected` (the agent refused
+    /// the check; `message` says why).
     pub status: String,
     pub message: String,
     pub consecutive_failures: i64,
@@ -184,13 +185,22 @@ pub trait HealthStore: Send + Sync {
     /// passing. A result older than the stored one of its check is ignored,
     /// so a replayed report changes nothing and yields no transition.
     /// Stored results of checks missing from `results` (a snapshot) are
-    /// deleted. Also refreshes the server's `last_seen_at`.
+    /// deleted, except `rejected` ones (see [`Self::record_rejected_checks`]). Also refreshes the server's `last_seen_at`.
     async fn record_health_report(
         &self,
         server_id: Uuid,
         results: &[HealthResultRecord],
         received_at: DateTime<Utc>,
     ) -> StoreResult<Vec<HealthTransition>>;
+
+    /// Replaces the server's `rejected` rows (checks its agent refused at
+    /// the last push) with `rejected` (their status is `rejected`). Reports
+    /// never delete these rows; the next push's answer does.
+    async fn record_rejected_checks(
+        &self,
+        server_id: Uuid,
+        rejected: &[HealthResultRecord],
+    ) -> StoreResult<()>;
 
     /// The latest result of every check of a server, by check id.
     async fn health_results(&self, server_id: Uuid) -> StoreResult<Vec<HealthResultRecord>>;

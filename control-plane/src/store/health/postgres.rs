@@ -236,13 +236,48 @@ impl HealthStore for PostgresStore {
             .iter()
             .map(|r| text(&r.check_id).into_owned())
             .collect();
-        sqlx::query("DELETE FROM health_results WHERE server_id = $1 AND check_id <> ALL($2)")
-            .bind(server_id)
-            .bind(&keep)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "DELETE FROM health_results
+             WHERE server_id = $1 AND check_id <> ALL($2) AND status <> 'rejected'",
+        )
+        .bind(server_id)
+        .bind(&keep)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(transitions)
+    }
+
+    async fn record_rejected_checks(
+        &self,
+        server_id: Uuid,
+        rejected: &[HealthResultRecord],
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM health_results WHERE server_id = $1 AND status = 'rejected'")
+            .bind(server_id)
+            .execute(&mut *tx)
+            .await?;
+        for r in rejected {
+            sqlx::query(&format!(
+                "INSERT INTO health_results ({RESULT_COLUMNS})
+                 VALUES ($1, $2, $3, 'rejected', $4, 0, $5, 0, 0, $6)
+                 ON CONFLICT (server_id, check_id) DO UPDATE SET name = EXCLUDED.name,
+                     status = 'rejected', message = EXCLUDED.message, consecutive_failures = 0,
+                     checked_at = EXCLUDED.checked_at, duration_ms = 0, seq = 0,
+                     received_at = EXCLUDED.received_at"
+            ))
+            .bind(server_id)
+            .bind(&*text(&r.check_id))
+            .bind(&*text(&r.name))
+            .bind(&*text(&r.message))
+            .bind(r.checked_at)
+            .bind(r.received_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn health_results(&self, server_id: Uuid) -> StoreResult<Vec<HealthResultRecord>> {

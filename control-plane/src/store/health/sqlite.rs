@@ -227,7 +227,9 @@ impl HealthStore for SqliteStore {
                 });
             }
         }
-        let mut builder = QueryBuilder::new("DELETE FROM health_results WHERE server_id = ");
+        let mut builder = QueryBuilder::new(
+            "DELETE FROM health_results WHERE status <> 'rejected' AND server_id = ",
+        );
         builder.push_bind(server_id.to_string());
         if !results.is_empty() {
             builder.push(" AND check_id NOT IN (");
@@ -240,6 +242,37 @@ impl HealthStore for SqliteStore {
         builder.build().execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(transitions)
+    }
+
+    async fn record_rejected_checks(
+        &self,
+        server_id: Uuid,
+        rejected: &[HealthResultRecord],
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM health_results WHERE server_id = ? AND status = 'rejected'")
+            .bind(server_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        for r in rejected {
+            sqlx::query(&format!(
+                "INSERT INTO health_results ({RESULT_COLUMNS}) VALUES (?, ?, ?, 'rejected', ?, 0, ?, 0, 0, ?)
+                 ON CONFLICT (server_id, check_id) DO UPDATE SET name = excluded.name,
+                     status = 'rejected', message = excluded.message, consecutive_failures = 0,
+                     checked_at = excluded.checked_at, duration_ms = 0, seq = 0,
+                     received_at = excluded.received_at"
+            ))
+            .bind(server_id.to_string())
+            .bind(&r.check_id)
+            .bind(&r.name)
+            .bind(&r.message)
+            .bind(ms(r.checked_at))
+            .bind(ms(r.received_at))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn health_results(&self, server_id: Uuid) -> StoreResult<Vec<HealthResultRecord>> {
