@@ -24,6 +24,7 @@ pub mod auth;
 pub mod cloud_providers;
 pub mod enrollment_tokens;
 pub mod error;
+pub mod health;
 pub mod infrastructure;
 pub mod metrics;
 pub mod organizations;
@@ -77,6 +78,7 @@ carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Er
         (name = "meta", description = "Health and this document."),
         (name = "enrollment", description = "One-time tokens for adding servers."),
         (name = "servers", description = "The fleet inventory."),
+        (name = "health", description = "Health checks pushed to agents and their latest results."),
         (name = "organizations", description = "The organization tree and its quotas."),
         (name = "tokens", description = "API tokens."),
         (name = "audit", description = "The audit log of every write."),
@@ -154,6 +156,14 @@ fn documented() -> Documented {
         .routes(routes!(alerts::list_rules, alerts::create_rule))
         .routes(routes!(alerts::get_rule, alerts::delete_rule))
         .routes(routes!(alerts::list_alerts))
+        .routes(routes!(health::server_health))
+        .routes(routes!(health::run_now))
+        .routes(routes!(health::list_checks, health::create_check))
+        .routes(routes!(
+            health::get_check,
+            health::update_check,
+            health::delete_check
+        ))
         .split_for_parts();
     let (root, openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(health))
