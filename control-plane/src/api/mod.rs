@@ -21,6 +21,7 @@ pub mod agent_download;
 pub mod audit;
 pub mod auth;
 pub mod cloud_providers;
+pub mod commands;
 pub mod enrollment_tokens;
 pub mod error;
 pub mod infrastructure;
@@ -78,6 +79,7 @@ carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Er
         (name = "organizations", description = "The organization tree and its quotas."),
         (name = "tokens", description = "API tokens."),
         (name = "audit", description = "The audit log of every write."),
+        (name = "commands", description = "Programs run on servers: one server or a fan-out, output, cancel."),
         (name = "provisioning", description = "Cloud credentials, deployments made with Terraform, and what new servers download and report."),
     )
 )]
@@ -144,6 +146,11 @@ fn documented() -> Documented {
         .routes(routes!(infrastructure::force_unlock))
         .routes(routes!(infrastructure::events))
         .routes(routes!(infrastructure::boot_stage))
+        .routes(routes!(commands::run_on_server))
+        .routes(routes!(commands::fan_out))
+        .routes(routes!(commands::get))
+        .routes(routes!(commands::cancel))
+        .routes(routes!(commands::output))
         .split_for_parts();
     let (root, openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(health))

@@ -141,6 +141,7 @@ async fn run(
         format!("could not send Welcome: {e}")
     } else {
         tracing::info!(version, agent_version = %hello.agent_version, "session established");
+        crate::commands::on_session_start(cp.clone(), server_id);
         let (expiry_tx, expiry_rx) = watch::channel(cert.not_after);
         let renewal = RenewalContext {
             cp: cp.clone(),

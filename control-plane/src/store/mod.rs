@@ -22,7 +22,10 @@ pub mod webhooks;
 
 pub use federation::FederationStore;
 pub use health::HealthStore;
-pub use operations::OperationsStore;
+pub use operations::{
+    command_env_context, CancelOutcome, ClaimedCommand, CommandFinish, CommandRecord, CommandState,
+    NewCommand, OperationsStore,
+};
 pub use provisioning::*;
 pub use webhooks::WebhookStore;
 
@@ -301,6 +304,7 @@ pub(crate) fn sealed_secret_list(
             SealedKind::CloudCredential => cloud_credential_context(id),
             SealedKind::TerraformState => terraform_state_context(id),
             SealedKind::BootstrapToken => bootstrap_token_context(id),
+            SealedKind::CommandEnv => command_env_context(id),
             SealedKind::InstanceCaKey => INSTANCE_CA_KEY_CONTEXT.into(),
             SealedKind::InstanceSecret => instance_secret_context(&id.to_string()),
         },
@@ -332,6 +336,8 @@ pub enum SealedKind {
     TerraformState,
     /// A deployment's bootstrap token, kept while it may be rendered again.
     BootstrapToken,
+    /// A command's environment, kept until the command ends.
+    CommandEnv,
 }
 
 impl SealedKind {
@@ -342,15 +348,17 @@ impl SealedKind {
             Self::CloudCredential => Some(("cloud_credentials", "credentials_sealed", "id")),
             Self::TerraformState => Some(("terraform_states", "state_sealed", "deployment_id")),
             Self::BootstrapToken => Some(("deployments", "bootstrap_token_sealed", "id")),
+            Self::CommandEnv => Some(("commands", "env_sealed", "id")),
             Self::InstanceCaKey | Self::InstanceSecret => None,
         }
     }
 
     /// The kinds stored in rows.
-    pub(crate) const ROW_KINDS: [Self; 3] = [
+    pub(crate) const ROW_KINDS: [Self; 4] = [
         Self::CloudCredential,
         Self::TerraformState,
         Self::BootstrapToken,
+        Self::CommandEnv,
     ];
 }
 
@@ -447,7 +455,9 @@ pub struct MetricsIngest {
 
 /// The control plane's storage. One implementation per database.
 #[async_trait::async_trait]
-pub trait Store: WebhookStore + HealthStore + OperationsStore + FederationStore + Send + Sync + 'static {
+pub trait Store:
+    WebhookStore + HealthStore + OperationsStore + FederationStore + Send + Sync + 'static
+{
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
 

@@ -916,7 +916,8 @@ impl Store for SqliteStore {
             }
             kind @ (SealedKind::CloudCredential
             | SealedKind::TerraformState
-            | SealedKind::BootstrapToken) => {
+            | SealedKind::BootstrapToken
+            | SealedKind::CommandEnv) => {
                 let Some((table, column, key)) = kind.row_location() else {
                     return Ok(false);
                 };
