@@ -230,6 +230,14 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     let router = crate::api::router(state.clone());
     let shutdown = state.shutdown.clone();
     tasks.spawn(async move {
+        // TCP_NODELAY: SSE events are small writes that must not wait for
+        // the client's delayed ACK (Nagle), ~40 ms each otherwise.
+        use axum::serve::ListenerExt;
+        let api_listener = api_listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
         let served = axum::serve(
             api_listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),

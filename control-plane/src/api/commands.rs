@@ -623,6 +623,19 @@ async fn follow(cp: Arc<ControlPlane>, mut record: CommandRecord, tx: mpsc::Send
                 }
             }
         } else {
+            // Not running here: it may have ended a moment ago (or run on
+            // another replica); read it again before waiting.
+            match cp.store.command(None, record.id).await {
+                Ok(Some(fresh)) => record = fresh,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(command_id = %record.id, error = %e, "could not read a followed command");
+                    return;
+                }
+            }
+            if record.status.is_terminal() {
+                continue;
+            }
             if record.output.len() > sent {
                 if tx.send(output_event(&record.output[sent..])).await.is_err() {
                     return;
