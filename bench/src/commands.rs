@@ -44,7 +44,7 @@ pub struct CommandsArgs {
     #[arg(long, env = "TETHER_BENCH_POSTGRES_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Enrollments and session set-ups in flight at once.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 50)]
     pub concurrency: usize,
     /// QUIC connections sharing one client endpoint.
     #[arg(long, default_value_t = 500)]
@@ -171,29 +171,48 @@ async fn run_with(
         .map(|(i, token)| {
             let endpoint = endpoint_of(i as u32);
             let config = enroll_config.clone();
-            async move { enroll_one(endpoint, config, addr, pin, token, i as u32).await }
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    enroll_one(endpoint, config, addr, pin, token, i as u32),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("enrollment took over 60 s"))?
+            }
         })
         .buffered(args.concurrency.max(1))
-        .collect::<Vec<_>>()
+        .collect::<Vec<anyhow::Result<_>>>()
         .await
         .into_iter()
-        .collect::<anyhow::Result<_>>()?;
+        .filter_map(|r| r.map_err(|e| eprintln!("enrollment failed: {e:#}")).ok())
+        .collect();
     let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
     let connected: Vec<_> = futures::stream::iter(configs.into_iter().enumerate())
         .map(|(i, config)| {
             let endpoint = endpoint_of(i as u32);
             async move {
-                connect_one(endpoint, config, addr, i as u32)
-                    .await
-                    .map(|c| (i, c))
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    connect_one(endpoint, config, addr, i as u32),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("session set-up took over 60 s"))?
+                .map(|c| (i, c))
             }
         })
         .buffered(args.concurrency.max(1))
-        .collect::<Vec<_>>()
+        .collect::<Vec<anyhow::Result<_>>>()
         .await
         .into_iter()
-        .collect::<anyhow::Result<_>>()?;
+        .filter_map(|r| r.map_err(|e| eprintln!("session failed: {e:#}")).ok())
+        .collect();
+    if connected.is_empty() {
+        bail!(
+            "no simulated agent got a session; see {}",
+            cp.log_path.display()
+        );
+    }
     let mut server_ids = Vec::with_capacity(connected.len());
     for (i, (connection, control, server_id, heartbeat)) in connected {
         tokio::spawn(heartbeat_loop(

@@ -12,9 +12,7 @@
 mod common;
 
 use common::*;
-use tether_control_plane::store::{
-    CancelOutcome, CommandFinish, CommandState, NewCommand, OperationsStore,
-};
+use tether_control_plane::store::{CancelOutcome, CommandFinish, CommandState, NewCommand};
 
 store_tests! {
     concurrent_claims_of_a_queued_command_give_it_to_exactly_one_worker,
@@ -83,7 +81,10 @@ async fn concurrent_claims_of_a_queued_command_give_it_to_exactly_one_worker(
 ) {
     let (_, child, server) = fixture(&*store).await;
     let command = new_command(child, server, None);
-    store.create_commands(&[command.clone()]).await.unwrap();
+    store
+        .create_commands(std::slice::from_ref(&command))
+        .await
+        .unwrap();
     let mut racers = tokio::task::JoinSet::new();
     for worker in 0..8 {
         let store = store.clone();
@@ -115,7 +116,10 @@ async fn concurrent_claims_of_a_queued_command_give_it_to_exactly_one_worker(
 async fn a_finished_command_ignores_late_output_and_a_second_outcome(store: Arc<dyn Store>) {
     let (_, child, server) = fixture(&*store).await;
     let command = new_command(child, server, Some("me"));
-    store.create_commands(&[command.clone()]).await.unwrap();
+    store
+        .create_commands(std::slice::from_ref(&command))
+        .await
+        .unwrap();
     assert!(store
         .append_command_output(command.id, b"a", false)
         .await
@@ -148,7 +152,10 @@ async fn a_finished_command_ignores_late_output_and_a_second_outcome(store: Arc<
 async fn output_appends_in_order_byte_exact_and_truncation_sticks(store: Arc<dyn Store>) {
     let (_, child, server) = fixture(&*store).await;
     let command = new_command(child, server, Some("me"));
-    store.create_commands(&[command.clone()]).await.unwrap();
+    store
+        .create_commands(std::slice::from_ref(&command))
+        .await
+        .unwrap();
     let chunks: [&[u8]; 3] = [b"one\n", &[0, 0xff, 0xfe, b'\n'], b"three"];
     assert!(store
         .append_command_output(command.id, chunks[0], false)
@@ -219,7 +226,10 @@ async fn commands_are_visible_and_cancellable_only_within_the_scope(store: Arc<d
     let (root, child, server) = fixture(&*store).await;
     let sibling = create_org(&*store, root, "sibling").await;
     let command = new_command(child, server, None);
-    store.create_commands(&[command.clone()]).await.unwrap();
+    store
+        .create_commands(std::slice::from_ref(&command))
+        .await
+        .unwrap();
     let root_scope = store.organization_scope(root).await.unwrap();
     let sibling_scope = store.organization_scope(sibling).await.unwrap();
     assert!(store
@@ -309,7 +319,10 @@ async fn the_sealed_environment_is_listed_for_rotation_until_the_command_ends(
     let (_, child, server) = fixture(&*store).await;
     let mut command = new_command(child, server, None);
     command.env_sealed = Some("v1:key:sealed-env".into());
-    store.create_commands(&[command.clone()]).await.unwrap();
+    store
+        .create_commands(std::slice::from_ref(&command))
+        .await
+        .unwrap();
     let listed: Vec<_> = store
         .sealed_secrets()
         .await
