@@ -22,7 +22,10 @@ pub mod webhooks;
 
 pub use federation::FederationStore;
 pub use health::HealthStore;
-pub use operations::OperationsStore;
+pub use operations::{
+    command_env_context, CancelOutcome, ClaimedCommand, CommandFinish, CommandRecord, CommandState,
+    NewCommand, OperationsStore,
+};
 pub use provisioning::*;
 pub use webhooks::*;
 
@@ -302,6 +305,7 @@ pub(crate) fn sealed_secret_list(
             SealedKind::TerraformState => terraform_state_context(id),
             SealedKind::BootstrapToken => bootstrap_token_context(id),
             SealedKind::WebhookSecret => webhooks::webhook_secret_context(id),
+            SealedKind::CommandEnv => command_env_context(id),
             SealedKind::InstanceCaKey => INSTANCE_CA_KEY_CONTEXT.into(),
             SealedKind::InstanceSecret => instance_secret_context(&id.to_string()),
         },
@@ -335,6 +339,8 @@ pub enum SealedKind {
     BootstrapToken,
     /// A webhook's signing secret (id: the webhook's).
     WebhookSecret,
+    /// A command's environment, kept until the command ends.
+    CommandEnv,
 }
 
 impl SealedKind {
@@ -346,16 +352,18 @@ impl SealedKind {
             Self::TerraformState => Some(("terraform_states", "state_sealed", "deployment_id")),
             Self::BootstrapToken => Some(("deployments", "bootstrap_token_sealed", "id")),
             Self::WebhookSecret => Some(("webhooks", "secret_sealed", "id")),
+            Self::CommandEnv => Some(("commands", "env_sealed", "id")),
             Self::InstanceCaKey | Self::InstanceSecret => None,
         }
     }
 
     /// The kinds stored in rows.
-    pub(crate) const ROW_KINDS: [Self; 4] = [
+    pub(crate) const ROW_KINDS: [Self; 5] = [
         Self::CloudCredential,
         Self::TerraformState,
         Self::BootstrapToken,
         Self::WebhookSecret,
+        Self::CommandEnv,
     ];
 }
 

@@ -932,7 +932,8 @@ impl Store for PostgresStore {
             kind @ (SealedKind::CloudCredential
             | SealedKind::TerraformState
             | SealedKind::BootstrapToken
-            | SealedKind::WebhookSecret) => {
+            | SealedKind::WebhookSecret
+            | SealedKind::CommandEnv) => {
                 let (Some((table, column, key)), Ok(id)) =
                     (kind.row_location(), Uuid::parse_str(&secret.id))
                 else {

@@ -919,7 +919,8 @@ impl Store for SqliteStore {
             kind @ (SealedKind::CloudCredential
             | SealedKind::TerraformState
             | SealedKind::BootstrapToken
-            | SealedKind::WebhookSecret) => {
+            | SealedKind::WebhookSecret
+            | SealedKind::CommandEnv) => {
                 let Some((table, column, key)) = kind.row_location() else {
                     return Ok(false);
                 };
