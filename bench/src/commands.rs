@@ -188,17 +188,29 @@ async fn run_with(
         .collect();
     let counters = Arc::new(Counters::default());
     let stop = CancellationToken::new();
-    let connected: Vec<_> = futures::stream::iter(configs.into_iter().enumerate())
+    // Each session heartbeats and answers commands from the moment it is up
+    // (a session set up early must not go silent while the rest connect).
+    let server_ids: Vec<String> = futures::stream::iter(configs.into_iter().enumerate())
         .map(|(i, config)| {
             let endpoint = endpoint_of(i as u32);
+            let counters = counters.clone();
+            let stop = stop.clone();
             async move {
-                tokio::time::timeout(
+                let (connection, control, server_id, heartbeat) = tokio::time::timeout(
                     Duration::from_secs(60),
                     connect_one(endpoint, config, addr, i as u32),
                 )
                 .await
-                .map_err(|_| anyhow::anyhow!("session set-up took over 60 s"))?
-                .map(|c| (i, c))
+                .map_err(|_| anyhow::anyhow!("session set-up took over 60 s"))??;
+                tokio::spawn(heartbeat_loop(
+                    control,
+                    heartbeat,
+                    i as u32,
+                    counters,
+                    stop.clone(),
+                ));
+                tokio::spawn(answer_commands(connection, stop));
+                Ok::<_, anyhow::Error>(server_id)
             }
         })
         .buffered(args.concurrency.max(1))
@@ -207,23 +219,11 @@ async fn run_with(
         .into_iter()
         .filter_map(|r| r.map_err(|e| eprintln!("session failed: {e:#}")).ok())
         .collect();
-    if connected.is_empty() {
+    if server_ids.is_empty() {
         bail!(
             "no simulated agent got a session; see {}",
             cp.log_path.display()
         );
-    }
-    let mut server_ids = Vec::with_capacity(connected.len());
-    for (i, (connection, control, server_id, heartbeat)) in connected {
-        tokio::spawn(heartbeat_loop(
-            control,
-            heartbeat,
-            i as u32,
-            counters.clone(),
-            stop.clone(),
-        ));
-        tokio::spawn(answer_commands(connection, stop.clone()));
-        server_ids.push(server_id);
     }
     println!(
         "{} agents enrolled and connected in {:.1} s",
@@ -233,7 +233,7 @@ async fn run_with(
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(120))
         .build()?;
     let mut samples = Vec::with_capacity(args.commands as usize);
     let mut posts = Vec::with_capacity(args.commands as usize);
