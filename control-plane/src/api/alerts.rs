@@ -305,19 +305,16 @@ pub async fn list_rules(
     caller.require(Scope::ServersRead)?;
     let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = super::page_cursor(params.cursor.as_deref())?;
-    let mut rules = cp
+    let rules = cp
         .store
         .list_alert_rules(&caller.visible_organizations, limit + 1, after)
         .await?;
-    let has_more = rules.len() > limit as usize;
-    rules.truncate(limit as usize);
-    let next_cursor = has_more
-        .then(|| rules.last().map(|r| r.id.to_string()))
-        .flatten();
-    Ok(Json(Page {
-        data: rules.into_iter().map(Into::into).collect(),
-        next_cursor,
-    }))
+    Ok(Json(Page::from_rows(
+        rules,
+        limit,
+        |r| r.id.to_string(),
+        Into::into,
+    )))
 }
 
 /// One alert rule. Needs `servers:read`.
@@ -443,7 +440,7 @@ pub async fn list_alerts(
         .transpose()?;
     let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let before = super::page_cursor(params.cursor.as_deref())?;
-    let mut alerts = cp
+    let alerts = cp
         .store
         .list_alerts(&AlertQuery {
             scope: caller.visible_organizations.clone(),
@@ -452,13 +449,10 @@ pub async fn list_alerts(
             before,
         })
         .await?;
-    let has_more = alerts.len() > limit as usize;
-    alerts.truncate(limit as usize);
-    let next_cursor = has_more
-        .then(|| alerts.last().map(|a| a.id.to_string()))
-        .flatten();
-    Ok(Json(Page {
-        data: alerts.into_iter().map(Into::into).collect(),
-        next_cursor,
-    }))
+    Ok(Json(Page::from_rows(
+        alerts,
+        limit,
+        |a| a.id.to_string(),
+        Into::into,
+    )))
 }

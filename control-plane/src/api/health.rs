@@ -452,16 +452,12 @@ pub async fn list_checks(
         .store
         .list_health_checks(&caller.visible_organizations, limit + 1, after)
         .await?;
-    let has_more = checks.len() > limit as usize;
-    let data: Vec<HealthCheckView> = checks
-        .into_iter()
-        .take(limit as usize)
-        .map(HealthCheckView::from)
-        .collect();
-    let next_cursor = has_more
-        .then(|| data.last().map(|c| c.id.to_string()))
-        .flatten();
-    Ok(Json(Page { data, next_cursor }))
+    Ok(Json(Page::from_rows(
+        checks,
+        limit,
+        |c| c.id.to_string(),
+        HealthCheckView::from,
+    )))
 }
 
 /// Creates a health check; the servers it selects that are connected to

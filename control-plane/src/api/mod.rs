@@ -324,3 +324,28 @@ pub struct Page<T> {
     /// Pass as `cursor` to get the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
+
+impl<T> Page<T> {
+    /// The page of `rows` read with `limit + 1` (the extra row only tells
+    /// that another page follows): the first `limit` rows as views, and,
+    /// when more follow, the cursor of the last one shown.
+    pub fn from_rows<R>(
+        mut rows: Vec<R>,
+        limit: u32,
+        cursor: impl Fn(&R) -> String,
+        view: impl FnMut(R) -> T,
+    ) -> Self {
+        let limit = limit as usize;
+        let has_more = rows.len() > limit;
+        rows.truncate(limit);
+        let next_cursor = if has_more {
+            rows.last().map(cursor)
+        } else {
+            None
+        };
+        Self {
+            data: rows.into_iter().map(view).collect(),
+            next_cursor,
+        }
+    }
+}

@@ -156,16 +156,12 @@ pub async fn list(
             after,
         })
         .await?;
-    let has_more = servers.len() > limit as usize;
-    let data: Vec<ServerView> = servers
-        .into_iter()
-        .take(limit as usize)
-        .map(|s| ServerView::new(s, cp.instance.branch_id))
-        .collect();
-    let next_cursor = has_more
-        .then(|| data.last().map(|s| s.id.to_string()))
-        .flatten();
-    Ok(Json(Page { data, next_cursor }))
+    Ok(Json(Page::from_rows(
+        servers,
+        limit,
+        |s| s.id.to_string(),
+        |s| ServerView::new(s, cp.instance.branch_id),
+    )))
 }
 
 /// One server.

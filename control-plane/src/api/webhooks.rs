@@ -267,19 +267,16 @@ pub async fn list(
     caller.require(Scope::WebhooksWrite)?;
     let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = super::page_cursor(params.cursor.as_deref())?;
-    let mut webhooks = cp
+    let webhooks = cp
         .store
         .list_webhooks(&caller.visible_organizations, limit + 1, after)
         .await?;
-    let has_more = webhooks.len() > limit as usize;
-    webhooks.truncate(limit as usize);
-    let next_cursor = has_more
-        .then(|| webhooks.last().map(|w| w.id.to_string()))
-        .flatten();
-    Ok(Json(Page {
-        data: webhooks.into_iter().map(Into::into).collect(),
-        next_cursor,
-    }))
+    Ok(Json(Page::from_rows(
+        webhooks,
+        limit,
+        |w| w.id.to_string(),
+        Into::into,
+    )))
 }
 
 /// One webhook. Needs `webhooks:write`.
