@@ -51,6 +51,8 @@ pub struct ControlPlane {
     pub worker_id: String,
     /// Wakes the provisioning workers when a job is queued here.
     pub provision_wakeup: tokio::sync::Notify,
+    /// Branch federation: peer connections and signing keys.
+    pub federation: crate::federation::Federation,
     pub shutdown: CancellationToken,
 }
 
@@ -215,6 +217,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         backend_key,
         worker_id: format!("{}/{}", std::process::id(), Uuid::new_v4().simple()),
         provision_wakeup: tokio::sync::Notify::new(),
+        federation: Default::default(),
         shutdown: CancellationToken::new(),
     });
 
@@ -223,6 +226,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     tasks.spawn(crate::gateway::liveness_loop(state.clone()));
     tasks.spawn(crate::telemetry::maintenance_loop(state.clone()));
     tasks.spawn(crate::provision::job::worker_loop(state.clone()));
+    tasks.spawn(crate::federation::heartbeat_loop(state.clone()));
     let router = crate::api::router(state.clone());
     let shutdown = state.shutdown.clone();
     tasks.spawn(async move {

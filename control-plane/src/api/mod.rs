@@ -20,6 +20,7 @@ use crate::app::ControlPlane;
 pub mod agent_download;
 pub mod audit;
 pub mod auth;
+pub mod branches;
 pub mod cloud_providers;
 pub mod enrollment_tokens;
 pub mod error;
@@ -78,6 +79,7 @@ carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Er
         (name = "organizations", description = "The organization tree and its quotas."),
         (name = "tokens", description = "API tokens."),
         (name = "audit", description = "The audit log of every write."),
+        (name = "branches", description = "Federation with other branches: invites, peers, relayed commands."),
         (name = "provisioning", description = "Cloud credentials, deployments made with Terraform, and what new servers download and report."),
     )
 )]
@@ -144,6 +146,10 @@ fn documented() -> Documented {
         .routes(routes!(infrastructure::force_unlock))
         .routes(routes!(infrastructure::events))
         .routes(routes!(infrastructure::boot_stage))
+        .routes(routes!(branches::create_invite))
+        .routes(routes!(branches::list, branches::accept))
+        .routes(routes!(branches::get, branches::delete))
+        .routes(routes!(branches::relay_command))
         .split_for_parts();
     let (root, openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(health))

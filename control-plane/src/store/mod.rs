@@ -20,7 +20,10 @@ pub mod provisioning;
 pub mod sqlite;
 pub mod webhooks;
 
-pub use federation::FederationStore;
+pub use federation::{
+    branch_client_key_context, federation_key_context, BranchHealth, BranchInvite, BranchPeer,
+    BranchStatus, FederationKey, FederationStore, RemoteServer,
+};
 pub use health::HealthStore;
 pub use operations::OperationsStore;
 pub use provisioning::*;
@@ -303,6 +306,8 @@ pub(crate) fn sealed_secret_list(
             SealedKind::BootstrapToken => bootstrap_token_context(id),
             SealedKind::InstanceCaKey => INSTANCE_CA_KEY_CONTEXT.into(),
             SealedKind::InstanceSecret => instance_secret_context(&id.to_string()),
+            SealedKind::BranchClientKey => branch_client_key_context(id),
+            SealedKind::FederationSigningKey => federation_key_context(id),
         },
         id: id.to_string(),
         sealed,
@@ -332,6 +337,10 @@ pub enum SealedKind {
     TerraformState,
     /// A deployment's bootstrap token, kept while it may be rendered again.
     BootstrapToken,
+    /// The private key of a branch certificate a peer issued (id: the peer's branch id).
+    BranchClientKey,
+    /// A key signing inter-branch JWTs (id: its kid).
+    FederationSigningKey,
 }
 
 impl SealedKind {
@@ -342,15 +351,19 @@ impl SealedKind {
             Self::CloudCredential => Some(("cloud_credentials", "credentials_sealed", "id")),
             Self::TerraformState => Some(("terraform_states", "state_sealed", "deployment_id")),
             Self::BootstrapToken => Some(("deployments", "bootstrap_token_sealed", "id")),
+            Self::BranchClientKey => Some(("branch_peers", "client_key_sealed", "id")),
+            Self::FederationSigningKey => Some(("federation_keys", "private_key_sealed", "kid")),
             Self::InstanceCaKey | Self::InstanceSecret => None,
         }
     }
 
     /// The kinds stored in rows.
-    pub(crate) const ROW_KINDS: [Self; 3] = [
+    pub(crate) const ROW_KINDS: [Self; 5] = [
         Self::CloudCredential,
         Self::TerraformState,
         Self::BootstrapToken,
+        Self::BranchClientKey,
+        Self::FederationSigningKey,
     ];
 }
 

@@ -931,7 +931,9 @@ impl Store for PostgresStore {
             .rows_affected(),
             kind @ (SealedKind::CloudCredential
             | SealedKind::TerraformState
-            | SealedKind::BootstrapToken) => {
+            | SealedKind::BootstrapToken
+            | SealedKind::BranchClientKey
+            | SealedKind::FederationSigningKey) => {
                 let (Some((table, column, key)), Ok(id)) =
                     (kind.row_location(), Uuid::parse_str(&secret.id))
                 else {

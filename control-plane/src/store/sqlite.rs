@@ -916,7 +916,9 @@ impl Store for SqliteStore {
             }
             kind @ (SealedKind::CloudCredential
             | SealedKind::TerraformState
-            | SealedKind::BootstrapToken) => {
+            | SealedKind::BootstrapToken
+            | SealedKind::BranchClientKey
+            | SealedKind::FederationSigningKey) => {
                 let Some((table, column, key)) = kind.row_location() else {
                     return Ok(false);
                 };
