@@ -109,6 +109,7 @@ fn check_scopes(scopes: &[String]) -> Result<(), ApiError> {
     responses(
         (status = 201, description = "The invite (shown once).", body = InviteCreated),
         (status = 400, description = "`invalid_request`: the body is not JSON of this shape.", body = ErrorBody),
+        (status = 413, description = "`invalid_request`: the body exceeds 1 MiB.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
         (status = 403, description = "`forbidden`: the token lacks `branches:write`.", body = ErrorBody),
         (status = 422, description = "`validation_error`: empty name, unknown scope, ttl out of range.", body = ErrorBody),
@@ -226,6 +227,7 @@ fn federation_error(e: FederationError) -> ApiError {
     responses(
         (status = 201, description = "Peered; the new peer.", body = BranchView),
         (status = 400, description = "`invalid_request`: the body is not JSON of this shape.", body = ErrorBody),
+        (status = 413, description = "`invalid_request`: the body exceeds 1 MiB.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
         (status = 403, description = "`forbidden`: the token lacks `branches:write`, or the inviting branch refused the invite (used, expired, unknown).", body = ErrorBody),
         (status = 422, description = "`validation_error`: the invite is malformed or expired, or a scope cannot be granted.", body = ErrorBody),
@@ -417,6 +419,7 @@ pub struct RelayAccepted {
     responses(
         (status = 202, description = "Accepted by the peer.", body = RelayAccepted),
         (status = 400, description = "`invalid_request`: the body is not JSON of this shape.", body = ErrorBody),
+        (status = 413, description = "`invalid_request`: the body exceeds 1 MiB.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
         (status = 403, description = "`forbidden`: the token lacks `commands:run`, or the peer refused (scope not granted).", body = ErrorBody),
         (status = 404, description = "`not_found`: no such peer here, or no such server on it.", body = ErrorBody),
