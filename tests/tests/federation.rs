@@ -179,6 +179,9 @@ struct FakePeer {
     organization_id: String,
     connection: quinn::Connection,
     _endpoint: quinn::Endpoint,
+    pin: CaFingerprint,
+    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    client_key_pem: String,
 }
 
 impl FakePeer {
@@ -234,14 +237,14 @@ impl FakePeer {
             .unwrap();
         assert_eq!(done, BranchResponse::JoinCompleted);
         connection.close(0u32.into(), b"done");
-        let chain = accepted
+        let chain: Vec<rustls_pki_types::CertificateDer<'static>> = accepted
             .certificate_chain
             .iter()
             .map(|der| rustls_pki_types::CertificateDer::from(der.clone()))
             .collect();
         let tls = tether_certs::branch_client_config(
             pin,
-            Some((chain, client_key.private_key_der())),
+            Some((chain.clone(), client_key.private_key_der())),
         )
         .unwrap();
         let endpoint = tether_transport::client_endpoint(b.quic_addr, tls).unwrap();
@@ -254,6 +257,9 @@ impl FakePeer {
             organization_id: accepted.organization_id,
             connection,
             _endpoint: endpoint,
+            pin,
+            chain,
+            client_key_pem: client_key.to_pem(),
         }
     }
 
@@ -283,7 +289,7 @@ fn refusal(answer: &BranchResponse) -> (RefusalCode, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_past_expiry() {
+async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_past_expiry_and_its_certificate_as_an_agent() {
     let dir = tempfile::tempdir().unwrap();
     let b = ControlPlane::start(&dir.path().join("b"), &[]).await.unwrap();
     let text = invite(&b, &["servers:read"]).await;
@@ -345,6 +351,26 @@ async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_pa
     let (code, message) = refusal(&peer.call(token, BranchCall::Inventory).await);
     assert_eq!(code, RefusalCode::Unauthorized);
     assert!(message.contains("expired"), "{message}");
+
+    // The branch certificate never opens an agent session.
+    let key = AgentKey::from_pem(&peer.client_key_pem).unwrap();
+    let tls = tether_certs::agent_client_config(
+        peer.pin,
+        Some((peer.chain.clone(), key.private_key_der())),
+    )
+    .unwrap();
+    let endpoint = tether_transport::client_endpoint(b.quic_addr, tls).unwrap();
+    let connection = tether_transport::connect_control_plane(&endpoint, b.quic_addr)
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed())
+        .await
+        .expect("B kept a branch certificate's agent connection open");
+    assert_eq!(
+        tether_transport::close_code_of(&closed),
+        Some(tether_protocol::CloseCode::Revoked),
+        "{closed:?}"
+    );
 
     // No token (base64url JSON, `eyJ...`) reached B's log.
     assert!(!b.log().contains("eyJ"), "a token reached the log");
