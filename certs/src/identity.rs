@@ -139,7 +139,9 @@ impl BranchIdentity {
     /// Parses the SAN URI form.
     pub fn from_uri(uri: &str) -> Result<Self, CertError> {
         let invalid = || CertError::InvalidIdentity(uri.to_string());
-        let rest = uri.strip_prefix(AgentIdentity::SCHEME).ok_or_else(invalid)?;
+        let rest = uri
+            .strip_prefix(AgentIdentity::SCHEME)
+            .ok_or_else(invalid)?;
         let (issuer, peer) = rest.split_once("/branch/").ok_or_else(invalid)?;
         let well_formed = |part: &str| {
             !part.is_empty()
@@ -265,7 +267,11 @@ mod tests {
         assert!(AgentIdentity::from_uri(&branch.uri()).is_err());
         let agent = AgentIdentity::new("b1", "s1");
         assert!(BranchIdentity::from_uri(&agent.uri()).is_err());
-        for bad in ["tether://b1/branch/", "tether:///branch/x", "tether://a/branch/b/c"] {
+        for bad in [
+            "tether://b1/branch/",
+            "tether:///branch/x",
+            "tether://a/branch/b/c",
+        ] {
             assert!(BranchIdentity::from_uri(bad).is_err(), "{bad} accepted");
         }
     }

@@ -23,7 +23,8 @@ pub use agent_key::AgentKey;
 pub use authority::{CertificateAuthority, IssuedCertificate, ServerCertificate};
 pub use identity::{AgentIdentity, BranchIdentity, CaFingerprint, CertificateInfo};
 pub use tls::{
-    agent_client_config, branch_client_config, control_plane_server_config, crypto_provider, install_crypto_provider,
+    agent_client_config, branch_client_config, control_plane_server_config, crypto_provider,
+    install_crypto_provider,
 };
 
 /// Everything that can go wrong handling certificates.

@@ -219,7 +219,11 @@ async fn health_rounds_report_the_previous_status_and_keep_last_seen(store: Arc<
     assert_eq!(before, Some(BranchStatus::Healthy));
     let stored = store.branch_peer(None, p.id).await.unwrap().unwrap();
     assert_eq!(stored.status, BranchStatus::Unreachable);
-    assert_eq!(stored.last_seen_at, Some(seen), "a failed round erased last_seen_at");
+    assert_eq!(
+        stored.last_seen_at,
+        Some(seen),
+        "a failed round erased last_seen_at"
+    );
     assert_eq!(stored.latency_ms, Some(3));
     assert_eq!(stored.server_count, 2);
 
@@ -231,7 +235,12 @@ async fn health_rounds_report_the_previous_status_and_keep_last_seen(store: Arc<
     }];
     store.set_branch_peer_keys(p.id, &keys).await.unwrap();
     assert_eq!(
-        store.branch_peer(None, p.id).await.unwrap().unwrap().peer_keys,
+        store
+            .branch_peer(None, p.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .peer_keys,
         keys
     );
     let missing = store
@@ -249,9 +258,7 @@ async fn health_rounds_report_the_previous_status_and_keep_last_seen(store: Arc<
     assert_eq!(missing, None);
 }
 
-async fn remote_inventory_is_replaced_per_peer_and_removed_with_the_peering(
-    store: Arc<dyn Store>,
-) {
+async fn remote_inventory_is_replaced_per_peer_and_removed_with_the_peering(store: Arc<dyn Store>) {
     let instance = init(&*store).await;
     let root = instance.root_organization_id;
     let team = create_org(&*store, root, "team").await;
@@ -265,12 +272,18 @@ async fn remote_inventory_is_replaced_per_peer_and_removed_with_the_peering(
         .replace_remote_servers(c.id, &[remote(&c, "three")])
         .await
         .unwrap();
-    let all = store.list_remote_servers(&scope_of(&*store, root).await).await.unwrap();
+    let all = store
+        .list_remote_servers(&scope_of(&*store, root).await)
+        .await
+        .unwrap();
     assert_eq!(all.len(), 3);
     let got = all.iter().find(|r| r.id == first[0].id).unwrap();
     assert_eq!(got, &first[0]);
     // The team sees only its peering's servers.
-    let team_view = store.list_remote_servers(&scope_of(&*store, team).await).await.unwrap();
+    let team_view = store
+        .list_remote_servers(&scope_of(&*store, team).await)
+        .await
+        .unwrap();
     assert_eq!(team_view.len(), 1);
     assert_eq!(team_view[0].name, "three");
 
@@ -286,7 +299,10 @@ async fn remote_inventory_is_replaced_per_peer_and_removed_with_the_peering(
         .into_iter()
         .map(|r| r.name)
         .collect();
-    assert_eq!(names, BTreeSet::from(["four".to_string(), "three".to_string()]));
+    assert_eq!(
+        names,
+        BTreeSet::from(["four".to_string(), "three".to_string()])
+    );
 
     // Removing the peering removes its servers; syncing a gone peer stores nothing.
     assert!(store.delete_branch_peer(None, b.id).await.unwrap());
@@ -294,7 +310,10 @@ async fn remote_inventory_is_replaced_per_peer_and_removed_with_the_peering(
         .replace_remote_servers(b.id, &[remote(&b, "late")])
         .await
         .unwrap();
-    let left = store.list_remote_servers(&scope_of(&*store, root).await).await.unwrap();
+    let left = store
+        .list_remote_servers(&scope_of(&*store, root).await)
+        .await
+        .unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].name, "three");
 }
@@ -340,7 +359,12 @@ async fn rotating_the_signing_key_retires_the_previous_one_and_both_are_resealab
         .await
         .unwrap());
     assert_eq!(
-        store.branch_peer(None, p.id).await.unwrap().unwrap().client_key_sealed,
+        store
+            .branch_peer(None, p.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .client_key_sealed,
         "resealed-client-key"
     );
     let one = signing[0];

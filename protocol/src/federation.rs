@@ -222,14 +222,19 @@ pub enum RefusalCode {
 pub enum BranchResponse {
     Joined(JoinAccepted),
     JoinCompleted,
-    Refused { code: RefusalCode, message: String },
+    Refused {
+        code: RefusalCode,
+        message: String,
+    },
     HeartbeatAck {
         sent_at_ms: i64,
         keys: Vec<VerificationKey>,
         server_count: u32,
     },
     Inventory(Vec<PublishedServer>),
-    CommandAccepted { command_id: String },
+    CommandAccepted {
+        command_id: String,
+    },
     CommandState(RelayedCommandState),
     Unpeered,
 }
@@ -443,10 +448,7 @@ mod tests {
             classify_branch_request(BranchPeerKind::Unauthenticated, &call),
             Err(BranchViolation::NotPeered)
         );
-        assert_eq!(
-            classify_branch_request(BranchPeerKind::Peer, &call),
-            Ok(())
-        );
+        assert_eq!(classify_branch_request(BranchPeerKind::Peer, &call), Ok(()));
         assert_eq!(
             classify_branch_request(BranchPeerKind::Peer, &join),
             Err(BranchViolation::AlreadyPeered)
@@ -478,7 +480,10 @@ mod tests {
         let body = [200u8, 1];
         let err = decode_body::<BranchRequest>(&body).unwrap_err();
         assert!(
-            matches!(err, crate::FrameError::UnknownVariant | crate::FrameError::Undecodable(_)),
+            matches!(
+                err,
+                crate::FrameError::UnknownVariant | crate::FrameError::Undecodable(_)
+            ),
             "{err:?}"
         );
     }

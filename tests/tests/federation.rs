@@ -54,8 +54,12 @@ async fn branch(cp: &ControlPlane, id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_branches_peer_share_inventory_survive_a_restart_and_unpeer_on_both_sides() {
     let dir = tempfile::tempdir().unwrap();
-    let a = ControlPlane::start(&dir.path().join("a"), &[]).await.unwrap();
-    let mut b = ControlPlane::start(&dir.path().join("b"), &[]).await.unwrap();
+    let a = ControlPlane::start(&dir.path().join("a"), &[])
+        .await
+        .unwrap();
+    let mut b = ControlPlane::start(&dir.path().join("b"), &[])
+        .await
+        .unwrap();
 
     let text = invite(&b, &["servers:read", "commands:run"]).await;
     assert!(!b.log().contains(&text), "the invite was logged");
@@ -95,20 +99,29 @@ async fn two_branches_peer_share_inventory_survive_a_restart_and_unpeer_on_both_
     assert_eq!(data[0]["id"], a.branch_id.as_str());
 
     // An agent on B appears on A with B's branch id.
-    let (_agent, server_id) = enrolled_running_agent(&b, dir.path(), "edge-b").await.unwrap();
+    let (_agent, server_id) = enrolled_running_agent(&b, dir.path(), "edge-b")
+        .await
+        .unwrap();
     b.wait_for_status(&server_id, "online", Duration::from_secs(20))
         .await
         .unwrap();
-    let remote = eventually(Duration::from_secs(20), "B's server listed on A", || async {
-        let servers = a.servers("?branch=all").await?;
-        Ok(servers
-            .into_iter()
-            .find(|s| s["id"] == server_id.as_str() && s["status"] == "online"))
-    })
+    let remote = eventually(
+        Duration::from_secs(20),
+        "B's server listed on A",
+        || async {
+            let servers = a.servers("?branch=all").await?;
+            Ok(servers
+                .into_iter()
+                .find(|s| s["id"] == server_id.as_str() && s["status"] == "online"))
+        },
+    )
     .await
     .unwrap();
     assert_eq!(remote["branch_id"], b.branch_id.as_str());
-    assert!(a.servers("").await.unwrap().is_empty(), "local list shows remote servers");
+    assert!(
+        a.servers("").await.unwrap().is_empty(),
+        "local list shows remote servers"
+    );
     let healthy = branch(&a, &b.branch_id).await;
     assert_eq!(healthy["status"], "healthy", "{healthy}");
     assert!(healthy["latency_ms"].as_i64().is_some(), "{healthy}");
@@ -128,12 +141,19 @@ async fn two_branches_peer_share_inventory_survive_a_restart_and_unpeer_on_both_
         .call(
             &a.admin_token(),
             Method::POST,
-            &format!("/api/v1/branches/{}/servers/{server_id}/commands", b.branch_id),
+            &format!(
+                "/api/v1/branches/{}/servers/{server_id}/commands",
+                b.branch_id
+            ),
             Some(&json!({ "argv": ["echo", "hi"], "timeout_seconds": 5 })),
         )
         .await
         .unwrap();
-    assert!(asked.elapsed() < Duration::from_secs(1), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!(relayed.status, 503, "{:?}", relayed.body);
     assert_eq!(relayed.body["error"], "branch_unreachable");
 
@@ -186,8 +206,7 @@ struct FakePeer {
 
 impl FakePeer {
     async fn join(b: &ControlPlane, invite_text: &str) -> Self {
-        let invite =
-            tether_control_plane::federation::invite::Invite::decode(invite_text).unwrap();
+        let invite = tether_control_plane::federation::invite::Invite::decode(invite_text).unwrap();
         let pin: CaFingerprint = invite.ca_fingerprint.parse().unwrap();
         let id = uuid::Uuid::now_v7();
         let ca = CertificateAuthority::generate("fake").unwrap();
@@ -289,9 +308,12 @@ fn refusal(answer: &BranchResponse) -> (RefusalCode, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_past_expiry_and_its_certificate_as_an_agent() {
+async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_past_expiry_and_its_certificate_as_an_agent(
+) {
     let dir = tempfile::tempdir().unwrap();
-    let b = ControlPlane::start(&dir.path().join("b"), &[]).await.unwrap();
+    let b = ControlPlane::start(&dir.path().join("b"), &[])
+        .await
+        .unwrap();
     let text = invite(&b, &["servers:read"]).await;
     let peer = FakePeer::join(&b, &text).await;
 
@@ -333,8 +355,8 @@ async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_pa
 
     // alg: none.
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#);
-    let body = URL_SAFE_NO_PAD
-        .encode(serde_json::to_vec(&peer.claims(&b, &["servers:read"])).unwrap());
+    let body =
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&peer.claims(&b, &["servers:read"])).unwrap());
     let (code, message) = refusal(
         &peer
             .call(format!("{header}.{body}."), BranchCall::Inventory)

@@ -90,7 +90,10 @@ fn check_scopes(scopes: &[String]) -> Result<(), ApiError> {
     if scopes.is_empty() {
         return Err(ApiError::validation("scopes must name at least one scope"));
     }
-    if let Some(bad) = scopes.iter().find(|s| !GRANTABLE_SCOPES.contains(&s.as_str())) {
+    if let Some(bad) = scopes
+        .iter()
+        .find(|s| !GRANTABLE_SCOPES.contains(&s.as_str()))
+    {
         return Err(ApiError::validation(format!(
             "scope {bad:?} cannot be granted to a branch (allowed: servers:read, commands:run)"
         )));
@@ -292,7 +295,11 @@ pub async fn list(
     }))
 }
 
-async fn visible_peer(cp: &ControlPlane, caller: &Caller, id: Uuid) -> Result<BranchPeer, ApiError> {
+async fn visible_peer(
+    cp: &ControlPlane,
+    caller: &Caller,
+    id: Uuid,
+) -> Result<BranchPeer, ApiError> {
     cp.store
         .branch_peer(Some(&caller.visible_organizations), id)
         .await?
@@ -442,7 +449,9 @@ pub async fn relay_command(
     }
     let timeout_seconds = body.timeout_seconds.unwrap_or(60);
     if !(1..=3600).contains(&timeout_seconds) {
-        return Err(ApiError::validation("timeout_seconds must be between 1 and 3600"));
+        return Err(ApiError::validation(
+            "timeout_seconds must be between 1 and 3600",
+        ));
     }
     let peer = visible_peer(&cp, &caller, branch_id).await?;
     if peer.status == BranchStatus::Unreachable {
@@ -465,7 +474,9 @@ pub async fn relay_command(
         .await
         .map_err(federation_error)?;
     let BranchResponse::CommandAccepted { command_id } = answer else {
-        return Err(ApiError::internal("the peer answered a relayed command out of protocol"));
+        return Err(ApiError::internal(
+            "the peer answered a relayed command out of protocol",
+        ));
     };
     caller
         .audit(

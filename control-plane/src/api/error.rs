@@ -98,7 +98,11 @@ impl ApiError {
 
     /// 503 `branch_unreachable`: a peer branch did not answer in time.
     pub fn branch_unreachable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "branch_unreachable", message)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "branch_unreachable",
+            message,
+        )
     }
 
     /// A failure of ours. The cause is logged; the caller sees a generic text.

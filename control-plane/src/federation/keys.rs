@@ -154,23 +154,24 @@ pub fn verify(
     if key.not_after.is_some_and(|t| now.timestamp() > t) {
         return Err(BranchTokenError::RetiredKey);
     }
-    let decoding =
-        DecodingKey::from_ec_components(&key.x, &key.y).map_err(|_| BranchTokenError::UnknownKey)?;
+    let decoding = DecodingKey::from_ec_components(&key.x, &key.y)
+        .map_err(|_| BranchTokenError::UnknownKey)?;
     let mut validation = Validation::new(Algorithm::ES256);
     validation.leeway = LEEWAY_SECONDS;
     validation.set_audience(&[own.to_string()]);
     validation.set_issuer(&[peer.to_string()]);
     validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-    let data = jsonwebtoken::decode::<BranchClaims>(token, &decoding, &validation).map_err(
-        |e| match e.kind() {
+    let data =
+        jsonwebtoken::decode::<BranchClaims>(token, &decoding, &validation).map_err(|e| match e
+            .kind()
+        {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => BranchTokenError::Expired,
             jsonwebtoken::errors::ErrorKind::InvalidSignature => BranchTokenError::BadSignature,
             jsonwebtoken::errors::ErrorKind::InvalidAudience
             | jsonwebtoken::errors::ErrorKind::InvalidIssuer => BranchTokenError::WrongParty,
             jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => BranchTokenError::WrongAlgorithm,
             _ => BranchTokenError::Malformed,
-        },
-    )?;
+        })?;
     Ok(data.claims)
 }
 
@@ -207,7 +208,11 @@ pub struct KeyRing {
 const CACHE_FOR: chrono::Duration = chrono::Duration::seconds(30);
 
 impl KeyRing {
-    async fn keys(&self, store: &dyn Store, sealer: &Sealer) -> Result<Vec<FederationKey>, KeyError> {
+    async fn keys(
+        &self,
+        store: &dyn Store,
+        sealer: &Sealer,
+    ) -> Result<Vec<FederationKey>, KeyError> {
         let now = Utc::now();
         let cached = self
             .cache
@@ -384,8 +389,14 @@ mod tests {
         let token = sign("k1", &key.pkcs8, &claims_for(peer, own, "o", &[])).unwrap();
         assert!(verify(&token, &published, peer, own, now).is_ok());
         assert_eq!(
-            verify(&token, &published, peer, own, now + chrono::Duration::seconds(31))
-                .unwrap_err(),
+            verify(
+                &token,
+                &published,
+                peer,
+                own,
+                now + chrono::Duration::seconds(31)
+            )
+            .unwrap_err(),
             BranchTokenError::RetiredKey
         );
     }
@@ -393,7 +404,12 @@ mod tests {
     #[test]
     fn authorization_needs_the_scope_in_the_token_and_the_grant() {
         let org = Uuid::now_v7();
-        let claims = claims_for(Uuid::now_v7(), Uuid::now_v7(), &org.to_string(), &["servers:read".into()]);
+        let claims = claims_for(
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            &org.to_string(),
+            &["servers:read".into()],
+        );
         let granted = vec!["servers:read".to_string()];
         assert!(authorize(&claims, org, &granted, Some("servers:read")).is_ok());
         assert_eq!(

@@ -24,7 +24,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::app::ControlPlane;
-use crate::store::{branch_client_key_context, BranchHealth, BranchPeer, BranchStatus, RemoteServer};
+use crate::store::{
+    branch_client_key_context, BranchHealth, BranchPeer, BranchStatus, RemoteServer,
+};
 
 pub mod invite;
 pub mod keys;
@@ -119,7 +121,10 @@ pub(crate) async fn resolve(address: &str) -> Result<std::net::SocketAddr, Strin
 }
 
 /// Opens (or reuses) the connection to `peer`.
-async fn connection(cp: &ControlPlane, peer: &BranchPeer) -> Result<quinn::Connection, FederationError> {
+async fn connection(
+    cp: &ControlPlane,
+    peer: &BranchPeer,
+) -> Result<quinn::Connection, FederationError> {
     if let Some(connection) = cp.federation.cached(peer.id) {
         return Ok(connection);
     }
@@ -173,7 +178,11 @@ pub async fn call(
             &peer.remote_organization_id,
             &peer.remote_scopes,
         );
-        let token = cp.federation.keys.sign(&*cp.store, &cp.sealer, &claims).await?;
+        let token = cp
+            .federation
+            .keys
+            .sign(&*cp.store, &cp.sealer, &claims)
+            .await?;
         let answer = async {
             let mut stream = BranchClientStream::open(&connection).await?;
             let answer = stream.request(&BranchRequest::Call { token, call }).await?;
@@ -270,7 +279,13 @@ async fn heartbeat_round(cp: &ControlPlane, peer: BranchPeer) {
     let started = Instant::now();
     let now = Utc::now();
     let sent_at_ms = now.timestamp_millis();
-    let result = call(cp, &peer, BranchCall::Heartbeat { sent_at_ms }, HEARTBEAT_TIMEOUT).await;
+    let result = call(
+        cp,
+        &peer,
+        BranchCall::Heartbeat { sent_at_ms },
+        HEARTBEAT_TIMEOUT,
+    )
+    .await;
     let health = match &result {
         Ok(BranchResponse::HeartbeatAck {
             keys, server_count, ..

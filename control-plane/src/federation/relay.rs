@@ -28,12 +28,20 @@ pub(crate) async fn answer(
     };
     if let Some(server_id) = server_id {
         let Ok(server_id) = Uuid::parse_str(&server_id) else {
-            return (refused(RefusalCode::Invalid, "server id is not a UUID"), false);
+            return (
+                refused(RefusalCode::Invalid, "server id is not a UUID"),
+                false,
+            );
         };
         match cp.store.server(scope, server_id).await {
             Ok(Some(_)) => {}
             Ok(None) => return (refused(RefusalCode::NotFound, "no such server"), false),
-            Err(_) => return (refused(RefusalCode::Unavailable, "store unavailable"), false),
+            Err(_) => {
+                return (
+                    refused(RefusalCode::Unavailable, "store unavailable"),
+                    false,
+                )
+            }
         }
     }
     (

@@ -14,8 +14,8 @@ use chrono::Utc;
 use rustls_pki_types::CertificateDer;
 use tether_certs::{BranchIdentity, CertificateInfo};
 use tether_protocol::{
-    classify_branch_request, BranchCall, BranchPeerKind, BranchRequest, BranchResponse,
-    JoinAccepted, JoinRequest, PublishedServer, RefusalCode, CloseCode,
+    classify_branch_request, BranchCall, BranchPeerKind, BranchRequest, BranchResponse, CloseCode,
+    JoinAccepted, JoinRequest, PublishedServer, RefusalCode,
 };
 use tracing::Instrument;
 use uuid::Uuid;
@@ -46,7 +46,9 @@ pub async fn serve(
                 .filter(|id| id.issuer_branch == own)
                 .and_then(|id| Uuid::parse_str(&id.peer_branch).ok());
             let Some(peer_id) = peer_id else {
-                tracing::warn!("branch connection without a branch identity of this branch; closing");
+                tracing::warn!(
+                    "branch connection without a branch identity of this branch; closing"
+                );
                 tether_transport::close(&connection, CloseCode::Unauthenticated);
                 return;
             };
@@ -107,7 +109,9 @@ async fn serve_join(connection: quinn::Connection, cp: Arc<ControlPlane>) {
     .await
 }
 
-async fn first_request(connection: &quinn::Connection) -> Option<(BranchServerStream, BranchRequest)> {
+async fn first_request(
+    connection: &quinn::Connection,
+) -> Option<(BranchServerStream, BranchRequest)> {
     let first = tokio::time::timeout(crate::gateway::FIRST_FRAME_TIMEOUT, async {
         let (send, recv) = connection.accept_bi().await?;
         let mut stream = BranchServerStream::new(send, recv);
@@ -142,14 +146,31 @@ async fn accept_join(
         Uuid::parse_str(&join.invite_id),
         Uuid::parse_str(&join.branch_id),
     ) else {
-        return refuse(stream, RefusalCode::Invalid, "invite or branch id is not a UUID").await;
+        return refuse(
+            stream,
+            RefusalCode::Invalid,
+            "invite or branch id is not a UUID",
+        )
+        .await;
     };
     if joiner_id == cp.instance.branch_id {
-        return refuse(stream, RefusalCode::Invalid, "a branch cannot peer with itself").await;
+        return refuse(
+            stream,
+            RefusalCode::Invalid,
+            "a branch cannot peer with itself",
+        )
+        .await;
     }
     let joiner_ca = match tether_certs::authority::pem_to_der(&join.ca_cert_pem) {
         Ok(der) if CertificateInfo::from_der(&der).is_ok() => der,
-        _ => return refuse(stream, RefusalCode::Invalid, "the joiner's CA certificate is not valid").await,
+        _ => {
+            return refuse(
+                stream,
+                RefusalCode::Invalid,
+                "the joiner's CA certificate is not valid",
+            )
+            .await
+        }
     };
     let for_joiner = match cp.pki.ca.sign_branch_csr(
         &join.csr_der,
@@ -157,20 +178,42 @@ async fn accept_join(
         BRANCH_CERT_LIFETIME,
     ) {
         Ok(cert) => cert,
-        Err(_) => return refuse(stream, RefusalCode::Invalid, "the CSR is not a valid P-256 request").await,
+        Err(_) => {
+            return refuse(
+                stream,
+                RefusalCode::Invalid,
+                "the CSR is not a valid P-256 request",
+            )
+            .await
+        }
     };
     let invite = match cp
         .store
-        .redeem_branch_invite(invite_id, &invite::secret_hash(&join.secret), &join.branch_id, Utc::now())
+        .redeem_branch_invite(
+            invite_id,
+            &invite::secret_hash(&join.secret),
+            &join.branch_id,
+            Utc::now(),
+        )
         .await
     {
         Ok(Some(invite)) => invite,
         Ok(None) => {
-            return refuse(stream, RefusalCode::Unauthorized, "the invite is unknown, used or expired").await
+            return refuse(
+                stream,
+                RefusalCode::Unauthorized,
+                "the invite is unknown, used or expired",
+            )
+            .await
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not redeem the invite");
-            return refuse(stream, RefusalCode::Unavailable, "the invite could not be checked").await;
+            return refuse(
+                stream,
+                RefusalCode::Unavailable,
+                "the invite could not be checked",
+            )
+            .await;
         }
     };
     let client_key = match tether_certs::AgentKey::generate() {
@@ -181,7 +224,12 @@ async fn accept_join(
         client_key.csr_der(&cp.instance.branch_id.to_string()),
         cp.federation.keys.published(&*cp.store, &cp.sealer).await,
     ) else {
-        return refuse(stream, RefusalCode::Unavailable, "keys could not be prepared").await;
+        return refuse(
+            stream,
+            RefusalCode::Unavailable,
+            "keys could not be prepared",
+        )
+        .await;
     };
     let accepted = JoinAccepted {
         branch_id: cp.instance.branch_id.to_string(),
@@ -193,20 +241,39 @@ async fn accept_join(
         scopes: invite.scopes.clone(),
         organization_id: invite.organization_id.to_string(),
     };
-    if stream.send(&BranchResponse::Joined(accepted)).await.is_err() {
+    if stream
+        .send(&BranchResponse::Joined(accepted))
+        .await
+        .is_err()
+    {
         return Err("joiner went away".into());
     }
     let chain = match stream.recv_required().await {
         Ok(BranchRequest::JoinCertificate { certificate_chain }) => certificate_chain,
-        _ => return refuse(stream, RefusalCode::Invalid, "expected the join certificate").await,
+        _ => {
+            return refuse(
+                stream,
+                RefusalCode::Invalid,
+                "expected the join certificate",
+            )
+            .await
+        }
     };
     // The certificate must be issued by the joiner's CA to this branch.
     let leaf_ok = chain.len() == 2
         && chain[1] == joiner_ca.as_ref()
         && BranchIdentity::of_certificate(&chain[0]).ok().flatten()
-            == Some(BranchIdentity::new(joiner_id.to_string(), cp.instance.branch_id.to_string()));
+            == Some(BranchIdentity::new(
+                joiner_id.to_string(),
+                cp.instance.branch_id.to_string(),
+            ));
     if !leaf_ok {
-        return refuse(stream, RefusalCode::Invalid, "the join certificate does not name this branch under the joiner's CA").await;
+        return refuse(
+            stream,
+            RefusalCode::Invalid,
+            "the join certificate does not name this branch under the joiner's CA",
+        )
+        .await;
     }
     let now = Utc::now();
     let peer = BranchPeer {
@@ -216,9 +283,10 @@ async fn accept_join(
         address: join.address.clone(),
         ca_cert_pem: join.ca_cert_pem.clone(),
         client_chain: chain,
-        client_key_sealed: cp
-            .sealer
-            .seal(client_key.to_pem().as_bytes(), &branch_client_key_context(joiner_id)),
+        client_key_sealed: cp.sealer.seal(
+            client_key.to_pem().as_bytes(),
+            &branch_client_key_context(joiner_id),
+        ),
         peer_keys: join.keys.clone(),
         granted_scopes: invite.scopes.clone(),
         remote_scopes: join.scopes.clone(),
@@ -231,7 +299,12 @@ async fn accept_join(
     };
     if let Err(e) = cp.store.upsert_branch_peer(&peer).await {
         tracing::warn!(error = %e, "could not store the peering");
-        return refuse(stream, RefusalCode::Unavailable, "the peering could not be stored").await;
+        return refuse(
+            stream,
+            RefusalCode::Unavailable,
+            "the peering could not be stored",
+        )
+        .await;
     }
     let _ = stream.send(&BranchResponse::JoinCompleted).await;
     Ok(peer)
@@ -261,7 +334,9 @@ async fn serve_peer(connection: quinn::Connection, peer_id: Uuid, cp: Arc<Contro
                 let _ = stream.send(&answer).await;
                 let _ = stream.finish();
                 if close {
-                    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), stream.recv()).await;
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_millis(500), stream.recv())
+                            .await;
                     tether_transport::close(&connection, CloseCode::Revoked);
                 }
             }
@@ -277,9 +352,14 @@ async fn answer_call(
     peer_id: Uuid,
     request: BranchRequest,
 ) -> (BranchResponse, bool) {
-    let (token, call) = match (classify_branch_request(BranchPeerKind::Peer, &request), request) {
+    let (token, call) = match (
+        classify_branch_request(BranchPeerKind::Peer, &request),
+        request,
+    ) {
         (Ok(()), BranchRequest::Call { token, call }) => (token, call),
-        (Err(violation), _) => return (refused(RefusalCode::Invalid, violation.to_string()), false),
+        (Err(violation), _) => {
+            return (refused(RefusalCode::Invalid, violation.to_string()), false)
+        }
         (Ok(()), _) => return (refused(RefusalCode::Invalid, "not a call"), false),
     };
     let peer = match cp.store.branch_peer(None, peer_id).await {
@@ -287,23 +367,42 @@ async fn answer_call(
         Ok(None) => return (refused(RefusalCode::NotFound, "no such peering"), true),
         Err(e) => {
             tracing::warn!(error = %e, "could not load the peering");
-            return (refused(RefusalCode::Unavailable, "store unavailable"), false);
+            return (
+                refused(RefusalCode::Unavailable, "store unavailable"),
+                false,
+            );
         }
     };
-    let claims = match keys::verify(&token, &peer.peer_keys, peer.id, cp.instance.branch_id, Utc::now()) {
+    let claims = match keys::verify(
+        &token,
+        &peer.peer_keys,
+        peer.id,
+        cp.instance.branch_id,
+        Utc::now(),
+    ) {
         Ok(claims) => claims,
         Err(e) => {
             tracing::warn!(reason = %e, "refused a branch token");
             return (refused(RefusalCode::Unauthorized, e.to_string()), false);
         }
     };
-    if let Err(e) = keys::authorize(&claims, peer.organization_id, &peer.granted_scopes, call.required_scope()) {
+    if let Err(e) = keys::authorize(
+        &claims,
+        peer.organization_id,
+        &peer.granted_scopes,
+        call.required_scope(),
+    ) {
         tracing::warn!(reason = %e, "refused a branch call");
         return (refused(RefusalCode::Forbidden, e.to_string()), false);
     }
     let scope = match cp.store.organization_scope(peer.organization_id).await {
         Ok(scope) => scope,
-        Err(_) => return (refused(RefusalCode::Unavailable, "store unavailable"), false),
+        Err(_) => {
+            return (
+                refused(RefusalCode::Unavailable, "store unavailable"),
+                false,
+            )
+        }
     };
     match call {
         BranchCall::Heartbeat { sent_at_ms } => {
@@ -323,7 +422,10 @@ async fn answer_call(
         }
         BranchCall::Inventory => match published_servers(cp, &scope).await {
             Ok(servers) => (BranchResponse::Inventory(servers), false),
-            Err(_) => (refused(RefusalCode::Unavailable, "store unavailable"), false),
+            Err(_) => (
+                refused(RefusalCode::Unavailable, "store unavailable"),
+                false,
+            ),
         },
         BranchCall::Unpeer => {
             cp.federation.forget(peer.id);
@@ -332,7 +434,10 @@ async fn answer_call(
                     tracing::info!("peer removed the peering; removed here too");
                     (BranchResponse::Unpeered, true)
                 }
-                Err(_) => (refused(RefusalCode::Unavailable, "store unavailable"), false),
+                Err(_) => (
+                    refused(RefusalCode::Unavailable, "store unavailable"),
+                    false,
+                ),
             }
         }
         BranchCall::RunCommand(_) | BranchCall::CommandState { .. } => {

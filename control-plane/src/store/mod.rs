@@ -460,7 +460,9 @@ pub struct MetricsIngest {
 
 /// The control plane's storage. One implementation per database.
 #[async_trait::async_trait]
-pub trait Store: WebhookStore + HealthStore + OperationsStore + FederationStore + Send + Sync + 'static {
+pub trait Store:
+    WebhookStore + HealthStore + OperationsStore + FederationStore + Send + Sync + 'static
+{
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
 

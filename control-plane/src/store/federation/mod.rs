@@ -164,8 +164,11 @@ pub trait FederationStore: Send + Sync {
 
     /// One peering; `scope` limits it to those organizations (`None`: any,
     /// for the federation machinery itself).
-    async fn branch_peer(&self, scope: Option<&[Uuid]>, id: Uuid)
-        -> StoreResult<Option<BranchPeer>>;
+    async fn branch_peer(
+        &self,
+        scope: Option<&[Uuid]>,
+        id: Uuid,
+    ) -> StoreResult<Option<BranchPeer>>;
 
     /// Peerings, by id; `scope` as in [`FederationStore::branch_peer`].
     async fn list_branch_peers(&self, scope: Option<&[Uuid]>) -> StoreResult<Vec<BranchPeer>>;
