@@ -36,6 +36,9 @@ use crate::spool::{self, Spool, SpoolError};
 
 /// The interval until the control plane names one.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+/// When the first batch is collected after start (enough for a CPU sample
+/// to mean something), unless the interval is shorter.
+const FIRST_REPORT_AFTER: Duration = Duration::from_secs(2);
 /// Bounds on the interval the control plane may ask for.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
@@ -180,7 +183,9 @@ async fn collect_loop(
     let mut system = SystemCollector::new();
     let mut interval = *interval_rx.borrow_and_update();
     let mut last = Instant::now();
-    let mut due = last + interval;
+    // The first report goes out soon after start (a new server is
+    // registered once it has reported), then every interval.
+    let mut due = last + interval.min(FIRST_REPORT_AFTER);
     let mut watching = true;
     tracing::debug!("collecting metrics every {}", format_duration(interval));
     loop {

@@ -78,6 +78,17 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts a control plane on loopback ports chosen by the OS.
     pub async fn start(data_dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_on(data_dir, "127.0.0.1:0", "127.0.0.1:0", extra_args).await
+    }
+
+    /// Starts a control plane listening on `api` and `quic` (e.g.
+    /// `0.0.0.0:0` for containers to reach it).
+    pub async fn start_on(
+        data_dir: &Path,
+        api: &str,
+        quic: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut cp = Self {
             data_dir: data_dir.to_path_buf(),
             api_url: String::new(),
@@ -91,7 +102,7 @@ impl ControlPlane {
                 .timeout(Duration::from_secs(10))
                 .build()?,
         };
-        cp.spawn("127.0.0.1:0", "127.0.0.1:0").await?;
+        cp.spawn(api, quic).await?;
         Ok(cp)
     }
 

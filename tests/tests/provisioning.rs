@@ -609,3 +609,104 @@ async fn the_state_backend_needs_the_deployments_credentials_and_reports_the_loc
     let destroyed = wait_for(&cp, &id, &["destroyed", "failed"]).await;
     assert_eq!(destroyed["status"], "destroyed", "{destroyed:#}");
 }
+
+/// Containers of this test, found by the label the docker target puts on them.
+fn containers_named(name: &str) -> Vec<String> {
+    let output = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("name=^tether-{name}$"),
+            "--format",
+            "{{.Names}}",
+        ])
+        .output()
+        .expect("docker ps");
+    assert!(output.status.success(), "docker ps: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_deployment_runs_its_agent_in_a_container_and_destroy_removes_it() {
+    terraform_is_installed();
+    let docker = std::process::Command::new("docker").arg("info").output();
+    assert!(
+        docker.is_ok_and(|o| o.status.success()),
+        "a running Docker engine is required; this test never skips"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    // On loopback only, the containers could not reach the control plane.
+    let loopback = start(dir.path(), &[]).await;
+    let name = "prov-docker-1";
+    let request = json!({
+        "provider": "docker",
+        "region": "local",
+        "instance_type": "container",
+        "server_name": name,
+        "terraform_variables": {
+            "docker_network": "tether-prov-test",
+            "docker_subnet": "172.31.241.0/24",
+        },
+    });
+    let (status, body) = provision(&loopback, &loopback.admin_token(), request.clone()).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--api-listen"),
+        "{body}"
+    );
+    drop(loopback);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = ControlPlane::start_on(
+        dir.path(),
+        "0.0.0.0:0",
+        "0.0.0.0:0",
+        &["--metrics-interval", "1s", "--registration-timeout", "90s"],
+    )
+    .await
+    .expect("control plane starts");
+    let admin = cp.admin_token();
+    let (status, accepted) = provision(&cp, &admin, request).await;
+    assert_eq!(status, 202, "{accepted}");
+    let id = accepted["deployment_id"].as_str().expect("id").to_string();
+    let done = wait_for(&cp, &id, &["completed", "failed"]).await;
+    assert_eq!(done["status"], "completed", "{done:#}\n{}", cp.log());
+    let server_ip = done["server_ip"].as_str().expect("server_ip");
+    assert!(server_ip.starts_with("172.31.241."), "{done:#}");
+    assert_eq!(containers_named(name), [format!("tether-{name}")]);
+    let server_id = done["server_id"].as_str().expect("server id").to_string();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(10))
+        .await
+        .expect("online");
+    eventually(
+        Duration::from_secs(10),
+        "metrics from the container",
+        || async {
+            let points = tether_tests::raw_points(&cp, &server_id, "2000-01-01T00:00:00Z").await?;
+            Ok((!points.is_empty()).then_some(()))
+        },
+    )
+    .await
+    .expect("metrics flow");
+
+    let response = cp
+        .call(
+            &admin,
+            Method::DELETE,
+            &format!("/api/v1/infrastructure/deployments/{id}"),
+            None,
+        )
+        .await
+        .expect("destroy");
+    assert_eq!(response.status, 202, "{}", response.body);
+    let destroyed = wait_for(&cp, &id, &["destroyed", "failed"]).await;
+    assert_eq!(destroyed["status"], "destroyed", "{destroyed:#}");
+    assert!(containers_named(name).is_empty(), "container left behind");
+}

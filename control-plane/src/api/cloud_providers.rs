@@ -239,7 +239,7 @@ pub async fn validate(
         .map_err(ApiError::internal)?;
     let fields: Map<String, Value> = serde_json::from_slice(&fields).map_err(ApiError::internal)?;
     let outcome = match Provider::parse(&credential.provider) {
-        Ok(Provider::Local) => terraform_runs(&cp).await,
+        Ok(provider) if provider.runs_on_this_machine() => terraform_runs(&cp).await,
         Ok(provider) => provider.check(&fields).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };

@@ -226,6 +226,13 @@ pub async fn provision(
             )));
         }
     }
+    if provider == Provider::Docker
+        && (cp.config.api_listen.ip().is_loopback() || cp.config.quic_listen.ip().is_loopback())
+    {
+        return Err(ApiError::validation(
+            "the docker target's containers reach the control plane through their bridge network's gateway: start tether serve with --api-listen and --quic-listen on 0.0.0.0 (or the gateway address)",
+        ));
+    }
     if !valid_server_name(&body.server_name) {
         return Err(ApiError::validation(
             "server_name must be 1-63 letters, digits, '-' or '.', starting with a letter or digit",

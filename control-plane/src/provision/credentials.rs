@@ -15,13 +15,18 @@ pub enum Provider {
     Azure,
     /// A local agent process started by `terraform_data` + `local-exec`.
     Local,
+    /// A container on the local Docker engine, with its own address on a
+    /// bridge network (`terraform_data` + `local-exec` + the docker CLI).
+    Docker,
 }
 
 /// Why a credential or provider is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CredentialError {
     /// Not one of the known targets.
-    #[error("unknown provider {0:?}: use one of aws, digitalocean, hetzner, gcp, azure, local")]
+    #[error(
+        "unknown provider {0:?}: use one of aws, digitalocean, hetzner, gcp, azure, local, docker"
+    )]
     UnknownProvider(String),
     /// A required field is absent or empty.
     #[error("credentials for {provider} need a non-empty string field {field:?}")]
@@ -69,13 +74,14 @@ const fn optional(name: &'static str, env: &'static str) -> Field {
 }
 
 impl Provider {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Aws,
         Self::DigitalOcean,
         Self::Hetzner,
         Self::Gcp,
         Self::Azure,
         Self::Local,
+        Self::Docker,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +92,7 @@ impl Provider {
             Self::Gcp => "gcp",
             Self::Azure => "azure",
             Self::Local => "local",
+            Self::Docker => "docker",
         }
     }
 
@@ -98,7 +105,12 @@ impl Provider {
 
     /// Whether deployments on this target need a stored credential.
     pub fn needs_credential(self) -> bool {
-        self != Self::Local
+        !self.runs_on_this_machine()
+    }
+
+    /// Whether the target "boots" its servers on this machine (no cloud).
+    pub fn runs_on_this_machine(self) -> bool {
+        matches!(self, Self::Local | Self::Docker)
     }
 
     fn fields(self) -> &'static [Field] {
@@ -125,7 +137,7 @@ impl Provider {
             Self::Hetzner => HETZNER,
             Self::Gcp => GCP,
             Self::Azure => AZURE,
-            Self::Local => &[],
+            Self::Local | Self::Docker => &[],
         }
     }
 

@@ -481,9 +481,10 @@ impl Job {
                 "no agent binary to serve: put tether-agent next to the tether executable or set --agent-dir".into(),
             ));
         }
+        let (api_url, quic_address) = control_plane_endpoints(&self.cp, d)?;
         render_user_data(&BootstrapParams {
-            api_url: self.cp.api_url.clone(),
-            quic_address: self.cp.public_quic_addr.clone(),
+            api_url,
+            quic_address,
             ca_fingerprint: self.cp.pki.ca.fingerprint().to_string(),
             token,
             deployment_id: d.id.to_string(),
@@ -927,6 +928,65 @@ pub fn valid_variable_name(name: &str) -> bool {
         && !FIXED_VARIABLES.contains(&name)
 }
 
+/// Subnet of the `docker` target's bridge network unless the deployment's
+/// `docker_subnet` variable says otherwise (the module's default).
+pub const DOCKER_DEFAULT_SUBNET: &str = "172.31.250.0/24";
+
+/// The API URL and QUIC address a deployment's server reaches this control
+/// plane at. Containers of the `docker` target see this machine as their
+/// bridge network's gateway (the module's `host_address` output: the first
+/// address of `docker_subnet`), on the ports the control plane listens on.
+fn control_plane_endpoints(
+    cp: &ControlPlane,
+    d: &Deployment,
+) -> Result<(String, String), JobError> {
+    if d.provider != Provider::Docker.as_str() {
+        return Ok((cp.api_url.clone(), cp.public_quic_addr.clone()));
+    }
+    let subnet = match d.record.variables.get("docker_subnet") {
+        None => DOCKER_DEFAULT_SUBNET,
+        Some(Value::String(subnet)) => subnet.as_str(),
+        Some(_) => {
+            return Err(JobError::Bootstrap(
+                "docker_subnet must be a string like 172.31.250.0/24".into(),
+            ))
+        }
+    };
+    let gateway = bridge_gateway(subnet).ok_or_else(|| {
+        JobError::Bootstrap(format!(
+            "docker_subnet {subnet:?} is not an IPv4 network like 172.31.250.0/24"
+        ))
+    })?;
+    let port = |address: &str| {
+        address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+    };
+    let (Some(api_port), Some(quic_port)) = (port(&cp.local_api_url), port(&cp.public_quic_addr))
+    else {
+        return Err(JobError::Bootstrap(
+            "cannot tell the API and QUIC ports for the docker target".into(),
+        ));
+    };
+    Ok((
+        format!("http://{gateway}:{api_port}"),
+        format!("{gateway}:{quic_port}"),
+    ))
+}
+
+/// The first address of an IPv4 network `a.b.c.d/n` (what Docker gives the
+/// host on a bridge network), or `None` when it is not one.
+pub fn bridge_gateway(subnet: &str) -> Option<std::net::Ipv4Addr> {
+    let (address, prefix) = subnet.split_once('/')?;
+    let address: std::net::Ipv4Addr = address.parse().ok()?;
+    let prefix: u32 = prefix.parse().ok()?;
+    if !(1..=30).contains(&prefix) {
+        return None;
+    }
+    let mask = u32::MAX << (32 - prefix);
+    Some(std::net::Ipv4Addr::from((u32::from(address) & mask) + 1))
+}
+
 fn write_workdir(dir: &Path, d: &Deployment) -> std::io::Result<()> {
     crate::fsutil::create_private_dir(dir)?;
     super::templates::write_module(&d.provider, &dir.join("module"))?;
@@ -961,6 +1021,32 @@ mod tests {
         assert!(!valid_variable_name("user_data"));
         assert!(!valid_variable_name("a\"}\nresource"));
         assert!(!valid_variable_name("1abc"));
+    }
+
+    #[test]
+    fn the_docker_bridge_gateway_is_the_first_address_of_the_subnet() {
+        assert_eq!(
+            bridge_gateway(DOCKER_DEFAULT_SUBNET),
+            Some(std::net::Ipv4Addr::new(172, 31, 250, 1))
+        );
+        assert_eq!(
+            bridge_gateway("10.9.8.77/16"),
+            Some(std::net::Ipv4Addr::new(10, 9, 0, 1))
+        );
+        assert_eq!(bridge_gateway("10.9.8.0"), None);
+        assert_eq!(bridge_gateway("10.9.8.0/33"), None);
+        assert_eq!(bridge_gateway("fd00::/64"), None);
+    }
+
+    #[test]
+    fn the_docker_default_subnet_is_the_modules_default() {
+        let files = crate::provision::templates::module_files("docker").expect("docker module");
+        let variables = files
+            .iter()
+            .find(|(name, _)| *name == "variables.tf")
+            .map(|(_, text)| *text)
+            .expect("variables.tf");
+        assert!(variables.contains(&format!("default     = \"{DOCKER_DEFAULT_SUBNET}\"")));
     }
 
     #[test]
