@@ -397,3 +397,37 @@ async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_pa
     // No token (base64url JSON, `eyJ...`) reached B's log.
     assert!(!b.log().contains("eyJ"), "a token reached the log");
 }
+
+/// Round trip of one inter-branch call on loopback: a new QUIC stream, an
+/// ES256 token signed by the caller and verified by B against the peering,
+/// the peering and B's servers read from B's store, the answer. Prints
+/// p50/p99 for docs/performance.md. Run with `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints cross-branch call latency"]
+async fn bench_cross_branch_call_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = ControlPlane::start(&dir.path().join("b"), &[]).await.unwrap();
+    let text = invite(&b, &["servers:read"]).await;
+    let peer = FakePeer::join(&b, &text).await;
+    let mut samples = Vec::new();
+    for i in 0..2100 {
+        let started = Instant::now();
+        let token =
+            keys::sign("k1", &peer.key.pkcs8, &peer.claims(&b, &["servers:read"])).unwrap();
+        let answer = peer.call(token, BranchCall::Inventory).await;
+        let elapsed = started.elapsed();
+        assert!(matches!(answer, BranchResponse::Inventory(_)), "{answer:?}");
+        if i >= 100 {
+            samples.push(elapsed);
+        }
+    }
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    println!(
+        "cross-branch call round trip over {} calls: p50 {:?}, p99 {:?}, max {:?}",
+        samples.len(),
+        at(0.50),
+        at(0.99),
+        samples[samples.len() - 1]
+    );
+}
