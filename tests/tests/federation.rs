@@ -406,14 +406,15 @@ async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_pa
 #[ignore = "benchmark: prints cross-branch call latency"]
 async fn bench_cross_branch_call_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let b = ControlPlane::start(&dir.path().join("b"), &[]).await.unwrap();
+    let b = ControlPlane::start(&dir.path().join("b"), &[])
+        .await
+        .unwrap();
     let text = invite(&b, &["servers:read"]).await;
     let peer = FakePeer::join(&b, &text).await;
     let mut samples = Vec::new();
     for i in 0..2100 {
         let started = Instant::now();
-        let token =
-            keys::sign("k1", &peer.key.pkcs8, &peer.claims(&b, &["servers:read"])).unwrap();
+        let token = keys::sign("k1", &peer.key.pkcs8, &peer.claims(&b, &["servers:read"])).unwrap();
         let answer = peer.call(token, BranchCall::Inventory).await;
         let elapsed = started.elapsed();
         assert!(matches!(answer, BranchResponse::Inventory(_)), "{answer:?}");

@@ -427,4 +427,53 @@ mod tests {
             BranchTokenError::WrongOrganization
         );
     }
+
+    #[tokio::test]
+    async fn a_rotated_key_signs_only_after_its_publish_lead_and_the_retired_one_stays_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = crate::store::open(&url).await.unwrap();
+        let sealer = Sealer::new(crate::secrets::MasterKey::generate());
+        // A key made 25 h ago: rotation is due.
+        let old = generate_key().unwrap();
+        let old_kid = Uuid::now_v7();
+        store
+            .rotate_federation_key(&FederationKey {
+                kid: old_kid,
+                private_key_sealed: sealer.seal(&old.pkcs8, &federation_key_context(old_kid)),
+                x: old.x.clone(),
+                y: old.y.clone(),
+                created_at: Utc::now() - chrono::Duration::hours(25),
+                retired_at: None,
+            })
+            .await
+            .unwrap();
+        let ring = KeyRing::default();
+        let (own, peer) = (Uuid::now_v7(), Uuid::now_v7());
+        let token = ring
+            .sign(&*store, &sealer, &claims_for(own, peer, "o", &[]))
+            .await
+            .unwrap();
+        let keys = store.federation_keys().await.unwrap();
+        assert_eq!(keys.len(), 2, "rotation did not add a key");
+        // Within the lead the retired key still signs...
+        let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+        assert_eq!(kid, old_kid.to_string());
+        // ...and both are published, the retired one with an end.
+        let published = ring.published(&*store, &sealer).await.unwrap();
+        assert_eq!(published.len(), 2);
+        let retired = published
+            .iter()
+            .find(|k| k.kid == old_kid.to_string())
+            .unwrap();
+        assert!(retired
+            .not_after
+            .is_some_and(|t| t > Utc::now().timestamp()));
+        let current = published
+            .iter()
+            .find(|k| k.kid != old_kid.to_string())
+            .unwrap();
+        assert_eq!(current.not_after, None);
+        assert!(verify(&token, &published, own, peer, Utc::now()).is_ok());
+    }
 }
