@@ -53,6 +53,10 @@ pub struct ControlPlane {
     pub provision_wakeup: tokio::sync::Notify,
     /// Branch federation: peer connections and signing keys.
     pub federation: crate::federation::Federation,
+    /// Where this process listens (webhook URLs may not point here).
+    pub addresses: BoundAddresses,
+    /// Wakes the webhook delivery worker when a delivery is queued here.
+    pub webhook_wakeup: tokio::sync::Notify,
     pub shutdown: CancellationToken,
 }
 
@@ -218,6 +222,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         worker_id: format!("{}/{}", std::process::id(), Uuid::new_v4().simple()),
         provision_wakeup: tokio::sync::Notify::new(),
         federation: Default::default(),
+        addresses: BoundAddresses {
+            api: api_addr,
+            quic: quic_addr,
+        },
+        webhook_wakeup: tokio::sync::Notify::new(),
         shutdown: CancellationToken::new(),
     });
 
@@ -227,6 +236,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     tasks.spawn(crate::telemetry::maintenance_loop(state.clone()));
     tasks.spawn(crate::provision::job::worker_loop(state.clone()));
     tasks.spawn(crate::federation::heartbeat_loop(state.clone()));
+    tasks.spawn(crate::webhooks::delivery_loop(state.clone()));
+    tasks.spawn(crate::alerts::engine_loop(state.clone()));
     let router = crate::api::router(state.clone());
     let shutdown = state.shutdown.clone();
     tasks.spawn(async move {

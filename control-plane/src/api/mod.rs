@@ -18,12 +18,14 @@ use utoipa_axum::routes;
 use crate::app::ControlPlane;
 
 pub mod agent_download;
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod branches;
 pub mod cloud_providers;
 pub mod enrollment_tokens;
 pub mod error;
+pub mod health;
 pub mod infrastructure;
 pub mod metrics;
 pub mod organizations;
@@ -31,6 +33,7 @@ pub mod rate_limit;
 pub mod servers;
 pub mod terraform_state;
 pub mod tokens;
+pub mod webhooks;
 
 pub use auth::Caller;
 pub use error::{ApiError, ErrorBody};
@@ -76,11 +79,14 @@ carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Er
         (name = "meta", description = "Health and this document."),
         (name = "enrollment", description = "One-time tokens for adding servers."),
         (name = "servers", description = "The fleet inventory."),
+        (name = "health", description = "Health checks pushed to agents and their latest results."),
         (name = "organizations", description = "The organization tree and its quotas."),
         (name = "tokens", description = "API tokens."),
         (name = "audit", description = "The audit log of every write."),
         (name = "branches", description = "Federation with other branches: invites, peers, relayed commands."),
         (name = "provisioning", description = "Cloud credentials, deployments made with Terraform, and what new servers download and report."),
+        (name = "webhooks", description = "Signed HTTP callbacks for events, and their delivery log."),
+        (name = "alerts", description = "Alert rules and the alerts they raise."),
     )
 )]
 struct ApiDoc;
@@ -150,6 +156,20 @@ fn documented() -> Documented {
         .routes(routes!(branches::list, branches::accept))
         .routes(routes!(branches::get, branches::delete))
         .routes(routes!(branches::relay_command))
+        .routes(routes!(webhooks::list, webhooks::create))
+        .routes(routes!(webhooks::get, webhooks::delete))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(alerts::list_rules, alerts::create_rule))
+        .routes(routes!(alerts::get_rule, alerts::delete_rule))
+        .routes(routes!(alerts::list_alerts))
+        .routes(routes!(health::server_health))
+        .routes(routes!(health::run_now))
+        .routes(routes!(health::list_checks, health::create_check))
+        .routes(routes!(
+            health::get_check,
+            health::update_check,
+            health::delete_check
+        ))
         .split_for_parts();
     let (root, openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(health))

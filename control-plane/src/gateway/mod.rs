@@ -97,16 +97,18 @@ fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer<'st
 }
 
 /// Keeps liveness current: records that this replica's sessions are alive,
-/// and marks servers offline whose sessions went silent (on any replica).
+/// then sweeps (see [`crate::health::sweep`]): servers whose sessions went
+/// silent on any replica go offline, servers that never connected time out.
+/// Refreshing first means a sweep never marks a server this replica holds;
+/// a server held by another live replica is refreshed by that replica every
+/// period (at most a third of `--offline-after`), so it is never stale.
 pub async fn liveness_loop(cp: Arc<ControlPlane>) {
+    // Pushed health checks follow changes made through other replicas.
+    tokio::spawn(crate::health::reconcile_loop(cp.clone()));
     let period =
         (cp.config.offline_after / 3).clamp(Duration::from_millis(300), Duration::from_secs(10));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reason = format!(
-        "no heartbeat for {}",
-        humantime::format_duration(cp.config.offline_after)
-    );
     loop {
         tokio::select! {
             _ = cp.shutdown.cancelled() => return,
@@ -116,23 +118,11 @@ pub async fn liveness_loop(cp: Arc<ControlPlane>) {
         let live = cp.sessions.server_ids();
         if !live.is_empty() {
             if let Err(e) = cp.store.touch_servers(&live, now).await {
-                tracing::warn!(error = %e, "could not record session liveness");
+                // Sweeping now could mark this replica's own servers offline.
+                tracing::warn!(error = %e, "could not record session liveness; not sweeping");
+                continue;
             }
         }
-        let Ok(offline_after) = chrono::Duration::from_std(cp.config.offline_after) else {
-            continue;
-        };
-        match cp
-            .store
-            .mark_silent_offline(now - offline_after, &reason)
-            .await
-        {
-            Ok(ids) => {
-                for server_id in ids {
-                    tracing::info!(%server_id, %reason, "server offline");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not sweep silent servers"),
-        }
+        crate::health::sweep(&cp, now).await;
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rustls_pki_types::CertificateDer;
 use tether_certs::CertificateInfo;
 use tether_protocol::{
@@ -21,7 +21,8 @@ use uuid::Uuid;
 use super::enrollment::FactsView;
 use super::FIRST_FRAME_TIMEOUT;
 use crate::app::ControlPlane;
-use crate::store::SessionAdmission;
+use crate::store::health::ServerRef;
+use crate::store::{ServerStatus, SessionAdmission};
 
 /// Serves a connection that presented a client certificate of this CA.
 pub async fn serve(
@@ -66,8 +67,8 @@ async fn run(
     cert: CertificateInfo,
     cp: Arc<ControlPlane>,
 ) {
-    match cp.store.admit_session(server_id, &cert.serial_hex).await {
-        Ok(SessionAdmission::Admitted(_)) => {}
+    let server = match cp.store.admit_session(server_id, &cert.serial_hex).await {
+        Ok(SessionAdmission::Admitted(server)) => *server,
         Ok(refusal) => {
             tracing::warn!(reason = ?refusal, serial = %cert.serial_hex, "session refused");
             tether_transport::close(&connection, CloseCode::Revoked);
@@ -78,7 +79,12 @@ async fn run(
             tether_transport::close(&connection, CloseCode::ShuttingDown);
             return;
         }
-    }
+    };
+    let server_ref = ServerRef {
+        id: server.id,
+        organization_id: server.organization_id,
+        name: server.name.clone(),
+    };
 
     let Some(first) = super::first_stream(&connection, "session refused: the agent").await else {
         return;
@@ -119,13 +125,21 @@ async fn run(
 
     let generation = cp.sessions.register(server_id, connection.clone());
     let facts = serde_json::to_value(FactsView::from(&hello.facts)).unwrap_or_default();
-    if let Err(e) = cp
+    // Millisecond precision, as both databases keep it: the session's end
+    // compares it with the stored value.
+    let online_since =
+        DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap_or_else(Utc::now);
+    let marked_online = match cp
         .store
-        .mark_online(server_id, &hello.agent_version, &facts, Utc::now())
+        .mark_online(server_id, &hello.agent_version, &facts, online_since)
         .await
     {
-        tracing::error!(error = %e, "could not mark the server online");
-    }
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "could not mark the server online");
+            false
+        }
+    };
     let offline_after = cp.config.offline_after;
     let heartbeat_interval = (offline_after / 3).min(Duration::from_secs(15));
     let welcome = ControlMessage::Welcome(Welcome {
@@ -141,10 +155,17 @@ async fn run(
         format!("could not send Welcome: {e}")
     } else {
         tracing::info!(version, agent_version = %hello.agent_version, "session established");
+        if marked_online && server.status != ServerStatus::Online {
+            crate::health::emit_state(&cp, &server_ref, "server.online", "online", None).await;
+        }
+        // The agent keeps pushed checks only for its process's life: push
+        // them after every Welcome.
+        crate::health::spawn_push(cp.clone(), server.clone());
         let (expiry_tx, expiry_rx) = watch::channel(cert.not_after);
         let renewal = RenewalContext {
             cp: cp.clone(),
             server_id,
+            server: server_ref.clone(),
             serial: cert.serial_hex.clone(),
             expiry: expiry_tx,
         };
@@ -160,8 +181,26 @@ async fn run(
     };
     if cp.sessions.remove(server_id, generation) {
         tracing::info!(%reason, "session ended");
-        if let Err(e) = cp.store.mark_offline(server_id, &reason, Utc::now()).await {
-            tracing::error!(error = %e, "could not mark the server offline");
+        let status_reason = crate::health::session_end_reason(&reason);
+        match cp
+            .store
+            .end_session(server_id, online_since, &status_reason, Utc::now())
+            .await
+        {
+            Ok(Some(server)) => {
+                crate::health::emit_state(
+                    &cp,
+                    &server,
+                    "server.offline",
+                    "offline",
+                    Some(&status_reason),
+                )
+                .await;
+            }
+            // Already offline, removed, or a newer session (on another
+            // replica) holds it.
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "could not mark the server offline"),
         }
     } else {
         tracing::info!(%reason, "session ended (superseded or removed)");
@@ -237,6 +276,7 @@ async fn drive(
 struct RenewalContext {
     cp: Arc<ControlPlane>,
     server_id: Uuid,
+    server: ServerRef,
     /// Serial of the certificate the session was opened with.
     serial: String,
     expiry: watch::Sender<SystemTime>,
@@ -286,22 +326,19 @@ async fn agent_stream(
             let _ = stream.finish();
         }
         (Ok(StreamKind::Health), AgentMessage::HealthReport(report)) => {
-            // TODO(lead): store health results
             let seq = report.seq;
-            for result in &report.results {
-                tracing::debug!(
-                    server_id = %renewal.server_id,
-                    seq,
-                    check_id = %result.check_id,
-                    status = ?result.status,
-                    consecutive_failures = result.consecutive_failures,
-                    "health result"
-                );
+            match crate::health::store_report(&renewal.cp, &renewal.server, &report).await {
+                Ok(()) => {
+                    if let Err(e) = stream.send(&ControlMessage::HealthAck { seq }).await {
+                        tracing::debug!(seq, error = %e, "could not deliver a health ack; the agent will report again");
+                    }
+                    let _ = stream.finish();
+                }
+                Err(e) => {
+                    // No ack: the agent reports again.
+                    tracing::warn!(seq, error = %e, "health report not stored");
+                }
             }
-            if let Err(e) = stream.send(&ControlMessage::HealthAck { seq }).await {
-                tracing::debug!(seq, error = %e, "could not deliver a health ack; the agent will report again");
-            }
-            let _ = stream.finish();
         }
         (classified, _) => {
             tracing::warn!(

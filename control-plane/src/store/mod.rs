@@ -27,7 +27,7 @@ pub use federation::{
 pub use health::HealthStore;
 pub use operations::OperationsStore;
 pub use provisioning::*;
-pub use webhooks::WebhookStore;
+pub use webhooks::*;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -304,6 +304,7 @@ pub(crate) fn sealed_secret_list(
             SealedKind::CloudCredential => cloud_credential_context(id),
             SealedKind::TerraformState => terraform_state_context(id),
             SealedKind::BootstrapToken => bootstrap_token_context(id),
+            SealedKind::WebhookSecret => webhooks::webhook_secret_context(id),
             SealedKind::InstanceCaKey => INSTANCE_CA_KEY_CONTEXT.into(),
             SealedKind::InstanceSecret => instance_secret_context(&id.to_string()),
             SealedKind::BranchClientKey => branch_client_key_context(id),
@@ -337,6 +338,8 @@ pub enum SealedKind {
     TerraformState,
     /// A deployment's bootstrap token, kept while it may be rendered again.
     BootstrapToken,
+    /// A webhook's signing secret (id: the webhook's).
+    WebhookSecret,
     /// The private key of a branch certificate a peer issued (id: the peer's branch id).
     BranchClientKey,
     /// A key signing inter-branch JWTs (id: its kid).
@@ -351,6 +354,7 @@ impl SealedKind {
             Self::CloudCredential => Some(("cloud_credentials", "credentials_sealed", "id")),
             Self::TerraformState => Some(("terraform_states", "state_sealed", "deployment_id")),
             Self::BootstrapToken => Some(("deployments", "bootstrap_token_sealed", "id")),
+            Self::WebhookSecret => Some(("webhooks", "secret_sealed", "id")),
             Self::BranchClientKey => Some(("branch_peers", "client_key_sealed", "id")),
             Self::FederationSigningKey => Some(("federation_keys", "private_key_sealed", "kid")),
             Self::InstanceCaKey | Self::InstanceSecret => None,
@@ -358,10 +362,11 @@ impl SealedKind {
     }
 
     /// The kinds stored in rows.
-    pub(crate) const ROW_KINDS: [Self; 5] = [
+    pub(crate) const ROW_KINDS: [Self; 6] = [
         Self::CloudCredential,
         Self::TerraformState,
         Self::BootstrapToken,
+        Self::WebhookSecret,
         Self::BranchClientKey,
         Self::FederationSigningKey,
     ];

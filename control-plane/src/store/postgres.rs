@@ -445,7 +445,7 @@ impl Store for PostgresStore {
         sqlx::query(
             "UPDATE servers SET status = 'online', status_reason = NULL, agent_version = $1,
                     facts = $2::jsonb, hostname = COALESCE($2::jsonb ->> 'hostname', hostname),
-                    last_seen_at = $3
+                    last_seen_at = $3, online_since = $3
              WHERE id = $4 AND deleted_at IS NULL",
         )
         .bind(agent_version)
@@ -932,6 +932,7 @@ impl Store for PostgresStore {
             kind @ (SealedKind::CloudCredential
             | SealedKind::TerraformState
             | SealedKind::BootstrapToken
+            | SealedKind::WebhookSecret
             | SealedKind::BranchClientKey
             | SealedKind::FederationSigningKey) => {
                 let (Some((table, column, key)), Ok(id)) =

@@ -444,12 +444,14 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         sqlx::query(
             "UPDATE servers SET status = 'online', status_reason = NULL, agent_version = ?, facts = ?,
-                    hostname = COALESCE(json_extract(?, '$.hostname'), hostname), last_seen_at = ?
+                    hostname = COALESCE(json_extract(?, '$.hostname'), hostname), last_seen_at = ?,
+                    online_since = ?
              WHERE id = ? AND deleted_at IS NULL",
         )
         .bind(agent_version)
         .bind(to_json(facts))
         .bind(to_json(facts))
+        .bind(ms(at))
         .bind(ms(at))
         .bind(server_id.to_string())
         .execute(&self.pool)
@@ -917,6 +919,7 @@ impl Store for SqliteStore {
             kind @ (SealedKind::CloudCredential
             | SealedKind::TerraformState
             | SealedKind::BootstrapToken
+            | SealedKind::WebhookSecret
             | SealedKind::BranchClientKey
             | SealedKind::FederationSigningKey) => {
                 let Some((table, column, key)) = kind.row_location() else {
