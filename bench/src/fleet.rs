@@ -83,12 +83,12 @@ pub struct FleetArgs {
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     acked: AtomicU64,
     report_errors: AtomicU64,
     finished: AtomicU64,
-    heartbeats: AtomicU64,
-    heartbeat_errors: AtomicU64,
+    pub(crate) heartbeats: AtomicU64,
+    pub(crate) heartbeat_errors: AtomicU64,
 }
 
 /// What an enrolled, connected simulated agent holds.
@@ -230,7 +230,9 @@ fn facts(index: u32) -> HostFacts {
     }
 }
 
-fn quinn_client_config(tls: rustls::ClientConfig) -> anyhow::Result<quinn::ClientConfig> {
+pub(crate) fn quinn_client_config(
+    tls: rustls::ClientConfig,
+) -> anyhow::Result<quinn::ClientConfig> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| anyhow::anyhow!("TLS config not usable for QUIC: {e}"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -242,7 +244,7 @@ fn quinn_client_config(tls: rustls::ClientConfig) -> anyhow::Result<quinn::Clien
 }
 
 /// Enrolls one agent; returns its session client configuration.
-async fn enroll_one(
+pub(crate) async fn enroll_one(
     endpoint: quinn::Endpoint,
     enroll_config: quinn::ClientConfig,
     addr: SocketAddr,
@@ -286,7 +288,7 @@ async fn enroll_one(
 }
 
 /// Connects with the agent's certificate and says Hello.
-async fn connect_one(
+pub(crate) async fn connect_one(
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
     addr: SocketAddr,
@@ -314,7 +316,7 @@ async fn connect_one(
 }
 
 /// Heartbeats on the control stream until `stop`.
-async fn heartbeat_loop(
+pub(crate) async fn heartbeat_loop(
     mut control: AgentStream,
     interval: Duration,
     index: u32,

@@ -8,6 +8,8 @@
 //!   prometheus-node-exporter.
 //! * `store` — the store alone (`Store::ingest_metrics`), to tell the
 //!   database's share of the per-report cost from the transport's.
+//! * `commands` — command round trip (API call to terminal status) with N
+//!   connected simulated agents that answer `RunCommand` at once.
 //! * `summary` — the tables of result files written with `--json-out`.
 //!
 //! See bench/README.md and docs/performance.md.
@@ -16,6 +18,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod commands;
 mod control_plane;
 mod fleet;
 mod footprint;
@@ -45,6 +48,8 @@ enum Command {
     Footprint(footprint::FootprintArgs),
     /// The store alone: realistic reports through Store::ingest_metrics.
     Store(store_bench::StoreArgs),
+    /// Command round trip: POST a command, follow its SSE to the final status.
+    Commands(commands::CommandsArgs),
     /// Prints the tables of result files written with --json-out.
     Summary(summary::SummaryArgs),
 }
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
             Command::HttpBaselineServer(args) => http_baseline::serve(args).await,
             Command::Footprint(args) => footprint::run(args).await.map(|_| ()),
             Command::Store(args) => store_bench::run(args).await.map(|_| ()),
+            Command::Commands(args) => commands::run(args).await,
             Command::Summary(args) => summary::run(args),
         }
     });

@@ -57,6 +57,8 @@ pub struct ControlPlane {
     pub addresses: BoundAddresses,
     /// Wakes the webhook delivery worker when a delivery is queued here.
     pub webhook_wakeup: tokio::sync::Notify,
+    /// Commands running on this replica (see `commands`).
+    pub commands: crate::commands::CommandRelay,
     pub shutdown: CancellationToken,
 }
 
@@ -227,6 +229,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
             quic: quic_addr,
         },
         webhook_wakeup: tokio::sync::Notify::new(),
+        commands: Default::default(),
         shutdown: CancellationToken::new(),
     });
 
@@ -238,9 +241,18 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     tasks.spawn(crate::federation::heartbeat_loop(state.clone()));
     tasks.spawn(crate::webhooks::delivery_loop(state.clone()));
     tasks.spawn(crate::alerts::engine_loop(state.clone()));
+    tasks.spawn(crate::commands::relay_loop(state.clone()));
     let router = crate::api::router(state.clone());
     let shutdown = state.shutdown.clone();
     tasks.spawn(async move {
+        // TCP_NODELAY: SSE events are small writes that must not wait for
+        // the client's delayed ACK (Nagle), ~40 ms each otherwise.
+        use axum::serve::ListenerExt;
+        let api_listener = api_listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
         let served = axum::serve(
             api_listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),

@@ -106,6 +106,9 @@ pub struct ServeArgs {
     /// Deployments one replica drives at once [default: 4].
     #[arg(long, env = "TETHER_PROVISION_WORKERS")]
     pub provision_workers: Option<u32>,
+    /// Commands of one fan-out dispatched at once [default: 64].
+    #[arg(long, env = "TETHER_COMMAND_CONCURRENCY")]
+    pub command_concurrency: Option<u32>,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -133,6 +136,7 @@ struct FileConfig {
     registration_timeout: Option<String>,
     allowed_providers: Option<Vec<String>>,
     provision_workers: Option<u32>,
+    command_concurrency: Option<u32>,
 }
 
 /// Resolved configuration of a control plane.
@@ -161,6 +165,7 @@ pub struct ServeConfig {
     /// `None`: every provider.
     pub allowed_providers: Option<Vec<String>>,
     pub provision_workers: u32,
+    pub command_concurrency: u32,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -275,6 +280,11 @@ impl ServeArgs {
                 .or(file.provision_workers)
                 .unwrap_or(4)
                 .clamp(1, 64),
+            command_concurrency: self
+                .command_concurrency
+                .or(file.command_concurrency)
+                .unwrap_or(64)
+                .clamp(1, 4096),
             metrics_retention,
             rollup_retention,
             rollup_interval,

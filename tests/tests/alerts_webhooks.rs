@@ -623,3 +623,151 @@ async fn two_replicas_page_once_and_send_each_delivery_once() {
     assert_eq!(firing["data"].as_array().unwrap().len(), 3, "{firing}");
     assert!(b.log().contains("control plane started"));
 }
+
+/// A web service a health check probes: answers `status` to every request.
+async fn probed_service(status: Arc<AtomicUsize>) -> String {
+    let app = axum::Router::new()
+        .route(
+            "/healthz",
+            axum::routing::get(|State(status): State<Arc<AtomicUsize>>| async move {
+                let code = u16::try_from(status.load(Ordering::SeqCst)).unwrap_or(500);
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }),
+        )
+        .with_state(status);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/healthz", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    url
+}
+
+/// The one delivery of `kind` the receiver got, checked as a receiver
+/// would: signature over the raw body, the four documented fields.
+async fn signed_event(receiver: &Receiver, kind: &str, within: Duration) -> Value {
+    let delivery = eventually(within, kind, || async {
+        Ok(receiver
+            .received()
+            .into_iter()
+            .find(|r| header(r, "x-tether-event") == kind))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        header(&delivery, "x-tether-signature"),
+        expected_signature(SECRET, &delivery.body),
+        "signature of {kind} does not verify"
+    );
+    let body: Value = serde_json::from_slice(&delivery.body).unwrap();
+    assert_eq!(body["event"], kind);
+    for field in ["timestamp", "organization_id", "data"] {
+        assert!(!body[field].is_null(), "{field} missing in {body}");
+    }
+    body
+}
+
+#[tokio::test]
+async fn a_failing_http_check_fires_health_failed_at_a_listener_and_the_signature_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), FAST)
+        .await
+        .unwrap();
+    let (receiver, hook) = Receiver::start(0).await;
+    let (status, body) = post(
+        &cp,
+        "/api/v1/webhooks",
+        json!({ "url": hook, "events": ["health.*"], "secret": SECRET }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_agent, server_id) = enrolled_running_agent(&cp, dir.path(), "web-1")
+        .await
+        .unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let answer = Arc::new(AtomicUsize::new(503));
+    let url = probed_service(answer.clone()).await;
+    let (status, check) = post(
+        &cp,
+        "/api/v1/health-checks",
+        json!({
+            "name": "site answers",
+            "kind": "http",
+            "spec": { "url": url, "expected_status": 200 },
+            "interval_seconds": 1,
+            "timeout_seconds": 2,
+            "retries": 1,
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{check}");
+
+    let failed = signed_event(&receiver, "health.failed", Duration::from_secs(30)).await;
+    assert_eq!(failed["data"]["server_id"], server_id.as_str());
+    assert_eq!(failed["data"]["check_id"], check["id"]);
+    assert_eq!(failed["data"]["check_name"], "site answers");
+    let health = get(&cp, &format!("/api/v1/servers/{server_id}/health")).await;
+    assert_eq!(health["status"], "failing", "{health}");
+
+    answer.store(200, Ordering::SeqCst);
+    let recovered = signed_event(&receiver, "health.recovered", Duration::from_secs(30)).await;
+    assert_eq!(recovered["data"]["check_id"], check["id"]);
+    let health = get(&cp, &format!("/api/v1/servers/{server_id}/health")).await;
+    let site = health["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["check_id"] == check["id"]))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(site["status"], "passing", "{health}");
+    assert_ne!(health["status"], "failing", "{health}");
+    assert_eq!(
+        events_of(&receiver, "health.failed").len(),
+        1,
+        "one failure, one event"
+    );
+}
+
+#[tokio::test]
+async fn a_sigkilled_agent_goes_offline_within_offline_after_and_fires_server_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(
+        &dir.path().join("cp"),
+        &["--metrics-interval", "1s", "--offline-after", "3s"],
+    )
+    .await
+    .unwrap();
+    let (receiver, hook) = Receiver::start(0).await;
+    let (status, body) = post(
+        &cp,
+        "/api/v1/webhooks",
+        json!({ "url": hook, "events": ["server.online", "server.offline"], "secret": SECRET }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (mut agent, server_id) = enrolled_running_agent(&cp, dir.path(), "db-1")
+        .await
+        .unwrap();
+    let online = signed_event(&receiver, "server.online", Duration::from_secs(30)).await;
+    assert_eq!(online["data"]["server_id"], server_id.as_str());
+
+    agent.stop(true);
+    let killed_at = std::time::Instant::now();
+    let offline = signed_event(&receiver, "server.offline", Duration::from_secs(20)).await;
+    let took = killed_at.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "server.offline after {took:?} with --offline-after 3s"
+    );
+    assert_eq!(offline["data"]["server_id"], server_id.as_str());
+    let server = get(&cp, &format!("/api/v1/servers/{server_id}")).await;
+    assert_eq!(server["status"], "offline", "{server}");
+    assert!(
+        server["status_reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{server}"
+    );
+}

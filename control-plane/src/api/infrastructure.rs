@@ -452,7 +452,7 @@ pub struct DestroyOptions {
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 403, description = "`forbidden`: the token lacks `infrastructure:destroy`.", body = ErrorBody),
         (status = 404, description = "`not_found`.", body = ErrorBody),
-        (status = 409, description = "`conflict`: the deployment is still being provisioned or rolled back.", body = ErrorBody),
+        (status = 409, description = "`conflict`: the deployment is still being provisioned or rolled back, or commands are queued or running on its server (without `force`).", body = ErrorBody),
         (status = 413, description = "`invalid_request`: body over 1 MiB.", body = ErrorBody),
         (status = 422, description = "`validation_error`: `force` is not a boolean, or an unknown field.", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
@@ -489,6 +489,17 @@ pub async fn destroy(
                 other.as_str()
             ))
             .with_detail("status", other.as_str()))
+        }
+    }
+    if let (false, Some(server_id)) = (force, deployment.server_id) {
+        let active = cp.store.active_commands_on_server(server_id).await?;
+        if active > 0 {
+            return Err(ApiError::conflict(format!(
+                "{active} command(s) are queued or running on the deployment's server; \
+                 cancel them or pass force"
+            ))
+            .with_detail("active_commands", active)
+            .with_detail("server_id", server_id.to_string()));
         }
     }
     let moved = cp

@@ -23,6 +23,7 @@ pub mod audit;
 pub mod auth;
 pub mod branches;
 pub mod cloud_providers;
+pub mod commands;
 pub mod enrollment_tokens;
 pub mod error;
 pub mod health;
@@ -83,6 +84,7 @@ carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Er
         (name = "organizations", description = "The organization tree and its quotas."),
         (name = "tokens", description = "API tokens."),
         (name = "audit", description = "The audit log of every write."),
+        (name = "commands", description = "Programs run on servers: one server or a fan-out, output, cancel."),
         (name = "branches", description = "Federation with other branches: invites, peers, relayed commands."),
         (name = "provisioning", description = "Cloud credentials, deployments made with Terraform, and what new servers download and report."),
         (name = "webhooks", description = "Signed HTTP callbacks for events, and their delivery log."),
@@ -170,6 +172,11 @@ fn documented() -> Documented {
             health::update_check,
             health::delete_check
         ))
+        .routes(routes!(commands::run_on_server))
+        .routes(routes!(commands::fan_out))
+        .routes(routes!(commands::get))
+        .routes(routes!(commands::cancel))
+        .routes(routes!(commands::output))
         .split_for_parts();
     let (root, openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(health))

@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use crate::app::ControlPlane;
 
+pub mod commands;
 pub mod enrollment;
 pub mod ingest;
 pub mod registry;

@@ -161,6 +161,7 @@ async fn run(
         // The agent keeps pushed checks only for its process's life: push
         // them after every Welcome.
         crate::health::spawn_push(cp.clone(), server.clone());
+        crate::commands::on_session_start(cp.clone(), server_id);
         let (expiry_tx, expiry_rx) = watch::channel(cert.not_after);
         let renewal = RenewalContext {
             cp: cp.clone(),

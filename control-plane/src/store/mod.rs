@@ -25,7 +25,10 @@ pub use federation::{
     BranchStatus, FederationKey, FederationStore, RemoteServer,
 };
 pub use health::HealthStore;
-pub use operations::OperationsStore;
+pub use operations::{
+    command_env_context, CancelOutcome, ClaimedCommand, CommandFinish, CommandRecord, CommandState,
+    NewCommand, OperationsStore,
+};
 pub use provisioning::*;
 pub use webhooks::*;
 
@@ -305,6 +308,7 @@ pub(crate) fn sealed_secret_list(
             SealedKind::TerraformState => terraform_state_context(id),
             SealedKind::BootstrapToken => bootstrap_token_context(id),
             SealedKind::WebhookSecret => webhooks::webhook_secret_context(id),
+            SealedKind::CommandEnv => command_env_context(id),
             SealedKind::InstanceCaKey => INSTANCE_CA_KEY_CONTEXT.into(),
             SealedKind::InstanceSecret => instance_secret_context(&id.to_string()),
             SealedKind::BranchClientKey => branch_client_key_context(id),
@@ -340,6 +344,8 @@ pub enum SealedKind {
     BootstrapToken,
     /// A webhook's signing secret (id: the webhook's).
     WebhookSecret,
+    /// A command's environment, kept until the command ends.
+    CommandEnv,
     /// The private key of a branch certificate a peer issued (id: the peer's branch id).
     BranchClientKey,
     /// A key signing inter-branch JWTs (id: its kid).
@@ -355,6 +361,7 @@ impl SealedKind {
             Self::TerraformState => Some(("terraform_states", "state_sealed", "deployment_id")),
             Self::BootstrapToken => Some(("deployments", "bootstrap_token_sealed", "id")),
             Self::WebhookSecret => Some(("webhooks", "secret_sealed", "id")),
+            Self::CommandEnv => Some(("commands", "env_sealed", "id")),
             Self::BranchClientKey => Some(("branch_peers", "client_key_sealed", "id")),
             Self::FederationSigningKey => Some(("federation_keys", "private_key_sealed", "kid")),
             Self::InstanceCaKey | Self::InstanceSecret => None,
@@ -362,11 +369,12 @@ impl SealedKind {
     }
 
     /// The kinds stored in rows.
-    pub(crate) const ROW_KINDS: [Self; 6] = [
+    pub(crate) const ROW_KINDS: [Self; 7] = [
         Self::CloudCredential,
         Self::TerraformState,
         Self::BootstrapToken,
         Self::WebhookSecret,
+        Self::CommandEnv,
         Self::BranchClientKey,
         Self::FederationSigningKey,
     ];

@@ -933,6 +933,7 @@ impl Store for PostgresStore {
             | SealedKind::TerraformState
             | SealedKind::BootstrapToken
             | SealedKind::WebhookSecret
+            | SealedKind::CommandEnv
             | SealedKind::BranchClientKey
             | SealedKind::FederationSigningKey) => {
                 let (Some((table, column, key)), Ok(id)) =

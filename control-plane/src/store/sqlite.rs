@@ -920,6 +920,7 @@ impl Store for SqliteStore {
             | SealedKind::TerraformState
             | SealedKind::BootstrapToken
             | SealedKind::WebhookSecret
+            | SealedKind::CommandEnv
             | SealedKind::BranchClientKey
             | SealedKind::FederationSigningKey) => {
                 let Some((table, column, key)) = kind.row_location() else {

@@ -1,0 +1,684 @@
+//! End-to-end: commands relayed by the control plane to real agents over
+//! QUIC — round trip, timeout and cancel (the process is gone), the agent's
+//! allow list, fan-out by label, delivery to a server that connects later
+//! or never, bounded output, two replicas on PostgreSQL, and destroy refused
+//! while a command runs.
+//!
+//! The cross-replica test needs `TETHER_TEST_DATABASE_URL` (see
+//! `scripts/postgres.sh`); it fails without it, it never skips.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tether_tests::{enrolled_running_agent, eventually, Agent, ControlPlane};
+
+const TERMINAL: [&str; 6] = [
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "refused",
+    "undeliverable",
+];
+
+async fn start(dir: &Path) -> ControlPlane {
+    ControlPlane::start(dir, &[])
+        .await
+        .expect("control plane starts")
+}
+
+async fn online_agent(cp: &ControlPlane, dir: &Path, name: &str) -> (Agent, String) {
+    let (agent, server_id) = enrolled_running_agent(cp, dir, name).await.expect("agent");
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .expect("online");
+    (agent, server_id)
+}
+
+/// Posts a command to one server; returns its id.
+async fn run(cp: &ControlPlane, server_id: &str, body: Value) -> String {
+    let response = cp
+        .call(
+            &cp.admin_token(),
+            Method::POST,
+            &format!("/api/v1/servers/{server_id}/commands"),
+            Some(&body),
+        )
+        .await
+        .expect("run command");
+    assert_eq!(response.status, 202, "{}", response.body);
+    response.body["command_id"]
+        .as_str()
+        .expect("command_id")
+        .to_string()
+}
+
+async fn command(cp: &ControlPlane, id: &str) -> Value {
+    let response = cp
+        .call(
+            &cp.admin_token(),
+            Method::GET,
+            &format!("/api/v1/commands/{id}"),
+            None,
+        )
+        .await
+        .expect("get command");
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.body
+}
+
+/// Waits until the command ended; returns it.
+async fn finished(cp: &ControlPlane, id: &str, within: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let c = command(cp, id).await;
+        if TERMINAL.contains(&c["status"].as_str().unwrap_or_default()) {
+            return c;
+        }
+        assert!(
+            started.elapsed() < within,
+            "command {id} still {} after {within:?}: {c:#}\n--- log ---\n{}",
+            c["status"],
+            cp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Processes whose command line contains `needle` (space separated).
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) && pid != std::process::id() {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Every file of a data dir (the SQLite database and its WAL included).
+fn data_dir_bytes(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("data dir").flatten() {
+        if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            all.extend(std::fs::read(entry.path()).unwrap_or_default());
+        }
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn echo_round_trips_its_output_and_exit_code_and_env_values_stay_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let (agent, server_id) = online_agent(&cp, dir.path(), "echo-1").await;
+
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["echo", "hello"], "timeout_seconds": 10 }),
+    )
+    .await;
+    let done = finished(&cp, &id, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["exit_code"], 0);
+    assert_eq!(done["output"], "hello\n");
+    assert_eq!(done["output_truncated"], false);
+    assert_eq!(done["server_id"], server_id.as_str());
+    assert!(done["started_at"].is_string() && done["finished_at"].is_string());
+
+    // The SSE stream replays the output and ends with the status.
+    let sse = cp
+        .request(Method::GET, &format!("/api/v1/commands/{id}/output"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        sse.contains("event: output") && sse.contains("hello\\n"),
+        "{sse}"
+    );
+    assert!(
+        sse.contains("event: status") && sse.contains("\"succeeded\""),
+        "{sse}"
+    );
+
+    // A secret environment value reaches the process but no log, response
+    // or database page.
+    let secret = "s3cret-env-value-7f1c9a";
+    let id = run(
+        &cp,
+        &server_id,
+        json!({
+            "argv": ["sh", "-c", "case \"$TETHER_E2E_SECRET\" in s3cret-env-*) echo matched;; esac"],
+            "env": { "TETHER_E2E_SECRET": secret },
+            "timeout_seconds": 10,
+        }),
+    )
+    .await;
+    let done = finished(&cp, &id, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["output"], "matched\n");
+    let shown = command(&cp, &id).await.to_string();
+    assert!(!shown.contains(secret), "env value in the API: {shown}");
+    assert!(
+        !cp.log().contains(secret),
+        "env value in the control plane log"
+    );
+    assert!(!agent.log().contains(secret), "env value in the agent log");
+    assert!(
+        !contains(&data_dir_bytes(&cp.data_dir), secret),
+        "env value in clear in the database"
+    );
+}
+
+#[tokio::test]
+async fn sleep_with_a_one_second_timeout_ends_timed_out_and_its_process_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let (_agent, server_id) = online_agent(&cp, dir.path(), "timeout-1").await;
+    let started = Instant::now();
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["sleep", "30.0301"], "timeout_seconds": 1 }),
+    )
+    .await;
+    eventually(Duration::from_secs(5), "the sleep to run", || async {
+        Ok((!processes_mentioning("sleep 30.0301").is_empty()).then_some(()))
+    })
+    .await
+    .expect("the process ran on the agent");
+    let done = finished(&cp, &id, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "timed_out", "{done:#}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        processes_mentioning("sleep 30.0301").is_empty(),
+        "the timed-out process is still running"
+    );
+}
+
+#[tokio::test]
+async fn a_program_outside_the_agents_allow_list_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let token = cp
+        .enrollment_token(json!({ "server_name": "strict-1" }))
+        .await
+        .unwrap();
+    let mut agent = Agent::new(&dir.path().join("strict-1"));
+    let (ok, stderr) = agent.enroll(&cp, token["token"].as_str().unwrap()).unwrap();
+    assert!(ok, "{stderr}");
+    std::fs::write(
+        agent.state_dir.with_extension("toml"),
+        "[commands]\nallow = [\"echo\"]\n",
+    )
+    .unwrap();
+    agent.run().unwrap();
+    let server_id = agent.server_id().unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .unwrap();
+
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["sleep", "30.0302"], "timeout_seconds": 5 }),
+    )
+    .await;
+    let done = finished(&cp, &id, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "refused", "{done:#}");
+    assert!(
+        done["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("allow"),
+        "{done:#}"
+    );
+    assert!(processes_mentioning("sleep 30.0302").is_empty());
+    // The allowed program still runs.
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["echo", "ok"], "timeout_seconds": 5 }),
+    )
+    .await;
+    assert_eq!(
+        finished(&cp, &id, Duration::from_secs(10)).await["status"],
+        "succeeded"
+    );
+}
+
+#[tokio::test]
+async fn cancel_of_a_running_sleep_ends_cancelled_and_kills_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let (_agent, server_id) = online_agent(&cp, dir.path(), "cancel-1").await;
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["sleep", "30.0303"], "timeout_seconds": 60 }),
+    )
+    .await;
+    eventually(Duration::from_secs(5), "the sleep to run", || async {
+        Ok((!processes_mentioning("sleep 30.0303").is_empty()).then_some(()))
+    })
+    .await
+    .expect("the process ran");
+    assert_eq!(command(&cp, &id).await["status"], "running");
+    let response = cp
+        .call(
+            &cp.admin_token(),
+            Method::POST,
+            &format!("/api/v1/commands/{id}/cancel"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 202, "{}", response.body);
+    let done = finished(&cp, &id, Duration::from_secs(5)).await;
+    assert_eq!(done["status"], "cancelled", "{done:#}");
+    assert!(
+        processes_mentioning("sleep 30.0303").is_empty(),
+        "process survived the cancel"
+    );
+    // Cancelling again: it already ended.
+    let again = cp
+        .call(
+            &cp.admin_token(),
+            Method::POST,
+            &format!("/api/v1/commands/{id}/cancel"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status, 409, "{}", again.body);
+    assert_eq!(again.body["error"], "conflict");
+}
+
+#[tokio::test]
+async fn fan_out_by_label_runs_once_on_each_matching_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let mut agents = Vec::new();
+    let mut web = Vec::new();
+    for (name, role) in [("web-a", "web"), ("web-b", "web"), ("db-a", "db")] {
+        let token = cp
+            .enrollment_token(json!({ "server_name": name, "labels": { "role": role } }))
+            .await
+            .unwrap();
+        let mut agent = Agent::new(&dir.path().join(name));
+        let (ok, stderr) = agent.enroll(&cp, token["token"].as_str().unwrap()).unwrap();
+        assert!(ok, "{stderr}");
+        agent.run().unwrap();
+        let server_id = agent.server_id().unwrap();
+        cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+            .await
+            .unwrap();
+        if role == "web" {
+            web.push(server_id);
+        }
+        agents.push(agent);
+    }
+    let response = cp
+        .call(
+            &cp.admin_token(),
+            Method::POST,
+            "/api/v1/commands",
+            Some(&json!({
+                "selector": { "labels": { "role": "web" } },
+                "argv": ["hostname"],
+                "timeout_seconds": 10,
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 202, "{}", response.body);
+    let ids = response.body["command_ids"]
+        .as_array()
+        .expect("ids")
+        .clone();
+    assert_eq!(ids.len(), 2, "{}", response.body);
+    let mut servers = Vec::new();
+    for id in &ids {
+        let done = finished(&cp, id.as_str().unwrap(), Duration::from_secs(10)).await;
+        assert_eq!(done["status"], "succeeded", "{done:#}");
+        assert!(!done["output"].as_str().unwrap_or_default().is_empty());
+        servers.push(done["server_id"].as_str().unwrap().to_string());
+    }
+    servers.sort();
+    web.sort();
+    assert_eq!(servers, web);
+
+    // A selector matching nothing is a validation error.
+    let none = cp
+        .call(
+            &cp.admin_token(),
+            Method::POST,
+            "/api/v1/commands",
+            Some(&json!({
+                "selector": { "labels": { "role": "nope" } },
+                "argv": ["true"], "timeout_seconds": 5,
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(none.status, 422, "{}", none.body);
+}
+
+#[tokio::test]
+async fn a_queued_command_reaches_a_server_that_connects_later_or_becomes_undeliverable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let token = cp
+        .enrollment_token(json!({ "server_name": "late-1" }))
+        .await
+        .unwrap();
+    let mut agent = Agent::new(&dir.path().join("late-1"));
+    let (ok, stderr) = agent.enroll(&cp, token["token"].as_str().unwrap()).unwrap();
+    assert!(ok, "{stderr}");
+    let server_id = agent.server_id().unwrap();
+
+    // Offline with a 1 s deadline: undeliverable.
+    let lost = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["echo", "never"], "timeout_seconds": 5, "deliver_within_seconds": 1 }),
+    )
+    .await;
+    assert_eq!(command(&cp, &lost).await["status"], "queued");
+    let done = finished(&cp, &lost, Duration::from_secs(5)).await;
+    assert_eq!(done["status"], "undeliverable", "{done:#}");
+
+    // Offline with a longer deadline: delivered when the agent connects.
+    let later = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["echo", "later"], "timeout_seconds": 5, "deliver_within_seconds": 60 }),
+    )
+    .await;
+    agent.run().unwrap();
+    let done = finished(&cp, &later, Duration::from_secs(15)).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["output"], "later\n");
+    // The undeliverable one stayed undeliverable.
+    assert_eq!(command(&cp, &lost).await["status"], "undeliverable");
+}
+
+#[tokio::test]
+async fn output_over_the_bound_is_cut_at_the_bound_and_flagged_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let (_agent, server_id) = online_agent(&cp, dir.path(), "big-1").await;
+    // About 2.7 MB of output against the default 1 MiB bound.
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["seq", "1", "400000"], "timeout_seconds": 30 }),
+    )
+    .await;
+    let done = finished(&cp, &id, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "succeeded", "{}", done["status"]);
+    assert_eq!(done["output_truncated"], true);
+    let output = done["output"].as_str().unwrap();
+    assert_eq!(output.len(), 1 << 20);
+    assert!(output.starts_with("1\n2\n3\n"));
+    // A smaller bound asked for.
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["seq", "1", "1000"], "timeout_seconds": 30, "max_output_bytes": 10 }),
+    )
+    .await;
+    let done = finished(&cp, &id, Duration::from_secs(30)).await;
+    assert_eq!(done["output"], "1\n2\n3\n4\n5\n");
+    assert_eq!(done["output_truncated"], true);
+}
+
+/// A fresh, empty database on the test PostgreSQL server; returns its URL.
+fn fresh_database() -> String {
+    let admin = std::env::var("TETHER_TEST_DATABASE_URL").expect(
+        "TETHER_TEST_DATABASE_URL is not set: run scripts/postgres.sh and export the URL it prints",
+    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let name = format!("tether_commands_{}_{nanos}", std::process::id());
+    let status = std::process::Command::new("psql")
+        .arg(&admin)
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .status()
+        .expect("psql must be installed");
+    assert!(status.success(), "could not create database {name}");
+    let (base, _) = admin
+        .rsplit_once('/')
+        .expect("database URL ends in /DBNAME");
+    format!("{base}/{name}")
+}
+
+#[tokio::test]
+async fn a_command_posted_to_replica_a_runs_on_an_agent_connected_to_replica_b() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database();
+    let a = ControlPlane::start(&dir.path().join("a"), &["--database-url", &url])
+        .await
+        .unwrap();
+    let key = dir.path().join("a").join("master.key");
+    let b = ControlPlane::start(
+        &dir.path().join("b"),
+        &[
+            "--database-url",
+            &url,
+            "--master-key-file",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    // B uses A's admin token (one instance, one token signing key).
+    std::fs::copy(
+        a.data_dir.join("admin.token"),
+        b.data_dir.join("admin.token"),
+    )
+    .unwrap();
+    // The agent dials B.
+    let (_agent, server_id) = online_agent(&b, dir.path(), "remote-1").await;
+
+    let started = Instant::now();
+    let id = run(
+        &a,
+        &server_id,
+        json!({ "argv": ["echo", "across"], "env": { "X": "1" }, "timeout_seconds": 10 }),
+    )
+    .await;
+    let done = finished(&a, &id, Duration::from_secs(10)).await;
+    assert_eq!(
+        done["status"],
+        "succeeded",
+        "{done:#}\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!(done["output"], "across\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Cancel through A of a command running through B.
+    let id = run(
+        &a,
+        &server_id,
+        json!({ "argv": ["sleep", "30.0304"], "timeout_seconds": 60 }),
+    )
+    .await;
+    eventually(Duration::from_secs(5), "the sleep to run", || async {
+        Ok((!processes_mentioning("sleep 30.0304").is_empty()).then_some(()))
+    })
+    .await
+    .expect("the process ran");
+    let response = a
+        .call(
+            &a.admin_token(),
+            Method::POST,
+            &format!("/api/v1/commands/{id}/cancel"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 202, "{}", response.body);
+    let done = finished(&a, &id, Duration::from_secs(5)).await;
+    assert_eq!(done["status"], "cancelled", "{done:#}");
+    assert!(processes_mentioning("sleep 30.0304").is_empty());
+
+    // A follower on A sees B's live output through the store.
+    let id = run(
+        &a,
+        &server_id,
+        json!({ "argv": ["sh", "-c", "echo first; sleep 1; echo second"], "timeout_seconds": 10 }),
+    )
+    .await;
+    let sse = a
+        .request(Method::GET, &format!("/api/v1/commands/{id}/output"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(sse.contains("first") && sse.contains("second"), "{sse}");
+    assert!(
+        sse.trim_end()
+            .rsplit("event: ")
+            .next()
+            .unwrap_or_default()
+            .starts_with("status"),
+        "{sse}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroying_a_deployment_is_refused_while_a_command_runs_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(
+        &dir.path().join("cp"),
+        &["--metrics-interval", "1s", "--registration-timeout", "60s"],
+    )
+    .await
+    .unwrap();
+    let admin = cp.admin_token();
+    let accepted = cp
+        .call(
+            &admin,
+            Method::POST,
+            "/api/v1/infrastructure/provision",
+            Some(&json!({
+                "provider": "local", "region": "local", "instance_type": "process",
+                "server_name": "busy-1",
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let deployment_id = accepted.body["deployment_id"].as_str().unwrap().to_string();
+    let path = format!("/api/v1/infrastructure/deployments/{deployment_id}");
+    let done = eventually(
+        Duration::from_secs(120),
+        "the deployment to complete",
+        || async {
+            let d = cp.call(&admin, Method::GET, &path, None).await?.body;
+            Ok(["completed", "failed"]
+                .contains(&d["status"].as_str().unwrap_or_default())
+                .then_some(d))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(done["status"], "completed", "{done:#}");
+    let server_id = done["server_id"].as_str().unwrap().to_string();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .unwrap();
+
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["sleep", "30.0305"], "timeout_seconds": 60 }),
+    )
+    .await;
+    eventually(Duration::from_secs(5), "the command to run", || async {
+        Ok((command(&cp, &id).await["status"] == "running").then_some(()))
+    })
+    .await
+    .unwrap();
+    let refused = cp.call(&admin, Method::DELETE, &path, None).await.unwrap();
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert_eq!(refused.body["error"], "conflict");
+    assert_eq!(refused.body["active_commands"], 1);
+    assert_eq!(
+        cp.call(&admin, Method::GET, &path, None)
+            .await
+            .unwrap()
+            .body["status"],
+        "completed"
+    );
+
+    let forced = cp
+        .call(
+            &admin,
+            Method::DELETE,
+            &path,
+            Some(&json!({ "force": true })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced.status, 202, "{}", forced.body);
+    let destroyed = eventually(
+        Duration::from_secs(120),
+        "the destroy to finish",
+        || async {
+            let d = cp.call(&admin, Method::GET, &path, None).await?.body;
+            Ok(["destroyed", "failed"]
+                .contains(&d["status"].as_str().unwrap_or_default())
+                .then_some(d))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(destroyed["status"], "destroyed", "{destroyed:#}");
+    let ended = finished(&cp, &id, Duration::from_secs(40)).await;
+    assert_ne!(ended["status"], "succeeded", "{ended:#}");
+    assert!(processes_mentioning("sleep 30.0305").is_empty());
+}
