@@ -52,7 +52,8 @@ async fn branch(cp: &ControlPlane, id: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_branches_peer_share_inventory_survive_a_restart_and_unpeer_on_both_sides() {
+async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and_unpeer_on_both_sides(
+) {
     let dir = tempfile::tempdir().unwrap();
     let a = ControlPlane::start(&dir.path().join("a"), &[])
         .await
@@ -126,6 +127,41 @@ async fn two_branches_peer_share_inventory_survive_a_restart_and_unpeer_on_both_
     assert_eq!(healthy["status"], "healthy", "{healthy}");
     assert!(healthy["latency_ms"].as_i64().is_some(), "{healthy}");
     assert_eq!(healthy["server_count"], 1, "{healthy}");
+
+    // A relays a command to B's server: B runs it on its agent.
+    let relayed = a
+        .call(
+            &a.admin_token(),
+            Method::POST,
+            &format!(
+                "/api/v1/branches/{}/servers/{server_id}/commands",
+                b.branch_id
+            ),
+            Some(&json!({ "argv": ["echo", "relayed-hello"], "timeout_seconds": 10 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(relayed.status, 202, "{:?}\n{}", relayed.body, b.log());
+    let command_id = relayed.body["command_id"].as_str().unwrap().to_string();
+    let done = eventually(
+        Duration::from_secs(20),
+        "relayed command done on B",
+        || async {
+            let c = b
+                .call(
+                    &b.admin_token(),
+                    Method::GET,
+                    &format!("/api/v1/commands/{command_id}"),
+                    None,
+                )
+                .await?;
+            Ok((c.body["status"] == "succeeded").then_some(c.body))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(done.to_string().contains("relayed-hello"), "{done}");
+    assert_eq!(done["server_id"], server_id.as_str());
 
     // B stopped: unreachable on A within 30 s; relays answer 503 fast.
     b.stop(false);

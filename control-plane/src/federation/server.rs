@@ -348,7 +348,7 @@ async fn serve_peer(connection: quinn::Connection, peer_id: Uuid, cp: Arc<Contro
 /// Verifies the call's token against the peering and answers it. The
 /// boolean says the connection must close afterwards (peering removed).
 async fn answer_call(
-    cp: &ControlPlane,
+    cp: &Arc<ControlPlane>,
     peer_id: Uuid,
     request: BranchRequest,
 ) -> (BranchResponse, bool) {
