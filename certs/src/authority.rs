@@ -19,7 +19,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 use x509_parser::certification_request::X509CertificationRequest;
 
-use crate::identity::{AgentIdentity, CaFingerprint, CertificateInfo};
+use crate::identity::{AgentIdentity, BranchIdentity, CaFingerprint, CertificateInfo};
 use crate::CertError;
 
 /// How long a CA certificate lasts.
@@ -164,17 +164,58 @@ impl CertificateAuthority {
         identity: &AgentIdentity,
         lifetime: Duration,
     ) -> Result<IssuedCertificate, CertError> {
-        let public_key = csr_public_key(csr_der)?;
         // The identity must read back from the certificate as given, or the
         // agent would hold a certificate no control plane can attribute.
         let uri = identity.uri();
         if AgentIdentity::from_uri(&uri).ok().as_ref() != Some(identity) {
             return Err(CertError::InvalidIdentity(uri));
         }
+        self.sign_client_csr(
+            csr_der,
+            uri,
+            &identity.server_id,
+            &identity.branch_id,
+            lifetime,
+        )
+    }
+
+    /// Signs a peer branch's CSR: a client-auth certificate whose SAN URI is
+    /// the [`BranchIdentity`] (`tether://<this-branch>/branch/<peer>`).
+    /// Like agent CSRs, only the public key of the CSR is used.
+    pub fn sign_branch_csr(
+        &self,
+        csr_der: &[u8],
+        identity: &BranchIdentity,
+        lifetime: Duration,
+    ) -> Result<CertificateDer<'static>, CertError> {
+        let uri = identity.uri();
+        if BranchIdentity::from_uri(&uri).ok().as_ref() != Some(identity) {
+            return Err(CertError::InvalidIdentity(uri));
+        }
+        Ok(self
+            .sign_client_csr(
+                csr_der,
+                uri,
+                &identity.peer_branch,
+                &identity.issuer_branch,
+                lifetime,
+            )?
+            .der)
+    }
+
+    fn sign_client_csr(
+        &self,
+        csr_der: &[u8],
+        uri: String,
+        common_name: &str,
+        unit: &str,
+        lifetime: Duration,
+    ) -> Result<IssuedCertificate, CertError> {
+        let public_key = csr_public_key(csr_der)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, identity.server_id.clone());
-        dn.push(DnType::OrganizationalUnitName, identity.branch_id.clone());
+        dn.push(DnType::CommonName, common_name.to_string());
+        dn.push(DnType::OrganizationalUnitName, unit.to_string());
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(
             uri.clone()

@@ -64,7 +64,7 @@ pub struct AgentIdentity {
 }
 
 impl AgentIdentity {
-    const SCHEME: &'static str = "tether://";
+    pub(crate) const SCHEME: &'static str = "tether://";
 
     pub fn new(branch_id: impl Into<String>, server_id: impl Into<String>) -> Self {
         Self {
@@ -102,6 +102,76 @@ impl AgentIdentity {
 }
 
 impl fmt::Display for AgentIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.uri())
+    }
+}
+
+/// The identity carried by a branch certificate:
+/// `tether://<issuer-branch>/branch/<peer-branch>` in a SAN URI. The issuer
+/// is the branch whose CA signed it (the one the holder connects to), the
+/// peer the branch holding it. It never parses as an [`AgentIdentity`], so a
+/// branch certificate can never open an agent session (and vice versa).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BranchIdentity {
+    pub issuer_branch: String,
+    pub peer_branch: String,
+}
+
+impl BranchIdentity {
+    pub fn new(issuer_branch: impl Into<String>, peer_branch: impl Into<String>) -> Self {
+        Self {
+            issuer_branch: issuer_branch.into(),
+            peer_branch: peer_branch.into(),
+        }
+    }
+
+    /// The SAN URI form.
+    pub fn uri(&self) -> String {
+        format!(
+            "{}{}/branch/{}",
+            AgentIdentity::SCHEME,
+            self.issuer_branch,
+            self.peer_branch
+        )
+    }
+
+    /// Parses the SAN URI form.
+    pub fn from_uri(uri: &str) -> Result<Self, CertError> {
+        let invalid = || CertError::InvalidIdentity(uri.to_string());
+        let rest = uri
+            .strip_prefix(AgentIdentity::SCHEME)
+            .ok_or_else(invalid)?;
+        let (issuer, peer) = rest.split_once("/branch/").ok_or_else(invalid)?;
+        let well_formed = |part: &str| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        };
+        if !well_formed(issuer) || !well_formed(peer) {
+            return Err(invalid());
+        }
+        Ok(Self::new(issuer, peer))
+    }
+
+    /// The branch identity in a DER certificate's SAN URIs, if any.
+    pub fn of_certificate(der: &[u8]) -> Result<Option<Self>, CertError> {
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| CertError::InvalidCertificate(e.to_string()))?;
+        Ok(cert
+            .subject_alternative_name()
+            .map_err(|e| CertError::InvalidCertificate(e.to_string()))?
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|name| match name {
+                    GeneralName::URI(uri) => Self::from_uri(uri).ok(),
+                    _ => None,
+                })
+            }))
+    }
+}
+
+impl fmt::Display for BranchIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.uri())
     }
@@ -186,6 +256,23 @@ mod tests {
     fn malformed_fingerprints_are_refused() {
         for bad in ["", "sha256:", "md5:abcd", "sha256:zz", "sha256:abcd"] {
             assert!(bad.parse::<CaFingerprint>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn branch_and_agent_identities_never_parse_as_each_other() {
+        let branch = BranchIdentity::new("b1", "b2");
+        assert_eq!(branch.uri(), "tether://b1/branch/b2");
+        assert_eq!(BranchIdentity::from_uri(&branch.uri()).unwrap(), branch);
+        assert!(AgentIdentity::from_uri(&branch.uri()).is_err());
+        let agent = AgentIdentity::new("b1", "s1");
+        assert!(BranchIdentity::from_uri(&agent.uri()).is_err());
+        for bad in [
+            "tether://b1/branch/",
+            "tether:///branch/x",
+            "tether://a/branch/b/c",
+        ] {
+            assert!(BranchIdentity::from_uri(bad).is_err(), "{bad} accepted");
         }
     }
 

@@ -7,7 +7,8 @@
 //!
 //! * [`authority`] — the CA: generate, load, issue the control plane's server
 //!   certificate, sign agent CSRs (overwriting everything the CSR asked for).
-//! * [`identity`] — `tether://<branch>/server/<id>` identities, fingerprints,
+//! * [`identity`] — `tether://<branch>/server/<id>` agent identities,
+//!   `tether://<issuer>/branch/<peer>` branch identities, fingerprints,
 //!   and what a certificate says about itself.
 //! * [`agent_key`] — the agent's P-256 key and its CSRs.
 //! * [`tls`] — rustls server and client configurations, including the
@@ -20,9 +21,10 @@ pub mod tls;
 
 pub use agent_key::AgentKey;
 pub use authority::{CertificateAuthority, IssuedCertificate, ServerCertificate};
-pub use identity::{AgentIdentity, CaFingerprint, CertificateInfo};
+pub use identity::{AgentIdentity, BranchIdentity, CaFingerprint, CertificateInfo};
 pub use tls::{
-    agent_client_config, control_plane_server_config, crypto_provider, install_crypto_provider,
+    agent_client_config, branch_client_config, control_plane_server_config, crypto_provider,
+    install_crypto_provider,
 };
 
 /// Everything that can go wrong handling certificates.

@@ -40,6 +40,27 @@ fn alpn() -> Vec<Vec<u8>> {
     vec![tether_protocol::ALPN.to_vec()]
 }
 
+/// The control plane serves agents (`tether/1`) and peer branches
+/// (`tether-branch/1`) on one endpoint; the negotiated ALPN says which.
+fn server_alpn() -> Vec<Vec<u8>> {
+    vec![
+        tether_protocol::ALPN.to_vec(),
+        tether_protocol::BRANCH_ALPN.to_vec(),
+    ]
+}
+
+/// A branch's client configuration for dialing a peer branch: ALPN
+/// `tether-branch/1`, the peer's CA pinned by fingerprint, and the branch
+/// certificate the peer issued (`None` while joining with an invite).
+pub fn branch_client_config(
+    pin: CaFingerprint,
+    client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, CertError> {
+    let mut config = agent_client_config(pin, client_auth)?;
+    config.alpn_protocols = vec![tether_protocol::BRANCH_ALPN.to_vec()];
+    Ok(config)
+}
+
 /// The control plane's server configuration: TLS 1.3, ALPN `tether/1`,
 /// optional client certificates issued by `ca`.
 pub fn control_plane_server_config(
@@ -58,7 +79,7 @@ pub fn control_plane_server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(chain, key)?;
-    config.alpn_protocols = alpn();
+    config.alpn_protocols = server_alpn();
     Ok(config)
 }
 

@@ -51,6 +51,8 @@ pub struct ControlPlane {
     pub worker_id: String,
     /// Wakes the provisioning workers when a job is queued here.
     pub provision_wakeup: tokio::sync::Notify,
+    /// Branch federation: peer connections and signing keys.
+    pub federation: crate::federation::Federation,
     /// Where this process listens (webhook URLs may not point here).
     pub addresses: BoundAddresses,
     /// Wakes the webhook delivery worker when a delivery is queued here.
@@ -221,6 +223,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         backend_key,
         worker_id: format!("{}/{}", std::process::id(), Uuid::new_v4().simple()),
         provision_wakeup: tokio::sync::Notify::new(),
+        federation: Default::default(),
         addresses: BoundAddresses {
             api: api_addr,
             quic: quic_addr,
@@ -235,6 +238,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     tasks.spawn(crate::gateway::liveness_loop(state.clone()));
     tasks.spawn(crate::telemetry::maintenance_loop(state.clone()));
     tasks.spawn(crate::provision::job::worker_loop(state.clone()));
+    tasks.spawn(crate::federation::heartbeat_loop(state.clone()));
     tasks.spawn(crate::webhooks::delivery_loop(state.clone()));
     tasks.spawn(crate::alerts::engine_loop(state.clone()));
     tasks.spawn(crate::commands::relay_loop(state.clone()));

@@ -7,16 +7,23 @@
 //! target under `fuzz/`).
 //!
 //! * [`messages`] — the typed messages, one enum per direction.
+//! * [`federation`] — branch-to-branch messages (ALPN `tether-branch/1`).
 //! * [`codec`] — `u32` length prefix + postcard body, with a maximum frame size.
 //! * [`session`] — protocol rules that do not need IO: version negotiation,
 //!   what an unauthenticated peer may do, what opens which stream (both
 //!   directions), connection close codes.
 
 pub mod codec;
+pub mod federation;
 pub mod messages;
 pub mod session;
 
 pub use codec::{FrameCodec, FrameError, MAX_FRAME_LEN};
+pub use federation::{
+    classify_branch_request, BranchCall, BranchPeerKind, BranchRequest, BranchResponse,
+    BranchViolation, JoinAccepted, JoinRequest, PublishedServer, RefusalCode, RelayedCommand,
+    RelayedCommandState, VerificationKey, BRANCH_ALPN,
+};
 pub use messages::*;
 pub use session::{
     classify_control_opener, classify_first_message, negotiate_version, CloseCode,

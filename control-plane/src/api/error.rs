@@ -45,6 +45,8 @@ pub enum ErrorCode {
     RateLimitExceeded,
     /// 500: a failure of the control plane.
     InternalError,
+    /// 503: a peer branch the request must reach is unreachable.
+    BranchUnreachable,
 }
 
 /// An API error response.
@@ -90,6 +92,15 @@ impl ApiError {
         Self::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "validation_error",
+            message,
+        )
+    }
+
+    /// 503 `branch_unreachable`: a peer branch did not answer in time.
+    pub fn branch_unreachable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "branch_unreachable",
             message,
         )
     }

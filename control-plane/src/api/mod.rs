@@ -21,6 +21,7 @@ pub mod agent_download;
 pub mod alerts;
 pub mod audit;
 pub mod auth;
+pub mod branches;
 pub mod cloud_providers;
 pub mod commands;
 pub mod enrollment_tokens;
@@ -84,6 +85,7 @@ carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`. Er
         (name = "tokens", description = "API tokens."),
         (name = "audit", description = "The audit log of every write."),
         (name = "commands", description = "Programs run on servers: one server or a fan-out, output, cancel."),
+        (name = "branches", description = "Federation with other branches: invites, peers, relayed commands."),
         (name = "provisioning", description = "Cloud credentials, deployments made with Terraform, and what new servers download and report."),
         (name = "webhooks", description = "Signed HTTP callbacks for events, and their delivery log."),
         (name = "alerts", description = "Alert rules and the alerts they raise."),
@@ -152,6 +154,10 @@ fn documented() -> Documented {
         .routes(routes!(infrastructure::force_unlock))
         .routes(routes!(infrastructure::events))
         .routes(routes!(infrastructure::boot_stage))
+        .routes(routes!(branches::create_invite))
+        .routes(routes!(branches::list, branches::accept))
+        .routes(routes!(branches::get, branches::delete))
+        .routes(routes!(branches::relay_command))
         .routes(routes!(webhooks::list, webhooks::create))
         .routes(routes!(webhooks::get, webhooks::delete))
         .routes(routes!(webhooks::deliveries))

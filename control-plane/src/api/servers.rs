@@ -42,6 +42,29 @@ pub struct ServerView {
 }
 
 impl ServerView {
+    /// A server a peer branch published (`branch_id` is the peer's).
+    pub fn remote(r: crate::store::RemoteServer) -> Self {
+        Self {
+            id: r.id,
+            name: r.name,
+            hostname: r.hostname,
+            status: ServerStatus::parse(&r.status).unwrap_or(ServerStatus::Offline),
+            status_reason: None,
+            labels: r.labels,
+            organization_id: r.organization_id,
+            agent_version: r.agent_version,
+            last_seen_at: r.last_seen_at,
+            branch_id: r.branch_id,
+            deployment_id: None,
+            created_at: r.synced_at,
+            facts: serde_json::json!({
+                "cpu_percent": r.cpu_percent,
+                "memory_used_bytes": r.memory_used_bytes,
+                "memory_total_bytes": r.memory_total_bytes,
+            }),
+        }
+    }
+
     pub fn new(server: Server, branch_id: Uuid) -> Self {
         Self {
             id: server.id,
@@ -70,7 +93,8 @@ pub struct ListServers {
     pub status: Option<String>,
     /// `key=value`, several separated by commas.
     pub label: Option<String>,
-    /// `local` (default) or `all` (with federation: peers' servers too).
+    /// `local` (default), `all` (peers' published servers too, after the
+    /// last page of local ones), or a branch id (this one's or a peer's).
     pub branch: Option<String>,
     /// Page size, 1-500 (default 100).
     #[param(minimum = 1, maximum = 500)]
@@ -135,33 +159,81 @@ pub async fn list(
         })?;
         labels.push((key.to_string(), value.to_string()));
     }
-    match params.branch.as_deref() {
-        None | Some("local") | Some("all") => {}
-        Some(other) if Uuid::parse_str(other).ok() == Some(cp.instance.branch_id) => {}
-        Some(other) => {
-            return Err(ApiError::invalid_request(format!(
-                "unknown branch {other:?}"
-            )))
-        }
-    }
+    // Which branches: `local` (default), `all` (local + every peer's
+    // published servers), this branch's id, or one peer's id.
+    let (want_local, want_remote): (bool, Option<Option<Uuid>>) = match params.branch.as_deref() {
+        None | Some("local") => (true, None),
+        Some("all") => (true, Some(None)),
+        Some(other) => match Uuid::parse_str(other) {
+            Ok(id) if id == cp.instance.branch_id => (true, None),
+            Ok(id) => (false, Some(Some(id))),
+            Err(_) => {
+                return Err(ApiError::invalid_request(format!(
+                    "branch must be local, all or a branch id, not {other:?}"
+                )))
+            }
+        },
+    };
     let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = super::page_cursor(params.cursor.as_deref())?;
-    let servers = cp
-        .store
-        .list_servers(&ServerQuery {
-            scope: caller.visible_organizations.clone(),
-            status,
-            labels,
-            limit: limit + 1,
-            after,
-        })
-        .await?;
-    Ok(Json(Page::from_rows(
-        servers,
-        limit,
-        |s| s.id.to_string(),
-        |s| ServerView::new(s, cp.instance.branch_id),
-    )))
+    let Page {
+        mut data,
+        next_cursor,
+    } = if want_local {
+        let servers = cp
+            .store
+            .list_servers(&ServerQuery {
+                scope: caller.visible_organizations.clone(),
+                status,
+                labels: labels.clone(),
+                limit: limit + 1,
+                after,
+            })
+            .await?;
+        Page::from_rows(
+            servers,
+            limit,
+            |s| s.id.to_string(),
+            |s| ServerView::new(s, cp.instance.branch_id),
+        )
+    } else {
+        Page {
+            data: Vec::new(),
+            next_cursor: None,
+        }
+    };
+    let has_more = next_cursor.is_some();
+    // Peers' servers follow the last page of local ones (they are few and
+    // already in the store, synced by the heartbeat loop).
+    if let (Some(only), false) = (want_remote, has_more) {
+        let remote = cp
+            .store
+            .list_remote_servers(&caller.visible_organizations)
+            .await?;
+        if let Some(peer) = only {
+            if cp
+                .store
+                .branch_peer(Some(&caller.visible_organizations), peer)
+                .await?
+                .is_none()
+            {
+                return Err(ApiError::invalid_request(format!("unknown branch {peer}")));
+            }
+        }
+        data.extend(
+            remote
+                .into_iter()
+                .filter(|r| only.is_none_or(|b| b == r.branch_id))
+                .filter(|r| status.is_none_or(|s| s.as_str() == r.status))
+                .filter(|r| {
+                    labels
+                        .iter()
+                        .all(|(k, v)| r.labels.get(k).is_some_and(|x| x == v))
+                })
+                .map(ServerView::remote),
+        );
+    }
+    Ok(Json(Page { data, next_cursor }))
 }
 
 /// One server.

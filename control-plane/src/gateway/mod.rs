@@ -1,6 +1,7 @@
 //! The QUIC gateway: accepts agent connections, sorts them into enrollment
 //! (no client certificate) and sessions (certificate from this branch's CA),
-//! and keeps server liveness in the store.
+//! and keeps server liveness in the store. Connections negotiating ALPN
+//! `tether-branch/1` are peer branches and go to `crate::federation::server`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +62,12 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, cp: Arc<ControlPlane>) {
                         return;
                     }
                 };
+                // Branches negotiate their own ALPN: their connections go to
+                // federation and can never become agent sessions.
+                if negotiated_alpn(&connection).as_deref() == Some(tether_protocol::BRANCH_ALPN) {
+                    let cert = peer_certificate(&connection);
+                    return crate::federation::server::serve(connection, cert, cp).await;
+                }
                 match peer_certificate(&connection) {
                     None => enrollment::serve(connection, cp).await,
                     Some(cert) => session::serve(connection, cert, cp).await,
@@ -69,6 +76,15 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, cp: Arc<ControlPlane>) {
             .instrument(tracing::info_span!("connection", %remote)),
         );
     }
+}
+
+/// The ALPN protocol the handshake settled on.
+fn negotiated_alpn(connection: &quinn::Connection) -> Option<Vec<u8>> {
+    connection
+        .handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// The client certificate the peer authenticated with, if any.

@@ -20,7 +20,10 @@ pub mod provisioning;
 pub mod sqlite;
 pub mod webhooks;
 
-pub use federation::FederationStore;
+pub use federation::{
+    branch_client_key_context, federation_key_context, BranchHealth, BranchInvite, BranchPeer,
+    BranchStatus, FederationKey, FederationStore, RemoteServer,
+};
 pub use health::HealthStore;
 pub use operations::{
     command_env_context, CancelOutcome, ClaimedCommand, CommandFinish, CommandRecord, CommandState,
@@ -308,6 +311,8 @@ pub(crate) fn sealed_secret_list(
             SealedKind::CommandEnv => command_env_context(id),
             SealedKind::InstanceCaKey => INSTANCE_CA_KEY_CONTEXT.into(),
             SealedKind::InstanceSecret => instance_secret_context(&id.to_string()),
+            SealedKind::BranchClientKey => branch_client_key_context(id),
+            SealedKind::FederationSigningKey => federation_key_context(id),
         },
         id: id.to_string(),
         sealed,
@@ -341,6 +346,10 @@ pub enum SealedKind {
     WebhookSecret,
     /// A command's environment, kept until the command ends.
     CommandEnv,
+    /// The private key of a branch certificate a peer issued (id: the peer's branch id).
+    BranchClientKey,
+    /// A key signing inter-branch JWTs (id: its kid).
+    FederationSigningKey,
 }
 
 impl SealedKind {
@@ -353,17 +362,21 @@ impl SealedKind {
             Self::BootstrapToken => Some(("deployments", "bootstrap_token_sealed", "id")),
             Self::WebhookSecret => Some(("webhooks", "secret_sealed", "id")),
             Self::CommandEnv => Some(("commands", "env_sealed", "id")),
+            Self::BranchClientKey => Some(("branch_peers", "client_key_sealed", "id")),
+            Self::FederationSigningKey => Some(("federation_keys", "private_key_sealed", "kid")),
             Self::InstanceCaKey | Self::InstanceSecret => None,
         }
     }
 
     /// The kinds stored in rows.
-    pub(crate) const ROW_KINDS: [Self; 5] = [
+    pub(crate) const ROW_KINDS: [Self; 7] = [
         Self::CloudCredential,
         Self::TerraformState,
         Self::BootstrapToken,
         Self::WebhookSecret,
         Self::CommandEnv,
+        Self::BranchClientKey,
+        Self::FederationSigningKey,
     ];
 }
 

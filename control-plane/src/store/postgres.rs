@@ -933,7 +933,9 @@ impl Store for PostgresStore {
             | SealedKind::TerraformState
             | SealedKind::BootstrapToken
             | SealedKind::WebhookSecret
-            | SealedKind::CommandEnv) => {
+            | SealedKind::CommandEnv
+            | SealedKind::BranchClientKey
+            | SealedKind::FederationSigningKey) => {
                 let (Some((table, column, key)), Ok(id)) =
                     (kind.row_location(), Uuid::parse_str(&secret.id))
                 else {

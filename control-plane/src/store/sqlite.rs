@@ -920,7 +920,9 @@ impl Store for SqliteStore {
             | SealedKind::TerraformState
             | SealedKind::BootstrapToken
             | SealedKind::WebhookSecret
-            | SealedKind::CommandEnv) => {
+            | SealedKind::CommandEnv
+            | SealedKind::BranchClientKey
+            | SealedKind::FederationSigningKey) => {
                 let Some((table, column, key)) = kind.row_location() else {
                     return Ok(false);
                 };

@@ -1,0 +1,470 @@
+//! End-to-end: two `tether serve` processes on loopback federate over QUIC.
+//!
+//! * Peering with a one-time invite; both sides list the peer; an agent on
+//!   B shows up in A's `GET /servers?branch=all`; B stopped is
+//!   `unreachable` on A within 30 s and requests to it answer 503 within a
+//!   second; B restarted is `healthy` again without re-peering; deleting the
+//!   peering on A removes it on B too.
+//! * B refuses inter-branch JWTs with a missing scope, a wrong key,
+//!   `alg: none`, or past their expiry (the test plays the peer itself, with
+//!   its own CA and keys, over real QUIC).
+
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use reqwest::Method;
+use serde_json::{json, Value};
+use tether_certs::{AgentKey, BranchIdentity, CaFingerprint, CertificateAuthority};
+use tether_control_plane::federation::keys;
+use tether_protocol::{
+    BranchCall, BranchRequest, BranchResponse, JoinRequest, RefusalCode, RelayedCommand,
+    VerificationKey,
+};
+use tether_tests::{enrolled_running_agent, eventually, ControlPlane};
+
+type ClientStream = tether_transport::FramedStream<BranchResponse, BranchRequest>;
+
+async fn invite(cp: &ControlPlane, scopes: &[&str]) -> String {
+    let created = cp
+        .call(
+            &cp.admin_token(),
+            Method::POST,
+            "/api/v1/branches/invites",
+            Some(&json!({ "name": "peer", "scopes": scopes, "ttl_seconds": 600 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    created.body["invite"].as_str().unwrap().to_string()
+}
+
+async fn branch(cp: &ControlPlane, id: &str) -> Value {
+    cp.call(
+        &cp.admin_token(),
+        Method::GET,
+        &format!("/api/v1/branches/{id}"),
+        None,
+    )
+    .await
+    .unwrap()
+    .body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and_unpeer_on_both_sides(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = ControlPlane::start(&dir.path().join("a"), &[])
+        .await
+        .unwrap();
+    let mut b = ControlPlane::start(&dir.path().join("b"), &[])
+        .await
+        .unwrap();
+
+    let text = invite(&b, &["servers:read", "commands:run"]).await;
+    assert!(!b.log().contains(&text), "the invite was logged");
+    let peered = a
+        .call(
+            &a.admin_token(),
+            Method::POST,
+            "/api/v1/branches",
+            Some(&json!({ "invite": text })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(peered.status, 201, "{:?}\n{}", peered.body, b.log());
+    assert_eq!(peered.body["id"], b.branch_id.as_str());
+    assert_eq!(peered.body["status"], "healthy");
+    assert_eq!(peered.body["address"], b.quic_addr.to_string());
+
+    // The invite is one-time.
+    let again = a
+        .call(
+            &a.admin_token(),
+            Method::POST,
+            "/api/v1/branches",
+            Some(&json!({ "invite": text })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status, 403, "{:?}", again.body);
+
+    // B lists A.
+    let on_b = b
+        .call(&b.admin_token(), Method::GET, "/api/v1/branches", None)
+        .await
+        .unwrap();
+    let data = on_b.body["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1, "{:?}", on_b.body);
+    assert_eq!(data[0]["id"], a.branch_id.as_str());
+
+    // An agent on B appears on A with B's branch id.
+    let (_agent, server_id) = enrolled_running_agent(&b, dir.path(), "edge-b")
+        .await
+        .unwrap();
+    b.wait_for_status(&server_id, "online", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let remote = eventually(
+        Duration::from_secs(20),
+        "B's server listed on A",
+        || async {
+            let servers = a.servers("?branch=all").await?;
+            Ok(servers
+                .into_iter()
+                .find(|s| s["id"] == server_id.as_str() && s["status"] == "online"))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(remote["branch_id"], b.branch_id.as_str());
+    assert!(
+        a.servers("").await.unwrap().is_empty(),
+        "local list shows remote servers"
+    );
+    let healthy = branch(&a, &b.branch_id).await;
+    assert_eq!(healthy["status"], "healthy", "{healthy}");
+    assert!(healthy["latency_ms"].as_i64().is_some(), "{healthy}");
+    assert_eq!(healthy["server_count"], 1, "{healthy}");
+
+    // A relays a command to B's server: B runs it on its agent.
+    let relayed = a
+        .call(
+            &a.admin_token(),
+            Method::POST,
+            &format!(
+                "/api/v1/branches/{}/servers/{server_id}/commands",
+                b.branch_id
+            ),
+            Some(&json!({ "argv": ["echo", "relayed-hello"], "timeout_seconds": 10 })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(relayed.status, 202, "{:?}\n{}", relayed.body, b.log());
+    let command_id = relayed.body["command_id"].as_str().unwrap().to_string();
+    let done = eventually(
+        Duration::from_secs(20),
+        "relayed command done on B",
+        || async {
+            let c = b
+                .call(
+                    &b.admin_token(),
+                    Method::GET,
+                    &format!("/api/v1/commands/{command_id}"),
+                    None,
+                )
+                .await?;
+            Ok((c.body["status"] == "succeeded").then_some(c.body))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(done.to_string().contains("relayed-hello"), "{done}");
+    assert_eq!(done["server_id"], server_id.as_str());
+
+    // B stopped: unreachable on A within 30 s; relays answer 503 fast.
+    b.stop(false);
+    let stopped = Instant::now();
+    eventually(Duration::from_secs(30), "B unreachable on A", || async {
+        Ok((branch(&a, &b.branch_id).await["status"] == "unreachable").then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(stopped.elapsed() < Duration::from_secs(30));
+    let asked = Instant::now();
+    let relayed = a
+        .call(
+            &a.admin_token(),
+            Method::POST,
+            &format!(
+                "/api/v1/branches/{}/servers/{server_id}/commands",
+                b.branch_id
+            ),
+            Some(&json!({ "argv": ["echo", "hi"], "timeout_seconds": 5 })),
+        )
+        .await
+        .unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(relayed.status, 503, "{:?}", relayed.body);
+    assert_eq!(relayed.body["error"], "branch_unreachable");
+
+    // B back: healthy again, no re-peering.
+    b.restart().await.unwrap();
+    eventually(Duration::from_secs(30), "B healthy on A again", || async {
+        Ok((branch(&a, &b.branch_id).await["status"] == "healthy").then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Unpeering on A removes the peering on B at once.
+    let deleted = a
+        .call(
+            &a.admin_token(),
+            Method::DELETE,
+            &format!("/api/v1/branches/{}", b.branch_id),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, 204, "{:?}", deleted.body);
+    let on_b = b
+        .call(&b.admin_token(), Method::GET, "/api/v1/branches", None)
+        .await
+        .unwrap();
+    assert_eq!(on_b.body["data"], json!([]), "{:?}", on_b.body);
+    assert_eq!(branch(&a, &b.branch_id).await["error"], "not_found");
+    assert!(
+        !a.servers("?branch=all")
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == server_id.as_str()),
+        "remote servers outlived the peering"
+    );
+}
+
+/// A branch played by the test: its own CA, JWT key and certificate from B.
+struct FakePeer {
+    id: uuid::Uuid,
+    key: keys::GeneratedKey,
+    organization_id: String,
+    connection: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+    pin: CaFingerprint,
+    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    client_key_pem: String,
+}
+
+impl FakePeer {
+    async fn join(b: &ControlPlane, invite_text: &str) -> Self {
+        let invite = tether_control_plane::federation::invite::Invite::decode(invite_text).unwrap();
+        let pin: CaFingerprint = invite.ca_fingerprint.parse().unwrap();
+        let id = uuid::Uuid::now_v7();
+        let ca = CertificateAuthority::generate("fake").unwrap();
+        let key = keys::generate_key().unwrap();
+        let client_key = AgentKey::generate().unwrap();
+        let tls = tether_certs::branch_client_config(pin, None).unwrap();
+        let endpoint = tether_transport::client_endpoint(b.quic_addr, tls).unwrap();
+        let connection = tether_transport::connect_control_plane(&endpoint, b.quic_addr)
+            .await
+            .unwrap();
+        let mut stream = ClientStream::open(&connection).await.unwrap();
+        let joined = stream
+            .request(&BranchRequest::Join(JoinRequest {
+                invite_id: invite.id.to_string(),
+                secret: invite.secret.clone(),
+                branch_id: id.to_string(),
+                name: "fake".into(),
+                address: "127.0.0.1:9".into(),
+                ca_cert_pem: ca.cert_pem().to_string(),
+                keys: vec![VerificationKey {
+                    kid: "k1".into(),
+                    x: key.x.clone(),
+                    y: key.y.clone(),
+                    not_after: None,
+                }],
+                csr_der: client_key.csr_der("fake").unwrap(),
+                scopes: vec!["servers:read".into()],
+                organization_id: uuid::Uuid::now_v7().to_string(),
+            }))
+            .await
+            .unwrap();
+        let BranchResponse::Joined(accepted) = joined else {
+            panic!("join refused: {joined:?}");
+        };
+        let for_b = ca
+            .sign_branch_csr(
+                &accepted.csr_der,
+                &BranchIdentity::new(id.to_string(), b.branch_id.clone()),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let done = stream
+            .request(&BranchRequest::JoinCertificate {
+                certificate_chain: vec![for_b.to_vec(), ca.cert_der().to_vec()],
+            })
+            .await
+            .unwrap();
+        assert_eq!(done, BranchResponse::JoinCompleted);
+        connection.close(0u32.into(), b"done");
+        let chain: Vec<rustls_pki_types::CertificateDer<'static>> = accepted
+            .certificate_chain
+            .iter()
+            .map(|der| rustls_pki_types::CertificateDer::from(der.clone()))
+            .collect();
+        let tls = tether_certs::branch_client_config(
+            pin,
+            Some((chain.clone(), client_key.private_key_der())),
+        )
+        .unwrap();
+        let endpoint = tether_transport::client_endpoint(b.quic_addr, tls).unwrap();
+        let connection = tether_transport::connect_control_plane(&endpoint, b.quic_addr)
+            .await
+            .unwrap();
+        Self {
+            id,
+            key,
+            organization_id: accepted.organization_id,
+            connection,
+            _endpoint: endpoint,
+            pin,
+            chain,
+            client_key_pem: client_key.to_pem(),
+        }
+    }
+
+    fn claims(&self, b: &ControlPlane, scopes: &[&str]) -> keys::BranchClaims {
+        keys::claims_for(
+            self.id,
+            b.branch_id.parse().unwrap(),
+            &self.organization_id,
+            &scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    }
+
+    async fn call(&self, token: String, call: BranchCall) -> BranchResponse {
+        let mut stream = ClientStream::open(&self.connection).await.unwrap();
+        stream
+            .request(&BranchRequest::Call { token, call })
+            .await
+            .unwrap()
+    }
+}
+
+fn refusal(answer: &BranchResponse) -> (RefusalCode, String) {
+    match answer {
+        BranchResponse::Refused { code, message } => (*code, message.clone()),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_past_expiry_and_its_certificate_as_an_agent(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = ControlPlane::start(&dir.path().join("b"), &[])
+        .await
+        .unwrap();
+    let text = invite(&b, &["servers:read"]).await;
+    let peer = FakePeer::join(&b, &text).await;
+
+    // A valid token works: the refusals below are about the token alone.
+    let token = keys::sign("k1", &peer.key.pkcs8, &peer.claims(&b, &["servers:read"])).unwrap();
+    let answer = peer.call(token, BranchCall::Inventory).await;
+    assert!(matches!(answer, BranchResponse::Inventory(_)), "{answer:?}");
+
+    // Missing scope in the token.
+    let token = keys::sign("k1", &peer.key.pkcs8, &peer.claims(&b, &[])).unwrap();
+    let (code, message) = refusal(&peer.call(token, BranchCall::Inventory).await);
+    assert_eq!(code, RefusalCode::Forbidden);
+    assert!(message.contains("servers:read"), "{message}");
+
+    // A scope in the token that the invite did not grant.
+    let token = keys::sign(
+        "k1",
+        &peer.key.pkcs8,
+        &peer.claims(&b, &["servers:read", "commands:run"]),
+    )
+    .unwrap();
+    let run = BranchCall::RunCommand(RelayedCommand {
+        server_id: uuid::Uuid::now_v7().to_string(),
+        argv: vec!["id".into()],
+        env: vec![],
+        stdin: None,
+        timeout_seconds: 5,
+    });
+    let (code, message) = refusal(&peer.call(token, run).await);
+    assert_eq!(code, RefusalCode::Forbidden);
+    assert!(message.contains("does not grant"), "{message}");
+
+    // Signed by another key under the published kid.
+    let wrong = keys::generate_key().unwrap();
+    let token = keys::sign("k1", &wrong.pkcs8, &peer.claims(&b, &["servers:read"])).unwrap();
+    let (code, message) = refusal(&peer.call(token, BranchCall::Inventory).await);
+    assert_eq!(code, RefusalCode::Unauthorized);
+    assert!(message.contains("signature"), "{message}");
+
+    // alg: none.
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#);
+    let body =
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&peer.claims(&b, &["servers:read"])).unwrap());
+    let (code, message) = refusal(
+        &peer
+            .call(format!("{header}.{body}."), BranchCall::Inventory)
+            .await,
+    );
+    assert_eq!(code, RefusalCode::Unauthorized);
+    assert!(message.contains("ES256"), "{message}");
+
+    // Expired.
+    let mut expired = peer.claims(&b, &["servers:read"]);
+    expired.iat -= 600;
+    expired.exp = expired.iat + 60;
+    let token = keys::sign("k1", &peer.key.pkcs8, &expired).unwrap();
+    let (code, message) = refusal(&peer.call(token, BranchCall::Inventory).await);
+    assert_eq!(code, RefusalCode::Unauthorized);
+    assert!(message.contains("expired"), "{message}");
+
+    // The branch certificate never opens an agent session.
+    let key = AgentKey::from_pem(&peer.client_key_pem).unwrap();
+    let tls = tether_certs::agent_client_config(
+        peer.pin,
+        Some((peer.chain.clone(), key.private_key_der())),
+    )
+    .unwrap();
+    let endpoint = tether_transport::client_endpoint(b.quic_addr, tls).unwrap();
+    let connection = tether_transport::connect_control_plane(&endpoint, b.quic_addr)
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed())
+        .await
+        .expect("B kept a branch certificate's agent connection open");
+    assert_eq!(
+        tether_transport::close_code_of(&closed),
+        Some(tether_protocol::CloseCode::Revoked),
+        "{closed:?}"
+    );
+
+    // No token (base64url JSON, `eyJ...`) reached B's log.
+    assert!(!b.log().contains("eyJ"), "a token reached the log");
+}
+
+/// Round trip of one inter-branch call on loopback: a new QUIC stream, an
+/// ES256 token signed by the caller and verified by B against the peering,
+/// the peering and B's servers read from B's store, the answer. Prints
+/// p50/p99 for docs/performance.md. Run with `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints cross-branch call latency"]
+async fn bench_cross_branch_call_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = ControlPlane::start(&dir.path().join("b"), &[])
+        .await
+        .unwrap();
+    let text = invite(&b, &["servers:read"]).await;
+    let peer = FakePeer::join(&b, &text).await;
+    let mut samples = Vec::new();
+    for i in 0..2100 {
+        let started = Instant::now();
+        let token = keys::sign("k1", &peer.key.pkcs8, &peer.claims(&b, &["servers:read"])).unwrap();
+        let answer = peer.call(token, BranchCall::Inventory).await;
+        let elapsed = started.elapsed();
+        assert!(matches!(answer, BranchResponse::Inventory(_)), "{answer:?}");
+        if i >= 100 {
+            samples.push(elapsed);
+        }
+    }
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    println!(
+        "cross-branch call round trip over {} calls: p50 {:?}, p99 {:?}, max {:?}",
+        samples.len(),
+        at(0.50),
+        at(0.99),
+        samples[samples.len() - 1]
+    );
+}
