@@ -14,6 +14,62 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tether_tests::{eventually, ControlPlane};
 
+const WEBHOOK_SECRET: &str = "whsec-provisioning-5c1e";
+
+/// A real HTTP receiver of webhooks: keeps (event header, signature header,
+/// raw body) of every delivery.
+async fn webhook_receiver() -> (
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>,
+    String,
+) {
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    type Got = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>;
+    let got: Got = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |State(got): State<Got>, headers: HeaderMap, body: Bytes| async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    if let Ok(mut got) = got.lock() {
+                        got.push((
+                            header("x-tether-event"),
+                            header("x-tether-signature"),
+                            body.to_vec(),
+                        ));
+                    }
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(got.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (got, url)
+}
+
+/// `sha256=<hex HMAC-SHA256(secret, body)>`, as a receiver computes it.
+fn signature_of(body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).expect("key");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn terraform_is_installed() {
@@ -186,6 +242,17 @@ async fn local_deployment_comes_online_reports_and_destroy_removes_everything() 
     let dir = tempfile::tempdir().expect("tempdir");
     let cp = start(dir.path(), &[]).await;
     let admin = cp.admin_token();
+    let (deliveries, hook) = webhook_receiver().await;
+    let webhook = cp
+        .call(
+            &admin,
+            Method::POST,
+            "/api/v1/webhooks",
+            Some(&json!({ "url": hook, "events": ["infrastructure.*"], "secret": WEBHOOK_SECRET })),
+        )
+        .await
+        .expect("create webhook");
+    assert_eq!(webhook.status, 201, "{}", webhook.body);
     let (status, accepted) = provision(&cp, &admin, local_request("web-1")).await;
     assert_eq!(status, 202, "{accepted}");
     assert_eq!(accepted["status"], "pending");
@@ -276,6 +343,27 @@ async fn local_deployment_comes_online_reports_and_destroy_removes_everything() 
     assert!(!root.join("var/lib/tether/bootstrap.env").exists());
     assert_eq!(agents_of(&cp, &id).len(), 1, "one agent runs");
 
+    // Signed webhooks told the story so far.
+    eventually(
+        Duration::from_secs(20),
+        "infrastructure webhooks",
+        || async {
+            let got = deliveries.lock().map(|g| g.clone()).unwrap_or_default();
+            let events: Vec<&str> = got.iter().map(|(event, _, _)| event.as_str()).collect();
+            Ok((events.contains(&"infrastructure.provisioning.started")
+                && events.contains(&"infrastructure.provisioning.completed"))
+            .then_some(()))
+        },
+    )
+    .await
+    .expect("provisioning webhooks delivered");
+    for (event, signature, body) in deliveries.lock().map(|g| g.clone()).unwrap_or_default() {
+        assert_eq!(signature, signature_of(&body), "signature of {event}");
+        let body: Value = serde_json::from_slice(&body).expect("json body");
+        assert_eq!(body["event"], event.as_str());
+        assert_eq!(body["data"]["deployment_id"], id.as_str());
+    }
+
     // Destroy: process gone, server gone, state empty.
     let response = cp
         .call(
@@ -295,6 +383,15 @@ async fn local_deployment_comes_online_reports_and_destroy_removes_everything() 
         "agent process still running"
     );
     assert!(!workdir(&cp, &id).exists(), "working dir left behind");
+    eventually(Duration::from_secs(20), "destroy webhooks", || async {
+        let got = deliveries.lock().map(|g| g.clone()).unwrap_or_default();
+        Ok(got
+            .iter()
+            .any(|(event, _, _)| event == "infrastructure.destroying.completed")
+            .then_some(()))
+    })
+    .await
+    .expect("destroy webhooks delivered");
     let gone = cp
         .call(
             &admin,
