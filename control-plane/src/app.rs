@@ -239,6 +239,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     tasks.spawn(crate::telemetry::maintenance_loop(state.clone()));
     tasks.spawn(crate::provision::job::worker_loop(state.clone()));
     tasks.spawn(crate::federation::heartbeat_loop(state.clone()));
+    tasks.spawn(crate::federation::relay::resume_followers(state.clone()));
     tasks.spawn(crate::webhooks::delivery_loop(state.clone()));
     tasks.spawn(crate::alerts::engine_loop(state.clone()));
     tasks.spawn(crate::commands::relay_loop(state.clone()));

@@ -14,7 +14,8 @@ mod common;
 
 use common::*;
 use tether_control_plane::store::{
-    BranchHealth, BranchInvite, BranchPeer, BranchStatus, FederationKey, RemoteServer,
+    BranchHealth, BranchInvite, BranchPeer, BranchStatus, CommandRecord, CommandState,
+    FederationKey, RelayedCommandRecord, RelayedCommandUpdate, RemoteServer,
 };
 
 store_tests! {
@@ -24,6 +25,7 @@ store_tests! {
     health_rounds_report_the_previous_status_and_keep_last_seen,
     remote_inventory_is_replaced_per_peer_and_removed_with_the_peering,
     rotating_the_signing_key_retires_the_previous_one_and_both_are_resealable,
+    a_relayed_command_mirror_follows_the_peer_until_it_ends_and_then_never_changes,
 }
 
 fn invite(org: Uuid, hash: &str, expires_in: Duration) -> BranchInvite {
@@ -375,4 +377,100 @@ async fn rotating_the_signing_key_retires_the_previous_one_and_both_are_resealab
         .unwrap()
         .iter()
         .any(|k| k.private_key_sealed == "resealed"));
+}
+
+fn mirror(org: Uuid, branch_id: Uuid) -> RelayedCommandRecord {
+    let at = now();
+    RelayedCommandRecord {
+        branch_id,
+        remote_command_id: Uuid::now_v7().to_string(),
+        command: CommandRecord {
+            id: Uuid::now_v7(),
+            organization_id: org,
+            server_id: Uuid::now_v7(),
+            argv: vec!["echo".into(), "hi".into()],
+            timeout_ms: 10_000,
+            max_output_bytes: 1 << 20,
+            status: CommandState::Queued,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            output: Vec::new(),
+            output_truncated: false,
+            cancel_requested: false,
+            created_by: "token:test".into(),
+            created_at: at,
+            started_at: None,
+            finished_at: None,
+            claimed_by: None,
+            deliver_by: at + Duration::seconds(60),
+        },
+    }
+}
+
+fn update(status: CommandState, output: &[u8]) -> RelayedCommandUpdate {
+    RelayedCommandUpdate {
+        status,
+        exit_code: status.is_terminal().then_some(0),
+        reason: None,
+        output: output.to_vec(),
+        output_truncated: false,
+        started_at: Some(now()),
+        finished_at: status.is_terminal().then(now),
+    }
+}
+
+async fn a_relayed_command_mirror_follows_the_peer_until_it_ends_and_then_never_changes(
+    store: Arc<dyn Store>,
+) {
+    let instance = init(&*store).await;
+    let root = instance.root_organization_id;
+    let team = create_org(&*store, root, "team").await;
+    let other = create_org(&*store, root, "other").await;
+    let relayed = mirror(team, Uuid::now_v7());
+    let id = relayed.command.id;
+    store.create_relayed_command(&relayed).await.unwrap();
+
+    let back = store
+        .relayed_command(Some(&scope_of(&*store, team).await), id)
+        .await
+        .unwrap()
+        .expect("visible in its organization");
+    assert_eq!(back.command.status, CommandState::Queued);
+    assert_eq!(back.command.argv, relayed.command.argv);
+    assert_eq!(back.remote_command_id, relayed.remote_command_id);
+    assert!(store
+        .relayed_command(Some(&scope_of(&*store, other).await), id)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(store.unfinished_relayed_commands().await.unwrap().len(), 1);
+
+    assert!(store
+        .update_relayed_command(id, &update(CommandState::Running, b"h"))
+        .await
+        .unwrap());
+    assert!(store
+        .update_relayed_command(id, &update(CommandState::Succeeded, b"hi\n"))
+        .await
+        .unwrap());
+    // A late or replayed answer cannot move an ended command.
+    assert!(!store
+        .update_relayed_command(id, &update(CommandState::Running, b"late"))
+        .await
+        .unwrap());
+    let done = store
+        .relayed_command(None, id)
+        .await
+        .unwrap()
+        .expect("mirror");
+    assert_eq!(done.command.status, CommandState::Succeeded);
+    assert_eq!(done.command.output, b"hi\n");
+    assert_eq!(done.command.exit_code, Some(0));
+    assert!(done.command.finished_at.is_some());
+    assert!(store
+        .unfinished_relayed_commands()
+        .await
+        .unwrap()
+        .is_empty());
 }

@@ -143,13 +143,19 @@ async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and
         .unwrap();
     assert_eq!(relayed.status, 202, "{:?}\n{}", relayed.body, b.log());
     let command_id = relayed.body["command_id"].as_str().unwrap().to_string();
-    let done = eventually(
+    let remote_command_id = relayed.body["remote_command_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(command_id, remote_command_id);
+    // Followed on A (the branch it was posted to): status and output come back.
+    let mirrored = eventually(
         Duration::from_secs(20),
-        "relayed command done on B",
+        "relayed command done, seen on A",
         || async {
-            let c = b
+            let c = a
                 .call(
-                    &b.admin_token(),
+                    &a.admin_token(),
                     Method::GET,
                     &format!("/api/v1/commands/{command_id}"),
                     None,
@@ -160,6 +166,23 @@ async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and
     )
     .await
     .unwrap();
+    assert_eq!(mirrored["output"], "relayed-hello\n", "{mirrored}");
+    assert_eq!(mirrored["exit_code"], 0, "{mirrored}");
+    assert_eq!(mirrored["server_id"], server_id.as_str());
+    assert_eq!(mirrored["branch_id"], b.branch_id.as_str());
+    assert!(mirrored["finished_at"].is_string(), "{mirrored}");
+    // And on B, under B's own id.
+    let done = b
+        .call(
+            &b.admin_token(),
+            Method::GET,
+            &format!("/api/v1/commands/{remote_command_id}"),
+            None,
+        )
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(done["status"], "succeeded", "{done}");
     assert!(done.to_string().contains("relayed-hello"), "{done}");
     assert_eq!(done["server_id"], server_id.as_str());
 

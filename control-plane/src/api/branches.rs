@@ -403,10 +403,13 @@ pub struct RelayCommand {
     pub timeout_seconds: Option<u64>,
 }
 
-/// The relayed command's id.
+/// The relayed command: follow it here with `GET /api/v1/commands/{command_id}`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RelayAccepted {
+    /// Id of the command on this branch (a mirror of the peer's).
     pub command_id: String,
+    /// Id of the command on the peer.
+    pub remote_command_id: String,
 }
 
 /// Runs a command on a peer branch's server: forwarded to the peer, run by
@@ -478,14 +481,49 @@ pub async fn relay_command(
             "the peer answered a relayed command out of protocol",
         ));
     };
+    let now = chrono::Utc::now();
+    let mirror = crate::store::RelayedCommandRecord {
+        branch_id,
+        remote_command_id: command_id.clone(),
+        command: crate::store::CommandRecord {
+            id: Uuid::now_v7(),
+            organization_id: peer.organization_id,
+            server_id,
+            argv: body.argv.clone(),
+            timeout_ms: i64::try_from(timeout_seconds * 1000).unwrap_or(i64::MAX),
+            max_output_bytes: crate::store::federation::RELAYED_MAX_OUTPUT_BYTES,
+            status: crate::store::CommandState::Queued,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            output: Vec::new(),
+            output_truncated: false,
+            cancel_requested: false,
+            created_by: caller.actor(),
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            claimed_by: None,
+            deliver_by: now + crate::store::federation::RELAYED_DELIVER_WITHIN,
+        },
+    };
+    cp.store.create_relayed_command(&mirror).await?;
+    let id = mirror.command.id;
+    tokio::spawn(crate::federation::relay::follow(cp.clone(), mirror));
     caller
         .audit(
             &cp,
             peer.organization_id,
             "branch.command.relay",
             format!("{branch_id}/{server_id}"),
-            serde_json::json!({ "argv": body.argv, "remote_command_id": command_id }),
+            serde_json::json!({ "argv": body.argv, "command_id": id, "remote_command_id": command_id }),
         )
         .await;
-    Ok((StatusCode::ACCEPTED, Json(RelayAccepted { command_id })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RelayAccepted {
+            command_id: id.to_string(),
+            remote_command_id: command_id,
+        }),
+    ))
 }

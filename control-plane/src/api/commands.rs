@@ -127,6 +127,11 @@ pub struct CommandView {
     pub finished_at: Option<DateTime<Utc>>,
     /// Still queued at this time: `undeliverable`.
     pub deliver_by: DateTime<Utc>,
+    /// Set when the command runs on a peer branch's server (relayed through
+    /// `POST /branches/{branch_id}/servers/{server_id}/commands`): its status
+    /// and output are copied from that branch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch_id: Option<Uuid>,
 }
 
 impl From<CommandRecord> for CommandView {
@@ -148,6 +153,7 @@ impl From<CommandRecord> for CommandView {
             started_at: r.started_at,
             finished_at: r.finished_at,
             deliver_by: r.deliver_by,
+            branch_id: None,
         }
     }
 }
@@ -484,7 +490,21 @@ pub async fn get(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<CommandView>, ApiError> {
     caller.require(Scope::CommandsRun)?;
-    Ok(Json(visible_command(&cp, &caller, id).await?.into()))
+    if let Some(command) = cp
+        .store
+        .command(Some(&caller.visible_organizations), id)
+        .await?
+    {
+        return Ok(Json(command.into()));
+    }
+    let relayed = cp
+        .store
+        .relayed_command(Some(&caller.visible_organizations), id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such command"))?;
+    let mut view = CommandView::from(relayed.command);
+    view.branch_id = Some(relayed.branch_id);
+    Ok(Json(view))
 }
 
 /// Cancels a command: a queued one is never sent; a running one has its

@@ -1,5 +1,8 @@
-//! The cross-branch relay, callee side: commands a peer asks this branch to
-//! run on one of its servers.
+//! The cross-branch relay. Callee side: commands a peer asks this branch to
+//! run on one of its servers. Caller side: the mirror of each command this
+//! branch relayed, kept current by a follower that asks the peer for the
+//! command's state until it ends, so `GET /api/v1/commands/{id}` answers
+//! here with the peer's status and output.
 //!
 //! The call's token must carry `commands:run`, the invite must have granted
 //! it (both checked before this module is reached), and the server must
@@ -16,7 +19,12 @@ use uuid::Uuid;
 
 use crate::app::ControlPlane;
 use crate::commands::{CommandSpec, Target};
-use crate::store::BranchPeer;
+use crate::store::{BranchPeer, CommandState, RelayedCommandRecord, RelayedCommandUpdate};
+
+/// How often a follower asks the peer for a relayed command's state.
+const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+/// A peer that has not answered a follower for this long fails the mirror.
+const FOLLOW_GIVE_UP: Duration = Duration::from_secs(300);
 
 /// Output kept for a relayed command (the peer copies it).
 const MAX_OUTPUT_BYTES: u64 = 1 << 20;
@@ -134,5 +142,129 @@ fn refused(code: RefusalCode, message: &str) -> BranchResponse {
     BranchResponse::Refused {
         code,
         message: message.to_string(),
+    }
+}
+
+/// Follows a relayed command until it ends on the peer, copying its state
+/// into the mirror. Ends with the mirror `failed` (and a reason) when the
+/// peering is removed, the peer no longer knows the command, or the peer
+/// stays silent for [`FOLLOW_GIVE_UP`].
+pub async fn follow(cp: Arc<ControlPlane>, mirror: RelayedCommandRecord) {
+    let id = mirror.command.id;
+    let branch_id = mirror.branch_id;
+    let mut last_answer = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = cp.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+        }
+        let peer = match cp.store.branch_peer(None, branch_id).await {
+            Ok(Some(peer)) => peer,
+            Ok(None) => {
+                give_up(&cp, id, "the peering with the branch was removed").await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%branch_id, command_id = %id, error = %e, "cannot read the peering");
+                continue;
+            }
+        };
+        let call = BranchCall::CommandState {
+            command_id: mirror.remote_command_id.clone(),
+        };
+        match crate::federation::call(&cp, &peer, call, crate::federation::RELAY_TIMEOUT).await {
+            Ok(BranchResponse::CommandState(state)) => {
+                last_answer = std::time::Instant::now();
+                let Some(status) = CommandState::parse(&state.status) else {
+                    give_up(
+                        &cp,
+                        id,
+                        &format!("the branch answered an unknown status {:?}", state.status),
+                    )
+                    .await;
+                    return;
+                };
+                let update = RelayedCommandUpdate {
+                    status,
+                    exit_code: state.exit_code,
+                    reason: None,
+                    output: state.output,
+                    output_truncated: state.output_truncated,
+                    started_at: state
+                        .started_at_ms
+                        .and_then(chrono::DateTime::from_timestamp_millis),
+                    finished_at: state
+                        .finished_at_ms
+                        .and_then(chrono::DateTime::from_timestamp_millis),
+                };
+                match cp.store.update_relayed_command(id, &update).await {
+                    Ok(true) if status.is_terminal() => {
+                        tracing::info!(%branch_id, command_id = %id, status = status.as_str(), "relayed command ended");
+                        return;
+                    }
+                    Ok(true) => {}
+                    // Already ended here (another follower, or given up).
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(%branch_id, command_id = %id, error = %e, "cannot store a relayed command's state")
+                    }
+                }
+            }
+            Ok(BranchResponse::Refused {
+                code: RefusalCode::NotFound,
+                ..
+            }) => {
+                give_up(&cp, id, "the branch no longer knows this command").await;
+                return;
+            }
+            Ok(other) => {
+                tracing::debug!(%branch_id, command_id = %id, answer = ?std::mem::discriminant(&other), "unexpected answer to a command state call");
+            }
+            Err(e) => {
+                tracing::debug!(%branch_id, command_id = %id, error = %e, "branch did not answer a command state call");
+            }
+        }
+        if last_answer.elapsed() > FOLLOW_GIVE_UP {
+            give_up(
+                &cp,
+                id,
+                "the branch did not answer for 5 minutes; its outcome is unknown here",
+            )
+            .await;
+            return;
+        }
+    }
+}
+
+async fn give_up(cp: &ControlPlane, id: Uuid, reason: &str) {
+    tracing::warn!(command_id = %id, reason, "relayed command given up");
+    let current = cp.store.relayed_command(None, id).await.ok().flatten();
+    let update = RelayedCommandUpdate {
+        status: CommandState::Failed,
+        exit_code: None,
+        reason: Some(reason.to_string()),
+        output: current
+            .as_ref()
+            .map(|m| m.command.output.clone())
+            .unwrap_or_default(),
+        output_truncated: current.as_ref().is_some_and(|m| m.command.output_truncated),
+        started_at: current.as_ref().and_then(|m| m.command.started_at),
+        finished_at: Some(chrono::Utc::now()),
+    };
+    if let Err(e) = cp.store.update_relayed_command(id, &update).await {
+        tracing::warn!(command_id = %id, error = %e, "cannot mark a relayed command failed");
+    }
+}
+
+/// Resumes the followers of mirrors that had not ended when this control
+/// plane stopped.
+pub async fn resume_followers(cp: Arc<ControlPlane>) {
+    match cp.store.unfinished_relayed_commands().await {
+        Ok(mirrors) => {
+            for mirror in mirrors {
+                tokio::spawn(follow(cp.clone(), mirror));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot resume relayed command followers"),
     }
 }

@@ -22,7 +22,8 @@ pub mod webhooks;
 
 pub use federation::{
     branch_client_key_context, federation_key_context, BranchHealth, BranchInvite, BranchPeer,
-    BranchStatus, FederationKey, FederationStore, RemoteServer,
+    BranchStatus, FederationKey, FederationStore, RelayedCommandRecord, RelayedCommandUpdate,
+    RemoteServer,
 };
 pub use health::HealthStore;
 pub use operations::{

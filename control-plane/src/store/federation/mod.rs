@@ -142,6 +142,36 @@ pub struct BranchHealth {
     pub server_count: Option<i64>,
 }
 
+/// A command relayed to a peer branch, as this branch mirrors it. The
+/// mirror is shown like a local command whose server is the peer's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayedCommandRecord {
+    /// The peer's branch id.
+    pub branch_id: Uuid,
+    /// The command's id on the peer.
+    pub remote_command_id: String,
+    /// The mirror: its own id, the peer's server id as `server_id`, and
+    /// status, exit code and output as last copied from the peer.
+    pub command: super::CommandRecord,
+}
+
+/// What a follower copied from the peer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayedCommandUpdate {
+    pub status: super::CommandState,
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+    pub output: Vec<u8>,
+    pub output_truncated: bool,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Output bound and delivery window a mirror reports (the peer's relay
+/// applies them).
+pub const RELAYED_MAX_OUTPUT_BYTES: i64 = 1 << 20;
+pub const RELAYED_DELIVER_WITHIN: chrono::Duration = chrono::Duration::seconds(60);
+
 /// Storage of this area. See the module doc.
 #[async_trait::async_trait]
 pub trait FederationStore: Send + Sync {
@@ -207,4 +237,25 @@ pub trait FederationStore: Send + Sync {
     /// Adds a signing key and retires every other unretired key at its
     /// creation time, in one transaction.
     async fn rotate_federation_key(&self, key: &FederationKey) -> StoreResult<()>;
+
+    /// Records the mirror of a command a peer accepted.
+    async fn create_relayed_command(&self, relayed: &RelayedCommandRecord) -> StoreResult<()>;
+
+    /// Copies the peer's view into a mirror that has not ended yet; false
+    /// when it had (a terminal status is never changed).
+    async fn update_relayed_command(
+        &self,
+        id: Uuid,
+        update: &RelayedCommandUpdate,
+    ) -> StoreResult<bool>;
+
+    /// A mirror, within `scope` when given.
+    async fn relayed_command(
+        &self,
+        scope: Option<&[Uuid]>,
+        id: Uuid,
+    ) -> StoreResult<Option<RelayedCommandRecord>>;
+
+    /// Mirrors whose command has not ended (followers to resume).
+    async fn unfinished_relayed_commands(&self) -> StoreResult<Vec<RelayedCommandRecord>>;
 }

@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use super::{
     BranchHealth, BranchInvite, BranchPeer, BranchStatus, FederationKey, FederationStore,
-    RemoteServer,
+    RelayedCommandRecord, RelayedCommandUpdate, RemoteServer, RELAYED_DELIVER_WITHIN,
+    RELAYED_MAX_OUTPUT_BYTES,
 };
 use crate::store::postgres::PostgresStore;
 use crate::store::{Labels, StoreError, StoreResult};
@@ -91,6 +92,42 @@ fn scope_clause(scope: Option<&[Uuid]>, n: usize) -> String {
         Some(_) => format!(" AND organization_id = ANY(${n})"),
         None => String::new(),
     }
+}
+
+const RELAYED_COLUMNS: &str = "id, organization_id, branch_id, remote_server_id, \
+     remote_command_id, argv, timeout_ms, status, exit_code, reason, output, output_truncated, \
+     created_by, created_at, started_at, finished_at";
+
+fn relayed_from_row(row: &PgRow) -> StoreResult<RelayedCommandRecord> {
+    let Json(argv): Json<Vec<String>> = row.try_get("argv")?;
+    let status: String = row.try_get("status")?;
+    let created_at: DateTime<Utc> = row.try_get("created_at")?;
+    Ok(RelayedCommandRecord {
+        branch_id: row.try_get("branch_id")?,
+        remote_command_id: row.try_get("remote_command_id")?,
+        command: crate::store::CommandRecord {
+            id: row.try_get("id")?,
+            organization_id: row.try_get("organization_id")?,
+            server_id: row.try_get("remote_server_id")?,
+            argv,
+            timeout_ms: row.try_get("timeout_ms")?,
+            max_output_bytes: RELAYED_MAX_OUTPUT_BYTES,
+            status: crate::store::CommandState::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown command status {status:?}")))?,
+            exit_code: row.try_get("exit_code")?,
+            signal: None,
+            reason: row.try_get("reason")?,
+            output: row.try_get("output")?,
+            output_truncated: row.try_get("output_truncated")?,
+            cancel_requested: false,
+            created_by: row.try_get("created_by")?,
+            created_at,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+            claimed_by: None,
+            deliver_by: created_at + RELAYED_DELIVER_WITHIN,
+        },
+    })
 }
 
 #[async_trait::async_trait]
@@ -343,5 +380,81 @@ impl FederationStore for PostgresStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn create_relayed_command(&self, relayed: &RelayedCommandRecord) -> StoreResult<()> {
+        let c = &relayed.command;
+        sqlx::query(&format!(
+            "INSERT INTO relayed_commands ({RELAYED_COLUMNS})
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+        ))
+        .bind(c.id)
+        .bind(c.organization_id)
+        .bind(relayed.branch_id)
+        .bind(c.server_id)
+        .bind(&relayed.remote_command_id)
+        .bind(Json(&c.argv))
+        .bind(c.timeout_ms)
+        .bind(c.status.as_str())
+        .bind(c.exit_code)
+        .bind(&c.reason)
+        .bind(&c.output)
+        .bind(c.output_truncated)
+        .bind(&c.created_by)
+        .bind(c.created_at)
+        .bind(c.started_at)
+        .bind(c.finished_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn update_relayed_command(
+        &self,
+        id: Uuid,
+        update: &RelayedCommandUpdate,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE relayed_commands SET status = $1, exit_code = $2, reason = $3, output = $4,
+                    output_truncated = $5, started_at = $6, finished_at = $7
+             WHERE id = $8 AND status IN ('queued', 'running')",
+        )
+        .bind(update.status.as_str())
+        .bind(update.exit_code)
+        .bind(&update.reason)
+        .bind(&update.output)
+        .bind(update.output_truncated)
+        .bind(update.started_at)
+        .bind(update.finished_at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn relayed_command(
+        &self,
+        scope: Option<&[Uuid]>,
+        id: Uuid,
+    ) -> StoreResult<Option<RelayedCommandRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {RELAYED_COLUMNS} FROM relayed_commands
+             WHERE id = $1 AND ($2::uuid[] IS NULL OR organization_id = ANY($2))"
+        ))
+        .bind(id)
+        .bind(scope.map(<[Uuid]>::to_vec))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(relayed_from_row).transpose()
+    }
+
+    async fn unfinished_relayed_commands(&self) -> StoreResult<Vec<RelayedCommandRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RELAYED_COLUMNS} FROM relayed_commands
+             WHERE status IN ('queued', 'running') ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(relayed_from_row).collect()
     }
 }

@@ -7,7 +7,8 @@ use uuid::Uuid;
 
 use super::{
     BranchHealth, BranchInvite, BranchPeer, BranchStatus, FederationKey, FederationStore,
-    RemoteServer,
+    RelayedCommandRecord, RelayedCommandUpdate, RemoteServer, RELAYED_DELIVER_WITHIN,
+    RELAYED_MAX_OUTPUT_BYTES,
 };
 use crate::store::sqlite::{from_ms, ms, opt_ms, push_scope, uuid, SqliteStore};
 use crate::store::{StoreError, StoreResult};
@@ -80,6 +81,43 @@ fn remote_from_row(row: &SqliteRow) -> StoreResult<RemoteServer> {
         memory_used_bytes: row.try_get("memory_used_bytes")?,
         memory_total_bytes: row.try_get("memory_total_bytes")?,
         synced_at: from_ms(row.try_get("synced_at")?),
+    })
+}
+
+const RELAYED_COLUMNS: &str = "id, organization_id, branch_id, remote_server_id, \
+     remote_command_id, argv, timeout_ms, status, exit_code, reason, output, output_truncated, \
+     created_by, created_at, started_at, finished_at";
+
+fn relayed_from_row(row: &SqliteRow) -> StoreResult<RelayedCommandRecord> {
+    let argv: String = row.try_get("argv")?;
+    let status: String = row.try_get("status")?;
+    let created_at = from_ms(row.try_get("created_at")?);
+    Ok(RelayedCommandRecord {
+        branch_id: uuid(&row.try_get::<String, _>("branch_id")?)?,
+        remote_command_id: row.try_get("remote_command_id")?,
+        command: crate::store::CommandRecord {
+            id: uuid(&row.try_get::<String, _>("id")?)?,
+            organization_id: uuid(&row.try_get::<String, _>("organization_id")?)?,
+            server_id: uuid(&row.try_get::<String, _>("remote_server_id")?)?,
+            argv: serde_json::from_str(&argv)
+                .map_err(|e| StoreError::Corrupt(format!("relayed command argv: {e}")))?,
+            timeout_ms: row.try_get("timeout_ms")?,
+            max_output_bytes: RELAYED_MAX_OUTPUT_BYTES,
+            status: crate::store::CommandState::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown command status {status:?}")))?,
+            exit_code: row.try_get("exit_code")?,
+            signal: None,
+            reason: row.try_get("reason")?,
+            output: row.try_get("output")?,
+            output_truncated: row.try_get("output_truncated")?,
+            cancel_requested: false,
+            created_by: row.try_get("created_by")?,
+            created_at,
+            started_at: opt_ms(row.try_get("started_at")?),
+            finished_at: opt_ms(row.try_get("finished_at")?),
+            claimed_by: None,
+            deliver_by: created_at + RELAYED_DELIVER_WITHIN,
+        },
     })
 }
 
@@ -338,5 +376,83 @@ impl FederationStore for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn create_relayed_command(&self, relayed: &RelayedCommandRecord) -> StoreResult<()> {
+        let c = &relayed.command;
+        let argv = serde_json::to_string(&c.argv)
+            .map_err(|e| StoreError::Corrupt(format!("relayed command argv: {e}")))?;
+        sqlx::query(&format!(
+            "INSERT INTO relayed_commands ({RELAYED_COLUMNS})
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(c.id.to_string())
+        .bind(c.organization_id.to_string())
+        .bind(relayed.branch_id.to_string())
+        .bind(c.server_id.to_string())
+        .bind(&relayed.remote_command_id)
+        .bind(argv)
+        .bind(c.timeout_ms)
+        .bind(c.status.as_str())
+        .bind(c.exit_code)
+        .bind(&c.reason)
+        .bind(&c.output)
+        .bind(c.output_truncated)
+        .bind(&c.created_by)
+        .bind(ms(c.created_at))
+        .bind(c.started_at.map(ms))
+        .bind(c.finished_at.map(ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn update_relayed_command(
+        &self,
+        id: Uuid,
+        update: &RelayedCommandUpdate,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE relayed_commands SET status = ?, exit_code = ?, reason = ?, output = ?,
+                    output_truncated = ?, started_at = ?, finished_at = ?
+             WHERE id = ? AND status IN ('queued', 'running')",
+        )
+        .bind(update.status.as_str())
+        .bind(update.exit_code)
+        .bind(&update.reason)
+        .bind(&update.output)
+        .bind(update.output_truncated)
+        .bind(update.started_at.map(ms))
+        .bind(update.finished_at.map(ms))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn relayed_command(
+        &self,
+        scope: Option<&[Uuid]>,
+        id: Uuid,
+    ) -> StoreResult<Option<RelayedCommandRecord>> {
+        let mut builder = QueryBuilder::new(format!(
+            "SELECT {RELAYED_COLUMNS} FROM relayed_commands WHERE id = "
+        ));
+        builder.push_bind(id.to_string());
+        if let Some(scope) = scope {
+            push_scope(&mut builder, "organization_id", scope);
+        }
+        let row = builder.build().fetch_optional(&self.pool).await?;
+        row.as_ref().map(relayed_from_row).transpose()
+    }
+
+    async fn unfinished_relayed_commands(&self) -> StoreResult<Vec<RelayedCommandRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RELAYED_COLUMNS} FROM relayed_commands
+             WHERE status IN ('queued', 'running') ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(relayed_from_row).collect()
     }
 }
