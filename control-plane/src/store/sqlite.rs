@@ -173,6 +173,29 @@ pub(crate) fn push_scope(
     list.push_unseparated(")");
 }
 
+/// How often the WAL is checkpointed into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Copies the write-ahead log into the database file every
+/// [`CHECKPOINT_EVERY`] (`PASSIVE`: never waits for readers or writers), so
+/// that no request's commit pays for a checkpoint; ends with the pool.
+async fn checkpoint_loop(pool: SqlitePool) {
+    let mut every = tokio::time::interval(CHECKPOINT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!(error = %e, "WAL checkpoint failed; the next one retries");
+        }
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database file named by `url`.
     pub async fn connect(url: &str) -> StoreResult<Self> {
@@ -181,11 +204,15 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // Checkpoints (the only fsyncs with synchronous=NORMAL) run in
+            // the background task below, never inside a request's commit.
+            .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)
             .await?;
+        tokio::spawn(checkpoint_loop(pool.clone()));
         Ok(Self { pool })
     }
 
