@@ -93,7 +93,156 @@ async fn answer_commands(connection: quinn::Connection, stop: CancellationToken)
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// Simulated agents enrolled at a control plane, each with a session that
+/// heartbeats and answers every command at once; stopped when dropped.
+pub struct AnsweringFleet {
+    pub server_ids: Vec<String>,
+    pub counters: Arc<Counters>,
+    stop: CancellationToken,
+}
+
+impl AnsweringFleet {
+    /// Enrolls `n` agents at `cp` and opens their sessions.
+    pub async fn connect(
+        cp: &ControlPlane,
+        n: u32,
+        concurrency: usize,
+        agents_per_endpoint: u32,
+    ) -> anyhow::Result<Self> {
+        let pin: CaFingerprint = cp
+            .ca_fingerprint
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let addr: SocketAddr = cp.quic_addr;
+        let tokens: Vec<String> = futures::stream::iter(0..n)
+            .map(|i| {
+                let cp = &cp;
+                async move { cp.enrollment_token(&format!("cmd-{i:05}")).await }
+            })
+            .buffered(32)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<_>>()?;
+        let endpoints: Vec<quinn::Endpoint> = (0..n.div_ceil(agents_per_endpoint.max(1)))
+            .map(|_| {
+                quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
+                    .context("binding a client endpoint")
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let endpoint_of = |i: u32| endpoints[(i / agents_per_endpoint.max(1)) as usize].clone();
+        let enroll_config = quinn_client_config(tether_certs::agent_client_config(pin, None)?)?;
+        let configs: Vec<quinn::ClientConfig> = futures::stream::iter(tokens.into_iter().enumerate())
+            .map(|(i, token)| {
+                let endpoint = endpoint_of(i as u32);
+                let config = enroll_config.clone();
+                async move {
+                    tokio::time::timeout(
+                        Duration::from_secs(60),
+                        enroll_one(endpoint, config, addr, pin, token, i as u32),
+                    )
+                    .await
+                    .map_err(|_| anyhow::anyhow!("enrollment took over 60 s"))?
+                }
+            })
+            .buffered(concurrency.max(1))
+            .collect::<Vec<anyhow::Result<_>>>()
+            .await
+            .into_iter()
+            .filter_map(|r| r.map_err(|e| eprintln!("enrollment failed: {e:#}")).ok())
+            .collect();
+        let counters = Arc::new(Counters::default());
+        let stop = CancellationToken::new();
+        // Each session heartbeats and answers commands from the moment it is up
+        // (a session set up early must not go silent while the rest connect).
+        let server_ids: Vec<String> = futures::stream::iter(configs.into_iter().enumerate())
+            .map(|(i, config)| {
+                let endpoint = endpoint_of(i as u32);
+                let counters = counters.clone();
+                let stop = stop.clone();
+                async move {
+                    let (connection, control, server_id, heartbeat) = tokio::time::timeout(
+                        Duration::from_secs(60),
+                        connect_one(endpoint, config, addr, i as u32),
+                    )
+                    .await
+                    .map_err(|_| anyhow::anyhow!("session set-up took over 60 s"))??;
+                    tokio::spawn(heartbeat_loop(
+                        control,
+                        heartbeat,
+                        i as u32,
+                        counters,
+                        stop.clone(),
+                    ));
+                    tokio::spawn(answer_commands(connection, stop));
+                    Ok::<_, anyhow::Error>(server_id)
+                }
+            })
+            .buffered(concurrency.max(1))
+            .collect::<Vec<anyhow::Result<_>>>()
+            .await
+            .into_iter()
+            .filter_map(|r| r.map_err(|e| eprintln!("session failed: {e:#}")).ok())
+            .collect();
+        if server_ids.is_empty() {
+            bail!(
+                "no simulated agent got a session; see {}",
+                cp.log_path.display()
+            );
+        }
+        Ok(Self {
+            server_ids,
+            counters,
+            stop,
+        })
+    }
+}
+
+impl Drop for AnsweringFleet {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// One round trip: `POST post_url` (202 with `command_id`), then the SSE
+/// output of that command at `api_url` read to its end. Returns (whole
+/// round trip ms, POST ms, succeeded).
+pub async fn round_trip(
+    http: &reqwest::Client,
+    token: &str,
+    post_url: &str,
+    api_url: &str,
+) -> anyhow::Result<(f64, f64, bool, String)> {
+    let t0 = Instant::now();
+    let response = http
+        .post(post_url)
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "argv": ["echo", "ok"], "timeout_seconds": 10 }))
+        .send()
+        .await?;
+    if response.status() != reqwest::StatusCode::ACCEPTED {
+        bail!(
+            "POST {post_url}: {} {}",
+            response.status(),
+            response.text().await?
+        );
+    }
+    let accepted: serde_json::Value = response.json().await?;
+    let posted = t0.elapsed().as_secs_f64() * 1000.0;
+    let id = accepted["command_id"].as_str().context("command_id")?;
+    let sse = http
+        .get(format!("{api_url}/api/v1/commands/{id}/output"))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let elapsed = t0.elapsed().as_secs_f64() * 1000.0;
+    let succeeded = sse.contains("\"succeeded\"");
+    Ok((elapsed, posted, succeeded, sse))
+}
+
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -142,89 +291,9 @@ async fn run_with(
         run_dir.display()
     );
     let cp = ControlPlane::start(&run_dir.join("control-plane"), database_url, &[]).await?;
-    let pin: CaFingerprint = cp
-        .ca_fingerprint
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let addr: SocketAddr = cp.quic_addr;
-
     let started = Instant::now();
-    let tokens: Vec<String> = futures::stream::iter(0..n)
-        .map(|i| {
-            let cp = &cp;
-            async move { cp.enrollment_token(&format!("cmd-{i:05}")).await }
-        })
-        .buffered(32)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
-    let endpoints: Vec<quinn::Endpoint> = (0..n.div_ceil(args.agents_per_endpoint.max(1)))
-        .map(|_| {
-            quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
-                .context("binding a client endpoint")
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let endpoint_of = |i: u32| endpoints[(i / args.agents_per_endpoint.max(1)) as usize].clone();
-    let enroll_config = quinn_client_config(tether_certs::agent_client_config(pin, None)?)?;
-    let configs: Vec<quinn::ClientConfig> = futures::stream::iter(tokens.into_iter().enumerate())
-        .map(|(i, token)| {
-            let endpoint = endpoint_of(i as u32);
-            let config = enroll_config.clone();
-            async move {
-                tokio::time::timeout(
-                    Duration::from_secs(60),
-                    enroll_one(endpoint, config, addr, pin, token, i as u32),
-                )
-                .await
-                .map_err(|_| anyhow::anyhow!("enrollment took over 60 s"))?
-            }
-        })
-        .buffered(args.concurrency.max(1))
-        .collect::<Vec<anyhow::Result<_>>>()
-        .await
-        .into_iter()
-        .filter_map(|r| r.map_err(|e| eprintln!("enrollment failed: {e:#}")).ok())
-        .collect();
-    let counters = Arc::new(Counters::default());
-    let stop = CancellationToken::new();
-    // Each session heartbeats and answers commands from the moment it is up
-    // (a session set up early must not go silent while the rest connect).
-    let server_ids: Vec<String> = futures::stream::iter(configs.into_iter().enumerate())
-        .map(|(i, config)| {
-            let endpoint = endpoint_of(i as u32);
-            let counters = counters.clone();
-            let stop = stop.clone();
-            async move {
-                let (connection, control, server_id, heartbeat) = tokio::time::timeout(
-                    Duration::from_secs(60),
-                    connect_one(endpoint, config, addr, i as u32),
-                )
-                .await
-                .map_err(|_| anyhow::anyhow!("session set-up took over 60 s"))??;
-                tokio::spawn(heartbeat_loop(
-                    control,
-                    heartbeat,
-                    i as u32,
-                    counters,
-                    stop.clone(),
-                ));
-                tokio::spawn(answer_commands(connection, stop));
-                Ok::<_, anyhow::Error>(server_id)
-            }
-        })
-        .buffered(args.concurrency.max(1))
-        .collect::<Vec<anyhow::Result<_>>>()
-        .await
-        .into_iter()
-        .filter_map(|r| r.map_err(|e| eprintln!("session failed: {e:#}")).ok())
-        .collect();
-    if server_ids.is_empty() {
-        bail!(
-            "no simulated agent got a session; see {}",
-            cp.log_path.display()
-        );
-    }
+    let fleet = AnsweringFleet::connect(&cp, n, args.concurrency, args.agents_per_endpoint).await?;
+    let server_ids = &fleet.server_ids;
     println!(
         "{} agents enrolled and connected in {:.1} s",
         server_ids.len(),
@@ -240,35 +309,14 @@ async fn run_with(
     let mut failures = 0u32;
     for round in 0..(args.warmup + args.commands) {
         let server_id = &server_ids[rand::random_range(0..server_ids.len())];
-        let t0 = Instant::now();
-        let response = http
-            .post(format!(
-                "{}/api/v1/servers/{server_id}/commands",
-                cp.api_url
-            ))
-            .bearer_auth(&cp.admin_token)
-            .json(&serde_json::json!({ "argv": ["echo", "ok"], "timeout_seconds": 10 }))
-            .send()
-            .await?;
-        if response.status() != reqwest::StatusCode::ACCEPTED {
-            bail!(
-                "POST command: {} {}",
-                response.status(),
-                response.text().await?
-            );
-        }
-        let accepted: serde_json::Value = response.json().await?;
-        let posted = t0.elapsed().as_secs_f64() * 1000.0;
-        let id = accepted["command_id"].as_str().context("command_id")?;
-        let sse = http
-            .get(format!("{}/api/v1/commands/{id}/output", cp.api_url))
-            .bearer_auth(&cp.admin_token)
-            .send()
-            .await?
-            .text()
-            .await?;
-        let elapsed = t0.elapsed().as_secs_f64() * 1000.0;
-        if !sse.contains("\"succeeded\"") {
+        let (elapsed, posted, succeeded, sse) = round_trip(
+            &http,
+            &cp.admin_token,
+            &format!("{}/api/v1/servers/{server_id}/commands", cp.api_url),
+            &cp.api_url,
+        )
+        .await?;
+        if !succeeded {
             failures += 1;
             if failures <= 3 {
                 eprintln!("round trip {round} did not succeed: {sse}");
@@ -279,13 +327,15 @@ async fn run_with(
             posts.push(posted);
         }
     }
-    stop.cancel();
+    let counters = fleet.counters.clone();
+    let connected = server_ids.len();
+    drop(fleet);
     samples.sort_by(f64::total_cmp);
     posts.sort_by(f64::total_cmp);
     let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
     println!(
         "command round trip (POST -> SSE final status), {} agents connected, {:?}, {} samples, {failures} not succeeded:",
-        server_ids.len(),
+        connected,
         args.database,
         samples.len()
     );

@@ -188,6 +188,24 @@ impl ControlPlane {
         Ok(body)
     }
 
+    /// `POST` of `body` on the API with the admin token; returns the status
+    /// and the JSON body.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+        let response = self
+            .http
+            .post(format!("{}{}", self.api_url, path))
+            .bearer_auth(&self.admin_token)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
     /// Stops the process (SIGTERM, SIGKILL after 15 s).
     pub fn stop(&mut self) {
         stop_child(&mut self.child, Duration::from_secs(15));

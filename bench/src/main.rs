@@ -10,6 +10,8 @@
 //!   database's share of the per-report cost from the transport's.
 //! * `commands` — command round trip (API call to terminal status) with N
 //!   connected simulated agents that answer `RunCommand` at once.
+//! * `branch-commands` — the cross-branch command round trip (two peered
+//!   control planes), with the local round trip as baseline.
 //! * `summary` — the tables of result files written with `--json-out`.
 //!
 //! See bench/README.md and docs/performance.md.
@@ -18,6 +20,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod branch_commands;
 mod commands;
 mod control_plane;
 mod fleet;
@@ -50,6 +53,8 @@ enum Command {
     Store(store_bench::StoreArgs),
     /// Command round trip: POST a command, follow its SSE to the final status.
     Commands(commands::CommandsArgs),
+    /// Cross-branch command round trip: POST on branch A, run on branch B's agent, SSE on A.
+    BranchCommands(branch_commands::BranchCommandsArgs),
     /// Prints the tables of result files written with --json-out.
     Summary(summary::SummaryArgs),
 }
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
             Command::Footprint(args) => footprint::run(args).await.map(|_| ()),
             Command::Store(args) => store_bench::run(args).await.map(|_| ()),
             Command::Commands(args) => commands::run(args).await,
+            Command::BranchCommands(args) => branch_commands::run(args).await,
             Command::Summary(args) => summary::run(args),
         }
     });

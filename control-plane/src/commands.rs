@@ -137,7 +137,9 @@ pub struct CommandRelay {
 }
 
 impl CommandRelay {
-    fn register(&self, id: Uuid) -> Arc<LiveCommand> {
+    /// Makes `id` followable here (live output and the end); the caller
+    /// [`unregister`](Self::unregister)s it once the outcome is stored.
+    pub(crate) fn register(&self, id: Uuid) -> Arc<LiveCommand> {
         let (events, _) = broadcast::channel(256);
         let live = Arc::new(LiveCommand {
             cancel: CancellationToken::new(),

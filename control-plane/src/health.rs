@@ -441,6 +441,22 @@ pub async fn store_report(
     Ok(())
 }
 
+/// A server's health from the latest result of each check: `failing` when
+/// one fails (or was refused by the agent), `passing` when every one passes,
+/// `unknown` otherwise (no results yet, or checks still starting).
+pub fn overall_status(results: &[crate::store::health::HealthResultRecord]) -> &'static str {
+    if results
+        .iter()
+        .any(|r| r.status == "failing" || r.status == "rejected")
+    {
+        "failing"
+    } else if !results.is_empty() && results.iter().all(|r| r.status == "passing") {
+        "passing"
+    } else {
+        "unknown"
+    }
+}
+
 /// Asks the agent to run every check now and stores the report it answers
 /// with (acknowledged once stored).
 pub async fn run_now(cp: &ControlPlane, server: &ServerRef) -> Result<(), HealthError> {

@@ -146,6 +146,35 @@ pub struct RelayedCommandState {
     pub finished_at_ms: Option<i64>,
 }
 
+/// The latest result of one health check on a callee's server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayedHealthResult {
+    /// The check's id on the callee, or `builtin:<name>`.
+    pub check_id: String,
+    pub name: String,
+    /// `starting`, `passing`, `failing` or `rejected`.
+    pub status: String,
+    pub message: String,
+    pub consecutive_failures: i64,
+    /// Unix milliseconds, by the agent's clock.
+    pub checked_at_ms: i64,
+    pub duration_ms: i64,
+    /// Unix milliseconds, when the callee stored it.
+    pub received_at_ms: i64,
+}
+
+/// A callee's server's health: what `GET /api/v1/servers/{id}/health`
+/// answers on the callee.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayedServerHealth {
+    pub server_id: String,
+    /// `passing`, `failing` or `unknown`.
+    pub status: String,
+    /// The server's connection state (`online`, `offline`, ...).
+    pub server_status: String,
+    pub checks: Vec<RelayedHealthResult>,
+}
+
 /// One authenticated call. The scope each needs is [`BranchCall::required_scope`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BranchCall {
@@ -162,6 +191,23 @@ pub enum BranchCall {
     CommandState { command_id: String },
     /// The caller removed the peering: the callee removes it too.
     Unpeer,
+    /// The state of a relayed command once it differs from what the caller
+    /// knows (another status, or more output than `known_output_len`
+    /// bytes), or after `wait_ms` at most: the callee answers as soon as
+    /// something changed, so the caller learns the outcome without polling.
+    AwaitCommand {
+        command_id: String,
+        known_status: String,
+        known_output_len: u64,
+        wait_ms: u32,
+    },
+    /// Cancel a relayed command; answered with its state after the request.
+    CancelCommand { command_id: String },
+    /// The latest health results of one of the callee's servers.
+    ServerHealth { server_id: String },
+    /// Run every health check of one of the callee's servers now; the
+    /// results are read with [`BranchCall::ServerHealth`].
+    RunHealthChecks { server_id: String },
 }
 
 impl BranchCall {
@@ -171,7 +217,12 @@ impl BranchCall {
         match self {
             Self::Heartbeat { .. } | Self::Unpeer => None,
             Self::Inventory => Some("servers:read"),
-            Self::RunCommand(_) | Self::CommandState { .. } => Some("commands:run"),
+            Self::ServerHealth { .. } => Some("servers:read"),
+            Self::RunCommand(_)
+            | Self::CommandState { .. }
+            | Self::AwaitCommand { .. }
+            | Self::CancelCommand { .. }
+            | Self::RunHealthChecks { .. } => Some("commands:run"),
         }
     }
 }
@@ -237,6 +288,11 @@ pub enum BranchResponse {
     },
     CommandState(RelayedCommandState),
     Unpeered,
+    ServerHealth(RelayedServerHealth),
+    /// The callee's agent was asked to run its checks (Unix milliseconds).
+    HealthRunAccepted {
+        requested_at_ms: i64,
+    },
 }
 
 /// Who opened a branch connection, as established by TLS.
@@ -350,6 +406,33 @@ mod tests {
                 token: "t".into(),
                 call: BranchCall::Unpeer,
             },
+            BranchRequest::Call {
+                token: "t".into(),
+                call: BranchCall::AwaitCommand {
+                    command_id: "c".into(),
+                    known_status: "running".into(),
+                    known_output_len: 3,
+                    wait_ms: 20_000,
+                },
+            },
+            BranchRequest::Call {
+                token: "t".into(),
+                call: BranchCall::CancelCommand {
+                    command_id: "c".into(),
+                },
+            },
+            BranchRequest::Call {
+                token: "t".into(),
+                call: BranchCall::ServerHealth {
+                    server_id: "s".into(),
+                },
+            },
+            BranchRequest::Call {
+                token: "t".into(),
+                call: BranchCall::RunHealthChecks {
+                    server_id: "s".into(),
+                },
+            },
         ];
         for request in requests {
             assert_eq!(round_trip(&request), request);
@@ -404,6 +487,22 @@ mod tests {
                 finished_at_ms: Some(2),
             }),
             BranchResponse::Unpeered,
+            BranchResponse::ServerHealth(RelayedServerHealth {
+                server_id: "s".into(),
+                status: "failing".into(),
+                server_status: "online".into(),
+                checks: vec![RelayedHealthResult {
+                    check_id: "builtin:docker".into(),
+                    name: "docker".into(),
+                    status: "failing".into(),
+                    message: "daemon down".into(),
+                    consecutive_failures: 2,
+                    checked_at_ms: 1,
+                    duration_ms: 4,
+                    received_at_ms: 2,
+                }],
+            }),
+            BranchResponse::HealthRunAccepted { requested_at_ms: 9 },
         ];
         for response in responses {
             assert_eq!(round_trip(&response), response);
@@ -472,6 +571,29 @@ mod tests {
             Some("commands:run")
         );
         assert_eq!(BranchCall::Unpeer.required_scope(), None);
+        assert_eq!(
+            BranchCall::ServerHealth {
+                server_id: "s".into()
+            }
+            .required_scope(),
+            Some("servers:read")
+        );
+        for call in [
+            BranchCall::AwaitCommand {
+                command_id: "c".into(),
+                known_status: "queued".into(),
+                known_output_len: 0,
+                wait_ms: 1,
+            },
+            BranchCall::CancelCommand {
+                command_id: "c".into(),
+            },
+            BranchCall::RunHealthChecks {
+                server_id: "s".into(),
+            },
+        ] {
+            assert_eq!(call.required_scope(), Some("commands:run"), "{call:?}");
+        }
     }
 
     #[test]

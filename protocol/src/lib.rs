@@ -22,7 +22,7 @@ pub use codec::{FrameCodec, FrameError, MAX_FRAME_LEN};
 pub use federation::{
     classify_branch_request, BranchCall, BranchPeerKind, BranchRequest, BranchResponse,
     BranchViolation, JoinAccepted, JoinRequest, PublishedServer, RefusalCode, RelayedCommand,
-    RelayedCommandState, VerificationKey, BRANCH_ALPN,
+    RelayedCommandState, RelayedHealthResult, RelayedServerHealth, VerificationKey, BRANCH_ALPN,
 };
 pub use messages::*;
 pub use session::{

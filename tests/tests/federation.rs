@@ -5,6 +5,9 @@
 //!   `unreachable` on A within 30 s and requests to it answer 503 within a
 //!   second; B restarted is `healthy` again without re-peering; deleting the
 //!   peering on A removes it on B too.
+//! * A relayed command streams its output and final status on A (SSE), can
+//!   be cancelled from A (B kills it), and B's health results and run-now
+//!   are reachable from A.
 //! * B refuses inter-branch JWTs with a missing scope, a wrong key,
 //!   `alg: none`, or past their expiry (the test plays the peer itself, with
 //!   its own CA and keys, over real QUIC).
@@ -457,37 +460,215 @@ async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_pa
     assert!(!b.log().contains("eyJ"), "a token reached the log");
 }
 
-/// Round trip of one inter-branch call on loopback: a new QUIC stream, an
-/// ES256 token signed by the caller and verified by B against the peering,
-/// the peering and B's servers read from B's store, the answer. Prints
-/// p50/p99 for docs/performance.md. Run with `--ignored --nocapture`.
+async fn sse(cp: &ControlPlane, path: &str) -> String {
+    cp.request(Method::GET, path)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn relay(cp: &ControlPlane, branch_id: &str, server_id: &str, body: Value) -> Value {
+    let relayed = cp
+        .call(
+            &cp.admin_token(),
+            Method::POST,
+            &format!("/api/v1/branches/{branch_id}/servers/{server_id}/commands"),
+            Some(&body),
+        )
+        .await
+        .unwrap();
+    assert_eq!(relayed.status, 202, "{:?}", relayed.body);
+    relayed.body
+}
+
+async fn command(cp: &ControlPlane, id: &str) -> Value {
+    cp.call(
+        &cp.admin_token(),
+        Method::GET,
+        &format!("/api/v1/commands/{id}"),
+        None,
+    )
+    .await
+    .unwrap()
+    .body
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "benchmark: prints cross-branch call latency"]
-async fn bench_cross_branch_call_round_trip() {
+async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_branches() {
     let dir = tempfile::tempdir().unwrap();
+    let a = ControlPlane::start(&dir.path().join("a"), &[])
+        .await
+        .unwrap();
     let b = ControlPlane::start(&dir.path().join("b"), &[])
         .await
         .unwrap();
-    let text = invite(&b, &["servers:read"]).await;
-    let peer = FakePeer::join(&b, &text).await;
-    let mut samples = Vec::new();
-    for i in 0..2100 {
-        let started = Instant::now();
-        let token = keys::sign("k1", &peer.key.pkcs8, &peer.claims(&b, &["servers:read"])).unwrap();
-        let answer = peer.call(token, BranchCall::Inventory).await;
-        let elapsed = started.elapsed();
-        assert!(matches!(answer, BranchResponse::Inventory(_)), "{answer:?}");
-        if i >= 100 {
-            samples.push(elapsed);
-        }
-    }
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    println!(
-        "cross-branch call round trip over {} calls: p50 {:?}, p99 {:?}, max {:?}",
-        samples.len(),
-        at(0.50),
-        at(0.99),
-        samples[samples.len() - 1]
+    let text = invite(&b, &["servers:read", "commands:run"]).await;
+    let peered = a
+        .call(
+            &a.admin_token(),
+            Method::POST,
+            "/api/v1/branches",
+            Some(&json!({ "invite": text })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(peered.status, 201, "{:?}", peered.body);
+    let (_agent, server_id) = enrolled_running_agent(&b, dir.path(), "edge-b")
+        .await
+        .unwrap();
+    b.wait_for_status(&server_id, "online", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let branch_id = b.branch_id.clone();
+
+    // SSE on A: output as it comes, then the final status with B's branch id.
+    let accepted = relay(
+        &a,
+        &branch_id,
+        &server_id,
+        json!({ "argv": ["sh", "-c", "echo first; sleep 1; echo second"], "timeout_seconds": 10 }),
+    )
+    .await;
+    let id = accepted["command_id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    let stream = sse(&a, &format!("/api/v1/commands/{id}/output")).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
     );
+    let first = stream.find("first").expect(&stream);
+    let second = stream.find("second").expect(&stream);
+    let status = stream.rfind("event: status").expect(&stream);
+    assert!(first < second && second < status, "{stream}");
+    let last = stream[status..].lines().find(|l| l.starts_with("data:")).unwrap();
+    let last: Value = serde_json::from_str(last.trim_start_matches("data:").trim()).unwrap();
+    assert_eq!(last["status"], "succeeded", "{last}");
+    assert_eq!(last["branch_id"], branch_id.as_str(), "{last}");
+    assert_eq!(last["output"], "first\nsecond\n", "{last}");
+
+    // Cancel from A: B kills the process; both sides say cancelled.
+    let accepted = relay(
+        &a,
+        &branch_id,
+        &server_id,
+        json!({ "argv": ["sleep", "30.0701"], "timeout_seconds": 60 }),
+    )
+    .await;
+    let id = accepted["command_id"].as_str().unwrap().to_string();
+    let remote_id = accepted["remote_command_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(10), "relayed sleep running on A", || async {
+        Ok((command(&a, &id).await["status"] == "running").then_some(()))
+    })
+    .await
+    .unwrap();
+    let cancelled = a
+        .call(
+            &a.admin_token(),
+            Method::POST,
+            &format!("/api/v1/commands/{id}/cancel"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status, 202, "{:?}", cancelled.body);
+    assert_eq!(cancelled.body["branch_id"], branch_id.as_str());
+    let done = eventually(Duration::from_secs(10), "relayed sleep cancelled on A", || async {
+        let c = command(&a, &id).await;
+        Ok((c["status"] == "cancelled").then_some(c))
+    })
+    .await
+    .unwrap();
+    assert!(done["finished_at"].is_string(), "{done}");
+    assert_eq!(command(&b, &remote_id).await["status"], "cancelled");
+    let again = a
+        .call(
+            &a.admin_token(),
+            Method::POST,
+            &format!("/api/v1/commands/{id}/cancel"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(again.status, 409, "{:?}", again.body);
+    assert_eq!(again.body["status"], "cancelled", "{:?}", again.body);
+
+    // Health: A reads B's results for the server, and runs its checks now.
+    let health_path = format!("/api/v1/branches/{branch_id}/servers/{server_id}/health");
+    let before = eventually(Duration::from_secs(30), "B's health results on A", || async {
+        let h = a.call(&a.admin_token(), Method::GET, &health_path, None).await?;
+        anyhow::ensure!(h.status == 200, "{:?}", h.body);
+        Ok((!h.body["checks"].as_array().is_none_or(Vec::is_empty)).then_some(h.body))
+    })
+    .await
+    .unwrap();
+    assert_eq!(before["branch_id"], branch_id.as_str(), "{before}");
+    assert_eq!(before["server_id"], server_id.as_str(), "{before}");
+    assert_eq!(before["server_status"], "online", "{before}");
+    let on_b = b
+        .call(
+            &b.admin_token(),
+            Method::GET,
+            &format!("/api/v1/servers/{server_id}/health"),
+            None,
+        )
+        .await
+        .unwrap()
+        .body;
+    let names = |v: &Value| {
+        let mut names: Vec<String> = v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["check_id"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&before), names(&on_b));
+    let run = a
+        .call(
+            &a.admin_token(),
+            Method::POST,
+            &format!("{health_path}/run"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(run.status, 202, "{:?}", run.body);
+    let requested_at: chrono::DateTime<chrono::Utc> =
+        run.body["requested_at"].as_str().unwrap().parse().unwrap();
+    // Run-now runs every check at once: all results are fresh within seconds.
+    eventually(Duration::from_secs(5), "a fresh run's results on A", || async {
+        let h = a.call(&a.admin_token(), Method::GET, &health_path, None).await?;
+        let fresh = h.body["checks"].as_array().is_some_and(|checks| {
+            checks.iter().all(|c| {
+                c["received_at"]
+                    .as_str()
+                    .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                    .is_some_and(|t| t >= requested_at)
+            })
+        });
+        Ok(fresh.then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // A server B does not have: 404 from A.
+    let missing = a
+        .call(
+            &a.admin_token(),
+            Method::GET,
+            &format!(
+                "/api/v1/branches/{branch_id}/servers/{}/health",
+                uuid::Uuid::new_v4()
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing.status, 404, "{:?}", missing.body);
 }

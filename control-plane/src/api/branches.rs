@@ -18,7 +18,8 @@ use crate::app::ControlPlane;
 use crate::auth::Scope;
 use crate::federation::invite::{self, Invite};
 use crate::federation::FederationError;
-use crate::store::{BranchInvite, BranchPeer, BranchStatus};
+use crate::store::{BranchInvite, BranchPeer, BranchStatus, ServerStatus};
+use super::health::{HealthResultView, HealthRunAccepted, ServerHealthView};
 
 /// Scopes an invite may grant a peer.
 pub const GRANTABLE_SCOPES: [&str; 2] = ["servers:read", "commands:run"];
@@ -194,7 +195,7 @@ pub struct AcceptInvite {
 }
 
 /// Maps a federation failure to the API error the caller sees.
-fn federation_error(e: FederationError) -> ApiError {
+pub(super) fn federation_error(e: FederationError) -> ApiError {
     match e {
         FederationError::Unreachable(id, why) => {
             ApiError::branch_unreachable(format!("branch {id} is unreachable: {why}"))
@@ -304,6 +305,25 @@ async fn visible_peer(
         .branch_peer(Some(&caller.visible_organizations), id)
         .await?
         .ok_or_else(|| ApiError::not_found("no such branch"))
+}
+
+/// A visible peer that is not known to be unreachable (503 at once if it is).
+async fn reachable_peer(
+    cp: &ControlPlane,
+    caller: &Caller,
+    id: Uuid,
+) -> Result<BranchPeer, ApiError> {
+    let peer = visible_peer(cp, caller, id).await?;
+    if peer.status == BranchStatus::Unreachable {
+        return Err(ApiError::branch_unreachable(format!(
+            "branch {} is unreachable (last seen {})",
+            peer.id,
+            peer.last_seen_at
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|| "never".into())
+        )));
+    }
+    Ok(peer)
 }
 
 /// One peer branch. Needs `servers:read`.
@@ -456,16 +476,7 @@ pub async fn relay_command(
             "timeout_seconds must be between 1 and 3600",
         ));
     }
-    let peer = visible_peer(&cp, &caller, branch_id).await?;
-    if peer.status == BranchStatus::Unreachable {
-        return Err(ApiError::branch_unreachable(format!(
-            "branch {} is unreachable (last seen {})",
-            peer.id,
-            peer.last_seen_at
-                .map(|t| t.to_rfc3339())
-                .unwrap_or_else(|| "never".into())
-        )));
-    }
+    let peer = reachable_peer(&cp, &caller, branch_id).await?;
     let call = BranchCall::RunCommand(RelayedCommand {
         server_id: server_id.to_string(),
         argv: body.argv.clone(),
@@ -524,6 +535,133 @@ pub async fn relay_command(
         Json(RelayAccepted {
             command_id: id.to_string(),
             remote_command_id: command_id,
+        }),
+    ))
+}
+
+/// The latest health results of a peer branch's server, as that branch
+/// knows them. Needs `servers:read`; the peer must have granted
+/// `servers:read` to this branch.
+#[utoipa::path(
+    get,
+    path = "/branches/{branch_id}/servers/{server_id}/health",
+    operation_id = "get_branch_server_health",
+    tag = "branches",
+    params(
+        ("branch_id" = Uuid, Path, description = "The peer's branch id"),
+        ("server_id" = Uuid, Path, description = "A server of that branch"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The server's health on the peer (`branch_id` set).", body = ServerHealthView),
+        (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `servers:read`, or the peer refused (scope not granted).", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such peer here, or no such server on it.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`: too many requests this minute.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
+        (status = 500, description = "`internal_error`: a failure of the control plane.", body = ErrorBody),
+        (status = 503, description = "`branch_unreachable`: the peer did not answer within a second.", body = ErrorBody),
+    )
+)]
+pub async fn server_health(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiPath((branch_id, server_id)): ApiPath<(Uuid, Uuid)>,
+) -> Result<Json<ServerHealthView>, ApiError> {
+    caller.require(Scope::ServersRead)?;
+    let peer = reachable_peer(&cp, &caller, branch_id).await?;
+    let call = BranchCall::ServerHealth {
+        server_id: server_id.to_string(),
+    };
+    let answer = crate::federation::call(&cp, &peer, call, crate::federation::RELAY_TIMEOUT)
+        .await
+        .map_err(federation_error)?;
+    let BranchResponse::ServerHealth(health) = answer else {
+        return Err(ApiError::internal(
+            "the peer answered a health request out of protocol",
+        ));
+    };
+    let at = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default();
+    Ok(Json(ServerHealthView {
+        server_id,
+        status: health.status,
+        server_status: ServerStatus::parse(&health.server_status).unwrap_or(ServerStatus::Offline),
+        checks: health
+            .checks
+            .into_iter()
+            .map(|c| HealthResultView {
+                check_id: c.check_id,
+                name: c.name,
+                status: c.status,
+                message: c.message,
+                consecutive_failures: c.consecutive_failures,
+                checked_at: at(c.checked_at_ms),
+                duration_ms: c.duration_ms,
+                received_at: at(c.received_at_ms),
+            })
+            .collect(),
+        branch_id: Some(branch_id),
+    }))
+}
+
+/// Runs every health check of a peer branch's server now, on that branch;
+/// read the results with `GET /branches/{branch_id}/servers/{server_id}/health`.
+/// Needs `servers:write`; the peer must have granted `commands:run`.
+#[utoipa::path(
+    post,
+    path = "/branches/{branch_id}/servers/{server_id}/health/run",
+    operation_id = "run_branch_server_health_checks",
+    tag = "branches",
+    params(
+        ("branch_id" = Uuid, Path, description = "The peer's branch id"),
+        ("server_id" = Uuid, Path, description = "A server of that branch"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "The peer asked its agent to run every check now.", body = HealthRunAccepted),
+        (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `servers:write`, or the peer refused (`commands:run` not granted).", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such peer here, or no such server on it.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`: too many requests this minute.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
+        (status = 500, description = "`internal_error`: a failure of the control plane.", body = ErrorBody),
+        (status = 503, description = "`branch_unreachable`: the peer did not answer within a second, or its server is not connected.", body = ErrorBody),
+    )
+)]
+pub async fn run_server_health(
+    State(cp): State<Arc<ControlPlane>>,
+    caller: Caller,
+    ApiPath((branch_id, server_id)): ApiPath<(Uuid, Uuid)>,
+) -> Result<(StatusCode, Json<HealthRunAccepted>), ApiError> {
+    caller.require(Scope::ServersWrite)?;
+    let peer = reachable_peer(&cp, &caller, branch_id).await?;
+    let call = BranchCall::RunHealthChecks {
+        server_id: server_id.to_string(),
+    };
+    let answer = crate::federation::call(&cp, &peer, call, crate::federation::RELAY_TIMEOUT)
+        .await
+        .map_err(federation_error)?;
+    let BranchResponse::HealthRunAccepted { requested_at_ms } = answer else {
+        return Err(ApiError::internal(
+            "the peer answered a health run out of protocol",
+        ));
+    };
+    caller
+        .audit(
+            &cp,
+            peer.organization_id,
+            "branch.server.health.run",
+            format!("{branch_id}/{server_id}"),
+            serde_json::json!({}),
+        )
+        .await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(HealthRunAccepted {
+            server_id,
+            requested_at: DateTime::<Utc>::from_timestamp_millis(requested_at_ms)
+                .unwrap_or_else(Utc::now),
+            branch_id: Some(branch_id),
         }),
     ))
 }

@@ -455,15 +455,51 @@ pub async fn fan_out(
     ))
 }
 
+/// A command of this branch, or the mirror of one relayed to a peer branch.
+struct VisibleCommand {
+    record: CommandRecord,
+    /// The peer the command runs on, for a mirror.
+    branch_id: Option<Uuid>,
+}
+
+impl From<VisibleCommand> for CommandView {
+    fn from(c: VisibleCommand) -> Self {
+        let mut view = CommandView::from(c.record);
+        view.branch_id = c.branch_id;
+        view
+    }
+}
+
+/// The command `id` (or the mirror `id`) if the caller may see it.
 async fn visible_command(
     cp: &ControlPlane,
     caller: &Caller,
     id: Uuid,
-) -> Result<CommandRecord, ApiError> {
-    cp.store
-        .command(Some(&caller.visible_organizations), id)
+) -> Result<VisibleCommand, ApiError> {
+    load_command(cp, Some(&caller.visible_organizations), id)
         .await?
         .ok_or_else(|| ApiError::not_found("no such command"))
+}
+
+async fn load_command(
+    cp: &ControlPlane,
+    scope: Option<&[Uuid]>,
+    id: Uuid,
+) -> Result<Option<VisibleCommand>, crate::store::StoreError> {
+    if let Some(record) = cp.store.command(scope, id).await? {
+        return Ok(Some(VisibleCommand {
+            record,
+            branch_id: None,
+        }));
+    }
+    Ok(cp
+        .store
+        .relayed_command(scope, id)
+        .await?
+        .map(|mirror| VisibleCommand {
+            record: mirror.command,
+            branch_id: Some(mirror.branch_id),
+        }))
 }
 
 /// One command: status, exit code, output so far.
@@ -490,21 +526,7 @@ pub async fn get(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<CommandView>, ApiError> {
     caller.require(Scope::CommandsRun)?;
-    if let Some(command) = cp
-        .store
-        .command(Some(&caller.visible_organizations), id)
-        .await?
-    {
-        return Ok(Json(command.into()));
-    }
-    let relayed = cp
-        .store
-        .relayed_command(Some(&caller.visible_organizations), id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("no such command"))?;
-    let mut view = CommandView::from(relayed.command);
-    view.branch_id = Some(relayed.branch_id);
-    Ok(Json(view))
+    Ok(Json(visible_command(&cp, &caller, id).await?.into()))
 }
 
 /// Cancels a command: a queued one is never sent; a running one has its
@@ -537,7 +559,7 @@ pub async fn cancel(
         .await
         .map_err(relay_error)?;
     match outcome {
-        CancelOutcome::NotFound => return Err(ApiError::not_found("no such command")),
+        CancelOutcome::NotFound => return cancel_relayed(&cp, &caller, id).await,
         CancelOutcome::AlreadyFinished(state) => {
             return Err(ApiError::conflict(format!(
                 "the command already ended: {}",
@@ -547,17 +569,75 @@ pub async fn cancel(
         }
         CancelOutcome::CancelledQueued | CancelOutcome::Requested => {}
     }
-    let record = visible_command(&cp, &caller, id).await?;
+    let command = visible_command(&cp, &caller, id).await?;
     caller
         .audit(
             &cp,
-            record.organization_id,
+            command.record.organization_id,
             "command.cancel",
             id.to_string(),
-            serde_json::json!({ "server_id": record.server_id }),
+            serde_json::json!({ "server_id": command.record.server_id }),
         )
         .await;
-    Ok((StatusCode::ACCEPTED, Json(record.into())))
+    Ok((StatusCode::ACCEPTED, Json(command.into())))
+}
+
+/// Cancels a command relayed to a peer branch: the peer cancels it there,
+/// and the mirror follows.
+async fn cancel_relayed(
+    cp: &Arc<ControlPlane>,
+    caller: &Caller,
+    id: Uuid,
+) -> Result<(StatusCode, Json<CommandView>), ApiError> {
+    let mirror = cp
+        .store
+        .relayed_command(Some(&caller.visible_organizations), id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such command"))?;
+    let already_ended = |state: CommandState| {
+        ApiError::conflict(format!("the command already ended: {}", state.as_str()))
+            .with_detail("status", state.as_str())
+    };
+    if mirror.command.status.is_terminal() {
+        return Err(already_ended(mirror.command.status));
+    }
+    let peer = cp
+        .store
+        .branch_peer(Some(&caller.visible_organizations), mirror.branch_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("the peering with the command's branch was removed"))?;
+    if peer.status == crate::store::BranchStatus::Unreachable {
+        return Err(ApiError::branch_unreachable(format!(
+            "branch {} is unreachable, so the command cannot be cancelled now",
+            peer.id
+        )));
+    }
+    let state = crate::federation::relay::cancel(cp, &peer, &mirror)
+        .await
+        .map_err(super::branches::federation_error)?;
+    match CommandState::parse(&state.status) {
+        Some(status) if status.is_terminal() && status != CommandState::Cancelled => {
+            return Err(already_ended(status));
+        }
+        _ => {}
+    }
+    caller
+        .audit(
+            cp,
+            mirror.command.organization_id,
+            "command.cancel",
+            id.to_string(),
+            serde_json::json!({
+                "server_id": mirror.command.server_id,
+                "branch_id": mirror.branch_id,
+                "remote_command_id": mirror.remote_command_id,
+            }),
+        )
+        .await;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(visible_command(cp, caller, id).await?.into()),
+    ))
 }
 
 /// Output of a command as SSE: what is stored, then live chunks, then one
@@ -585,9 +665,9 @@ pub async fn output(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     caller.require(Scope::CommandsRun)?;
-    let record = visible_command(&cp, &caller, id).await?;
+    let command = visible_command(&cp, &caller, id).await?;
     let (tx, rx) = mpsc::channel::<Event>(64);
-    tokio::spawn(follow(cp, record, tx));
+    tokio::spawn(follow(cp, command, tx));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|event| (Ok(event), rx))
     });
@@ -601,28 +681,33 @@ fn output_event(bytes: &[u8]) -> Event {
         .unwrap_or_default()
 }
 
-fn status_event(record: CommandRecord) -> Event {
+fn status_event(command: VisibleCommand) -> Event {
     Event::default()
         .event("status")
-        .json_data(CommandView::from(record))
+        .json_data(CommandView::from(command))
         .unwrap_or_default()
 }
 
 /// Feeds an SSE follower until the command ends or the follower leaves.
-async fn follow(cp: Arc<ControlPlane>, mut record: CommandRecord, tx: mpsc::Sender<Event>) {
+/// Live output comes from the command's live record when it runs (or, for
+/// a relayed command, is followed) on this replica; otherwise the store is
+/// read every [`FOLLOW_POLL`].
+async fn follow(cp: Arc<ControlPlane>, mut command: VisibleCommand, tx: mpsc::Sender<Event>) {
     // Bytes of output already sent.
     let mut sent = 0usize;
+    let id = command.record.id;
     loop {
+        let record = &command.record;
         if record.status.is_terminal() {
             if record.output.len() > sent
                 && tx.send(output_event(&record.output[sent..])).await.is_err()
             {
                 return;
             }
-            let _ = tx.send(status_event(record)).await;
+            let _ = tx.send(status_event(command)).await;
             return;
         }
-        if let Some((snapshot, mut events)) = cp.commands.follow(record.id) {
+        if let Some((snapshot, mut events)) = cp.commands.follow(id) {
             if snapshot.len() > sent {
                 if tx.send(output_event(&snapshot[sent..])).await.is_err() {
                     return;
@@ -645,22 +730,19 @@ async fn follow(cp: Arc<ControlPlane>, mut record: CommandRecord, tx: mpsc::Send
         } else {
             // Not running here: it may have ended a moment ago (or run on
             // another replica); read it again before waiting.
-            match cp.store.command(None, record.id).await {
-                Ok(Some(fresh)) => record = fresh,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(command_id = %record.id, error = %e, "could not read a followed command");
-                    return;
-                }
-            }
-            if record.status.is_terminal() {
+            command = match reload(&cp, id).await {
+                Some(fresh) => fresh,
+                None => return,
+            };
+            if command.record.status.is_terminal() {
                 continue;
             }
-            if record.output.len() > sent {
-                if tx.send(output_event(&record.output[sent..])).await.is_err() {
+            let output = &command.record.output;
+            if output.len() > sent {
+                if tx.send(output_event(&output[sent..])).await.is_err() {
                     return;
                 }
-                sent = record.output.len();
+                sent = output.len();
             }
             tokio::select! {
                 _ = cp.shutdown.cancelled() => return,
@@ -668,13 +750,20 @@ async fn follow(cp: Arc<ControlPlane>, mut record: CommandRecord, tx: mpsc::Send
                 _ = tokio::time::sleep(FOLLOW_POLL) => {}
             }
         }
-        record = match cp.store.command(None, record.id).await {
-            Ok(Some(record)) => record,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(command_id = %record.id, error = %e, "could not read a followed command");
-                return;
-            }
+        command = match reload(&cp, id).await {
+            Some(fresh) => fresh,
+            None => return,
         };
+    }
+}
+
+/// The followed command as stored now (`None`: gone or unreadable).
+async fn reload(cp: &ControlPlane, id: Uuid) -> Option<VisibleCommand> {
+    match load_command(cp, None, id).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(command_id = %id, error = %e, "could not read a followed command");
+            None
+        }
     }
 }

@@ -75,6 +75,10 @@ pub struct ServerHealthView {
     /// `online` are its last known ones.
     pub server_status: ServerStatus,
     pub checks: Vec<HealthResultView>,
+    /// Set when the server belongs to a peer branch (read through
+    /// `GET /branches/{branch_id}/servers/{server_id}/health`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch_id: Option<Uuid>,
 }
 
 /// What a run-now request started.
@@ -83,6 +87,9 @@ pub struct HealthRunAccepted {
     pub server_id: Uuid,
     /// Results checked after this time come from this run.
     pub requested_at: DateTime<Utc>,
+    /// Set when the server belongs to a peer branch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub branch_id: Option<Uuid>,
 }
 
 /// A health check as the API shows it.
@@ -321,21 +328,13 @@ pub async fn server_health(
         .await?
         .ok_or_else(|| ApiError::not_found("no such server"))?;
     let results = cp.store.health_results(id).await?;
-    let status = if results
-        .iter()
-        .any(|r| r.status == "failing" || r.status == "rejected")
-    {
-        "failing"
-    } else if !results.is_empty() && results.iter().all(|r| r.status == "passing") {
-        "passing"
-    } else {
-        "unknown"
-    };
+    let status = crate::health::overall_status(&results);
     Ok(Json(ServerHealthView {
         server_id: id,
         status: status.into(),
         server_status: server.status,
         checks: results.into_iter().map(HealthResultView::from).collect(),
+        branch_id: None,
     }))
 }
 
@@ -418,6 +417,7 @@ pub async fn run_now(
         Json(HealthRunAccepted {
             server_id: id,
             requested_at,
+            branch_id: None,
         }),
     ))
 }

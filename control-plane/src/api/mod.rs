@@ -158,6 +158,8 @@ fn documented() -> Documented {
         .routes(routes!(branches::list, branches::accept))
         .routes(routes!(branches::get, branches::delete))
         .routes(routes!(branches::relay_command))
+        .routes(routes!(branches::server_health))
+        .routes(routes!(branches::run_server_health))
         .routes(routes!(webhooks::list, webhooks::create))
         .routes(routes!(webhooks::get, webhooks::delete))
         .routes(routes!(webhooks::deliveries))

@@ -89,7 +89,14 @@ pub struct Federation {
     in_flight: Mutex<HashSet<Uuid>>,
     /// Heartbeat rounds per peer (decides inventory pulls).
     rounds: Mutex<HashMap<Uuid, u64>>,
+    /// Per peer, the long-poll calls (`AwaitCommand`) that may be open at
+    /// once, so they never take every stream the peer allows on the
+    /// connection (heartbeats and relays keep theirs).
+    await_slots: Mutex<HashMap<Uuid, Arc<tokio::sync::Semaphore>>>,
 }
+
+/// Long-poll calls open at once per peer (QUIC allows 100 streams).
+pub const MAX_AWAITS_PER_PEER: usize = 64;
 
 impl Federation {
     fn cached(&self, peer: Uuid) -> Option<quinn::Connection> {
@@ -99,6 +106,17 @@ impl Federation {
             .close_reason()
             .is_none()
             .then(|| connection.clone())
+    }
+
+    /// The long-poll slots of `peer`.
+    pub fn await_slots(&self, peer: Uuid) -> Arc<tokio::sync::Semaphore> {
+        let mut map = self
+            .await_slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.entry(peer)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_AWAITS_PER_PEER)))
+            .clone()
     }
 
     /// Closes and forgets the connection to `peer`.

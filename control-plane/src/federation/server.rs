@@ -440,8 +440,13 @@ async fn answer_call(
                 ),
             }
         }
-        BranchCall::RunCommand(_) | BranchCall::CommandState { .. } => {
-            super::relay::answer(cp, &peer, &scope, call).await
+        call @ (BranchCall::RunCommand(_)
+        | BranchCall::CommandState { .. }
+        | BranchCall::AwaitCommand { .. }
+        | BranchCall::CancelCommand { .. }
+        | BranchCall::ServerHealth { .. }
+        | BranchCall::RunHealthChecks { .. }) => {
+            (super::relay::answer(cp, &peer, &scope, call).await, false)
         }
     }
 }
