@@ -583,6 +583,374 @@ pub mod docker {
             let _ = docker(&["rm", "-f", &self.name]);
         }
     }
+
+    /// Label put on every container and network made by the helpers below,
+    /// so leftovers of a killed test run can be found (`docker ps -a
+    /// --filter label=tether-tests`).
+    pub const LABEL: &str = "tether-tests=e2e";
+
+    /// Fails loudly when no Docker engine answers (CI requires one).
+    pub fn require_engine() -> anyhow::Result<String> {
+        docker(&["version", "--format", "{{.Server.Version}}"])
+            .context("a Docker engine must answer for this test (is dockerd running?)")
+    }
+
+    /// A name unique to this process and moment: `<prefix>-<pid>-<nanos>`
+    /// (lowercase letters, digits and dashes, so it is also a DNS name).
+    pub fn unique_name(prefix: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("{prefix}-{}-{nanos:x}", std::process::id())
+    }
+
+    /// A user-defined bridge network, removed (with any container still
+    /// attached to it) when dropped.
+    pub struct Network {
+        pub name: String,
+    }
+
+    impl Network {
+        /// Creates the network `name`.
+        pub fn create(name: &str) -> anyhow::Result<Self> {
+            docker(&[
+                "network", "create", "--driver", "bridge", "--label", LABEL, name,
+            ])?;
+            Ok(Self {
+                name: name.to_string(),
+            })
+        }
+
+        /// `docker network disconnect`: the container loses this network.
+        pub fn disconnect(&self, container: &Container) -> anyhow::Result<()> {
+            docker(&["network", "disconnect", &self.name, &container.name]).map(drop)
+        }
+
+        /// `docker network connect`: the container joins this network again.
+        pub fn connect(&self, container: &Container) -> anyhow::Result<()> {
+            docker(&["network", "connect", &self.name, &container.name]).map(drop)
+        }
+    }
+
+    impl Drop for Network {
+        fn drop(&mut self) {
+            let attached = docker(&[
+                "network",
+                "inspect",
+                "--format",
+                "{{range .Containers}}{{.Name}} {{end}}",
+                &self.name,
+            ])
+            .unwrap_or_default();
+            for container in attached.split_whitespace() {
+                let _ = docker(&["rm", "-f", container]);
+            }
+            let _ = docker(&["network", "rm", &self.name]);
+        }
+    }
+
+    /// Read-only bind mounts (`HOST:CONTAINER:ro`) of the shared libraries
+    /// `ldd` lists for `binaries`, at the paths the dynamic loader looks
+    /// for them, so host-built (glibc) binaries run in [`IMAGE`].
+    pub fn library_mounts(binaries: &[&std::path::Path]) -> anyhow::Result<Vec<String>> {
+        let mut mounts = std::collections::BTreeSet::new();
+        for binary in binaries {
+            let output = Command::new("ldd")
+                .arg(binary)
+                .output()
+                .context("running ldd")?;
+            if !output.status.success() {
+                bail!(
+                    "ldd {}: {}",
+                    binary.display(),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            for line in String::from_utf8_lossy(&output.stdout).lines() {
+                // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or
+                // `/lib64/ld-linux-x86-64.so.2 (0x...)`; vdso has no path.
+                let path = match line.split_once("=>") {
+                    Some((_, right)) => right.split_whitespace().next(),
+                    None => line.split_whitespace().next(),
+                };
+                let Some(path) = path.filter(|p| p.starts_with('/')) else {
+                    continue;
+                };
+                let host = std::fs::canonicalize(path)
+                    .with_context(|| format!("resolving {path} (from ldd)"))?;
+                mounts.insert(format!("{}:{path}:ro", host.display()));
+            }
+        }
+        Ok(mounts.into_iter().collect())
+    }
+
+    impl Container {
+        /// Runs `command` in a detached container named `name` with extra
+        /// `docker run` options (network, mounts...) placed before the image.
+        pub fn run_with(name: &str, options: &[String], command: &[&str]) -> anyhow::Result<Self> {
+            ensure_image()?;
+            let _ = docker(&["rm", "-f", name]);
+            let mut args: Vec<&str> = vec!["run", "-d", "--name", name, "--label", LABEL];
+            args.extend(options.iter().map(String::as_str));
+            args.push(IMAGE);
+            args.extend_from_slice(command);
+            let id = docker(&args)?;
+            Ok(Self {
+                name: name.to_string(),
+                id,
+            })
+        }
+
+        /// The container's IPv4 address on `network`.
+        pub fn ip(&self, network: &str) -> anyhow::Result<std::net::IpAddr> {
+            let format = format!(
+                "{{{{with index .NetworkSettings.Networks \"{network}\"}}}}{{{{.IPAddress}}}}{{{{end}}}}"
+            );
+            let ip = docker(&["inspect", "--format", &format, &self.name])?;
+            ip.parse()
+                .with_context(|| format!("{} has no address on {network}: {ip:?}", self.name))
+        }
+
+        /// Runs `command` in the container and waits; returns
+        /// (success, stdout, stderr).
+        pub fn exec(&self, command: &[&str]) -> anyhow::Result<(bool, String, String)> {
+            let output = Command::new("docker")
+                .args(["exec", &self.name])
+                .args(command)
+                .output()
+                .context("running docker exec")?;
+            Ok((
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            ))
+        }
+
+        /// Starts `command` in the container in the background (`exec -d`).
+        pub fn exec_detached(&self, command: &[&str]) -> anyhow::Result<()> {
+            let mut args = vec!["exec", "-d", &self.name];
+            args.extend_from_slice(command);
+            docker(&args).map(drop)
+        }
+
+        /// What the container wrote to its stdout and stderr.
+        pub fn logs(&self) -> String {
+            Command::new("docker")
+                .args(["logs", &self.name])
+                .output()
+                .map(|o| {
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    )
+                })
+                .unwrap_or_default()
+        }
+    }
+
+    /// Where the binaries and the data dir appear inside a branch container.
+    pub const BIN_IN_CONTAINER: &str = "/opt/tether";
+    pub const DATA_IN_CONTAINER: &str = "/data";
+    /// The ports `tether serve` listens on inside a branch container.
+    pub const API_PORT: u16 = 8080;
+    pub const QUIC_PORT: u16 = 7443;
+
+    /// `tether serve` running in its own container on a Docker network: the
+    /// host's `tether` and `tether-agent` binaries and their libraries are
+    /// bind-mounted read-only, the data dir is a host directory mounted at
+    /// [`DATA_IN_CONTAINER`], the API and QUIC listen on all interfaces, and
+    /// the branch advertises `<container name>:7443` (resolved by Docker's
+    /// DNS on the network) as its public QUIC address.
+    ///
+    /// Derefs to a [`ControlPlane`] whose `api_url` is the container's
+    /// address on the network (reachable from the host), so the usual API
+    /// helpers work; the process is the container's, so use the methods
+    /// here rather than `stop`/`restart` (not reachable through `Deref`).
+    pub struct BranchContainer {
+        pub container: Container,
+        pub network: String,
+        cp: crate::ControlPlane,
+    }
+
+    impl std::ops::Deref for BranchContainer {
+        type Target = crate::ControlPlane;
+        fn deref(&self) -> &crate::ControlPlane {
+            &self.cp
+        }
+    }
+
+    impl BranchContainer {
+        /// Starts `tether serve` in a container named `name` on `network`,
+        /// with its data in `data_dir` (a host directory), and waits until it
+        /// wrote `endpoints.json` and answers `GET /health`.
+        pub async fn start(
+            network: &Network,
+            name: &str,
+            data_dir: &std::path::Path,
+        ) -> anyhow::Result<Self> {
+            let tether = crate::binary("tether");
+            let agent = crate::binary("tether-agent");
+            std::fs::create_dir_all(data_dir)?;
+            let data_dir = std::fs::canonicalize(data_dir)?;
+            let endpoints = data_dir.join("endpoints.json");
+            let _ = std::fs::remove_file(&endpoints);
+            // SAFETY: getuid/getgid cannot fail.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            let mut options = vec![
+                "--network".to_string(),
+                network.name.clone(),
+                "--hostname".to_string(),
+                name.to_string(),
+                "--user".to_string(),
+                format!("{uid}:{gid}"),
+                "--tmpfs".to_string(),
+                "/tmp".to_string(),
+                "-e".to_string(),
+                "RUST_LOG=info,tether_control_plane=debug".to_string(),
+                "-v".to_string(),
+                format!("{}:{DATA_IN_CONTAINER}", data_dir.display()),
+                "-v".to_string(),
+                format!("{}:{BIN_IN_CONTAINER}/tether:ro", tether.display()),
+                "-v".to_string(),
+                format!("{}:{BIN_IN_CONTAINER}/tether-agent:ro", agent.display()),
+            ];
+            for mount in library_mounts(&[&tether, &agent])? {
+                options.push("-v".to_string());
+                options.push(mount);
+            }
+            let serve = format!(
+                "exec {BIN_IN_CONTAINER}/tether serve --data-dir {DATA_IN_CONTAINER} \
+                 --api-listen 0.0.0.0:{API_PORT} --quic-listen 0.0.0.0:{QUIC_PORT} \
+                 --public-quic-addr {name}:{QUIC_PORT} --branch-name {name} \
+                 >>{DATA_IN_CONTAINER}/control-plane.log 2>&1"
+            );
+            let container = Container::run_with(name, &options, &["sh", "-c", &serve])?;
+            let log_path = data_dir.join("control-plane.log");
+            let started = std::time::Instant::now();
+            let info: serde_json::Value = loop {
+                let parsed = std::fs::read_to_string(&endpoints)
+                    .ok()
+                    .and_then(|text| serde_json::from_str(&text).ok());
+                if let Some(info) = parsed {
+                    break info;
+                }
+                let running = docker(&["inspect", "--format", "{{.State.Running}}", name])?;
+                if running != "true" || started.elapsed() > std::time::Duration::from_secs(30) {
+                    bail!(
+                        "tether serve in container {name} did not start (running: {running}): {}{}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default(),
+                        container.logs()
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            };
+            let ip = container.ip(&network.name)?;
+            let cp = crate::ControlPlane {
+                data_dir: data_dir.clone(),
+                api_url: format!("http://{ip}:{API_PORT}"),
+                quic_addr: std::net::SocketAddr::new(ip, QUIC_PORT),
+                ca_fingerprint: info["ca_fingerprint"]
+                    .as_str()
+                    .context("ca_fingerprint")?
+                    .to_string(),
+                branch_id: info["branch_id"].as_str().context("branch_id")?.to_string(),
+                extra_args: Vec::new(),
+                child: None,
+                log_path,
+                http: reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(10))
+                    .build()?,
+            };
+            let branch = Self {
+                container,
+                network: network.name.clone(),
+                cp,
+            };
+            branch.wait_until_answering().await?;
+            Ok(branch)
+        }
+
+        /// Waits until `GET /health` answers 200 at the current address.
+        async fn wait_until_answering(&self) -> anyhow::Result<()> {
+            crate::eventually(
+                std::time::Duration::from_secs(20),
+                &format!("{} answering on {}", self.container.name, self.cp.api_url),
+                || async {
+                    let ok = self
+                        .cp
+                        .anonymous(reqwest::Method::GET, "/health")
+                        .send()
+                        .await?
+                        .status()
+                        .is_success();
+                    Ok(ok.then_some(()))
+                },
+            )
+            .await
+        }
+
+        /// The public QUIC address the branch advertises (`name:7443`).
+        pub fn public_quic_addr(&self) -> String {
+            format!("{}:{QUIC_PORT}", self.container.name)
+        }
+
+        /// Re-reads the container's address on its network (it may change
+        /// after a disconnect and reconnect) and waits for the API there.
+        pub async fn refresh_address(&mut self) -> anyhow::Result<()> {
+            let ip = self.container.ip(&self.network)?;
+            self.cp.api_url = format!("http://{ip}:{API_PORT}");
+            self.cp.quic_addr = std::net::SocketAddr::new(ip, QUIC_PORT);
+            self.wait_until_answering().await
+        }
+
+        /// Enrolls a `tether-agent` inside this container (over the
+        /// container's loopback) and starts `tether-agent run` there;
+        /// returns its server id. State in `DATA_DIR/<name>`, log in
+        /// `DATA_DIR/<name>.log`.
+        pub async fn start_agent(&self, name: &str) -> anyhow::Result<String> {
+            let token = self
+                .cp
+                .enrollment_token(serde_json::json!({ "server_name": name }))
+                .await?;
+            let token = token["token"].as_str().context("token")?;
+            let state = format!("{DATA_IN_CONTAINER}/{name}");
+            let server = format!("127.0.0.1:{QUIC_PORT}");
+            let (ok, stdout, stderr) = self.container.exec(&[
+                &format!("{BIN_IN_CONTAINER}/tether-agent"),
+                "enroll",
+                "--server",
+                &server,
+                "--token",
+                token,
+                "--ca-fingerprint",
+                &self.cp.ca_fingerprint,
+                "--state-dir",
+                &state,
+            ])?;
+            if !ok {
+                bail!(
+                    "tether-agent enroll in {}: {stdout}{stderr}",
+                    self.container.name
+                );
+            }
+            let config = self.cp.data_dir.join(format!("{name}.toml"));
+            std::fs::write(&config, "# agent.toml of an end-to-end test\n")?;
+            let run = format!(
+                "exec {BIN_IN_CONTAINER}/tether-agent run --state-dir {state} \
+                 --config {DATA_IN_CONTAINER}/{name}.toml >>{state}.log 2>&1"
+            );
+            self.container.exec_detached(&["sh", "-c", &run])?;
+            crate::Agent::new(&self.cp.data_dir.join(name)).server_id()
+        }
+
+        /// What the agent `name` started by [`Self::start_agent`] logged.
+        pub fn agent_log(&self, name: &str) -> String {
+            std::fs::read_to_string(self.cp.data_dir.join(format!("{name}.log")))
+                .unwrap_or_default()
+        }
+    }
 }
 
 /// Drops UDP packets to a loopback port while it lives (iptables), so a test
