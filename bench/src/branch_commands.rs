@@ -82,7 +82,8 @@ async fn measure(
     for round in 0..(args.warmup + args.commands) {
         let server_id = &server_ids[rand::random_range(0..server_ids.len())];
         let (post_url, api_url) = urls(server_id);
-        let (elapsed, posted, succeeded, sse) = round_trip(http, token, &post_url, &api_url).await?;
+        let (elapsed, posted, succeeded, sse) =
+            round_trip(http, token, &post_url, &api_url).await?;
         if !succeeded {
             samples.failures += 1;
             if samples.failures <= 3 {
@@ -167,7 +168,10 @@ pub async fn run(args: BranchCommandsArgs) -> anyhow::Result<()> {
     .await?;
     let mut relayed = measure(&args, &http, &a.admin_token, ids, |s| {
         (
-            format!("{}/api/v1/branches/{branch_id}/servers/{s}/commands", a.api_url),
+            format!(
+                "{}/api/v1/branches/{branch_id}/servers/{s}/commands",
+                a.api_url
+            ),
             a.api_url.clone(),
         )
     })

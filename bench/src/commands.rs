@@ -132,25 +132,26 @@ impl AnsweringFleet {
             .collect::<anyhow::Result<_>>()?;
         let endpoint_of = |i: u32| endpoints[(i / agents_per_endpoint.max(1)) as usize].clone();
         let enroll_config = quinn_client_config(tether_certs::agent_client_config(pin, None)?)?;
-        let configs: Vec<quinn::ClientConfig> = futures::stream::iter(tokens.into_iter().enumerate())
-            .map(|(i, token)| {
-                let endpoint = endpoint_of(i as u32);
-                let config = enroll_config.clone();
-                async move {
-                    tokio::time::timeout(
-                        Duration::from_secs(60),
-                        enroll_one(endpoint, config, addr, pin, token, i as u32),
-                    )
-                    .await
-                    .map_err(|_| anyhow::anyhow!("enrollment took over 60 s"))?
-                }
-            })
-            .buffered(concurrency.max(1))
-            .collect::<Vec<anyhow::Result<_>>>()
-            .await
-            .into_iter()
-            .filter_map(|r| r.map_err(|e| eprintln!("enrollment failed: {e:#}")).ok())
-            .collect();
+        let configs: Vec<quinn::ClientConfig> =
+            futures::stream::iter(tokens.into_iter().enumerate())
+                .map(|(i, token)| {
+                    let endpoint = endpoint_of(i as u32);
+                    let config = enroll_config.clone();
+                    async move {
+                        tokio::time::timeout(
+                            Duration::from_secs(60),
+                            enroll_one(endpoint, config, addr, pin, token, i as u32),
+                        )
+                        .await
+                        .map_err(|_| anyhow::anyhow!("enrollment took over 60 s"))?
+                    }
+                })
+                .buffered(concurrency.max(1))
+                .collect::<Vec<anyhow::Result<_>>>()
+                .await
+                .into_iter()
+                .filter_map(|r| r.map_err(|e| eprintln!("enrollment failed: {e:#}")).ok())
+                .collect();
         let counters = Arc::new(Counters::default());
         let stop = CancellationToken::new();
         // Each session heartbeats and answers commands from the moment it is up

@@ -139,6 +139,8 @@ pub struct RelayedCommandState {
     /// The `status` of `GET /api/v1/commands/{id}` on the callee.
     pub status: String,
     pub exit_code: Option<i32>,
+    /// Why it was refused, failed, timed out or could not be delivered.
+    pub reason: Option<String>,
     pub output: Vec<u8>,
     pub output_truncated: bool,
     /// Unix milliseconds.
@@ -481,6 +483,7 @@ mod tests {
                 command_id: "c".into(),
                 status: "succeeded".into(),
                 exit_code: Some(0),
+                reason: None,
                 output: b"hi\n".to_vec(),
                 output_truncated: false,
                 started_at_ms: Some(1),

@@ -544,11 +544,36 @@ async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_br
     let second = stream.find("second").expect(&stream);
     let status = stream.rfind("event: status").expect(&stream);
     assert!(first < second && second < status, "{stream}");
-    let last = stream[status..].lines().find(|l| l.starts_with("data:")).unwrap();
+    let last = stream[status..]
+        .lines()
+        .find(|l| l.starts_with("data:"))
+        .unwrap();
     let last: Value = serde_json::from_str(last.trim_start_matches("data:").trim()).unwrap();
     assert_eq!(last["status"], "succeeded", "{last}");
     assert_eq!(last["branch_id"], branch_id.as_str(), "{last}");
     assert_eq!(last["output"], "first\nsecond\n", "{last}");
+
+    // A failure comes back with B's reason.
+    let accepted = relay(
+        &a,
+        &branch_id,
+        &server_id,
+        json!({ "argv": ["/nonexistent/tether-e2e-program"], "timeout_seconds": 5 }),
+    )
+    .await;
+    let id = accepted["command_id"].as_str().unwrap().to_string();
+    let remote_id = accepted["remote_command_id"].as_str().unwrap().to_string();
+    let failed = eventually(Duration::from_secs(10), "relayed failure on A", || async {
+        let c = command(&a, &id).await;
+        Ok((c["status"] != "queued" && c["status"] != "running").then_some(c))
+    })
+    .await
+    .unwrap();
+    let on_b = command(&b, &remote_id).await;
+    assert_ne!(failed["status"], "succeeded", "{failed}");
+    assert_eq!(failed["status"], on_b["status"], "{failed}\n{on_b}");
+    assert!(failed["reason"].is_string(), "{failed}");
+    assert_eq!(failed["reason"], on_b["reason"], "{failed}\n{on_b}");
 
     // Cancel from A: B kills the process; both sides say cancelled.
     let accepted = relay(
@@ -560,9 +585,11 @@ async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_br
     .await;
     let id = accepted["command_id"].as_str().unwrap().to_string();
     let remote_id = accepted["remote_command_id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(10), "relayed sleep running on A", || async {
-        Ok((command(&a, &id).await["status"] == "running").then_some(()))
-    })
+    eventually(
+        Duration::from_secs(10),
+        "relayed sleep running on A",
+        || async { Ok((command(&a, &id).await["status"] == "running").then_some(())) },
+    )
     .await
     .unwrap();
     let cancelled = a
@@ -576,10 +603,14 @@ async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_br
         .unwrap();
     assert_eq!(cancelled.status, 202, "{:?}", cancelled.body);
     assert_eq!(cancelled.body["branch_id"], branch_id.as_str());
-    let done = eventually(Duration::from_secs(10), "relayed sleep cancelled on A", || async {
-        let c = command(&a, &id).await;
-        Ok((c["status"] == "cancelled").then_some(c))
-    })
+    let done = eventually(
+        Duration::from_secs(10),
+        "relayed sleep cancelled on A",
+        || async {
+            let c = command(&a, &id).await;
+            Ok((c["status"] == "cancelled").then_some(c))
+        },
+    )
     .await
     .unwrap();
     assert!(done["finished_at"].is_string(), "{done}");
@@ -598,11 +629,17 @@ async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_br
 
     // Health: A reads B's results for the server, and runs its checks now.
     let health_path = format!("/api/v1/branches/{branch_id}/servers/{server_id}/health");
-    let before = eventually(Duration::from_secs(30), "B's health results on A", || async {
-        let h = a.call(&a.admin_token(), Method::GET, &health_path, None).await?;
-        anyhow::ensure!(h.status == 200, "{:?}", h.body);
-        Ok((!h.body["checks"].as_array().is_none_or(Vec::is_empty)).then_some(h.body))
-    })
+    let before = eventually(
+        Duration::from_secs(30),
+        "B's health results on A",
+        || async {
+            let h = a
+                .call(&a.admin_token(), Method::GET, &health_path, None)
+                .await?;
+            anyhow::ensure!(h.status == 200, "{:?}", h.body);
+            Ok((!h.body["checks"].as_array().is_none_or(Vec::is_empty)).then_some(h.body))
+        },
+    )
     .await
     .unwrap();
     assert_eq!(before["branch_id"], branch_id.as_str(), "{before}");
@@ -642,18 +679,24 @@ async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_br
     let requested_at: chrono::DateTime<chrono::Utc> =
         run.body["requested_at"].as_str().unwrap().parse().unwrap();
     // Run-now runs every check at once: all results are fresh within seconds.
-    eventually(Duration::from_secs(5), "a fresh run's results on A", || async {
-        let h = a.call(&a.admin_token(), Method::GET, &health_path, None).await?;
-        let fresh = h.body["checks"].as_array().is_some_and(|checks| {
-            checks.iter().all(|c| {
-                c["received_at"]
-                    .as_str()
-                    .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
-                    .is_some_and(|t| t >= requested_at)
-            })
-        });
-        Ok(fresh.then_some(()))
-    })
+    eventually(
+        Duration::from_secs(5),
+        "a fresh run's results on A",
+        || async {
+            let h = a
+                .call(&a.admin_token(), Method::GET, &health_path, None)
+                .await?;
+            let fresh = h.body["checks"].as_array().is_some_and(|checks| {
+                checks.iter().all(|c| {
+                    c["received_at"]
+                        .as_str()
+                        .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                        .is_some_and(|t| t >= requested_at)
+                })
+            });
+            Ok(fresh.then_some(()))
+        },
+    )
     .await
     .unwrap();
 

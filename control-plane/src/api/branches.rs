@@ -13,13 +13,13 @@ use tether_protocol::{BranchCall, BranchResponse, RefusalCode, RelayedCommand};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::health::{HealthResultView, HealthRunAccepted, ServerHealthView};
 use super::{ApiError, ApiJson, ApiPath, Caller, ErrorBody, Page};
 use crate::app::ControlPlane;
 use crate::auth::Scope;
 use crate::federation::invite::{self, Invite};
 use crate::federation::FederationError;
 use crate::store::{BranchInvite, BranchPeer, BranchStatus, ServerStatus};
-use super::health::{HealthResultView, HealthRunAccepted, ServerHealthView};
 
 /// Scopes an invite may grant a peer.
 pub const GRANTABLE_SCOPES: [&str; 2] = ["servers:read", "commands:run"];

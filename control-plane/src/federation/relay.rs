@@ -264,6 +264,7 @@ fn state_of(record: &CommandRecord, live_output: Option<Vec<u8>>) -> RelayedComm
         command_id: record.id.to_string(),
         status: record.status.as_str().to_string(),
         exit_code: record.exit_code,
+        reason: record.reason.clone(),
         output,
         output_truncated: record.output_truncated,
         started_at_ms: record.started_at.map(|t| t.timestamp_millis()),
@@ -397,7 +398,8 @@ async fn follow_until_end(
             Ok(BranchResponse::CommandState(state)) => {
                 last_answer = Instant::now();
                 let Some(status) = CommandState::parse(&state.status) else {
-                    let reason = format!("the branch answered an unknown status {:?}", state.status);
+                    let reason =
+                        format!("the branch answered an unknown status {:?}", state.status);
                     return give_up(cp, id, &reason).await;
                 };
                 if status == known_status && state.output.len() <= known_output {
@@ -409,7 +411,7 @@ async fn follow_until_end(
                 let update = RelayedCommandUpdate {
                     status,
                     exit_code: state.exit_code,
-                    reason: None,
+                    reason: state.reason,
                     output: state.output,
                     output_truncated: state.output_truncated,
                     started_at: state
