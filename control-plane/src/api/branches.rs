@@ -520,7 +520,11 @@ pub async fn relay_command(
     };
     cp.store.create_relayed_command(&mirror).await?;
     let id = mirror.command.id;
-    tokio::spawn(crate::federation::relay::follow(cp.clone(), mirror));
+    tokio::spawn(crate::federation::relay::follow(
+        cp.clone(),
+        mirror,
+        Some(peer.clone()),
+    ));
     caller
         .audit(
             &cp,

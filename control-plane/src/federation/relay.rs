@@ -41,9 +41,9 @@ pub const AWAIT_WAIT: Duration = Duration::from_secs(20);
 const AWAIT_CALL_TIMEOUT: Duration = Duration::from_secs(25);
 /// The callee re-reads a command that does not run on this replica this often.
 const AWAIT_POLL: Duration = Duration::from_millis(100);
-/// New output (without a change of status) is held this long by the callee
-/// before it answers, so chatty output travels in batches.
-const OUTPUT_LINGER: Duration = Duration::from_millis(50);
+/// A change that is not the end is held this long by the callee before it
+/// answers (unless the command ends meanwhile).
+const CHANGE_LINGER: Duration = Duration::from_millis(50);
 /// After a failed call, the follower waits this long before trying again.
 const FOLLOW_RETRY: Duration = Duration::from_millis(500);
 /// A peer that has not answered a follower for this long fails the mirror.
@@ -272,10 +272,11 @@ fn state_of(record: &CommandRecord, live_output: Option<Vec<u8>>) -> RelayedComm
     }
 }
 
-/// Answers once the command's status differs from `known_status` or its
-/// output is longer than `known_output_len`, or after `wait`. New output
-/// alone is held for [`OUTPUT_LINGER`] (or until the status changes), so a
-/// command that prints and ends is answered once, with its end.
+/// Answers once the command's status or output differs from what the
+/// caller knows (`known_status`, `known_output_len`), or after `wait`. A
+/// change that is not the end (`running`, new output) is held for
+/// [`CHANGE_LINGER`] or until the command ends, so a short command is
+/// answered once, with its end, and chatty output travels in batches.
 async fn await_change(
     cp: &ControlPlane,
     scope: &[Uuid],
@@ -296,16 +297,15 @@ async fn await_change(
             Ok(record) => record,
             Err(refusal) => return refusal,
         };
+        let ended = record.status.is_terminal();
         let state = state_of(&record, live_output);
         let now = tokio::time::Instant::now();
-        if state.status != known_status
-            || now >= deadline
-            || linger_until.is_some_and(|until| now >= until)
-        {
+        if ended || now >= deadline || linger_until.is_some_and(|until| now >= until) {
             return BranchResponse::CommandState(state);
         }
-        if state.output.len() as u64 > known_output_len && linger_until.is_none() {
-            linger_until = Some(now + OUTPUT_LINGER);
+        let changed = state.status != known_status || state.output.len() as u64 > known_output_len;
+        if changed && linger_until.is_none() {
+            linger_until = Some(now + CHANGE_LINGER);
         }
         let wake = linger_until.map_or(deadline, |until| until.min(deadline));
         match events {
@@ -333,13 +333,15 @@ async fn await_change(
 /// Ends with the mirror `failed` (and a reason) when the peering is removed,
 /// the peer no longer knows the command, or the peer stays silent for
 /// [`FOLLOW_GIVE_UP`].
-pub async fn follow(cp: Arc<ControlPlane>, mirror: RelayedCommandRecord) {
+///
+/// `peer` is the peering as the caller just read it (`None`: read it).
+pub async fn follow(cp: Arc<ControlPlane>, mirror: RelayedCommandRecord, peer: Option<BranchPeer>) {
     let id = mirror.command.id;
     let branch_id = mirror.branch_id;
     let span = tracing::info_span!("relayed_command", %branch_id, command_id = %id);
     async move {
         let live = cp.commands.register(id);
-        let end = follow_until_end(&cp, &mirror, &live).await;
+        let end = follow_until_end(&cp, &mirror, peer, &live).await;
         if let Some(status) = end {
             live.finished(status);
         }
@@ -354,6 +356,7 @@ pub async fn follow(cp: Arc<ControlPlane>, mirror: RelayedCommandRecord) {
 async fn follow_until_end(
     cp: &Arc<ControlPlane>,
     mirror: &RelayedCommandRecord,
+    mut fresh_peer: Option<BranchPeer>,
     live: &crate::commands::LiveCommand,
 ) -> Option<CommandState> {
     let id = mirror.command.id;
@@ -369,7 +372,11 @@ async fn follow_until_end(
                 _ = tokio::time::sleep(pause) => {}
             }
         }
-        let peer = match cp.store.branch_peer(None, branch_id).await {
+        let read = match fresh_peer.take() {
+            Some(peer) => Ok(Some(peer)),
+            None => cp.store.branch_peer(None, branch_id).await,
+        };
+        let peer = match read {
             Ok(Some(peer)) => peer,
             Ok(None) => {
                 return give_up(cp, id, "the peering with the branch was removed").await;
@@ -507,7 +514,7 @@ pub async fn resume_followers(cp: Arc<ControlPlane>) {
     match cp.store.unfinished_relayed_commands().await {
         Ok(mirrors) => {
             for mirror in mirrors {
-                tokio::spawn(follow(cp.clone(), mirror));
+                tokio::spawn(follow(cp.clone(), mirror, None));
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot resume relayed command followers"),
