@@ -71,7 +71,8 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, cp: Arc<ControlPlane>) {
                     // The endpoint allows agents few concurrent streams (see
                     // tether_transport::SERVER_MAX_CONCURRENT_BIDI_STREAMS);
                     // a peer branch runs many calls at once.
-                    connection.set_max_concurrent_bi_streams(BRANCH_MAX_CONCURRENT_BIDI_STREAMS.into());
+                    connection
+                        .set_max_concurrent_bi_streams(BRANCH_MAX_CONCURRENT_BIDI_STREAMS.into());
                     let cert = peer_certificate(&connection);
                     return crate::federation::server::serve(connection, cert, cp).await;
                 }
