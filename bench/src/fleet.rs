@@ -100,7 +100,7 @@ struct Session {
 
 /// A session just set up: agent index, connection, control stream, server
 /// id and heartbeat interval.
-type Connected = (u32, quinn::Connection, AgentStream, String, Duration);
+type Connected = (u32, quinn::Connection, String, tokio::task::JoinHandle<()>);
 
 /// Results of one fleet run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -659,6 +659,8 @@ async fn run_with(
     )
     .map(|(i, config)| {
         let endpoint = endpoint_of(i as u32);
+        let counters = counters.clone();
+        let stop = stop.clone();
         async move {
             let (c, s, id, hb) = tokio::time::timeout(
                 Duration::from_secs(60),
@@ -666,7 +668,11 @@ async fn run_with(
             )
             .await
             .map_err(|_| anyhow::anyhow!("session set-up took over 60 s"))??;
-            Ok((i as u32, c, s, id, hb))
+            // Heartbeat from the start, as a real agent does: a session
+            // phase longer than --offline-after (10,000 agents on a busy
+            // machine) must not cost the first agents their sessions.
+            let heartbeat = tokio::spawn(heartbeat_loop(s, hb, i as u32, counters, stop));
+            Ok((i as u32, c, id, heartbeat))
         }
     })
     .buffered(args.concurrency.max(1))
@@ -688,14 +694,8 @@ async fn run_with(
     );
     let mut sessions = Vec::with_capacity(connected.len());
     let mut heartbeat_tasks = Vec::with_capacity(connected.len());
-    for (index, connection, control, server_id, heartbeat) in connected.into_iter().flatten() {
-        heartbeat_tasks.push(tokio::spawn(heartbeat_loop(
-            control,
-            heartbeat,
-            index,
-            counters.clone(),
-            stop.clone(),
-        )));
+    for (index, connection, server_id, heartbeat) in connected.into_iter().flatten() {
+        heartbeat_tasks.push(heartbeat);
         sessions.push(Session {
             index,
             connection,

@@ -42,7 +42,22 @@ pub enum TransportError {
     Closed(#[from] quinn::ClosedStream),
 }
 
-fn transport_config() -> Arc<quinn::TransportConfig> {
+/// Bidirectional streams an agent may have open at once towards the control
+/// plane: the control stream, up to `MAX_IN_FLIGHT` (8) metrics batches, a
+/// health report and a certificate renewal, with room to spare. quinn keeps
+/// an entry per allowed stream in two hash maps per connection, so the
+/// default of 100 costs every session ~4 KiB for streams never opened.
+/// Connections that need more (peer branches) raise it with
+/// [`quinn::Connection::set_max_concurrent_bi_streams`].
+pub const SERVER_MAX_CONCURRENT_BIDI_STREAMS: u32 = 16;
+
+/// Connection-level flow-control window on the server side: the most a
+/// connection can make the control plane buffer for it (2x the largest
+/// frame). quinn's default is unbounded.
+const SERVER_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// Settings both ends share.
+fn base_transport_config() -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
     config.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
     // The constant is well inside QUIC's VarInt range.
@@ -50,7 +65,29 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     // Tether sends no unreliable datagrams and opens no unidirectional streams.
     config.datagram_receive_buffer_size(None);
     config.max_concurrent_uni_streams(0u8.into());
+    // Without segmentation offload quinn builds one datagram per transmit:
+    // its per-connection transmit buffer stays one MTU (~1.5 KiB) instead of
+    // growing to ten MTUs (~23 KiB) and staying that size for the
+    // connection's life. Tether's traffic is a few small frames per report,
+    // heartbeat or command, never a bulk transfer that GSO would speed up.
+    config.enable_segmentation_offload(false);
+    config
+}
+
+/// Transport of the control plane's endpoint (agents, enrollment, branches):
+/// one per connected agent, so sized for 10,000 of them.
+fn server_transport_config() -> Arc<quinn::TransportConfig> {
+    let mut config = base_transport_config();
+    config.max_concurrent_bidi_streams(SERVER_MAX_CONCURRENT_BIDI_STREAMS.into());
+    config.receive_window(SERVER_RECEIVE_WINDOW.into());
     Arc::new(config)
+}
+
+/// Transport of a dialing endpoint (the agent, a branch dialing its peer):
+/// the peer may open up to quinn's default 100 streams at once (commands,
+/// health runs, relayed calls).
+fn client_transport_config() -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport_config())
 }
 
 /// A server endpoint. `reset_secret` keys QUIC stateless resets and the
@@ -66,7 +103,7 @@ pub fn server_endpoint(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
         .map_err(|e| TransportError::Crypto(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(transport_config());
+    server.transport_config(server_transport_config());
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
         reset_secret,
@@ -102,7 +139,7 @@ pub fn client_endpoint(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| TransportError::Crypto(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(transport_config());
+    client.transport_config(client_transport_config());
     let mut endpoint = quinn::Endpoint::client(bind)
         .map_err(|source| TransportError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(client);

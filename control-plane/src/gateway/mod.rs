@@ -21,6 +21,9 @@ pub mod session;
 /// How long a peer has to open its first stream and send its first frame.
 pub(crate) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Concurrent bidirectional streams a peer branch may open (quinn's default).
+const BRANCH_MAX_CONCURRENT_BIDI_STREAMS: u32 = 100;
+
 /// The first stream a peer opens and its first message. On failure (no
 /// stream, no valid frame, nothing in time) the connection is closed with
 /// `ProtocolViolation`, the reason logged with `who`, and `None` returned.
@@ -65,6 +68,11 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, cp: Arc<ControlPlane>) {
                 // Branches negotiate their own ALPN: their connections go to
                 // federation and can never become agent sessions.
                 if negotiated_alpn(&connection).as_deref() == Some(tether_protocol::BRANCH_ALPN) {
+                    // The endpoint allows agents few concurrent streams (see
+                    // tether_transport::SERVER_MAX_CONCURRENT_BIDI_STREAMS);
+                    // a peer branch runs many calls at once.
+                    connection
+                        .set_max_concurrent_bi_streams(BRANCH_MAX_CONCURRENT_BIDI_STREAMS.into());
                     let cert = peer_certificate(&connection);
                     return crate::federation::server::serve(connection, cert, cp).await;
                 }

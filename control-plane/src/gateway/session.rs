@@ -151,23 +151,30 @@ async fn run(
             heartbeat_interval_ms: millis(heartbeat_interval),
         },
     });
-    let reason = if let Err(e) = control.send(&welcome).await {
+    let sent = control.send(&welcome).await;
+    // What follows lasts as long as the session: keep only what it uses.
+    // The Hello (host facts), the stored server row and its facts would
+    // otherwise stay allocated for every connected agent.
+    drop(welcome);
+    drop(facts);
+    let reason = if let Err(e) = sent {
         format!("could not send Welcome: {e}")
     } else {
         tracing::info!(version, agent_version = %hello.agent_version, "session established");
+        drop(hello);
         if marked_online && server.status != ServerStatus::Online {
             crate::health::emit_state(&cp, &server_ref, "server.online", "online", None).await;
         }
         // The agent keeps pushed checks only for its process's life: push
         // them after every Welcome.
-        crate::health::spawn_push(cp.clone(), server.clone());
+        crate::health::spawn_push(cp.clone(), server);
         crate::commands::on_session_start(cp.clone(), server_id);
         let (expiry_tx, expiry_rx) = watch::channel(cert.not_after);
         let renewal = RenewalContext {
             cp: cp.clone(),
             server_id,
-            server: server_ref.clone(),
-            serial: cert.serial_hex.clone(),
+            server: server_ref,
+            serial: cert.serial_hex,
             expiry: expiry_tx,
         };
         drive(
