@@ -176,6 +176,29 @@ pub async fn run(args: BranchCommandsArgs) -> anyhow::Result<()> {
         )
     })
     .await?;
+    // One relayed call without the agent: B's health results read from A.
+    let mut calls = Vec::with_capacity(args.commands as usize);
+    for round in 0..(args.warmup + args.commands) {
+        let server_id = &ids[rand::random_range(0..ids.len())];
+        let t0 = Instant::now();
+        let response = http
+            .get(format!(
+                "{}/api/v1/branches/{branch_id}/servers/{server_id}/health",
+                a.api_url
+            ))
+            .bearer_auth(&a.admin_token)
+            .send()
+            .await?;
+        let status = response.status();
+        let _ = response.bytes().await?;
+        if status != reqwest::StatusCode::OK {
+            bail!("GET health on A: {status}");
+        }
+        if round >= args.warmup {
+            calls.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    calls.sort_by(f64::total_cmp);
     let heartbeats = fleet
         .counters
         .heartbeats
@@ -195,6 +218,11 @@ pub async fn run(args: BranchCommandsArgs) -> anyhow::Result<()> {
         ratio(99.0),
         percentile(&relayed.round_trips, 50.0) - percentile(&local.round_trips, 50.0),
         percentile(&relayed.round_trips, 99.0) - percentile(&local.round_trips, 99.0),
+    );
+    println!(
+        "one relayed call (GET /branches/{{b}}/servers/{{s}}/health on A, answered by B's store): p50 {:.2} ms  p99 {:.2} ms",
+        percentile(&calls, 50.0),
+        percentile(&calls, 99.0)
     );
     println!("heartbeats answered during the run: {heartbeats}");
     if local.failures + relayed.failures > 0 {

@@ -175,6 +175,132 @@ pub fn verify(
     Ok(data.claims)
 }
 
+/// Tokens this branch verified, by SHA-256 of their text, so a peer that
+/// reuses a token (see [`TokenCache`]) pays the signature check once. A hit
+/// still checks the token's expiry and that the key that signed it is one
+/// the peer publishes now and not past its `not_after`.
+#[derive(Default)]
+pub struct VerifiedTokens {
+    map: Mutex<std::collections::HashMap<[u8; 32], VerifiedToken>>,
+}
+
+struct VerifiedToken {
+    peer: Uuid,
+    kid: String,
+    x: String,
+    claims: BranchClaims,
+}
+
+/// Verified tokens remembered at most (expired ones are dropped first).
+const MAX_VERIFIED_TOKENS: usize = 4096;
+
+impl VerifiedTokens {
+    /// [`verify`], answered from memory for a token verified before.
+    pub fn verify(
+        &self,
+        token: &str,
+        keys: &[VerificationKey],
+        peer: Uuid,
+        own: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<BranchClaims, BranchTokenError> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let leeway = LEEWAY_SECONDS as i64;
+        let at = now.timestamp();
+        {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(hit) = map.get(&digest) {
+                let key_still_valid = keys.iter().any(|k| {
+                    k.kid == hit.kid && k.x == hit.x && k.not_after.is_none_or(|t| at <= t)
+                });
+                if hit.peer == peer && at <= hit.claims.exp + leeway && key_still_valid {
+                    return Ok(hit.claims.clone());
+                }
+            }
+        }
+        let claims = verify(token, keys, peer, own, now)?;
+        let kid = jsonwebtoken::decode_header(token).ok().and_then(|h| h.kid);
+        if let Some(key) = kid.and_then(|kid| keys.iter().find(|k| k.kid == kid)) {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= MAX_VERIFIED_TOKENS {
+                map.retain(|_, v| at <= v.claims.exp + leeway);
+                if map.len() >= MAX_VERIFIED_TOKENS {
+                    map.clear();
+                }
+            }
+            map.insert(
+                digest,
+                VerifiedToken {
+                    peer,
+                    kid: key.kid.clone(),
+                    x: key.x.clone(),
+                    claims: claims.clone(),
+                },
+            );
+        }
+        Ok(claims)
+    }
+}
+
+/// Tokens this branch signed for its peers, reused while at least
+/// [`TOKEN_REUSE_MARGIN`] of their life remains (a token is a bearer of the
+/// peering's grant inside the peering's mutual-TLS connection; reusing it
+/// saves a signature per call here and a verification per call there).
+#[derive(Default)]
+pub struct TokenCache {
+    map: Mutex<std::collections::HashMap<Uuid, CachedToken>>,
+}
+
+struct CachedToken {
+    token: String,
+    org: String,
+    scopes: Vec<String>,
+    exp: i64,
+}
+
+/// A cached token is used only while it has at least this long to live.
+pub const TOKEN_REUSE_MARGIN: Duration = Duration::from_secs(30);
+
+impl TokenCache {
+    /// A token for a call to `peer` acting in `org` with `scopes`: a cached
+    /// one, or a fresh one signed by `ring`.
+    pub async fn token_for(
+        &self,
+        ring: &KeyRing,
+        store: &dyn Store,
+        sealer: &Sealer,
+        own: Uuid,
+        peer: Uuid,
+        org: &str,
+        scopes: &[String],
+    ) -> Result<String, KeyError> {
+        let now = Utc::now().timestamp();
+        let margin = TOKEN_REUSE_MARGIN.as_secs() as i64;
+        {
+            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = map.get(&peer) {
+                if c.org == org && c.scopes == scopes && now + margin <= c.exp {
+                    return Ok(c.token.clone());
+                }
+            }
+        }
+        let claims = claims_for(own, peer, org, scopes);
+        let token = ring.sign(store, sealer, &claims).await?;
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(
+            peer,
+            CachedToken {
+                token: token.clone(),
+                org: org.to_string(),
+                scopes: scopes.to_vec(),
+                exp: claims.exp,
+            },
+        );
+        Ok(token)
+    }
+}
+
 /// Checks what a verified token may do: the organization of the peering,
 /// and `scope` both in the token and granted by the invite.
 pub fn authorize(
@@ -338,6 +464,36 @@ mod tests {
         let token = sign("k1", &key.pkcs8, &claims).unwrap();
         let verified = verify(&token, &published, peer, own, Utc::now()).unwrap();
         assert_eq!(verified.scopes, vec!["servers:read".to_string()]);
+    }
+
+    #[test]
+    fn a_remembered_token_is_refused_on_another_peering_or_once_its_key_is_withdrawn() {
+        let (key, mut published, peer, own) = setup();
+        // The peer's claims: issued by `peer` for `own`.
+        let claims = claims_for(peer, own, "org", &["servers:read".into()]);
+        let token = sign("k1", &key.pkcs8, &claims).unwrap();
+        let verified = VerifiedTokens::default();
+        let now = Utc::now();
+        assert!(verified.verify(&token, &published, peer, own, now).is_ok());
+        // Answered again from memory.
+        assert!(verified.verify(&token, &published, peer, own, now).is_ok());
+        // Presented on another peering.
+        assert_eq!(
+            verified
+                .verify(&token, &published, Uuid::now_v7(), own, now)
+                .unwrap_err(),
+            BranchTokenError::WrongParty
+        );
+        // Its key is no longer published.
+        let other = generate_key().unwrap();
+        published[0].x = other.x;
+        published[0].y = other.y;
+        assert_eq!(
+            verified
+                .verify(&token, &published, peer, own, now)
+                .unwrap_err(),
+            BranchTokenError::BadSignature
+        );
     }
 
     #[test]

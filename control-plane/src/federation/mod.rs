@@ -83,6 +83,10 @@ pub enum FederationError {
 #[derive(Default)]
 pub struct Federation {
     pub keys: keys::KeyRing,
+    /// Tokens signed for peers, reused while fresh.
+    pub tokens: keys::TokenCache,
+    /// Peers' tokens already verified.
+    pub verified: keys::VerifiedTokens,
     /// Peer id -> (client endpoint, live connection).
     connections: Mutex<HashMap<Uuid, (quinn::Endpoint, quinn::Connection)>>,
     /// Peers with a heartbeat round in flight.
@@ -190,16 +194,18 @@ pub async fn call(
 ) -> Result<BranchResponse, FederationError> {
     let exchange = async {
         let connection = connection(cp, peer).await?;
-        let claims = keys::claims_for(
-            cp.instance.branch_id,
-            peer.id,
-            &peer.remote_organization_id,
-            &peer.remote_scopes,
-        );
         let token = cp
             .federation
-            .keys
-            .sign(&*cp.store, &cp.sealer, &claims)
+            .tokens
+            .token_for(
+                &cp.federation.keys,
+                &*cp.store,
+                &cp.sealer,
+                cp.instance.branch_id,
+                peer.id,
+                &peer.remote_organization_id,
+                &peer.remote_scopes,
+            )
             .await?;
         let answer = async {
             let mut stream = BranchClientStream::open(&connection).await?;

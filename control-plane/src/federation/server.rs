@@ -373,7 +373,7 @@ async fn answer_call(
             );
         }
     };
-    let claims = match keys::verify(
+    let claims = match cp.federation.verified.verify(
         &token,
         &peer.peer_keys,
         peer.id,
