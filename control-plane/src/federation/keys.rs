@@ -263,37 +263,35 @@ struct CachedToken {
 pub const TOKEN_REUSE_MARGIN: Duration = Duration::from_secs(30);
 
 impl TokenCache {
-    /// A token for a call to `peer` acting in `org` with `scopes`: a cached
-    /// one, or a fresh one signed by `ring`.
+    /// A token for a call to `peer` with `claims` (made by [`claims_for`]):
+    /// a cached one for the same organization and scopes, or `claims`
+    /// signed by `ring`.
     pub async fn token_for(
         &self,
         ring: &KeyRing,
         store: &dyn Store,
         sealer: &Sealer,
-        own: Uuid,
         peer: Uuid,
-        org: &str,
-        scopes: &[String],
+        claims: BranchClaims,
     ) -> Result<String, KeyError> {
         let now = Utc::now().timestamp();
         let margin = TOKEN_REUSE_MARGIN.as_secs() as i64;
         {
             let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = map.get(&peer) {
-                if c.org == org && c.scopes == scopes && now + margin <= c.exp {
+                if c.org == claims.org && c.scopes == claims.scopes && now + margin <= c.exp {
                     return Ok(c.token.clone());
                 }
             }
         }
-        let claims = claims_for(own, peer, org, scopes);
         let token = ring.sign(store, sealer, &claims).await?;
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(
             peer,
             CachedToken {
                 token: token.clone(),
-                org: org.to_string(),
-                scopes: scopes.to_vec(),
+                org: claims.org,
+                scopes: claims.scopes,
                 exp: claims.exp,
             },
         );

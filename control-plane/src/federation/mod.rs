@@ -201,10 +201,13 @@ pub async fn call(
                 &cp.federation.keys,
                 &*cp.store,
                 &cp.sealer,
-                cp.instance.branch_id,
                 peer.id,
-                &peer.remote_organization_id,
-                &peer.remote_scopes,
+                keys::claims_for(
+                    cp.instance.branch_id,
+                    peer.id,
+                    &peer.remote_organization_id,
+                    &peer.remote_scopes,
+                ),
             )
             .await?;
         let answer = async {
