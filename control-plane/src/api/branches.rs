@@ -326,6 +326,18 @@ async fn reachable_peer(
     Ok(peer)
 }
 
+/// One call to a peer on behalf of an API request: answered within
+/// [`crate::federation::RELAY_TIMEOUT`] or 503 `branch_unreachable`.
+async fn relay_call(
+    cp: &ControlPlane,
+    peer: &BranchPeer,
+    call: BranchCall,
+) -> Result<BranchResponse, ApiError> {
+    crate::federation::call(cp, peer, call, crate::federation::RELAY_TIMEOUT)
+        .await
+        .map_err(federation_error)
+}
+
 /// One peer branch. Needs `servers:read`.
 #[utoipa::path(
     get,
@@ -484,9 +496,7 @@ pub async fn relay_command(
         stdin: body.stdin.map(String::into_bytes),
         timeout_seconds,
     });
-    let answer = crate::federation::call(&cp, &peer, call, crate::federation::RELAY_TIMEOUT)
-        .await
-        .map_err(federation_error)?;
+    let answer = relay_call(&cp, &peer, call).await?;
     let BranchResponse::CommandAccepted { command_id } = answer else {
         return Err(ApiError::internal(
             "the peer answered a relayed command out of protocol",
@@ -577,9 +587,7 @@ pub async fn server_health(
     let call = BranchCall::ServerHealth {
         server_id: server_id.to_string(),
     };
-    let answer = crate::federation::call(&cp, &peer, call, crate::federation::RELAY_TIMEOUT)
-        .await
-        .map_err(federation_error)?;
+    let answer = relay_call(&cp, &peer, call).await?;
     let BranchResponse::ServerHealth(health) = answer else {
         return Err(ApiError::internal(
             "the peer answered a health request out of protocol",
@@ -642,9 +650,7 @@ pub async fn run_server_health(
     let call = BranchCall::RunHealthChecks {
         server_id: server_id.to_string(),
     };
-    let answer = crate::federation::call(&cp, &peer, call, crate::federation::RELAY_TIMEOUT)
-        .await
-        .map_err(federation_error)?;
+    let answer = relay_call(&cp, &peer, call).await?;
     let BranchResponse::HealthRunAccepted { requested_at_ms } = answer else {
         return Err(ApiError::internal(
             "the peer answered a health run out of protocol",
