@@ -17,13 +17,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use tether_certs::CaFingerprint;
-use tether_protocol::{AgentMessage, CommandOutcome, CommandStatus, ControlMessage, OutputStream};
-use tether_transport::AgentStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::control_plane::{self, ControlPlane};
 use crate::fleet::{
-    connect_one, enroll_one, heartbeat_loop, quinn_client_config, Counters, Database,
+    answer_control_plane, connect_one, enroll_one, heartbeat_loop, quinn_client_config, Counters,
+    Database,
 };
 
 /// `tether-bench commands`.
@@ -52,45 +51,6 @@ pub struct CommandsArgs {
     /// Work directory [default: /var/tmp/tether-bench].
     #[arg(long, default_value = "/var/tmp/tether-bench")]
     pub work_dir: PathBuf,
-}
-
-/// Answers every command stream the control plane opens, at once.
-async fn answer_commands(connection: quinn::Connection, stop: CancellationToken) {
-    loop {
-        let (send, recv) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = connection.accept_bi() => match accepted {
-                Ok(pair) => pair,
-                Err(_) => return,
-            },
-        };
-        tokio::spawn(async move {
-            let mut stream = AgentStream::new(send, recv);
-            let Ok(Some(ControlMessage::RunCommand(_))) = stream.recv().await else {
-                return;
-            };
-            for message in [
-                AgentMessage::CommandStarted { pid: 1 },
-                AgentMessage::CommandOutput {
-                    stream: OutputStream::Stdout,
-                    data: b"ok\n".to_vec(),
-                },
-                AgentMessage::CommandFinished(CommandOutcome {
-                    status: CommandStatus::Exited { code: 0 },
-                    output_truncated: false,
-                    output_bytes: 3,
-                    duration_ms: 0,
-                }),
-            ] {
-                if stream.send(&message).await.is_err() {
-                    return;
-                }
-            }
-            let _ = stream.finish();
-            // Let the control plane read to the end before the stream drops.
-            let _ = stream.recv().await;
-        });
-    }
 }
 
 /// Simulated agents enrolled at a control plane, each with a session that
@@ -175,7 +135,7 @@ impl AnsweringFleet {
                         counters,
                         stop.clone(),
                     ));
-                    tokio::spawn(answer_commands(connection, stop));
+                    tokio::spawn(answer_control_plane(connection, stop));
                     Ok::<_, anyhow::Error>(server_id)
                 }
             })

@@ -20,7 +20,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tether_certs::{AgentKey, CaFingerprint};
 use tether_protocol::{
-    AgentMessage, ControlMessage, EnrollRequest, Heartbeat, Hello, HostFacts, MAX_FRAME_LEN,
+    AgentMessage, CommandOutcome, CommandStatus, ControlMessage, EnrollRequest,
+    HealthChecksConfigured, Heartbeat, Hello, HostFacts, OutputStream, MAX_FRAME_LEN,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tether_transport::AgentStream;
@@ -312,6 +313,55 @@ pub(crate) async fn connect_one(
             Ok((connection, control, welcome.server_id, heartbeat))
         }
         other => bail!("unexpected answer to Hello: {other:?}"),
+    }
+}
+
+/// Answers every stream the control plane opens, at once, as a real agent
+/// would: a `RunCommand` with a command that printed `ok` and exited 0, a
+/// `ConfigureHealthChecks` with every check active (the control plane pushes
+/// the checks after each `Welcome` and re-pushes until an agent answered).
+pub(crate) async fn answer_control_plane(connection: quinn::Connection, stop: CancellationToken) {
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = connection.accept_bi() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => return,
+            },
+        };
+        tokio::spawn(async move {
+            let mut stream = AgentStream::new(send, recv);
+            let answers = match stream.recv().await {
+                Ok(Some(ControlMessage::RunCommand(_))) => vec![
+                    AgentMessage::CommandStarted { pid: 1 },
+                    AgentMessage::CommandOutput {
+                        stream: OutputStream::Stdout,
+                        data: b"ok\n".to_vec(),
+                    },
+                    AgentMessage::CommandFinished(CommandOutcome {
+                        status: CommandStatus::Exited { code: 0 },
+                        output_truncated: false,
+                        output_bytes: 3,
+                        duration_ms: 0,
+                    }),
+                ],
+                Ok(Some(ControlMessage::ConfigureHealthChecks(specs))) => {
+                    vec![AgentMessage::HealthChecksConfigured(HealthChecksConfigured {
+                        active: specs.into_iter().map(|spec| spec.id).collect(),
+                        rejected: Vec::new(),
+                    })]
+                }
+                _ => return,
+            };
+            for message in answers {
+                if stream.send(&message).await.is_err() {
+                    return;
+                }
+            }
+            let _ = stream.finish();
+            // Let the control plane read to the end before the stream drops.
+            let _ = stream.recv().await;
+        });
     }
 }
 
@@ -671,6 +721,7 @@ async fn run_with(
             // Heartbeat from the start, as a real agent does: a session
             // phase longer than --offline-after (10,000 agents on a busy
             // machine) must not cost the first agents their sessions.
+            tokio::spawn(answer_control_plane(c.clone(), stop.clone()));
             let heartbeat = tokio::spawn(heartbeat_loop(s, hb, i as u32, counters, stop));
             Ok((i as u32, c, id, heartbeat))
         }

@@ -115,18 +115,18 @@ pub async fn checks_for(cp: &ControlPlane, server: &Server) -> StoreResult<Vec<H
     Ok(checks)
 }
 
-/// One lock per server, so pushes to it go out in order (the last push
-/// carries the latest set).
-static PUSH_LOCKS: LazyLock<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>> =
-    LazyLock::new(Default::default);
+/// Pushes in flight, by server. At most one task pushes to a server at a
+/// time, so pushes go out in order; a push asked for while one runs is kept
+/// here (with the newest server row; later asks replace it) and made when the
+/// running one ends. Queuing instead let a server whose agent does not answer
+/// (each push then waits [`AGENT_ANSWER_TIMEOUT`]) gather one more waiting
+/// task every [`RECONCILE_INTERVAL`], for as long as its session lasted.
+static PUSHES: LazyLock<Mutex<HashMap<Uuid, Option<Server>>>> = LazyLock::new(Default::default);
 
-fn push_lock(server_id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
-    PUSH_LOCKS
+fn pushes() -> std::sync::MutexGuard<'static, HashMap<Uuid, Option<Server>>> {
+    PUSHES
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .entry(server_id)
-        .or_default()
-        .clone()
 }
 
 /// Fingerprint of the set of checks last pushed to each server connected
@@ -149,9 +149,7 @@ fn fingerprint(specs: &[HealthCheckSpec]) -> u64 {
 /// Sends the server its whole set of checks (`ConfigureHealthChecks`) over
 /// its session on this replica and logs what the agent refused.
 pub async fn push_checks(cp: &ControlPlane, server: &Server) -> Result<(), HealthError> {
-    let lock = push_lock(server.id);
-    let _guard = lock.lock().await;
-    let outcome = push_locked(cp, server).await;
+    let outcome = push(cp, server).await;
     match &outcome {
         Ok(fingerprint) => {
             last_pushed().insert(server.id, *fingerprint);
@@ -163,7 +161,7 @@ pub async fn push_checks(cp: &ControlPlane, server: &Server) -> Result<(), Healt
     outcome.map(|_| ())
 }
 
-async fn push_locked(cp: &ControlPlane, server: &Server) -> Result<u64, HealthError> {
+async fn push(cp: &ControlPlane, server: &Server) -> Result<u64, HealthError> {
     let connection = cp
         .sessions
         .connection(server.id)
@@ -230,13 +228,34 @@ async fn push_locked(cp: &ControlPlane, server: &Server) -> Result<u64, HealthEr
     }
 }
 
-/// Pushes the checks in the background (session start, check changes).
+/// Pushes the checks in the background (session start, check changes,
+/// reconciliation). While a push to the server runs, only remembers that
+/// another is due (see [`PUSHES`]).
 pub fn spawn_push(cp: Arc<ControlPlane>, server: Server) {
+    {
+        let mut pushes = pushes();
+        if let Some(due) = pushes.get_mut(&server.id) {
+            *due = Some(server);
+            return;
+        }
+        pushes.insert(server.id, None);
+    }
     let span = tracing::info_span!("health_push", server_id = %server.id);
     tokio::spawn(
         async move {
-            if let Err(e) = push_checks(&cp, &server).await {
-                tracing::warn!(error = %e, "could not push health checks");
+            let mut server = server;
+            loop {
+                if let Err(e) = push_checks(&cp, &server).await {
+                    tracing::warn!(error = %e, "could not push health checks");
+                }
+                let mut pushes = pushes();
+                match pushes.get_mut(&server.id).and_then(Option::take) {
+                    Some(due) => server = due,
+                    None => {
+                        pushes.remove(&server.id);
+                        return;
+                    }
+                }
             }
         }
         .instrument(span),

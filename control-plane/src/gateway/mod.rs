@@ -74,11 +74,14 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, cp: Arc<ControlPlane>) {
                     connection
                         .set_max_concurrent_bi_streams(BRANCH_MAX_CONCURRENT_BIDI_STREAMS.into());
                     let cert = peer_certificate(&connection);
-                    return crate::federation::server::serve(connection, cert, cp).await;
+                    return Box::pin(crate::federation::server::serve(connection, cert, cp)).await;
                 }
+                // Each kind's future is boxed: this task's own state is then
+                // only as large as the handshake's, not as the largest of the
+                // three, for every connection an agent holds open.
                 match peer_certificate(&connection) {
-                    None => enrollment::serve(connection, cp).await,
-                    Some(cert) => session::serve(connection, cert, cp).await,
+                    None => Box::pin(enrollment::serve(connection, cp)).await,
+                    Some(cert) => Box::pin(session::serve(connection, cert, cp)).await,
                 }
             }
             .instrument(tracing::info_span!("connection", %remote)),

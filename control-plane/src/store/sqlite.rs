@@ -5,6 +5,7 @@
 //! database's write lock up front (no read-to-write upgrade deadlocks).
 //! Ids are stored as UUID text, times as unix milliseconds, JSON as text.
 
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -968,7 +969,9 @@ impl Store for SqliteStore {
     async fn ingest_metrics(&self, ingest: &MetricsIngest) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         let received_at = ms(ingest.received_at);
-        // 18 binds per row; SQLite allows 32766 binds per statement.
+        // 18 binds per row; SQLite allows 32766 binds per statement. The
+        // statement's text depends on the number of rows, so it is not kept
+        // in the connection's statement cache (each would hold ~50 KB).
         for chunk in ingest.metrics.chunks(1000) {
             let mut builder = QueryBuilder::new(
                 "INSERT INTO metrics (server_id, seq, ts, received_at, cpu_percent, load_1, load_5, load_15,
@@ -996,59 +999,9 @@ impl Store for SqliteStore {
                     .push_bind(m.dropped_batches);
             });
             builder.push(" ON CONFLICT (server_id, seq) DO NOTHING");
-            builder.build().execute(&mut *tx).await?;
+            builder.build().persistent(false).execute(&mut *tx).await?;
         }
-        for set in &ingest.containers {
-            let newer = sqlx::query(
-                "INSERT INTO container_reports (server_id, seq, docker_version, error, updated_at)
-                 VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT (server_id) DO UPDATE SET seq = excluded.seq, docker_version = excluded.docker_version,
-                     error = excluded.error, updated_at = excluded.updated_at
-                 WHERE excluded.seq > container_reports.seq",
-            )
-            .bind(set.server_id.to_string())
-            .bind(set.seq)
-            .bind(&set.docker_version)
-            .bind(&set.error)
-            .bind(ms(set.updated_at))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !newer {
-                continue;
-            }
-            sqlx::query("DELETE FROM containers WHERE server_id = ?")
-                .bind(set.server_id.to_string())
-                .execute(&mut *tx)
-                .await?;
-            for chunk in set.containers.chunks(1000) {
-                let mut builder = QueryBuilder::new(
-                    "INSERT INTO containers (server_id, container_id, name, image, state, health, restart_count,
-                     started_at, cpu_percent, memory_usage_bytes, memory_limit_bytes, net_rx_bytes, net_tx_bytes,
-                     block_read_bytes, block_write_bytes) ",
-                );
-                builder.push_values(chunk, |mut row, c| {
-                    row.push_bind(set.server_id.to_string())
-                        .push_bind(c.container_id.clone())
-                        .push_bind(c.name.clone())
-                        .push_bind(c.image.clone())
-                        .push_bind(c.state.clone())
-                        .push_bind(c.health.clone())
-                        .push_bind(c.restart_count)
-                        .push_bind(c.started_at.clone())
-                        .push_bind(c.cpu_percent)
-                        .push_bind(c.memory_usage_bytes)
-                        .push_bind(c.memory_limit_bytes)
-                        .push_bind(c.net_rx_bytes)
-                        .push_bind(c.net_tx_bytes)
-                        .push_bind(c.block_read_bytes)
-                        .push_bind(c.block_write_bytes);
-                });
-                builder.push(" ON CONFLICT (server_id, container_id) DO NOTHING");
-                builder.build().execute(&mut *tx).await?;
-            }
-        }
+        replace_container_sets(&mut tx, &ingest.containers).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1769,4 +1722,100 @@ impl SqliteStore {
         }
         Ok(sets)
     }
+}
+
+/// Replaces the latest container set of every server in `sets` whose set is
+/// newer than the stored one, in three set-based statements whatever the
+/// number of servers: upsert the reports (`RETURNING` the servers whose
+/// report was replaced), delete those servers' containers, insert the new
+/// ones. Of several sets for one server only the highest `seq` (the first
+/// of equals) can win, as if they were applied one after another.
+async fn replace_container_sets(
+    conn: &mut sqlx::SqliteConnection,
+    sets: &[ContainerSet],
+) -> StoreResult<()> {
+    let mut newest: HashMap<Uuid, &ContainerSet> = HashMap::with_capacity(sets.len());
+    for set in sets {
+        let entry = newest.entry(set.server_id).or_insert(set);
+        if set.seq > entry.seq {
+            *entry = set;
+        }
+    }
+    let candidates: Vec<&ContainerSet> = newest.into_values().collect();
+    let mut replaced: Vec<&ContainerSet> = Vec::with_capacity(candidates.len());
+    // 5 binds per row; SQLite allows 32766 binds per statement.
+    for chunk in candidates.chunks(1000) {
+        let mut builder = QueryBuilder::new(
+            "INSERT INTO container_reports (server_id, seq, docker_version, error, updated_at) ",
+        );
+        builder.push_values(chunk, |mut row, set| {
+            row.push_bind(set.server_id.to_string())
+                .push_bind(set.seq)
+                .push_bind(&set.docker_version)
+                .push_bind(&set.error)
+                .push_bind(ms(set.updated_at));
+        });
+        builder.push(
+            " ON CONFLICT (server_id) DO UPDATE SET seq = excluded.seq, docker_version = excluded.docker_version,
+                 error = excluded.error, updated_at = excluded.updated_at
+             WHERE excluded.seq > container_reports.seq
+             RETURNING server_id",
+        );
+        let accepted: HashSet<String> = builder
+            .build_query_scalar::<String>()
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+        replaced.extend(
+            chunk
+                .iter()
+                .filter(|set| accepted.contains(&set.server_id.to_string())),
+        );
+    }
+    for chunk in replaced.chunks(1000) {
+        let mut builder = QueryBuilder::new("DELETE FROM containers WHERE server_id IN (");
+        let mut ids = builder.separated(", ");
+        for set in chunk {
+            ids.push_bind(set.server_id.to_string());
+        }
+        builder.push(")");
+        builder.build().persistent(false).execute(&mut *conn).await?;
+    }
+    let rows: Vec<(String, &ContainerRecord)> = replaced
+        .iter()
+        .flat_map(|set| {
+            let server_id = set.server_id.to_string();
+            set.containers.iter().map(move |c| (server_id.clone(), c))
+        })
+        .collect();
+    // 15 binds per row.
+    for chunk in rows.chunks(1000) {
+        let mut builder = QueryBuilder::new(
+            "INSERT INTO containers (server_id, container_id, name, image, state, health, restart_count,
+             started_at, cpu_percent, memory_usage_bytes, memory_limit_bytes, net_rx_bytes, net_tx_bytes,
+             block_read_bytes, block_write_bytes) ",
+        );
+        builder.push_values(chunk, |mut row, (server_id, c)| {
+            row.push_bind(server_id)
+                .push_bind(&c.container_id)
+                .push_bind(&c.name)
+                .push_bind(&c.image)
+                .push_bind(&c.state)
+                .push_bind(&c.health)
+                .push_bind(c.restart_count)
+                .push_bind(&c.started_at)
+                .push_bind(c.cpu_percent)
+                .push_bind(c.memory_usage_bytes)
+                .push_bind(c.memory_limit_bytes)
+                .push_bind(c.net_rx_bytes)
+                .push_bind(c.net_tx_bytes)
+                .push_bind(c.block_read_bytes)
+                .push_bind(c.block_write_bytes);
+        });
+        builder.push(" ON CONFLICT (server_id, container_id) DO NOTHING");
+        builder.build().persistent(false).execute(&mut *conn).await?;
+    }
+    Ok(())
 }
