@@ -969,10 +969,7 @@ impl Store for SqliteStore {
     async fn ingest_metrics(&self, ingest: &MetricsIngest) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         let received_at = ms(ingest.received_at);
-        // 18 binds per row; SQLite allows 32766 binds per statement. The
-        // statement's text depends on the number of rows, so it is not kept
-        // in the connection's statement cache (each would hold ~50 KB).
-        for chunk in ingest.metrics.chunks(1000) {
+        for chunk in ingest.metrics.chunks(ROWS_PER_STATEMENT) {
             let mut builder = QueryBuilder::new(
                 "INSERT INTO metrics (server_id, seq, ts, received_at, cpu_percent, load_1, load_5, load_15,
                  memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core,
@@ -999,7 +996,11 @@ impl Store for SqliteStore {
                     .push_bind(m.dropped_batches);
             });
             builder.push(" ON CONFLICT (server_id, seq) DO NOTHING");
-            builder.build().persistent(false).execute(&mut *tx).await?;
+            builder
+                .build()
+                .persistent(cacheable(chunk))
+                .execute(&mut *tx)
+                .await?;
         }
         replace_container_sets(&mut tx, &ingest.containers).await?;
         tx.commit().await?;
@@ -1730,6 +1731,17 @@ impl SqliteStore {
 /// report was replaced), delete those servers' containers, insert the new
 /// ones. Of several sets for one server only the highest `seq` (the first
 /// of equals) can win, as if they were applied one after another.
+/// Rows per multi-row statement of the metrics writes (at most 18 binds per
+/// row: well under SQLite's 32,766). Full chunks always have the same text,
+/// so their prepared statement is cached and reused; only the last, shorter
+/// chunk of a transaction is prepared for one use and not cached (a cache
+/// of every row count would hold ~50 KB per statement).
+const ROWS_PER_STATEMENT: usize = 64;
+
+fn cacheable<T>(chunk: &[T]) -> bool {
+    chunk.len() == ROWS_PER_STATEMENT
+}
+
 async fn replace_container_sets(
     conn: &mut sqlx::SqliteConnection,
     sets: &[ContainerSet],
@@ -1743,8 +1755,7 @@ async fn replace_container_sets(
     }
     let candidates: Vec<&ContainerSet> = newest.into_values().collect();
     let mut replaced: Vec<&ContainerSet> = Vec::with_capacity(candidates.len());
-    // 5 binds per row; SQLite allows 32766 binds per statement.
-    for chunk in candidates.chunks(1000) {
+    for chunk in candidates.chunks(ROWS_PER_STATEMENT) {
         let mut builder = QueryBuilder::new(
             "INSERT INTO container_reports (server_id, seq, docker_version, error, updated_at) ",
         );
@@ -1763,7 +1774,7 @@ async fn replace_container_sets(
         );
         let accepted: HashSet<String> = builder
             .build_query_scalar::<String>()
-            .persistent(false)
+            .persistent(cacheable(chunk))
             .fetch_all(&mut *conn)
             .await?
             .into_iter()
@@ -1774,14 +1785,18 @@ async fn replace_container_sets(
                 .filter(|set| accepted.contains(&set.server_id.to_string())),
         );
     }
-    for chunk in replaced.chunks(1000) {
+    for chunk in replaced.chunks(ROWS_PER_STATEMENT) {
         let mut builder = QueryBuilder::new("DELETE FROM containers WHERE server_id IN (");
         let mut ids = builder.separated(", ");
         for set in chunk {
             ids.push_bind(set.server_id.to_string());
         }
         builder.push(")");
-        builder.build().persistent(false).execute(&mut *conn).await?;
+        builder
+            .build()
+            .persistent(cacheable(chunk))
+            .execute(&mut *conn)
+            .await?;
     }
     let rows: Vec<(String, &ContainerRecord)> = replaced
         .iter()
@@ -1790,8 +1805,7 @@ async fn replace_container_sets(
             set.containers.iter().map(move |c| (server_id.clone(), c))
         })
         .collect();
-    // 15 binds per row.
-    for chunk in rows.chunks(1000) {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
         let mut builder = QueryBuilder::new(
             "INSERT INTO containers (server_id, container_id, name, image, state, health, restart_count,
              started_at, cpu_percent, memory_usage_bytes, memory_limit_bytes, net_rx_bytes, net_tx_bytes,
@@ -1815,7 +1829,11 @@ async fn replace_container_sets(
                 .push_bind(c.block_write_bytes);
         });
         builder.push(" ON CONFLICT (server_id, container_id) DO NOTHING");
-        builder.build().persistent(false).execute(&mut *conn).await?;
+        builder
+            .build()
+            .persistent(cacheable(chunk))
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }
