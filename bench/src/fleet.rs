@@ -346,10 +346,12 @@ pub(crate) async fn answer_control_plane(connection: quinn::Connection, stop: Ca
                     }),
                 ],
                 Ok(Some(ControlMessage::ConfigureHealthChecks(specs))) => {
-                    vec![AgentMessage::HealthChecksConfigured(HealthChecksConfigured {
-                        active: specs.into_iter().map(|spec| spec.id).collect(),
-                        rejected: Vec::new(),
-                    })]
+                    vec![AgentMessage::HealthChecksConfigured(
+                        HealthChecksConfigured {
+                            active: specs.into_iter().map(|spec| spec.id).collect(),
+                            rejected: Vec::new(),
+                        },
+                    )]
                 }
                 _ => return,
             };
