@@ -21,11 +21,20 @@
 #   AGENT_TARGET (default: the host's *-linux-gnu triple).
 #
 # Name resolution in the static binary: glibc >= 2.34 has the `files` and
-# `dns` NSS modules inside libc, so host names from /etc/hosts and DNS work
-# as before; other modules named in /etc/nsswitch.conf (resolve, myhostname,
-# mdns, sss, ...) are skipped by a static binary; see docs/performance.md §5.
+# `dns` NSS modules inside libc, so /etc/hosts and DNS work as before. Any
+# other module on the `hosts:` line of /etc/nsswitch.conf (myhostname,
+# resolve, mdns4_minimal, sss, ...) is dlopen'ed with the host's libc.so.6,
+# which glibc supports only when the host runs the glibc the agent was linked
+# with: on such hosts give the control plane as an IP literal or ship the
+# dynamic release build. See docs/performance.md §5.
 set -euo pipefail
 
+install_dir=""
+if [ $# -ge 1 ]; then
+    mkdir -p "$1"
+    install_dir="$(cd "$1" && pwd)"
+fi
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then CARGO_TARGET_DIR="$(realpath -m "$CARGO_TARGET_DIR")"; fi
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tether-target}"
 host="$(rustc -vV | sed -n 's/^host: //p')"
@@ -44,14 +53,13 @@ if readelf -lW "$bin" | grep -q 'INTERP'; then
     exit 1
 fi
 
-if [ $# -ge 1 ]; then
+if [ -n "$install_dir" ]; then
     case "${target%%-*}" in
         x86_64) arch=amd64 ;;
         aarch64) arch=arm64 ;;
         *) arch="${target%%-*}" ;;
     esac
-    mkdir -p "$1"
-    install -m 0755 "$bin" "$1/tether-agent-linux-$arch"
-    echo "build-agent.sh: installed as $1/tether-agent-linux-$arch" >&2
+    install -m 0755 "$bin" "$install_dir/tether-agent-linux-$arch"
+    echo "build-agent.sh: installed as $install_dir/tether-agent-linux-$arch" >&2
 fi
 echo "$bin"
