@@ -3,8 +3,9 @@
 #   - the fleet simulator on SQLite and PostgreSQL at 1,000 and 10,000 agents,
 #     each with its HTTP+JSON baseline in the same run;
 #   - the store alone (Store::ingest_metrics) on each database;
-#   - the footprint bench: tether-agent as shipped (profile agent-release) and
-#     as a plain release build, next to prometheus-node-exporter;
+#   - the footprint bench: tether-agent as shipped (scripts/build-agent.sh:
+#     profile agent-release, static glibc) and as a plain release build, next
+#     to prometheus-node-exporter;
 # and prints one summary table per run. Results land in $RESULTS (JSON) and
 # the logs of every process under $WORK.
 #
@@ -42,8 +43,9 @@ say() { echo "run.sh: $*" >&2; }
 
 say "building release binaries (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 cargo build --release --bins -p tether-control-plane -p tether-agent -p tether-bench
-# The agent as shipped to servers (size-optimised profile, see Cargo.toml).
-cargo build --profile agent-release -p tether-agent
+# The agent as shipped to servers (size-optimised profile, static glibc; see
+# scripts/build-agent.sh). Its path is the last line the script prints.
+SHIPPED_AGENT="$(scripts/build-agent.sh | tail -n 1)"
 BENCH="$CARGO_TARGET_DIR/release/tether-bench"
 export TETHER_BENCH_BIN_DIR="$CARGO_TARGET_DIR/release"
 
@@ -104,7 +106,7 @@ if [ "$FOOTPRINT" = "1" ]; then
     fi
     out="$RESULTS/footprint.json"
     if "$BENCH" footprint --window "$FOOTPRINT_WINDOW" --work-dir "$WORK" --json-out "$out" \
-        --agent-binary "agent-release=$CARGO_TARGET_DIR/agent-release/tether-agent" \
+        --agent-binary "agent-release=$SHIPPED_AGENT" \
         --agent-binary "release=$CARGO_TARGET_DIR/release/tether-agent" 2>&1 \
         | tee "$RESULTS/footprint.log"; then
         files+=("$out")

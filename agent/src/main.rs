@@ -71,6 +71,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    run_without_thread_cache();
     limit_heap_retention();
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -81,6 +82,56 @@ fn main() -> ExitCode {
             eprintln!("cannot start the async runtime: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The glibc tunables `tether-agent run` runs under: no per-thread cache
+/// of freed blocks. The cache keeps up to 7 freed blocks of each size up to
+/// 1 KiB out of the allocator's reach, and the pages they sit on resident:
+/// ~240 KiB of an idle agent's RSS (docs/performance.md §5). An idle agent
+/// allocates a few thousand blocks per report, so the cache buys nothing.
+const MALLOC_TUNABLES: &str = "glibc.malloc.tcache_count=0";
+/// Set in the environment of the re-executed agent, removed at once.
+const TUNED_MARKER: &str = "TETHER_AGENT_MALLOC_TUNED";
+
+/// glibc reads its tunables from `GLIBC_TUNABLES` when the process starts,
+/// and `mallopt` has no knob for the thread cache, so `run` re-executes
+/// itself once (same pid, same arguments) with [`MALLOC_TUNABLES`]. The
+/// re-executed agent removes both variables again, so the commands and
+/// checks it starts see the environment the agent was started with. An
+/// operator's own `GLIBC_TUNABLES` is left alone (no re-exec), and if the
+/// re-exec fails the agent carries on with glibc's defaults.
+fn run_without_thread_cache() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        if std::env::var_os(TUNED_MARKER).is_some() {
+            // Single-threaded still: nothing reads the environment concurrently.
+            std::env::remove_var(TUNED_MARKER);
+            std::env::remove_var("GLIBC_TUNABLES");
+            return;
+        }
+        let mut args = std::env::args_os();
+        let argv0 = args.next();
+        let rest: Vec<std::ffi::OsString> = args.collect();
+        if rest.first().is_none_or(|command| command != "run")
+            || std::env::var_os("GLIBC_TUNABLES").is_some()
+        {
+            return;
+        }
+        let mut command = std::process::Command::new("/proc/self/exe");
+        if let Some(argv0) = argv0 {
+            command.arg0(argv0);
+        }
+        // `exec` only returns when it failed.
+        let err = command
+            .args(rest)
+            .env("GLIBC_TUNABLES", MALLOC_TUNABLES)
+            .env(TUNED_MARKER, "1")
+            .exec();
+        eprintln!(
+            "tether-agent: running with glibc's default allocator settings (re-exec failed: {err})"
+        );
     }
 }
 
@@ -97,6 +148,23 @@ fn limit_heap_retention() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+        // One heap for every thread: the runtime is single-threaded, only
+        // the blocking pool's threads (file and Docker-socket work) would
+        // otherwise each get an arena of their own whose free pages stay.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// How often a running agent hands its heap's free pages back to the kernel
+/// besides after each report ([`tether_agent::release_free_heap`]).
+const HEAP_TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn trim_heap_periodically() {
+    let mut tick = tokio::time::interval(HEAP_TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        tether_agent::release_free_heap();
     }
 }
 
@@ -110,6 +178,7 @@ async fn async_main() -> ExitCode {
         }
         Command::Run(args) => {
             init_logging("info");
+            tokio::spawn(trim_heap_periodically());
             run_command(args).await
         }
         Command::Check(args) => {

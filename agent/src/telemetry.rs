@@ -345,6 +345,10 @@ pub async fn deliver(outbox: &Outbox, connection: &quinn::Connection) -> Infalli
                         outbox.spool().ack(seq);
                         pause = RETRY_MIN;
                         tracing::debug!(seq, "metrics batch acknowledged");
+                        if in_flight.is_empty() {
+                            // The report's buffers are free now.
+                            crate::release_free_heap();
+                        }
                     }
                     Err(err) => {
                         let at = failed(seq, &err, &mut pause);
