@@ -115,15 +115,60 @@ pub async fn checks_for(cp: &ControlPlane, server: &Server) -> StoreResult<Vec<H
     Ok(checks)
 }
 
-/// Pushes in flight, by server. At most one task pushes to a server at a
+/// Pushes in flight, by key (a server). At most one push per key runs at a
 /// time, so pushes go out in order; a push asked for while one runs is kept
-/// here (with the newest server row; later asks replace it) and made when the
-/// running one ends. Queuing instead let a server whose agent does not answer
-/// (each push then waits [`AGENT_ANSWER_TIMEOUT`]) gather one more waiting
-/// task every [`RECONCILE_INTERVAL`], for as long as its session lasted.
-static PUSHES: LazyLock<Mutex<HashMap<Uuid, Option<Server>>>> = LazyLock::new(Default::default);
+/// (the newest request replaces an older one) and made once the running one
+/// ends. Queuing instead let a server whose agent does not answer (each push
+/// then waits [`AGENT_ANSWER_TIMEOUT`]) gather one more waiting task every
+/// [`RECONCILE_INTERVAL`], for as long as its session lasted.
+#[derive(Debug)]
+pub struct CoalescedPushes<K, T> {
+    due: HashMap<K, Option<T>>,
+}
 
-fn pushes() -> std::sync::MutexGuard<'static, HashMap<Uuid, Option<Server>>> {
+impl<K: std::hash::Hash + Eq, T> Default for CoalescedPushes<K, T> {
+    fn default() -> Self {
+        Self {
+            due: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, T> CoalescedPushes<K, T> {
+    /// Asks for a push of `item`. Returns it when the caller is to start the
+    /// push now; `None` when one runs already (`item` is then made after it).
+    pub fn request(&mut self, key: K, item: T) -> Option<T> {
+        match self.due.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut running) => {
+                *running.get_mut() = Some(item);
+                None
+            }
+            std::collections::hash_map::Entry::Vacant(idle) => {
+                idle.insert(None);
+                Some(item)
+            }
+        }
+    }
+
+    /// The push of `key` ended. Returns the next one to make (asked for while
+    /// it ran), or `None`: no push of `key` runs any more.
+    pub fn finished(&mut self, key: &K) -> Option<T> {
+        let next = self.due.get_mut(key).and_then(Option::take);
+        if next.is_none() {
+            self.due.remove(key);
+        }
+        next
+    }
+
+    /// Keys with a push running.
+    pub fn running(&self) -> usize {
+        self.due.len()
+    }
+}
+
+static PUSHES: LazyLock<Mutex<CoalescedPushes<Uuid, Server>>> = LazyLock::new(Default::default);
+
+fn pushes() -> std::sync::MutexGuard<'static, CoalescedPushes<Uuid, Server>> {
     PUSHES
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -230,17 +275,13 @@ async fn push(cp: &ControlPlane, server: &Server) -> Result<u64, HealthError> {
 
 /// Pushes the checks in the background (session start, check changes,
 /// reconciliation). While a push to the server runs, only remembers that
-/// another is due (see [`PUSHES`]).
+/// another is due (see [`CoalescedPushes`]).
 pub fn spawn_push(cp: Arc<ControlPlane>, server: Server) {
-    {
-        let mut pushes = pushes();
-        if let Some(due) = pushes.get_mut(&server.id) {
-            *due = Some(server);
-            return;
-        }
-        pushes.insert(server.id, None);
-    }
-    let span = tracing::info_span!("health_push", server_id = %server.id);
+    let id = server.id;
+    let Some(server) = pushes().request(id, server) else {
+        return;
+    };
+    let span = tracing::info_span!("health_push", server_id = %id);
     tokio::spawn(
         async move {
             let mut server = server;
@@ -248,14 +289,10 @@ pub fn spawn_push(cp: Arc<ControlPlane>, server: Server) {
                 if let Err(e) = push_checks(&cp, &server).await {
                     tracing::warn!(error = %e, "could not push health checks");
                 }
-                let mut pushes = pushes();
-                match pushes.get_mut(&server.id).and_then(Option::take) {
-                    Some(due) => server = due,
-                    None => {
-                        pushes.remove(&server.id);
-                        return;
-                    }
-                }
+                let Some(next) = pushes().finished(&id) else {
+                    return;
+                };
+                server = next;
             }
         }
         .instrument(span),
@@ -589,5 +626,41 @@ pub async fn sweep(cp: &ControlPlane, now: DateTime<Utc>) {
             }
             Err(e) => tracing::warn!(error = %e, "could not sweep servers that never connected"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CoalescedPushes;
+
+    #[test]
+    fn pushes_asked_for_while_one_runs_become_one_push_of_the_newest_request() {
+        let mut pushes = CoalescedPushes::default();
+        assert_eq!(pushes.request("web-1", 1), Some(1), "idle: push at once");
+        // An agent that does not answer: every reconcile tick asks again.
+        for tick in 2..=10 {
+            assert_eq!(pushes.request("web-1", tick), None, "one push runs already");
+        }
+        assert_eq!(pushes.running(), 1);
+        // Once the running push ends, exactly one more, with the newest row.
+        assert_eq!(pushes.finished(&"web-1"), Some(10));
+        assert_eq!(pushes.finished(&"web-1"), None);
+        assert_eq!(pushes.running(), 0, "nothing is kept for an idle server");
+        assert_eq!(
+            pushes.request("web-1", 11),
+            Some(11),
+            "idle again: push at once"
+        );
+    }
+
+    #[test]
+    fn pushes_of_different_servers_do_not_wait_for_each_other() {
+        let mut pushes = CoalescedPushes::default();
+        assert_eq!(pushes.request("web-1", "a"), Some("a"));
+        assert_eq!(pushes.request("web-2", "b"), Some("b"));
+        assert_eq!(pushes.request("web-1", "c"), None);
+        assert_eq!(pushes.finished(&"web-2"), None);
+        assert_eq!(pushes.running(), 1);
+        assert_eq!(pushes.finished(&"web-1"), Some("c"));
     }
 }
