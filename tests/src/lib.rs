@@ -334,6 +334,87 @@ impl ControlPlane {
         )
         .await
     }
+
+    /// `GET /api/v1/commands/{id}`; fails unless it answered 200.
+    pub async fn command(&self, id: &str) -> anyhow::Result<Value> {
+        let response = self
+            .call(
+                &self.admin_token(),
+                reqwest::Method::GET,
+                &format!("/api/v1/commands/{id}"),
+                None,
+            )
+            .await?;
+        if response.status != 200 {
+            bail!("command {id}: {} {}", response.status, response.body);
+        }
+        Ok(response.body)
+    }
+
+    /// Creates a branch invite granting `scopes`; returns its text.
+    pub async fn branch_invite(&self, scopes: &[&str]) -> anyhow::Result<String> {
+        let created = self
+            .call(
+                &self.admin_token(),
+                reqwest::Method::POST,
+                "/api/v1/branches/invites",
+                Some(&serde_json::json!({ "name": "peer", "scopes": scopes, "ttl_seconds": 600 })),
+            )
+            .await?;
+        if created.status != 201 {
+            bail!("branch invite: {} {}", created.status, created.body);
+        }
+        created.body["invite"]
+            .as_str()
+            .map(str::to_string)
+            .context("the invite answer has no `invite`")
+    }
+
+    /// `POST /api/v1/branches` with another branch's invite text: peers
+    /// this control plane with it. Returns the answer, whatever its status.
+    pub async fn join_branch(&self, invite: &str) -> anyhow::Result<ApiResponse> {
+        self.call(
+            &self.admin_token(),
+            reqwest::Method::POST,
+            "/api/v1/branches",
+            Some(&serde_json::json!({ "invite": invite })),
+        )
+        .await
+    }
+
+    /// `GET /api/v1/branches/{id}`'s body; a failed request gives
+    /// `{"request_failed": "..."}`, so callers can poll through outages.
+    pub async fn branch(&self, id: &str) -> Value {
+        self.call(
+            &self.admin_token(),
+            reqwest::Method::GET,
+            &format!("/api/v1/branches/{id}"),
+            None,
+        )
+        .await
+        .map(|r| r.body)
+        .unwrap_or_else(|e| serde_json::json!({ "request_failed": e.to_string() }))
+    }
+
+    /// Waits until a peer branch's server is listed here (`?branch=all`),
+    /// online; returns it.
+    pub async fn remote_server_online(
+        &self,
+        server_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
+        eventually(
+            timeout,
+            &format!("the peer's server {server_id} listed here, online"),
+            || async {
+                let servers = self.servers("?branch=all").await?;
+                Ok(servers
+                    .into_iter()
+                    .find(|s| s["id"] == server_id && s["status"] == "online"))
+            },
+        )
+        .await
+    }
 }
 
 impl Drop for ControlPlane {

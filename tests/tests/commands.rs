@@ -55,25 +55,11 @@ async fn run(cp: &ControlPlane, server_id: &str, body: Value) -> String {
         .to_string()
 }
 
-async fn command(cp: &ControlPlane, id: &str) -> Value {
-    let response = cp
-        .call(
-            &cp.admin_token(),
-            Method::GET,
-            &format!("/api/v1/commands/{id}"),
-            None,
-        )
-        .await
-        .expect("get command");
-    assert_eq!(response.status, 200, "{}", response.body);
-    response.body
-}
-
 /// Waits until the command ended; returns it.
 async fn finished(cp: &ControlPlane, id: &str, within: Duration) -> Value {
     let started = Instant::now();
     loop {
-        let c = command(cp, id).await;
+        let c = cp.command(id).await.unwrap();
         if TERMINAL.contains(&c["status"].as_str().unwrap_or_default()) {
             return c;
         }
@@ -179,7 +165,7 @@ async fn echo_round_trips_its_output_and_exit_code_and_env_values_stay_secret() 
     let done = finished(&cp, &id, Duration::from_secs(10)).await;
     assert_eq!(done["status"], "succeeded", "{done:#}");
     assert_eq!(done["output"], "matched\n");
-    let shown = command(&cp, &id).await.to_string();
+    let shown = cp.command(&id).await.unwrap().to_string();
     assert!(!shown.contains(secret), "env value in the API: {shown}");
     assert!(
         !cp.log().contains(secret),
@@ -289,7 +275,7 @@ async fn cancel_of_a_running_sleep_ends_cancelled_and_kills_the_process() {
     })
     .await
     .expect("the process ran");
-    assert_eq!(command(&cp, &id).await["status"], "running");
+    assert_eq!(cp.command(&id).await.unwrap()["status"], "running");
     let response = cp
         .call(
             &cp.admin_token(),
@@ -410,7 +396,7 @@ async fn a_queued_command_reaches_a_server_that_connects_later_or_becomes_undeli
         json!({ "argv": ["echo", "never"], "timeout_seconds": 5, "deliver_within_seconds": 1 }),
     )
     .await;
-    assert_eq!(command(&cp, &lost).await["status"], "queued");
+    assert_eq!(cp.command(&lost).await.unwrap()["status"], "queued");
     let done = finished(&cp, &lost, Duration::from_secs(5)).await;
     assert_eq!(done["status"], "undeliverable", "{done:#}");
 
@@ -426,7 +412,7 @@ async fn a_queued_command_reaches_a_server_that_connects_later_or_becomes_undeli
     assert_eq!(done["status"], "succeeded", "{done:#}");
     assert_eq!(done["output"], "later\n");
     // The undeliverable one stayed undeliverable.
-    assert_eq!(command(&cp, &lost).await["status"], "undeliverable");
+    assert_eq!(cp.command(&lost).await.unwrap()["status"], "undeliverable");
 }
 
 #[tokio::test]
@@ -639,7 +625,7 @@ async fn destroying_a_deployment_is_refused_while_a_command_runs_unless_forced()
     )
     .await;
     eventually(Duration::from_secs(5), "the command to run", || async {
-        Ok((command(&cp, &id).await["status"] == "running").then_some(()))
+        Ok((cp.command(&id).await.unwrap()["status"] == "running").then_some(()))
     })
     .await
     .unwrap();

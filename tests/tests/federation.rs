@@ -28,32 +28,6 @@ use tether_tests::{enrolled_running_agent, eventually, ControlPlane};
 
 type ClientStream = tether_transport::FramedStream<BranchResponse, BranchRequest>;
 
-async fn invite(cp: &ControlPlane, scopes: &[&str]) -> String {
-    let created = cp
-        .call(
-            &cp.admin_token(),
-            Method::POST,
-            "/api/v1/branches/invites",
-            Some(&json!({ "name": "peer", "scopes": scopes, "ttl_seconds": 600 })),
-        )
-        .await
-        .unwrap();
-    assert_eq!(created.status, 201, "{:?}", created.body);
-    created.body["invite"].as_str().unwrap().to_string()
-}
-
-async fn branch(cp: &ControlPlane, id: &str) -> Value {
-    cp.call(
-        &cp.admin_token(),
-        Method::GET,
-        &format!("/api/v1/branches/{id}"),
-        None,
-    )
-    .await
-    .unwrap()
-    .body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and_unpeer_on_both_sides(
 ) {
@@ -65,32 +39,19 @@ async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and
         .await
         .unwrap();
 
-    let text = invite(&b, &["servers:read", "commands:run"]).await;
-    assert!(!b.log().contains(&text), "the invite was logged");
-    let peered = a
-        .call(
-            &a.admin_token(),
-            Method::POST,
-            "/api/v1/branches",
-            Some(&json!({ "invite": text })),
-        )
+    let text = b
+        .branch_invite(&["servers:read", "commands:run"])
         .await
         .unwrap();
+    assert!(!b.log().contains(&text), "the invite was logged");
+    let peered = a.join_branch(&text).await.unwrap();
     assert_eq!(peered.status, 201, "{:?}\n{}", peered.body, b.log());
     assert_eq!(peered.body["id"], b.branch_id.as_str());
     assert_eq!(peered.body["status"], "healthy");
     assert_eq!(peered.body["address"], b.quic_addr.to_string());
 
     // The invite is one-time.
-    let again = a
-        .call(
-            &a.admin_token(),
-            Method::POST,
-            "/api/v1/branches",
-            Some(&json!({ "invite": text })),
-        )
-        .await
-        .unwrap();
+    let again = a.join_branch(&text).await.unwrap();
     assert_eq!(again.status, 403, "{:?}", again.body);
 
     // B lists A.
@@ -109,24 +70,16 @@ async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and
     b.wait_for_status(&server_id, "online", Duration::from_secs(20))
         .await
         .unwrap();
-    let remote = eventually(
-        Duration::from_secs(20),
-        "B's server listed on A",
-        || async {
-            let servers = a.servers("?branch=all").await?;
-            Ok(servers
-                .into_iter()
-                .find(|s| s["id"] == server_id.as_str() && s["status"] == "online"))
-        },
-    )
-    .await
-    .unwrap();
+    let remote = a
+        .remote_server_online(&server_id, Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_eq!(remote["branch_id"], b.branch_id.as_str());
     assert!(
         a.servers("").await.unwrap().is_empty(),
         "local list shows remote servers"
     );
-    let healthy = branch(&a, &b.branch_id).await;
+    let healthy = a.branch(&b.branch_id).await;
     assert_eq!(healthy["status"], "healthy", "{healthy}");
     assert!(healthy["latency_ms"].as_i64().is_some(), "{healthy}");
     assert_eq!(healthy["server_count"], 1, "{healthy}");
@@ -193,7 +146,7 @@ async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and
     b.stop(false);
     let stopped = Instant::now();
     eventually(Duration::from_secs(30), "B unreachable on A", || async {
-        Ok((branch(&a, &b.branch_id).await["status"] == "unreachable").then_some(()))
+        Ok((a.branch(&b.branch_id).await["status"] == "unreachable").then_some(()))
     })
     .await
     .unwrap();
@@ -222,7 +175,7 @@ async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and
     // B back: healthy again, no re-peering.
     b.restart().await.unwrap();
     eventually(Duration::from_secs(30), "B healthy on A again", || async {
-        Ok((branch(&a, &b.branch_id).await["status"] == "healthy").then_some(()))
+        Ok((a.branch(&b.branch_id).await["status"] == "healthy").then_some(()))
     })
     .await
     .unwrap();
@@ -243,7 +196,7 @@ async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and
         .await
         .unwrap();
     assert_eq!(on_b.body["data"], json!([]), "{:?}", on_b.body);
-    assert_eq!(branch(&a, &b.branch_id).await["error"], "not_found");
+    assert_eq!(a.branch(&b.branch_id).await["error"], "not_found");
     assert!(
         !a.servers("?branch=all")
             .await
@@ -376,7 +329,7 @@ async fn a_branch_refuses_tokens_with_a_missing_scope_a_wrong_key_alg_none_or_pa
     let b = ControlPlane::start(&dir.path().join("b"), &[])
         .await
         .unwrap();
-    let text = invite(&b, &["servers:read"]).await;
+    let text = b.branch_invite(&["servers:read"]).await.unwrap();
     let peer = FakePeer::join(&b, &text).await;
 
     // A valid token works: the refusals below are about the token alone.
@@ -484,18 +437,6 @@ async fn relay(cp: &ControlPlane, branch_id: &str, server_id: &str, body: Value)
     relayed.body
 }
 
-async fn command(cp: &ControlPlane, id: &str) -> Value {
-    cp.call(
-        &cp.admin_token(),
-        Method::GET,
-        &format!("/api/v1/commands/{id}"),
-        None,
-    )
-    .await
-    .unwrap()
-    .body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_branches() {
     let dir = tempfile::tempdir().unwrap();
@@ -505,16 +446,11 @@ async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_br
     let b = ControlPlane::start(&dir.path().join("b"), &[])
         .await
         .unwrap();
-    let text = invite(&b, &["servers:read", "commands:run"]).await;
-    let peered = a
-        .call(
-            &a.admin_token(),
-            Method::POST,
-            "/api/v1/branches",
-            Some(&json!({ "invite": text })),
-        )
+    let text = b
+        .branch_invite(&["servers:read", "commands:run"])
         .await
         .unwrap();
+    let peered = a.join_branch(&text).await.unwrap();
     assert_eq!(peered.status, 201, "{:?}", peered.body);
     let (_agent, server_id) = enrolled_running_agent(&b, dir.path(), "edge-b")
         .await
@@ -564,12 +500,12 @@ async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_br
     let id = accepted["command_id"].as_str().unwrap().to_string();
     let remote_id = accepted["remote_command_id"].as_str().unwrap().to_string();
     let failed = eventually(Duration::from_secs(10), "relayed failure on A", || async {
-        let c = command(&a, &id).await;
+        let c = a.command(&id).await.unwrap();
         Ok((c["status"] != "queued" && c["status"] != "running").then_some(c))
     })
     .await
     .unwrap();
-    let on_b = command(&b, &remote_id).await;
+    let on_b = b.command(&remote_id).await.unwrap();
     assert_ne!(failed["status"], "succeeded", "{failed}");
     assert_eq!(failed["status"], on_b["status"], "{failed}\n{on_b}");
     assert!(failed["reason"].is_string(), "{failed}");
@@ -588,7 +524,7 @@ async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_br
     eventually(
         Duration::from_secs(10),
         "relayed sleep running on A",
-        || async { Ok((command(&a, &id).await["status"] == "running").then_some(())) },
+        || async { Ok((a.command(&id).await.unwrap()["status"] == "running").then_some(())) },
     )
     .await
     .unwrap();
@@ -607,14 +543,14 @@ async fn a_relayed_command_streams_on_a_cancels_from_a_and_health_runs_across_br
         Duration::from_secs(10),
         "relayed sleep cancelled on A",
         || async {
-            let c = command(&a, &id).await;
+            let c = a.command(&id).await.unwrap();
             Ok((c["status"] == "cancelled").then_some(c))
         },
     )
     .await
     .unwrap();
     assert!(done["finished_at"].is_string(), "{done}");
-    assert_eq!(command(&b, &remote_id).await["status"], "cancelled");
+    assert_eq!(b.command(&remote_id).await.unwrap()["status"], "cancelled");
     let again = a
         .call(
             &a.admin_token(),

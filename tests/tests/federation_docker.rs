@@ -20,22 +20,10 @@ use serde_json::{json, Value};
 use tether_tests::docker::{self, BranchContainer, Network};
 use tether_tests::{eventually, ControlPlane};
 
-async fn branch(cp: &ControlPlane, id: &str) -> Value {
-    cp.call(
-        &cp.admin_token(),
-        Method::GET,
-        &format!("/api/v1/branches/{id}"),
-        None,
-    )
-    .await
-    .map(|r| r.body)
-    .unwrap_or_else(|e| json!({ "request_failed": e.to_string() }))
-}
-
 async fn wait_branch_status(cp: &ControlPlane, id: &str, status: &str, within: Duration) {
     let last = std::sync::Mutex::new(Value::Null);
     let reached = eventually(within, &format!("branch {id} {status}"), || async {
-        let b = branch(cp, id).await;
+        let b = cp.branch(id).await;
         let done = b["status"] == status;
         if let Ok(mut last) = last.lock() {
             *last = b;
@@ -146,30 +134,13 @@ async fn branches_in_containers_peer_over_a_docker_network_relay_commands_and_su
     }
 
     // B's invite carries the address B advertises on the Docker network.
-    let created = b
-        .call(
-            &b.admin_token(),
-            Method::POST,
-            "/api/v1/branches/invites",
-            Some(&json!({
-                "name": "a", "scopes": ["servers:read", "commands:run"], "ttl_seconds": 600
-            })),
-        )
+    let text = b
+        .branch_invite(&["servers:read", "commands:run"])
         .await
         .unwrap();
-    assert_eq!(created.status, 201, "{:?}", created.body);
-    let text = created.body["invite"].as_str().unwrap().to_string();
 
     // A peers with B: A dials B by container name over the network.
-    let peered = a
-        .call(
-            &a.admin_token(),
-            Method::POST,
-            "/api/v1/branches",
-            Some(&json!({ "invite": text })),
-        )
-        .await
-        .unwrap();
+    let peered = a.join_branch(&text).await.unwrap();
     assert_eq!(
         peered.status,
         201,
@@ -184,23 +155,15 @@ async fn branches_in_containers_peer_over_a_docker_network_relay_commands_and_su
     // B learned A's advertised address and reaches it too.
     wait_branch_status(&b, &a.branch_id, "healthy", Duration::from_secs(10)).await;
     assert_eq!(
-        branch(&b, &a.branch_id).await["address"],
+        b.branch(&a.branch_id).await["address"],
         a.public_quic_addr()
     );
 
     // A lists B's server, online, with B's branch id.
-    let remote = eventually(
-        Duration::from_secs(20),
-        "B's server listed on A",
-        || async {
-            let servers = a.servers("?branch=all").await?;
-            Ok(servers
-                .into_iter()
-                .find(|s| s["id"] == server_id.as_str() && s["status"] == "online"))
-        },
-    )
-    .await
-    .unwrap();
+    let remote = a
+        .remote_server_online(&server_id, Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_eq!(remote["branch_id"], b.branch_id.as_str());
     assert_eq!(remote["name"], "edge-b", "{remote}");
     assert!(a.servers("").await.unwrap().is_empty());
