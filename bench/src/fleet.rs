@@ -651,7 +651,10 @@ async fn run_with(
     // 2. Enrollment over QUIC, without a client certificate.
     let endpoints: Vec<quinn::Endpoint> = (0..n.div_ceil(args.agents_per_endpoint.max(1)))
         .map(|_| {
-            quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
+            let socket =
+                tether_transport::shared_udp_socket((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+            let runtime = quinn::default_runtime().context("no async runtime")?;
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
                 .context("binding a client endpoint")
         })
         .collect::<anyhow::Result<_>>()?;

@@ -19,6 +19,13 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// A peer silent this long is dead (DESIGN.md §3: noticed within ~30 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Receive and send buffer asked of the kernel for a socket that serves many
+/// connections (the control plane's, the fleet simulator's). With the
+/// kernel's default (~208 KiB) a burst from thousands of agents overflows
+/// the receive queue while the endpoint task is busy, and every datagram
+/// dropped there costs its connection a loss-recovery delay. Linux caps the
+/// size at `net.core.rmem_max` / `net.core.wmem_max`.
+pub const SHARED_SOCKET_BUFFER_BYTES: usize = 8 << 20;
 
 /// Errors of the transport layer.
 #[derive(Debug, thiserror::Error)]
@@ -118,12 +125,84 @@ pub fn server_endpoint(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let socket =
-        std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    let socket = shared_udp_socket(addr)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| TransportError::Crypto("no async runtime found".into()))?;
     quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
         .map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// Binds a UDP socket meant to carry many connections, with its kernel
+/// buffers enlarged to [`SHARED_SOCKET_BUFFER_BYTES`] (or as far as the
+/// kernel allows: a smaller effective size is logged, not an error).
+pub fn shared_udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TransportError> {
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    let sock = socket2::SockRef::from(&socket);
+    // Linux reports twice what it grants (the other half is its bookkeeping).
+    let receive = enlarge_buffer(&socket, BufferKind::Receive)
+        .or_else(|_| sock.set_recv_buffer_size(SHARED_SOCKET_BUFFER_BYTES))
+        .and_then(|()| sock.recv_buffer_size())
+        .map(|granted| granted / 2);
+    let send = enlarge_buffer(&socket, BufferKind::Send)
+        .or_else(|_| sock.set_send_buffer_size(SHARED_SOCKET_BUFFER_BYTES))
+        .and_then(|()| sock.send_buffer_size())
+        .map(|granted| granted / 2);
+    match (receive, send) {
+        (Ok(receive), Ok(send)) if receive.min(send) >= SHARED_SOCKET_BUFFER_BYTES => {}
+        (Ok(receive), Ok(send)) => tracing::warn!(
+            %addr,
+            receive_bytes = receive,
+            send_bytes = send,
+            wanted_bytes = SHARED_SOCKET_BUFFER_BYTES,
+            "UDP socket buffers capped by the kernel: raise net.core.rmem_max and \
+             net.core.wmem_max, or grant CAP_NET_ADMIN, or bursts from many agents will be dropped"
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(%addr, error = %e, "could not enlarge the UDP socket's buffers")
+        }
+    }
+    Ok(socket)
+}
+
+#[derive(Clone, Copy)]
+enum BufferKind {
+    Receive,
+    Send,
+}
+
+/// Sets a socket buffer past the `net.core.[rw]mem_max` cap, which Linux
+/// allows a process holding `CAP_NET_ADMIN` (`SO_RCVBUFFORCE` /
+/// `SO_SNDBUFFORCE`); fails with `EPERM` otherwise.
+#[cfg(target_os = "linux")]
+fn enlarge_buffer(socket: &std::net::UdpSocket, kind: BufferKind) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let option = match kind {
+        BufferKind::Receive => libc::SO_RCVBUFFORCE,
+        BufferKind::Send => libc::SO_SNDBUFFORCE,
+    };
+    let size = libc::c_int::try_from(SHARED_SOCKET_BUFFER_BYTES).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is open for the lifetime of `socket`, and the
+    // option value is a c_int whose address and size are passed together.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::from_ref(&size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn enlarge_buffer(_socket: &std::net::UdpSocket, _kind: BufferKind) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 /// A client endpoint bound to an ephemeral port of the right address family.
@@ -231,5 +310,46 @@ impl<In: DeserializeOwned, Out: Serialize> FramedStream<In, Out> {
     pub fn finish(&mut self) -> Result<(), TransportError> {
         self.send.get_mut().finish()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's cap for an unprivileged process, or `None` off Linux.
+    fn kernel_cap(name: &str) -> Option<usize> {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn sockets_shared_by_many_connections_get_large_kernel_buffers() {
+        let addr: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, 0).into();
+        let plain = std::net::UdpSocket::bind(addr).unwrap();
+        let shared = shared_udp_socket(addr).unwrap();
+        let sock = socket2::SockRef::from(&shared);
+        let (receive, send) = (
+            sock.recv_buffer_size().unwrap() / 2,
+            sock.send_buffer_size().unwrap() / 2,
+        );
+        // With CAP_NET_ADMIN (CI runs as root) the full size, else what
+        // net.core.[rw]mem_max allows.
+        let wanted = |cap: Option<usize>| {
+            if enlarge_buffer(&plain, BufferKind::Receive).is_ok() {
+                SHARED_SOCKET_BUFFER_BYTES
+            } else {
+                cap.unwrap_or(0).min(SHARED_SOCKET_BUFFER_BYTES)
+            }
+        };
+        assert!(
+            receive >= wanted(kernel_cap("rmem_max")),
+            "receive buffer {receive} B"
+        );
+        assert!(
+            send >= wanted(kernel_cap("wmem_max")),
+            "send buffer {send} B"
+        );
     }
 }

@@ -2,6 +2,10 @@
 //! that stores them in as few transactions as possible (all batches waiting
 //! when a write finishes go into the next one), and answers each submitter
 //! once its batch is committed, so the agent's `Ack` always means "durable".
+//!
+//! A batch is turned into the store's records by its submitter, in the
+//! session's own task (so on every runtime worker at once); the writer only
+//! gathers records and writes them, which keeps the one serial part short.
 
 use std::sync::Arc;
 
@@ -27,8 +31,8 @@ pub enum IngestError {
 }
 
 struct Pending {
-    server_id: Uuid,
-    batch: MetricsBatch,
+    metrics: MetricsRecord,
+    containers: Option<ContainerSet>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -49,10 +53,12 @@ impl Ingestor {
     /// Stores one batch of `server_id`; returns once it is committed.
     pub async fn submit(&self, server_id: Uuid, batch: MetricsBatch) -> Result<(), IngestError> {
         let (done, answer) = oneshot::channel();
+        let (metrics, containers) = records(server_id, &batch, Utc::now());
+        drop(batch);
         self.queue
             .send(Pending {
-                server_id,
-                batch,
+                metrics,
+                containers,
                 done,
             })
             .await
@@ -73,23 +79,23 @@ async fn write_loop(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Pending>
                 Err(_) => break,
             }
         }
-        let now = Utc::now();
         let mut ingest = MetricsIngest {
-            received_at: now,
+            received_at: Utc::now(),
             metrics: Vec::with_capacity(pending.len()),
             containers: Vec::new(),
         };
-        for p in &pending {
-            let (metrics, containers) = records(p.server_id, &p.batch, now);
-            ingest.metrics.push(metrics);
-            ingest.containers.extend(containers);
+        let mut answers = Vec::with_capacity(pending.len());
+        for p in pending {
+            ingest.metrics.push(p.metrics);
+            ingest.containers.extend(p.containers);
+            answers.push(p.done);
         }
         let result = store.ingest_metrics(&ingest).await.map_err(|e| {
-            tracing::error!(error = %e, batches = pending.len(), "could not store metrics");
+            tracing::error!(error = %e, batches = answers.len(), "could not store metrics");
             e.to_string()
         });
-        for p in pending {
-            let _ = p.done.send(result.clone());
+        for done in answers {
+            let _ = done.send(result.clone());
         }
     }
 }

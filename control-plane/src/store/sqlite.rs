@@ -176,10 +176,25 @@ pub(crate) fn push_scope(
 
 /// How often the WAL is checkpointed into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Frames (pages) the WAL may hold after a checkpoint before the next one
+/// makes it start over (~16 MiB at 4 KiB pages).
+const WAL_RESTART_FRAMES: i64 = 4096;
+/// Page cache per connection, in KiB (negative: SQLite's unit for KiB).
+const SQLITE_CACHE_KIB: &str = "-16384";
+/// Size the WAL file is cut back to when it starts over.
+const WAL_SIZE_LIMIT_BYTES: &str = "67108864";
 
 /// Copies the write-ahead log into the database file every
 /// [`CHECKPOINT_EVERY`] (`PASSIVE`: never waits for readers or writers), so
 /// that no request's commit pays for a checkpoint; ends with the pool.
+///
+/// A passive checkpoint alone never lets the log start over while writes
+/// keep coming (SQLite rewinds the WAL only when a writer finds it wholly
+/// copied): under steady ingestion the file grew by gigabytes and every
+/// append paid for new file pages. So when a passive checkpoint leaves more
+/// than [`WAL_RESTART_FRAMES`] in the log, a `RESTART` checkpoint follows:
+/// it copies what the passive one could not (little by then), holding
+/// writers back for that moment, and the next write starts the log over.
 async fn checkpoint_loop(pool: SqlitePool) {
     let mut every = tokio::time::interval(CHECKPOINT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -188,13 +203,26 @@ async fn checkpoint_loop(pool: SqlitePool) {
         if pool.is_closed() {
             return;
         }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
-            .await
-        {
+        if let Err(e) = checkpoint(&pool, WAL_RESTART_FRAMES).await {
             tracing::debug!(error = %e, "WAL checkpoint failed; the next one retries");
         }
     }
+}
+
+/// One round of [`checkpoint_loop`]: a passive checkpoint, then a restarting
+/// one when more than `restart_frames` are left in the log.
+async fn checkpoint(pool: &SqlitePool, restart_frames: i64) -> Result<(), sqlx::Error> {
+    // (busy, frames in the log, frames copied)
+    let (_, frames, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(pool)
+        .await?;
+    if frames > restart_frames {
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+            .fetch_one(pool)
+            .await?;
+        tracing::debug!(frames, restarted = busy == 0, "WAL checkpoint");
+    }
+    Ok(())
 }
 
 impl SqliteStore {
@@ -208,7 +236,13 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             // Checkpoints (the only fsyncs with synchronous=NORMAL) run in
             // the background task below, never inside a request's commit.
-            .pragma("wal_autocheckpoint", "0");
+            .pragma("wal_autocheckpoint", "0")
+            .pragma("journal_size_limit", WAL_SIZE_LIMIT_BYTES)
+            // 16 MiB of page cache per connection instead of SQLite's 2 MiB:
+            // the pages every report touches (the newest index leaf of each
+            // server, the latest container sets) outgrow 2 MiB at a few
+            // hundred agents, and each miss is a read through the kernel.
+            .pragma("cache_size", SQLITE_CACHE_KIB);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)
@@ -1836,4 +1870,91 @@ async fn replace_container_sets(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Salt of the WAL header: SQLite changes it each time the log starts over.
+    fn wal_salt(db: &std::path::Path) -> [u8; 8] {
+        let wal = std::fs::read(db.with_extension("db-wal")).unwrap_or_default();
+        wal.get(16..24)
+            .and_then(|salt| salt.try_into().ok())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wal_starts_over_while_writes_keep_coming() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tether.db");
+        let store = SqliteStore::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        let pool = store.pool.clone();
+        sqlx::query("CREATE TABLE filler (page BLOB)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        // One writer that never pauses, and readers that always hold a
+        // snapshot: what a busy control plane looks like to SQLite.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = tokio::spawn({
+            let (pool, stop) = (pool.clone(), stop.clone());
+            async move {
+                let mut pages = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut tx = pool.begin().await.unwrap();
+                    for _ in 0..8 {
+                        sqlx::query("INSERT INTO filler (page) VALUES (zeroblob(4000))")
+                            .execute(&mut *tx)
+                            .await
+                            .unwrap();
+                    }
+                    tx.commit().await.unwrap();
+                    pages += 8;
+                }
+                pages
+            }
+        });
+        let reader = tokio::spawn({
+            let (pool, stop) = (pool.clone(), stop.clone());
+            async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _: i64 = sqlx::query_scalar("SELECT count(*) FROM filler")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let first_salt = wal_salt(&db);
+        let mut restarts = 0;
+        let mut salt = first_salt;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            checkpoint(&pool, 64).await.unwrap();
+            let now = wal_salt(&db);
+            if now != salt {
+                restarts += 1;
+                salt = now;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let pages = writer.await.unwrap();
+        reader.await.unwrap();
+        let wal_bytes = std::fs::metadata(db.with_extension("db-wal"))
+            .unwrap()
+            .len();
+        assert!(
+            restarts >= 3,
+            "the WAL started over {restarts} times in 2 s of writes"
+        );
+        assert!(
+            wal_bytes < pages * 4096 / 2,
+            "the WAL holds {wal_bytes} bytes after {pages} pages were written: it kept growing"
+        );
+    }
 }
