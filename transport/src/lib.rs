@@ -15,7 +15,8 @@ use serde::{de::DeserializeOwned, Serialize};
 use tether_protocol::{AgentMessage, CloseCode, ControlMessage, FrameCodec, FrameError};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-/// Keep-alive interval: an idle session still exchanges a packet this often.
+/// Keep-alive interval of the dialing side (agent, branch): an idle session
+/// still exchanges a packet this often.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// A peer silent this long is dead (DESIGN.md §3: noticed within ~30 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -85,6 +86,11 @@ fn base_transport_config() -> quinn::TransportConfig {
 /// one per connected agent, so sized for 10,000 of them.
 fn server_transport_config() -> Arc<quinn::TransportConfig> {
     let mut config = base_transport_config();
+    // Every peer that dials the control plane (agent, branch) sends its own
+    // keep-alives, and each is answered: the control plane's would double
+    // the idle packets of every connection for nothing. A peer that goes
+    // silent still times out after IDLE_TIMEOUT.
+    config.keep_alive_interval(None);
     config.max_concurrent_bidi_streams(SERVER_MAX_CONCURRENT_BIDI_STREAMS.into());
     config.receive_window(SERVER_RECEIVE_WINDOW.into());
     Arc::new(config)

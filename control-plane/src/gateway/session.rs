@@ -56,6 +56,8 @@ pub async fn serve(
         tether_transport::close(&connection, CloseCode::Revoked);
         return;
     };
+    // Held for the session's life otherwise, for every connected agent.
+    drop((identity, cert));
     run(connection, server_id, info, cp)
         .instrument(tracing::info_span!("session", %server_id))
         .await;
@@ -67,17 +69,64 @@ async fn run(
     cert: CertificateInfo,
     cp: Arc<ControlPlane>,
 ) {
+    // The set-up (store calls, the Hello, the server row) and the end are
+    // boxed: their state is allocated only while they run, and the task each
+    // connected agent keeps is only as large as the running session.
+    let Some(session) = Box::pin(establish(&connection, server_id, cert, &cp)).await else {
+        return;
+    };
+    let reason = match session.running {
+        Ok((mut control, expiry, renewal)) => {
+            drive(
+                &connection,
+                &mut control,
+                expiry,
+                renewal,
+                cp.config.offline_after,
+                &cp,
+            )
+            .await
+        }
+        Err(reason) => reason,
+    };
+    Box::pin(end(
+        &cp,
+        server_id,
+        session.generation,
+        session.online_since,
+        reason,
+    ))
+    .await;
+}
+
+/// A session past its set-up: registered on this replica, `Welcome` sent.
+struct Established {
+    generation: u64,
+    online_since: DateTime<Utc>,
+    /// What the running session needs, or why it ends at once (the
+    /// `Welcome` could not be sent).
+    running: Result<(ControlStream, watch::Receiver<SystemTime>, RenewalContext), String>,
+}
+
+/// Admission, `Hello` -> `Welcome`, the server marked online; `None` when
+/// the session was refused (the connection is closed).
+async fn establish(
+    connection: &quinn::Connection,
+    server_id: Uuid,
+    cert: CertificateInfo,
+    cp: &Arc<ControlPlane>,
+) -> Option<Established> {
     let server = match cp.store.admit_session(server_id, &cert.serial_hex).await {
         Ok(SessionAdmission::Admitted(server)) => *server,
         Ok(refusal) => {
             tracing::warn!(reason = ?refusal, serial = %cert.serial_hex, "session refused");
-            tether_transport::close(&connection, CloseCode::Revoked);
-            return;
+            tether_transport::close(connection, CloseCode::Revoked);
+            return None;
         }
         Err(e) => {
             tracing::error!(error = %e, "session admission failed in the store");
-            tether_transport::close(&connection, CloseCode::ShuttingDown);
-            return;
+            tether_transport::close(connection, CloseCode::ShuttingDown);
+            return None;
         }
     };
     let server_ref = ServerRef {
@@ -86,9 +135,7 @@ async fn run(
         name: server.name.clone(),
     };
 
-    let Some(first) = super::first_stream(&connection, "session refused: the agent").await else {
-        return;
-    };
+    let first = super::first_stream(connection, "session refused: the agent").await?;
     let (mut control, hello) = match first {
         (stream, AgentMessage::Hello(hello)) => (stream, hello),
         (_, other) => {
@@ -97,8 +144,8 @@ async fn run(
                 ?violation,
                 "session refused: the first stream must open with Hello"
             );
-            tether_transport::close(&connection, CloseCode::ProtocolViolation);
-            return;
+            tether_transport::close(connection, CloseCode::ProtocolViolation);
+            return None;
         }
     };
     let version = match negotiate_version(
@@ -118,8 +165,8 @@ async fn run(
                 .await;
             let _ = control.finish();
             tokio::time::sleep(Duration::from_millis(200)).await;
-            tether_transport::close(&connection, CloseCode::UnsupportedVersion);
-            return;
+            tether_transport::close(connection, CloseCode::UnsupportedVersion);
+            return None;
         }
     };
 
@@ -153,40 +200,47 @@ async fn run(
     });
     let sent = control.send(&welcome).await;
     // What follows lasts as long as the session: keep only what it uses.
-    // The Hello (host facts), the stored server row and its facts would
-    // otherwise stay allocated for every connected agent.
     drop(welcome);
     drop(facts);
-    let reason = if let Err(e) = sent {
-        format!("could not send Welcome: {e}")
-    } else {
-        tracing::info!(version, agent_version = %hello.agent_version, "session established");
-        drop(hello);
-        if marked_online && server.status != ServerStatus::Online {
-            crate::health::emit_state(&cp, &server_ref, "server.online", "online", None).await;
+    let running = match sent {
+        Err(e) => Err(format!("could not send Welcome: {e}")),
+        Ok(()) => {
+            tracing::info!(version, agent_version = %hello.agent_version, "session established");
+            drop(hello);
+            if marked_online && server.status != ServerStatus::Online {
+                crate::health::emit_state(cp, &server_ref, "server.online", "online", None).await;
+            }
+            // The agent keeps pushed checks only for its process's life: push
+            // them after every Welcome.
+            crate::health::spawn_push(cp.clone(), server);
+            crate::commands::on_session_start(cp.clone(), server_id);
+            let (expiry_tx, expiry_rx) = watch::channel(cert.not_after);
+            let renewal = RenewalContext {
+                cp: cp.clone(),
+                server_id,
+                server: server_ref,
+                serial: cert.serial_hex,
+                expiry: expiry_tx,
+            };
+            Ok((control, expiry_rx, renewal))
         }
-        // The agent keeps pushed checks only for its process's life: push
-        // them after every Welcome.
-        crate::health::spawn_push(cp.clone(), server);
-        crate::commands::on_session_start(cp.clone(), server_id);
-        let (expiry_tx, expiry_rx) = watch::channel(cert.not_after);
-        let renewal = RenewalContext {
-            cp: cp.clone(),
-            server_id,
-            server: server_ref,
-            serial: cert.serial_hex,
-            expiry: expiry_tx,
-        };
-        drive(
-            &connection,
-            &mut control,
-            expiry_rx,
-            renewal,
-            offline_after,
-            &cp,
-        )
-        .await
     };
+    Some(Established {
+        generation,
+        online_since,
+        running,
+    })
+}
+
+/// The end of a session: unregistered, and marked offline unless a newer
+/// session (here or on another replica) holds the server.
+async fn end(
+    cp: &ControlPlane,
+    server_id: Uuid,
+    generation: u64,
+    online_since: DateTime<Utc>,
+    reason: String,
+) {
     if cp.sessions.remove(server_id, generation) {
         tracing::info!(%reason, "session ended");
         let status_reason = crate::health::session_end_reason(&reason);
@@ -197,7 +251,7 @@ async fn run(
         {
             Ok(Some(server)) => {
                 crate::health::emit_state(
-                    &cp,
+                    cp,
                     &server,
                     "server.offline",
                     "offline",
