@@ -1,7 +1,8 @@
 //! [`Store`] on an embedded SQLite file (the zero-set-up default).
 //!
-//! WAL journal, foreign keys on, a busy timeout so concurrent writers queue
-//! instead of failing. Write transactions start with a write so they take the
+//! WAL journal, checkpointed in the background (restarted when it grows,
+//! so it stays bounded under steady writes), foreign keys on, a busy timeout
+//! so concurrent writers queue instead of failing. Write transactions start with a write so they take the
 //! database's write lock up front (no read-to-write upgrade deadlocks).
 //! Ids are stored as UUID text, times as unix milliseconds, JSON as text.
 
