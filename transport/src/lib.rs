@@ -25,7 +25,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// kernel's default (~208 KiB) a burst from thousands of agents overflows
 /// the receive queue while the endpoint task is busy, and every datagram
 /// dropped there costs its connection a loss-recovery delay. Linux caps the
-/// size at `net.core.rmem_max` / `net.core.wmem_max`.
+/// size at `net.core.rmem_max` / `net.core.wmem_max` unless the process
+/// holds `CAP_NET_ADMIN`.
 pub const SHARED_SOCKET_BUFFER_BYTES: usize = 8 << 20;
 
 /// Errors of the transport layer.
