@@ -1,9 +1,10 @@
 //! [`Store`] on an embedded SQLite file (the zero-set-up default).
 //!
-//! WAL journal, checkpointed in the background (restarted when it grows,
-//! so it stays bounded under steady writes), foreign keys on, a busy timeout
-//! so concurrent writers queue instead of failing. Write transactions start with a write so they take the
-//! database's write lock up front (no read-to-write upgrade deadlocks).
+//! WAL journal, checkpointed in the background (restarted when it grows, so
+//! it stays bounded under steady writes), foreign keys on, a busy timeout so
+//! concurrent writers queue instead of failing. Write transactions start with
+//! a write so they take the database's write lock up front (no read-to-write
+//! upgrade deadlocks).
 //! Ids are stored as UUID text, times as unix milliseconds, JSON as text.
 
 use std::collections::{HashMap, HashSet};
@@ -184,6 +185,12 @@ const WAL_RESTART_FRAMES: i64 = 4096;
 const SQLITE_CACHE_KIB: &str = "-16384";
 /// Size the WAL file is cut back to when it starts over.
 const WAL_SIZE_LIMIT_BYTES: &str = "67108864";
+/// Longest a `RESTART` checkpoint waits for readers of older snapshots (and
+/// so holds writers back); past it the next round tries again.
+const WAL_RESTART_WAIT_MS: i64 = 250;
+/// The pool's busy timeout (see [`SqliteStore::connect`]), restored on the
+/// connection a `RESTART` checkpoint ran on.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Copies the write-ahead log into the database file every
 /// [`CHECKPOINT_EVERY`] (`PASSIVE`: never waits for readers or writers), so
@@ -195,7 +202,9 @@ const WAL_SIZE_LIMIT_BYTES: &str = "67108864";
 /// append paid for new file pages. So when a passive checkpoint leaves more
 /// than [`WAL_RESTART_FRAMES`] in the log, a `RESTART` checkpoint follows:
 /// it copies what the passive one could not (little by then), holding
-/// writers back for that moment, and the next write starts the log over.
+/// writers back for that moment (at most [`WAL_RESTART_WAIT_MS`] while
+/// readers of older snapshots finish), and the next write starts the log
+/// over.
 async fn checkpoint_loop(pool: SqlitePool) {
     let mut every = tokio::time::interval(CHECKPOINT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -218,9 +227,26 @@ async fn checkpoint(pool: &SqlitePool, restart_frames: i64) -> Result<(), sqlx::
         .fetch_one(pool)
         .await?;
     if frames > restart_frames {
-        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
-            .fetch_one(pool)
+        let mut conn = pool.acquire().await?;
+        sqlx::query(&format!("PRAGMA busy_timeout = {WAL_RESTART_WAIT_MS}"))
+            .execute(&mut *conn)
             .await?;
+        let restart: Result<(i64, i64, i64), sqlx::Error> =
+            sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+                .fetch_one(&mut *conn)
+                .await;
+        if let Err(e) = sqlx::query(&format!(
+            "PRAGMA busy_timeout = {}",
+            BUSY_TIMEOUT.as_millis()
+        ))
+        .execute(&mut *conn)
+        .await
+        {
+            // Never hand the pool a connection with the short timeout.
+            drop(conn.detach());
+            return Err(e);
+        }
+        let (busy, _, _) = restart?;
         tracing::debug!(frames, restarted = busy == 0, "WAL checkpoint");
     }
     Ok(())
@@ -234,7 +260,7 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             // Checkpoints (the only fsyncs with synchronous=NORMAL) run in
             // the background task below, never inside a request's commit.
             .pragma("wal_autocheckpoint", "0")
@@ -1880,9 +1906,11 @@ mod tests {
 
     /// Salt of the WAL header: SQLite changes it each time the log starts over.
     fn wal_salt(db: &std::path::Path) -> [u8; 8] {
-        let wal = std::fs::read(db.with_extension("db-wal")).unwrap_or_default();
-        wal.get(16..24)
-            .and_then(|salt| salt.try_into().ok())
+        use std::io::Read;
+        let mut header = [0u8; 24];
+        std::fs::File::open(db.with_extension("db-wal"))
+            .and_then(|mut wal| wal.read_exact(&mut header))
+            .map(|()| header[16..24].try_into().unwrap_or_default())
             .unwrap_or_default()
     }
 
