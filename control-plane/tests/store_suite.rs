@@ -32,7 +32,6 @@ store_tests! {
     mark_online_records_version_facts_and_hostname,
     mark_offline_only_moves_online_servers_offline,
     touch_servers_updates_last_seen_of_live_servers_only,
-    mark_silent_offline_marks_only_online_servers_not_seen_since_the_cutoff,
     server_lookup_is_limited_to_the_scope,
     list_servers_hides_servers_outside_the_scope,
     list_servers_filters_by_status_and_labels,
@@ -585,53 +584,6 @@ async fn touch_servers_updates_last_seen_of_live_servers_only(store: Arc<dyn Sto
         .await
         .expect("server")
         .is_none());
-}
-
-async fn mark_silent_offline_marks_only_online_servers_not_seen_since_the_cutoff(
-    store: Arc<dyn Store>,
-) {
-    let instance = init(&*store).await;
-    let root = instance.root_organization_id;
-    let (silent, _) = enroll_server(&*store, root, "silent", Labels::new()).await;
-    let (alive, _) = enroll_server(&*store, root, "alive", Labels::new()).await;
-    let (connecting, _) = enroll_server(&*store, root, "connecting", Labels::new()).await;
-    let t0 = now() - Duration::minutes(10);
-    for id in [silent.id, alive.id] {
-        store
-            .mark_online(id, "0.1.0", &json!({}), t0)
-            .await
-            .expect("mark_online");
-    }
-    let cutoff = t0 + Duration::minutes(5);
-    store
-        .touch_servers(&[alive.id], cutoff + Duration::seconds(1))
-        .await
-        .expect("touch_servers");
-
-    let marked = store
-        .mark_silent_offline(cutoff, "no heartbeat for 5m")
-        .await
-        .expect("mark_silent_offline");
-    assert_eq!(marked, vec![silent.id]);
-    let s = server_by_id(&*store, &[root], silent.id).await;
-    assert_eq!(s.status, ServerStatus::Offline);
-    assert_eq!(s.status_reason.as_deref(), Some("no heartbeat for 5m"));
-    assert_eq!(s.last_seen_at, Some(t0), "last contact is kept");
-    assert_eq!(
-        server_by_id(&*store, &[root], alive.id).await.status,
-        ServerStatus::Online
-    );
-    assert_eq!(
-        server_by_id(&*store, &[root], connecting.id).await.status,
-        ServerStatus::Connecting
-    );
-
-    // Already offline: not reported again.
-    assert!(store
-        .mark_silent_offline(cutoff, "again")
-        .await
-        .expect("mark_silent_offline")
-        .is_empty());
 }
 
 // ---------------------------------------------------------------------------

@@ -533,13 +533,6 @@ pub trait Store:
     /// Records that these servers' sessions were alive at `at`.
     async fn touch_servers(&self, server_ids: &[Uuid], at: DateTime<Utc>) -> StoreResult<()>;
 
-    /// Marks online servers not seen since `cutoff` offline; returns them.
-    async fn mark_silent_offline(
-        &self,
-        cutoff: DateTime<Utc>,
-        reason: &str,
-    ) -> StoreResult<Vec<Uuid>>;
-
     async fn server(&self, scope: &[Uuid], id: Uuid) -> StoreResult<Option<Server>>;
 
     async fn list_servers(&self, query: &ServerQuery) -> StoreResult<Vec<Server>>;

@@ -495,31 +495,6 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn mark_silent_offline(
-        &self,
-        cutoff: DateTime<Utc>,
-        reason: &str,
-    ) -> StoreResult<Vec<Uuid>> {
-        // A server touched while this runs is re-checked after its lock is
-        // released and skipped when it no longer is silent.
-        let ids = sqlx::query_scalar(
-            "WITH silent AS (
-                 SELECT id FROM servers
-                 WHERE status = 'online' AND deleted_at IS NULL
-                   AND (last_seen_at IS NULL OR last_seen_at < $1)
-                 ORDER BY id
-                 FOR UPDATE)
-             UPDATE servers s SET status = 'offline', status_reason = $2
-             FROM silent WHERE s.id = silent.id
-             RETURNING s.id",
-        )
-        .bind(cutoff)
-        .bind(reason)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(ids)
-    }
-
     async fn server(&self, scope: &[Uuid], id: Uuid) -> StoreResult<Option<Server>> {
         let row = sqlx::query(&format!(
             "SELECT {SERVER_COLUMNS} FROM servers

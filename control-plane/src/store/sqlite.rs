@@ -579,23 +579,6 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn mark_silent_offline(
-        &self,
-        cutoff: DateTime<Utc>,
-        reason: &str,
-    ) -> StoreResult<Vec<Uuid>> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "UPDATE servers SET status = 'offline', status_reason = ?
-             WHERE status = 'online' AND deleted_at IS NULL AND (last_seen_at IS NULL OR last_seen_at < ?)
-             RETURNING id",
-        )
-        .bind(reason)
-        .bind(ms(cutoff))
-        .fetch_all(&self.pool)
-        .await?;
-        ids.iter().map(|s| uuid(s)).collect()
-    }
-
     async fn server(&self, scope: &[Uuid], id: Uuid) -> StoreResult<Option<Server>> {
         let mut builder = QueryBuilder::new(format!(
             "SELECT {SERVER_COLUMNS} FROM servers WHERE deleted_at IS NULL AND id = "
