@@ -12,6 +12,8 @@
 # Environment (all optional):
 #   AGENTS="1000 10000"      fleet sizes
 #   REPORTS=auto             reports per agent in the load phase (auto: 200,000 / agents, at least 20)
+#   STREAM_BATCHES="1 16"    reports per stream in the load phase: 1 is the steady state (with
+#                            its HTTP+JSON baseline), 16 a spool replay as the agent sends it
 #   DATABASES="sqlite postgres"
 #   LOAD_SECONDS=60 IDLE_SECONDS=30   bounds of the load and idle phases
 #   FOOTPRINT=1              0 skips the footprint bench
@@ -28,6 +30,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tether-target}"
 AGENTS="${AGENTS:-1000 10000}"
 REPORTS="${REPORTS:-auto}"
+STREAM_BATCHES="${STREAM_BATCHES:-1 16}"
 DATABASES="${DATABASES:-sqlite postgres}"
 LOAD_SECONDS="${LOAD_SECONDS:-60}"
 IDLE_SECONDS="${IDLE_SECONDS:-30}"
@@ -65,26 +68,34 @@ fi
     echo "host: $(nproc) cores, $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo), $(uname -sr)"
     echo "cpu: $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
     echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) (work tree may be dirty)"
-    echo "command: AGENTS='$AGENTS' REPORTS=$REPORTS DATABASES='$DATABASES' LOAD_SECONDS=$LOAD_SECONDS IDLE_SECONDS=$IDLE_SECONDS FOOTPRINT_WINDOW=$FOOTPRINT_WINDOW bench/run.sh"
+    echo "command: AGENTS='$AGENTS' REPORTS=$REPORTS STREAM_BATCHES='$STREAM_BATCHES' DATABASES='$DATABASES' LOAD_SECONDS=$LOAD_SECONDS IDLE_SECONDS=$IDLE_SECONDS FOOTPRINT_WINDOW=$FOOTPRINT_WINDOW bench/run.sh"
 } | tee "$RESULTS/machine.txt"
 
 files=()
 for n in $AGENTS; do
     for db in $DATABASES; do
-        out="$RESULTS/fleet-$db-$n.json"
         reports="$REPORTS"
         if [ "$reports" = "auto" ]; then
             reports=$((200000 / n))
             [ "$reports" -ge 20 ] || reports=20
         fi
-        say "fleet: $n agents on $db"
-        if "$BENCH" fleet --agents "$n" --reports-per-agent "$reports" --database "$db" \
-            --load-seconds "$LOAD_SECONDS" --idle-seconds "$IDLE_SECONDS" \
-            --work-dir "$WORK" --json-out "$out" 2>&1 | tee "$RESULTS/fleet-$db-$n.log"; then
-            files+=("$out")
-        else
-            say "fleet $n on $db failed; see $RESULTS/fleet-$db-$n.log"
-        fi
+        for per_stream in $STREAM_BATCHES; do
+            name="fleet-$db-$n-x$per_stream"
+            out="$RESULTS/$name.json"
+            baseline=()
+            # The HTTP+JSON baseline pushes one report per request: it is
+            # compared with the one-report-per-stream run only.
+            [ "$per_stream" = "1" ] || baseline=(--no-http-baseline)
+            say "fleet: $n agents on $db, $per_stream report(s) per stream"
+            if "$BENCH" fleet --agents "$n" --reports-per-agent "$reports" --database "$db" \
+                --batches-per-stream "$per_stream" "${baseline[@]}" \
+                --load-seconds "$LOAD_SECONDS" --idle-seconds "$IDLE_SECONDS" \
+                --work-dir "$WORK" --json-out "$out" 2>&1 | tee "$RESULTS/$name.log"; then
+                files+=("$out")
+            else
+                say "fleet $n on $db ($per_stream per stream) failed; see $RESULTS/$name.log"
+            fi
+        done
     done
 done
 

@@ -235,6 +235,11 @@ impl Spool {
         }
     }
 
+    /// Size of the spooled encoding of batch `seq`, if it is spooled.
+    pub fn batch_bytes(&self, seq: u64) -> Option<u64> {
+        self.files.get(&seq).copied()
+    }
+
     /// Sequence numbers waiting for an ack, oldest first.
     pub fn pending(&self) -> Vec<u64> {
         self.files.keys().copied().collect()

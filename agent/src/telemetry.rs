@@ -6,12 +6,13 @@
 //! is remembered across restarts), gives each batch the next sequence number
 //! and stores it in the [`Spool`] — connected or not.
 //!
-//! The sender delivers spooled batches oldest first, each on its own
-//! bidirectional stream (`MetricsBatch` -> `Ack { seq }`), with up to
-//! [`MAX_IN_FLIGHT`] waiting for their ack. Batches are *sent* strictly in
-//! order; only the acks may come back in any order. An acked batch leaves
-//! the spool; one whose stream failed stays there and is sent again after a
-//! pause.
+//! The sender delivers spooled batches oldest first on bidirectional
+//! streams (`MetricsBatch`.. -> `Ack { seq }`..): one batch per stream in
+//! the steady state, up to `MAX_BATCHES_PER_STREAM` on one stream when a
+//! backlog is replayed, with up to [`MAX_IN_FLIGHT`] streams waiting for
+//! their acks. Batches are *sent* strictly in order; only the streams' acks
+//! may come back in any order. An acked batch leaves the spool; one whose
+//! stream failed stays there and is sent again after a pause.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -21,7 +22,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tether_protocol::{Ack, AgentMessage, ControlMessage, MetricsBatch};
+use tether_protocol::{
+    Ack, AgentMessage, ControlMessage, MetricsBatch, MAX_BATCHES_PER_STREAM,
+    MAX_METRICS_STREAM_BYTES,
+};
 use tether_transport::{AgentStream, TransportError};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -42,7 +46,7 @@ const FIRST_REPORT_AFTER: Duration = Duration::from_secs(2);
 /// Bounds on the interval the control plane may ask for.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
-/// Batches sent and waiting for their ack at the same time.
+/// Streams of batches sent and waiting for their acks at the same time.
 pub const MAX_IN_FLIGHT: usize = 8;
 /// How long the control plane may take to store and ack a batch.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -260,27 +264,82 @@ enum DeliveryError {
     Unexpected(&'static str),
 }
 
-/// Opens a stream and writes the batch on it.
+/// Opens a stream and writes `batches` on it, in order.
 async fn send(
     connection: &quinn::Connection,
-    batch: MetricsBatch,
+    batches: Vec<MetricsBatch>,
 ) -> Result<AgentStream, DeliveryError> {
     let mut stream = AgentStream::open(connection).await?;
-    stream.send(&AgentMessage::MetricsBatch(batch)).await?;
+    for batch in batches {
+        stream.send(&AgentMessage::MetricsBatch(batch)).await?;
+    }
     stream.finish()?;
     Ok(stream)
 }
 
-/// Waits for the ack of `seq` on `stream`.
-async fn acked(mut stream: AgentStream, seq: u64) -> Result<(), DeliveryError> {
-    let answer = tokio::time::timeout(ACK_TIMEOUT, stream.recv_required())
-        .await
-        .map_err(|_| DeliveryError::Timeout)??;
-    match answer {
-        ControlMessage::Ack(Ack { seq: acked }) if acked == seq => Ok(()),
-        ControlMessage::Ack(Ack { seq: other }) => Err(DeliveryError::WrongAck(other)),
-        other => Err(DeliveryError::Unexpected(crate::session::kind(&other))),
+/// Waits on `stream` for the acks of `seqs`, which come in their order.
+/// Returns the acked ones, and why the others were not.
+async fn acked(mut stream: AgentStream, seqs: &[u64]) -> (Vec<u64>, Result<(), DeliveryError>) {
+    let deadline = Instant::now() + ACK_TIMEOUT;
+    let mut acked = Vec::with_capacity(seqs.len());
+    for &seq in seqs {
+        let answer = match tokio::time::timeout_at(deadline, stream.recv_required()).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(err)) => return (acked, Err(err.into())),
+            Err(_) => return (acked, Err(DeliveryError::Timeout)),
+        };
+        match answer {
+            ControlMessage::Ack(Ack { seq: got }) if got == seq => acked.push(seq),
+            ControlMessage::Ack(Ack { seq: other }) => {
+                return (acked, Err(DeliveryError::WrongAck(other)))
+            }
+            other => {
+                return (
+                    acked,
+                    Err(DeliveryError::Unexpected(crate::session::kind(&other))),
+                )
+            }
+        }
     }
+    (acked, Ok(()))
+}
+
+/// The next batches to send on one stream: the oldest spooled ones from
+/// `cursor` on that are not in flight, one or — when the spool is being
+/// replayed — up to [`MAX_BATCHES_PER_STREAM`] and
+/// [`MAX_METRICS_STREAM_BYTES`]. Moves `cursor` past them.
+fn next_stream_batches(
+    spool: &mut Spool,
+    cursor: &mut u64,
+    in_flight: &BTreeSet<u64>,
+) -> Vec<MetricsBatch> {
+    /// Frame body of a batch beyond its spooled encoding (the message tag).
+    const FRAME_OVERHEAD: u64 = 16;
+    let mut batches = Vec::new();
+    let mut bytes = 0;
+    while batches.len() < MAX_BATCHES_PER_STREAM {
+        let Some(seq) = spool.first_pending_from(*cursor) else {
+            break;
+        };
+        if in_flight.contains(&seq) {
+            *cursor = seq + 1;
+            continue;
+        }
+        let size = spool.batch_bytes(seq).unwrap_or(0) + FRAME_OVERHEAD;
+        if !batches.is_empty() && bytes + size > MAX_METRICS_STREAM_BYTES {
+            break;
+        }
+        *cursor = seq + 1;
+        match spool.load(seq) {
+            Ok(Some(batch)) => {
+                bytes += size;
+                batches.push(batch);
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!("{err}"),
+        }
+    }
+    batches
 }
 
 /// Delivers the spool over `connection` until the session ends (the caller
@@ -297,61 +356,62 @@ pub async fn deliver(outbox: &Outbox, connection: &quinn::Connection) -> Infalli
     let mut retry_at: Option<Instant> = None;
     let mut pause = RETRY_MIN;
     loop {
-        // Send, in order, as many as the in-flight limit allows.
+        // Send, in order, as many streams as the in-flight limit allows.
         while retry_at.is_none() && in_flight.len() < MAX_IN_FLIGHT {
-            let next = {
-                let mut spool = outbox.spool();
-                let mut found = None;
-                while let Some(seq) = spool.first_pending_from(cursor) {
-                    cursor = seq + 1;
-                    if in_flight_seqs.contains(&seq) {
-                        continue;
-                    }
-                    match spool.load(seq) {
-                        Ok(Some(batch)) => {
-                            found = Some(batch);
-                            break;
-                        }
-                        Ok(None) => continue,
-                        Err(err) => {
-                            tracing::warn!("{err}");
-                            continue;
-                        }
-                    }
-                }
-                found
-            };
-            let Some(batch) = next else { break };
-            let seq = batch.seq;
-            match tokio::time::timeout(ACK_TIMEOUT, send(connection, batch)).await {
+            let batches = next_stream_batches(&mut outbox.spool(), &mut cursor, &in_flight_seqs);
+            let seqs: Vec<u64> = batches.iter().map(|b| b.seq).collect();
+            let Some(&first) = seqs.first() else { break };
+            match tokio::time::timeout(ACK_TIMEOUT, send(connection, batches)).await {
                 Ok(Ok(stream)) => {
-                    tracing::debug!(seq, "metrics batch sent");
-                    in_flight_seqs.insert(seq);
-                    in_flight.push(async move { (seq, acked(stream, seq).await) });
+                    if seqs.len() > 1 {
+                        // Only while a backlog is replayed.
+                        tracing::info!(
+                            first,
+                            batches = seqs.len(),
+                            "spooled metrics batches sent on one stream"
+                        );
+                    } else {
+                        tracing::debug!(seq = first, "metrics batch sent");
+                    }
+                    in_flight_seqs.extend(seqs.iter().copied());
+                    in_flight.push(async move {
+                        let (acked, result) = acked(stream, &seqs).await;
+                        (seqs, acked, result)
+                    });
                 }
                 Ok(Err(err)) => {
-                    retry_at = Some(failed(seq, &err, &mut pause));
+                    retry_at = Some(failed(first, &err, &mut pause));
                 }
                 Err(_) => {
-                    retry_at = Some(failed(seq, &DeliveryError::Timeout, &mut pause));
+                    retry_at = Some(failed(first, &DeliveryError::Timeout, &mut pause));
                 }
             }
         }
         tokio::select! {
-            Some((seq, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                in_flight_seqs.remove(&seq);
+            Some((seqs, acked, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                for seq in &seqs {
+                    in_flight_seqs.remove(seq);
+                }
+                {
+                    let mut spool = outbox.spool();
+                    for &seq in &acked {
+                        spool.ack(seq);
+                    }
+                }
+                if let Some(first) = acked.first() {
+                    pause = RETRY_MIN;
+                    tracing::debug!(first, batches = acked.len(), "metrics batches acknowledged");
+                }
                 match result {
                     Ok(()) => {
-                        outbox.spool().ack(seq);
-                        pause = RETRY_MIN;
-                        tracing::debug!(seq, "metrics batch acknowledged");
                         if in_flight.is_empty() {
-                            // The report's buffers are free now.
+                            // The reports' buffers are free now.
                             crate::release_free_heap();
                         }
                     }
                     Err(err) => {
-                        let at = failed(seq, &err, &mut pause);
+                        let unacked = seqs.get(acked.len()).copied().unwrap_or_default();
+                        let at = failed(unacked, &err, &mut pause);
                         retry_at = Some(retry_at.map_or(at, |current| current.max(at)));
                     }
                 }
@@ -392,6 +452,73 @@ mod tests {
         let mut config = Config::default();
         config.docker.enabled = docker;
         config
+    }
+
+    fn spooled(dir: &Path, seqs: std::ops::RangeInclusive<u64>, filler: usize) -> Spool {
+        let mut spool = Spool::open(dir, u64::MAX).unwrap();
+        for seq in seqs {
+            let batch = MetricsBatch {
+                seq,
+                collected_at_unix_ms: 0,
+                system: tether_protocol::SystemMetrics {
+                    cpu_per_core: vec![0.5; filler],
+                    ..Default::default()
+                },
+                containers: None,
+                dropped_batches: 0,
+            };
+            spool.push(&batch).unwrap();
+        }
+        spool
+    }
+
+    fn seqs(batches: &[MetricsBatch]) -> Vec<u64> {
+        batches.iter().map(|b| b.seq).collect()
+    }
+
+    #[test]
+    fn a_backlog_goes_out_sixteen_batches_to_a_stream_oldest_first() {
+        let root = tempfile::tempdir().unwrap();
+        let mut spool = spooled(root.path(), 1..=20, 4);
+        let mut cursor = 0;
+        let none = BTreeSet::new();
+        let first = next_stream_batches(&mut spool, &mut cursor, &none);
+        assert_eq!(seqs(&first), (1..=16).collect::<Vec<_>>());
+        let second = next_stream_batches(&mut spool, &mut cursor, &none);
+        assert_eq!(seqs(&second), (17..=20).collect::<Vec<_>>());
+        assert!(next_stream_batches(&mut spool, &mut cursor, &none).is_empty());
+        // After a failure the pass starts over and skips what is in flight.
+        let in_flight: BTreeSet<u64> = (1..=16).collect();
+        let mut cursor = 0;
+        let retry = next_stream_batches(&mut spool, &mut cursor, &in_flight);
+        assert_eq!(seqs(&retry), (17..=20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_stream_of_several_batches_stays_within_the_byte_bound() {
+        let root = tempfile::tempdir().unwrap();
+        // ~400 KB each: two fit a stream, three do not.
+        let mut spool = spooled(root.path(), 1..=3, 100_000);
+        let mut cursor = 0;
+        let none = BTreeSet::new();
+        let first = next_stream_batches(&mut spool, &mut cursor, &none);
+        assert_eq!(seqs(&first), vec![1, 2]);
+        let bytes: u64 = first
+            .iter()
+            .map(|b| {
+                tether_protocol::codec::encode_frame(
+                    &AgentMessage::MetricsBatch(b.clone()),
+                    usize::MAX,
+                )
+                .unwrap()
+                .len() as u64
+            })
+            .sum();
+        assert!(bytes <= MAX_METRICS_STREAM_BYTES, "{bytes}");
+        assert_eq!(
+            seqs(&next_stream_batches(&mut spool, &mut cursor, &none)),
+            vec![3]
+        );
     }
 
     #[tokio::test]

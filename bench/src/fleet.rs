@@ -4,8 +4,10 @@
 //! with a token created through the HTTP API (no client certificate, CA
 //! pinned), reconnects with the certificate it got, opens its control stream
 //! (`Hello` -> `Welcome`), keeps heartbeating at the interval it was told,
-//! and sends its reports, each `MetricsBatch` on its own bidirectional stream,
-//! waiting for the `Ack` the control plane sends once the batch is committed.
+//! and sends its reports, each `MetricsBatch` on its own bidirectional stream
+//! (or `--batches-per-stream` of them on one, as an agent replaying its spool
+//! does), waiting for the `Ack`s the control plane sends once the batches are
+//! committed.
 //! Many agents share one UDP socket (one quinn endpoint per
 //! `--agents-per-endpoint` connections) and all run on one tokio runtime.
 
@@ -49,6 +51,11 @@ pub struct FleetArgs {
     /// Reports each agent sends in the load phase.
     #[arg(long, default_value_t = 20)]
     pub reports_per_agent: u64,
+    /// Reports sent on one stream, as an agent replaying its spool sends
+    /// them (1 = one stream per report, the steady state; at most
+    /// `MAX_BATCHES_PER_STREAM`, 16).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=tether_protocol::MAX_BATCHES_PER_STREAM as u64))]
+    pub batches_per_stream: u64,
     #[arg(long, value_enum, default_value_t = Database::Sqlite)]
     pub database: Database,
     /// PostgreSQL admin URL (a fresh database is created on its server per
@@ -109,6 +116,10 @@ pub struct FleetResult {
     pub database: Database,
     pub agents_requested: u32,
     pub reports_per_agent: u64,
+    /// Reports per stream in the load phase (results from before it existed
+    /// sent one per stream).
+    #[serde(default = "one")]
+    pub batches_per_stream: u64,
     pub concurrency: usize,
     pub agents_per_endpoint: u32,
     pub tokens: PhaseResult,
@@ -401,18 +412,30 @@ pub(crate) async fn heartbeat_loop(
     }
 }
 
-/// Sends one report on its own stream and waits for its Ack.
-async fn send_report(connection: &quinn::Connection, index: u32, seq: u64) -> anyhow::Result<()> {
+fn one() -> u64 {
+    1
+}
+
+/// Sends reports `seqs` on one stream and waits for their Acks, in order.
+async fn send_reports(
+    connection: &quinn::Connection,
+    index: u32,
+    seqs: std::ops::RangeInclusive<u64>,
+) -> anyhow::Result<()> {
     let mut stream = AgentStream::open(connection).await?;
-    stream
-        .send(&AgentMessage::MetricsBatch(realistic_batch(index, seq)))
-        .await?;
-    stream.finish()?;
-    match stream.recv_required().await? {
-        ControlMessage::Ack(ack) if ack.seq == seq => {}
-        other => bail!("expected Ack {seq}, got {other:?}"),
+    for seq in seqs.clone() {
+        stream
+            .send(&AgentMessage::MetricsBatch(realistic_batch(index, seq)))
+            .await?;
     }
-    // The control plane finishes the stream after the Ack.
+    stream.finish()?;
+    for seq in seqs {
+        match stream.recv_required().await? {
+            ControlMessage::Ack(ack) if ack.seq == seq => {}
+            other => bail!("expected Ack {seq}, got {other:?}"),
+        }
+    }
+    // The control plane finishes the stream after the last Ack.
     let _ = stream.recv().await;
     Ok(())
 }
@@ -421,22 +444,25 @@ async fn report_loop(
     connection: quinn::Connection,
     index: u32,
     reports: u64,
+    batches_per_stream: u64,
     deadline: tokio::time::Instant,
     counters: Arc<Counters>,
     first_error: Arc<std::sync::Mutex<Option<String>>>,
 ) {
-    for seq in 1..=reports {
+    let mut next = 1;
+    while next <= reports {
         if tokio::time::Instant::now() >= deadline {
             break;
         }
+        let last = (next + batches_per_stream - 1).min(reports);
         match tokio::time::timeout(
             Duration::from_secs(30),
-            send_report(&connection, index, seq),
+            send_reports(&connection, index, next..=last),
         )
         .await
         {
             Ok(Ok(())) => {
-                counters.acked.fetch_add(1, Ordering::Relaxed);
+                counters.acked.fetch_add(last - next + 1, Ordering::Relaxed);
             }
             Ok(Err(e)) => {
                 counters.report_errors.fetch_add(1, Ordering::Relaxed);
@@ -452,6 +478,7 @@ async fn report_loop(
                 break;
             }
         }
+        next = last + 1;
     }
     counters.finished.fetch_add(1, Ordering::Relaxed);
 }
@@ -502,9 +529,10 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<FleetResult> {
     let run_dir = args.work_dir.join(&run_name);
     std::fs::create_dir_all(&run_dir)?;
     println!(
-        "== fleet: {} agents x {} reports on {:?} (concurrency {}, {} agents per UDP socket, open files limit {nofile}); work dir {}",
+        "== fleet: {} agents x {} reports ({} per stream) on {:?} (concurrency {}, {} agents per UDP socket, open files limit {nofile}); work dir {}",
         args.agents,
         args.reports_per_agent,
+        args.batches_per_stream,
         args.database,
         args.concurrency,
         args.agents_per_endpoint,
@@ -856,6 +884,7 @@ async fn run_with(
             s.connection.clone(),
             s.index,
             args.reports_per_agent,
+            args.batches_per_stream,
             deadline,
             counters.clone(),
             first_error.clone(),
@@ -1033,6 +1062,7 @@ async fn run_with(
         database: args.database,
         agents_requested: n,
         reports_per_agent: args.reports_per_agent,
+        batches_per_stream: args.batches_per_stream,
         concurrency: args.concurrency,
         agents_per_endpoint: args.agents_per_endpoint,
         tokens: token_phase,

@@ -51,8 +51,8 @@ fn header(title: &str) {
 /// Prints one fleet run.
 pub fn print_fleet(r: &FleetResult) {
     header(&format!(
-        "fleet: {} agents x {} reports, {:?}",
-        r.agents_requested, r.reports_per_agent, r.database
+        "fleet: {} agents x {} reports ({} per stream), {:?}",
+        r.agents_requested, r.reports_per_agent, r.batches_per_stream, r.database
     ));
     row(
         "enrollment tokens via the API",

@@ -57,6 +57,8 @@ pub struct FrameCodec<In, Out> {
     /// True once the inner codec has consumed a length prefix and is waiting
     /// for the body: the buffer may then be empty while a frame is open.
     in_body: bool,
+    /// Sum of the bodies of the frames decoded so far.
+    decoded_bytes: u64,
     _types: PhantomData<fn(Out) -> In>,
 }
 
@@ -83,6 +85,7 @@ impl<In, Out> FrameCodec<In, Out> {
             inner,
             max_frame_len,
             in_body: false,
+            decoded_bytes: 0,
             _types: PhantomData,
         }
     }
@@ -90,6 +93,11 @@ impl<In, Out> FrameCodec<In, Out> {
     /// The largest frame body this codec accepts.
     pub fn max_frame_len(&self) -> usize {
         self.max_frame_len
+    }
+
+    /// Bytes of frame bodies decoded so far (length prefixes not counted).
+    pub fn decoded_bytes(&self) -> u64 {
+        self.decoded_bytes
     }
 
     fn map_io(&self, err: std::io::Error) -> FrameError {
@@ -143,6 +151,7 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
         match self.inner.decode(src) {
             Ok(Some(body)) => {
                 self.in_body = false;
+                self.decoded_bytes += body.len() as u64;
                 decode_body(&body).map(Some)
             }
             Ok(None) => {

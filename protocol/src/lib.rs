@@ -27,7 +27,8 @@ pub use federation::{
 pub use messages::*;
 pub use session::{
     classify_control_opener, classify_first_message, negotiate_version, CloseCode,
-    ControlStreamKind, PeerKind, StreamKind, VersionError, Violation,
+    ControlStreamKind, MetricsStreamRules, MetricsStreamViolation, PeerKind, StreamKind,
+    VersionError, Violation, MAX_BATCHES_PER_STREAM, MAX_METRICS_STREAM_BYTES,
 };
 
 /// ALPN protocol id spoken on every Tether QUIC connection.

@@ -150,6 +150,85 @@ impl Violation {
     }
 }
 
+/// Most [`MetricsBatch`](crate::MetricsBatch)es one metrics stream may carry.
+///
+/// A metrics stream carries one batch, or — when an agent replays its
+/// spool — up to this many, in increasing `seq` order; the agent then
+/// finishes its side and the control plane answers one `Ack { seq }` per
+/// batch, in the same order, each once that batch is committed. One stream
+/// for many replayed batches saves a stream and its datagrams per report
+/// (docs/performance.md, *Replays on one stream*). A control plane that reads
+/// only the first batch acks only that one; the agent sends the others again.
+pub const MAX_BATCHES_PER_STREAM: usize = 16;
+
+/// Most bytes of frame bodies a metrics stream of several batches may carry
+/// (one batch alone is bounded by the frame limit): what one stream can make
+/// the control plane hold before it stores anything.
+pub const MAX_METRICS_STREAM_BYTES: u64 = crate::codec::MAX_FRAME_LEN as u64;
+
+/// A metrics stream broke [`MAX_BATCHES_PER_STREAM`]'s rules after its
+/// first batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MetricsStreamViolation {
+    #[error("a metrics stream carries only metrics batches")]
+    NotABatch,
+    #[error("a metrics stream carries at most {MAX_BATCHES_PER_STREAM} batches")]
+    TooManyBatches,
+    #[error(
+        "a metrics stream of several batches carries at most {MAX_METRICS_STREAM_BYTES} bytes"
+    )]
+    TooManyBytes,
+    #[error("batch {next} follows batch {previous} on a metrics stream; seq must increase")]
+    OutOfOrder { previous: u64, next: u64 },
+}
+
+/// The rules a metrics stream's frames follow after the first one: only
+/// batches, at most [`MAX_BATCHES_PER_STREAM`] of them and
+/// [`MAX_METRICS_STREAM_BYTES`] in all, `seq` strictly increasing.
+#[derive(Debug, Clone)]
+pub struct MetricsStreamRules {
+    batches: usize,
+    last_seq: u64,
+}
+
+impl MetricsStreamRules {
+    /// The rules of a stream whose first batch had `first_seq`.
+    pub fn new(first_seq: u64) -> Self {
+        Self {
+            batches: 1,
+            last_seq: first_seq,
+        }
+    }
+
+    /// Checks the next frame of the stream, `stream_bytes` being the frame
+    /// bodies read on the stream so far, this one's included; `Ok` counts
+    /// it in.
+    pub fn accept(
+        &mut self,
+        next: &AgentMessage,
+        stream_bytes: u64,
+    ) -> Result<(), MetricsStreamViolation> {
+        let AgentMessage::MetricsBatch(batch) = next else {
+            return Err(MetricsStreamViolation::NotABatch);
+        };
+        if self.batches >= MAX_BATCHES_PER_STREAM {
+            return Err(MetricsStreamViolation::TooManyBatches);
+        }
+        if stream_bytes > MAX_METRICS_STREAM_BYTES {
+            return Err(MetricsStreamViolation::TooManyBytes);
+        }
+        if batch.seq <= self.last_seq {
+            return Err(MetricsStreamViolation::OutOfOrder {
+                previous: self.last_seq,
+                next: batch.seq,
+            });
+        }
+        self.batches += 1;
+        self.last_seq = batch.seq;
+        Ok(())
+    }
+}
+
 /// Decides what a stream opened by `peer` with `first` is for.
 pub fn classify_first_message(
     peer: PeerKind,

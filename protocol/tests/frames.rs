@@ -1837,3 +1837,86 @@ fn close_code_reasons_are_distinct_and_non_empty() {
     reasons.dedup();
     assert_eq!(reasons.len(), all_close_codes().len());
 }
+
+fn batch_frame(seq: u64) -> AgentMessage {
+    AgentMessage::MetricsBatch(MetricsBatch {
+        seq,
+        ..metrics_batch()
+    })
+}
+
+#[test]
+fn metrics_stream_takes_up_to_its_limit_of_batches_in_increasing_seq() {
+    let mut rules = MetricsStreamRules::new(10);
+    for seq in 11..10 + MAX_BATCHES_PER_STREAM as u64 {
+        assert_eq!(
+            rules.accept(&batch_frame(seq), 1_000),
+            Ok(()),
+            "batch {seq}"
+        );
+    }
+    assert_eq!(
+        rules.accept(&batch_frame(10 + MAX_BATCHES_PER_STREAM as u64), 1_000),
+        Err(MetricsStreamViolation::TooManyBatches)
+    );
+}
+
+#[test]
+fn metrics_stream_refuses_repeated_or_earlier_seqs_and_other_messages() {
+    let mut rules = MetricsStreamRules::new(5);
+    assert_eq!(
+        rules.accept(&batch_frame(5), 1_000),
+        Err(MetricsStreamViolation::OutOfOrder {
+            previous: 5,
+            next: 5
+        })
+    );
+    assert_eq!(
+        rules.accept(&batch_frame(3), 1_000),
+        Err(MetricsStreamViolation::OutOfOrder {
+            previous: 5,
+            next: 3
+        })
+    );
+    // Gaps are fine: batches dropped from a full spool leave them.
+    assert_eq!(rules.accept(&batch_frame(9), 1_000), Ok(()));
+    for message in agent_samples() {
+        if !matches!(message, AgentMessage::MetricsBatch(_)) {
+            assert_eq!(
+                rules.accept(&message, 1_000),
+                Err(MetricsStreamViolation::NotABatch),
+                "{}",
+                agent_variant_name(&message)
+            );
+        }
+    }
+}
+
+#[test]
+fn metrics_stream_of_several_batches_stays_within_its_byte_bound() {
+    let mut rules = MetricsStreamRules::new(1);
+    assert_eq!(
+        rules.accept(&batch_frame(2), MAX_METRICS_STREAM_BYTES),
+        Ok(())
+    );
+    assert_eq!(
+        rules.accept(&batch_frame(3), MAX_METRICS_STREAM_BYTES + 1),
+        Err(MetricsStreamViolation::TooManyBytes)
+    );
+}
+
+#[test]
+fn codec_counts_the_body_bytes_it_decoded() {
+    let mut codec = ControlSide::default();
+    let mut buf = BytesMut::new();
+    let mut bodies = 0;
+    for seq in [1, 2] {
+        let frame = encode_frame(&batch_frame(seq), MAX_FRAME_LEN).unwrap();
+        bodies += frame.len() as u64 - 4;
+        buf.extend_from_slice(&frame);
+    }
+    assert_eq!(codec.decoded_bytes(), 0);
+    assert!(codec.decode(&mut buf).unwrap().is_some());
+    assert!(codec.decode(&mut buf).unwrap().is_some());
+    assert_eq!(codec.decoded_bytes(), bodies);
+}

@@ -1,14 +1,19 @@
 //! End-to-end telemetry: real agents report system and Docker metrics to a
 //! real control plane; no report is lost when the control plane dies or the
-//! network is cut.
+//! network is cut; a replayed backlog travels on few streams.
 
 use std::time::Duration;
 
 use serde_json::Value;
+use tether_protocol::{
+    Ack, AgentMessage, CloseCode, ControlMessage, Hello, HostFacts, MetricsBatch, SystemMetrics,
+    MAX_BATCHES_PER_STREAM,
+};
 use tether_tests::docker::Container;
 use tether_tests::{
-    contiguous_seqs, enrolled_running_agent, eventually, raw_points, ControlPlane, UdpCut,
+    contiguous_seqs, enrolled_running_agent, eventually, raw_points, Agent, ControlPlane, UdpCut,
 };
+use tether_transport::AgentStream;
 
 const FAST: &[&str] = &["--metrics-interval", "1s"];
 
@@ -107,7 +112,7 @@ async fn no_report_is_lost_when_the_control_plane_is_killed() {
     let mut cp = ControlPlane::start(&dir.path().join("cp"), FAST)
         .await
         .unwrap();
-    let (_agent, server_id) = enrolled_running_agent(&cp, dir.path(), "survivor")
+    let (agent, server_id) = enrolled_running_agent(&cp, dir.path(), "survivor")
         .await
         .unwrap();
     eventually(Duration::from_secs(15), "first reports", || async {
@@ -132,6 +137,24 @@ async fn no_report_is_lost_when_the_control_plane_is_killed() {
     .unwrap();
     let seqs = contiguous_seqs(&points).unwrap_or_else(|e| panic!("{e}: {points:?}"));
     assert!(seqs.len() >= 12);
+    // The backlog of the outage went out several batches to a stream.
+    let log = agent.log();
+    assert!(
+        largest_stream_sent(&log) > 1,
+        "no stream carried more than one batch:\n{log}"
+    );
+}
+
+/// The most batches the agent's log shows on one stream.
+fn largest_stream_sent(log: &str) -> usize {
+    log.lines()
+        .filter(|line| line.contains("metrics batches sent on one stream"))
+        .filter_map(|line| {
+            let (_, after) = line.split_once("batches=")?;
+            after.split_whitespace().next()?.parse().ok()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -176,4 +199,134 @@ async fn no_report_is_lost_when_the_network_is_cut() {
     .await
     .unwrap();
     contiguous_seqs(&points).unwrap_or_else(|e| panic!("{e}: {points:?}"));
+}
+
+/// A session of our own, with the key and certificate `tether-agent enroll`
+/// left in `agent`'s state dir: what a spool replay looks like on the wire,
+/// frame by frame.
+async fn raw_session(
+    cp: &ControlPlane,
+    agent: &Agent,
+) -> (quinn::Endpoint, quinn::Connection, AgentStream) {
+    tether_certs::install_crypto_provider();
+    let key_pem = std::fs::read_to_string(agent.state_dir.join("agent.key")).unwrap();
+    let key = tether_certs::AgentKey::from_pem(&key_pem).unwrap();
+    let chain_pem = std::fs::read_to_string(agent.state_dir.join("agent.crt")).unwrap();
+    let chain = tether_certs::authority::pem_to_chain(&chain_pem).unwrap();
+    let tls = tether_certs::agent_client_config(
+        cp.ca_fingerprint.parse().unwrap(),
+        Some((chain, key.private_key_der())),
+    )
+    .unwrap();
+    let endpoint = tether_transport::client_endpoint(cp.quic_addr, tls).unwrap();
+    let connection = tether_transport::connect_control_plane(&endpoint, cp.quic_addr)
+        .await
+        .unwrap();
+    let mut control = AgentStream::open(&connection).await.unwrap();
+    let welcome = control
+        .request(&AgentMessage::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            agent_version: "test".into(),
+            facts: HostFacts::default(),
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(welcome, ControlMessage::Welcome(_)), "{welcome:?}");
+    (endpoint, connection, control)
+}
+
+fn batch(seq: u64) -> AgentMessage {
+    AgentMessage::MetricsBatch(MetricsBatch {
+        seq,
+        collected_at_unix_ms: 0,
+        system: SystemMetrics {
+            memory_total_bytes: 1 << 30,
+            ..SystemMetrics::default()
+        },
+        containers: None,
+        dropped_batches: 0,
+    })
+}
+
+#[tokio::test]
+async fn one_stream_carries_a_replayed_backlog_acked_batch_by_batch_once_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), &[])
+        .await
+        .unwrap();
+    let token = cp
+        .enrollment_token(serde_json::json!({ "server_name": "replayer" }))
+        .await
+        .unwrap();
+    let agent = Agent::new(&dir.path().join("replayer"));
+    let (ok, stderr) = agent.enroll(&cp, token["token"].as_str().unwrap()).unwrap();
+    assert!(ok, "{stderr}");
+    let server_id = agent.server_id().unwrap();
+    let (_endpoint, connection, _control) = raw_session(&cp, &agent).await;
+
+    // A backlog of the most batches one stream may carry, with a gap (a
+    // batch the spool dropped), and one already stored before.
+    let mut stream = AgentStream::open(&connection).await.unwrap();
+    stream.send(&batch(1)).await.unwrap();
+    stream.finish().unwrap();
+    assert!(matches!(
+        stream.recv_required().await.unwrap(),
+        ControlMessage::Ack(Ack { seq: 1 })
+    ));
+    let seqs: Vec<u64> = (1..=MAX_BATCHES_PER_STREAM as u64 + 1)
+        .filter(|seq| *seq != 5)
+        .collect();
+    let mut stream = AgentStream::open(&connection).await.unwrap();
+    for seq in &seqs {
+        stream.send(&batch(*seq)).await.unwrap();
+    }
+    stream.finish().unwrap();
+    for seq in &seqs {
+        let answer = tokio::time::timeout(Duration::from_secs(10), stream.recv_required())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, ControlMessage::Ack(Ack { seq: *seq }));
+    }
+    assert!(stream.recv().await.unwrap().is_none(), "one ack per batch");
+    let stored: Vec<i64> = raw_points(&cp, &server_id, since_epoch())
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["seq"].as_i64())
+        .collect();
+    let mut expected: Vec<i64> = seqs.iter().map(|s| *s as i64).collect();
+    expected.sort_unstable();
+    let mut got = stored.clone();
+    got.sort_unstable();
+    assert_eq!(
+        got, expected,
+        "each batch stored once, the replayed one too"
+    );
+
+    // A batch repeated on one stream breaks the rules: nothing of that
+    // stream is acked or stored, and the connection is closed.
+    let mut stream = AgentStream::open(&connection).await.unwrap();
+    stream.send(&batch(40)).await.unwrap();
+    stream.send(&batch(40)).await.unwrap();
+    stream.finish().unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), stream.recv()).await;
+    assert!(
+        !matches!(answer, Ok(Ok(Some(_)))),
+        "a stream with a repeated batch was answered: {answer:?}"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed())
+        .await
+        .unwrap();
+    assert_eq!(
+        tether_transport::close_code_of(&closed),
+        Some(CloseCode::ProtocolViolation),
+        "{closed}"
+    );
+    let stored = raw_points(&cp, &server_id, since_epoch()).await.unwrap();
+    assert!(
+        stored.iter().all(|p| p["seq"].as_i64() != Some(40)),
+        "{stored:?}"
+    );
 }

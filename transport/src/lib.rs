@@ -302,6 +302,11 @@ impl<In: DeserializeOwned, Out: Serialize> FramedStream<In, Out> {
         }
     }
 
+    /// Bytes of frame bodies read from the stream so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.recv.decoder().decoded_bytes()
+    }
+
     /// The next message, treating a finished stream as an error.
     pub async fn recv_required(&mut self) -> Result<In, TransportError> {
         self.recv().await?.ok_or(TransportError::StreamClosed)

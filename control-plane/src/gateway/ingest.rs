@@ -1,7 +1,8 @@
 //! Metrics ingestion: batches from every session go through one writer task
-//! that stores them in as few transactions as possible (all batches waiting
-//! when a write finishes go into the next one), and answers each submitter
-//! once its batch is committed, so the agent's `Ack` always means "durable".
+//! (two on PostgreSQL, [`Store::metrics_writers`]) that stores them in as few
+//! transactions as possible (all batches waiting when a writer is free go into
+//! its next one), and answers each submitter once its batch is committed, so
+//! the agent's `Ack` always means "durable".
 //!
 //! A batch is turned into the store's records by its submitter, in the
 //! session's own task (so on every runtime worker at once); the writer only
@@ -11,14 +12,15 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use tether_protocol::{ContainerReport, MetricsBatch};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
 use crate::store::{ContainerRecord, ContainerSet, MetricsIngest, MetricsRecord, Store};
 
-/// Most batches written in one transaction.
+/// Most batches written in one transaction (a submission is never split,
+/// so a transaction may pass this by one submission's batches).
 const MAX_BATCHES_PER_WRITE: usize = 2048;
-/// Batches waiting for the writer before submitters wait for room.
+/// Submissions waiting for the writer before submitters wait for room.
 const QUEUE_DEPTH: usize = 16_384;
 
 /// Why a batch was not stored.
@@ -30,9 +32,11 @@ pub enum IngestError {
     Store(String),
 }
 
+/// The records of one submission: one batch, or the batches of one metrics
+/// stream.
 struct Pending {
-    metrics: MetricsRecord,
-    containers: Option<ContainerSet>,
+    metrics: Vec<MetricsRecord>,
+    containers: Vec<ContainerSet>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -43,24 +47,42 @@ pub struct Ingestor {
 }
 
 impl Ingestor {
-    /// Starts the writer task.
+    /// Starts the writer tasks (as many as the store takes at once).
     pub fn start(store: Arc<dyn Store>) -> Self {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(write_loop(store, receiver));
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..store.metrics_writers().max(1) {
+            tokio::spawn(write_loop(store.clone(), receiver.clone()));
+        }
         Self { queue }
     }
 
     /// Stores one batch of `server_id`; returns once it is committed.
     pub async fn submit(&self, server_id: Uuid, batch: MetricsBatch) -> Result<(), IngestError> {
+        self.submit_all(server_id, vec![batch]).await
+    }
+
+    /// Stores `batches` of `server_id` in one transaction; returns once they
+    /// are all committed.
+    pub async fn submit_all(
+        &self,
+        server_id: Uuid,
+        batches: Vec<MetricsBatch>,
+    ) -> Result<(), IngestError> {
         let (done, answer) = oneshot::channel();
-        let (metrics, containers) = records(server_id, &batch, Utc::now());
-        drop(batch);
+        let now = Utc::now();
+        let mut pending = Pending {
+            metrics: Vec::with_capacity(batches.len()),
+            containers: Vec::new(),
+            done,
+        };
+        for batch in batches {
+            let (metrics, containers) = records(server_id, &batch, now);
+            pending.metrics.push(metrics);
+            pending.containers.extend(containers);
+        }
         self.queue
-            .send(Pending {
-                metrics,
-                containers,
-                done,
-            })
+            .send(pending)
             .await
             .map_err(|_| IngestError::Stopped)?;
         answer
@@ -70,28 +92,35 @@ impl Ingestor {
     }
 }
 
-async fn write_loop(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<Pending>) {
-    while let Some(first) = receiver.recv().await {
-        let mut pending = vec![first];
-        while pending.len() < MAX_BATCHES_PER_WRITE {
-            match receiver.try_recv() {
-                Ok(next) => pending.push(next),
-                Err(_) => break,
+/// One writer: takes everything waiting (while it gathers, other writers
+/// wait for the queue), writes it in one transaction, answers.
+async fn write_loop(store: Arc<dyn Store>, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
+    loop {
+        let (ingest, answers) = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
+            let mut ingest = MetricsIngest {
+                received_at: Utc::now(),
+                metrics: first.metrics,
+                containers: first.containers,
+            };
+            let mut answers = vec![first.done];
+            while ingest.metrics.len() < MAX_BATCHES_PER_WRITE {
+                match receiver.try_recv() {
+                    Ok(next) => {
+                        ingest.metrics.extend(next.metrics);
+                        ingest.containers.extend(next.containers);
+                        answers.push(next.done);
+                    }
+                    Err(_) => break,
+                }
             }
-        }
-        let mut ingest = MetricsIngest {
-            received_at: Utc::now(),
-            metrics: Vec::with_capacity(pending.len()),
-            containers: Vec::new(),
+            (ingest, answers)
         };
-        let mut answers = Vec::with_capacity(pending.len());
-        for p in pending {
-            ingest.metrics.push(p.metrics);
-            ingest.containers.extend(p.containers);
-            answers.push(p.done);
-        }
         let result = store.ingest_metrics(&ingest).await.map_err(|e| {
-            tracing::error!(error = %e, batches = answers.len(), "could not store metrics");
+            tracing::error!(error = %e, batches = ingest.metrics.len(), "could not store metrics");
             e.to_string()
         });
         for done in answers {

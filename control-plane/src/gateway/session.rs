@@ -1,6 +1,7 @@
 //! Sessions of enrolled agents: admission (certificate known and not
 //! revoked), the control stream (`Hello` -> `Welcome`, heartbeats), streams
-//! the agent opens (certificate renewal), and the end of the session.
+//! the agent opens (metrics batches, health reports, certificate renewal),
+//! and the end of the session.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -9,9 +10,10 @@ use chrono::{DateTime, Utc};
 use rustls_pki_types::CertificateDer;
 use tether_certs::CertificateInfo;
 use tether_protocol::{
-    classify_first_message, negotiate_version, AgentConfig, AgentMessage,
-    CertificateRenewalRequest, CloseCode, ControlMessage, HeartbeatAck, HelloRejection, PeerKind,
-    RenewalRejection, StreamKind, Welcome, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    classify_first_message, negotiate_version, Ack, AgentConfig, AgentMessage,
+    CertificateRenewalRequest, CloseCode, ControlMessage, HeartbeatAck, HelloRejection,
+    MetricsBatch, MetricsStreamRules, PeerKind, RenewalRejection, StreamKind, Welcome,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tether_transport::ControlStream;
 use tokio::sync::watch;
@@ -363,22 +365,7 @@ async fn agent_stream(
     };
     match (classify_first_message(PeerKind::Agent, &first), first) {
         (Ok(StreamKind::Metrics), AgentMessage::MetricsBatch(batch)) => {
-            let seq = batch.seq;
-            match renewal.cp.ingestor.submit(renewal.server_id, batch).await {
-                Ok(()) => {
-                    if let Err(e) = stream
-                        .send(&ControlMessage::Ack(tether_protocol::Ack { seq }))
-                        .await
-                    {
-                        tracing::debug!(seq, error = %e, "could not deliver an ack; the agent will resend");
-                    }
-                    let _ = stream.finish();
-                }
-                Err(e) => {
-                    // No ack: the batch stays in the agent's spool and comes back.
-                    tracing::warn!(seq, error = %e, "metrics batch not stored");
-                }
-            }
+            metrics_stream(&connection, stream, batch, &renewal).await;
         }
         (Ok(StreamKind::CertificateRenewal), AgentMessage::RenewCertificate(request)) => {
             let answer = renew(&renewal, &request).await;
@@ -410,6 +397,71 @@ async fn agent_stream(
             tether_transport::close(&connection, CloseCode::ProtocolViolation);
         }
     }
+}
+
+/// How long the rest of a metrics stream may take to arrive after its first
+/// batch: the agent's own wait for its acks (a replay storm after an outage
+/// can hold a stream's later datagrams in loss recovery for seconds).
+const METRICS_STREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A metrics stream: its batches (one, or up to `MAX_BATCHES_PER_STREAM`
+/// when the agent replays its spool) are read to the end of the stream,
+/// stored in one submission, then acked one by one in the order they came.
+/// A stream that fails or breaks the rules before its end gets no ack at
+/// all: its batches stay in the agent's spool and come back.
+async fn metrics_stream(
+    connection: &quinn::Connection,
+    mut stream: ControlStream,
+    first: MetricsBatch,
+    renewal: &RenewalContext,
+) {
+    let mut rules = MetricsStreamRules::new(first.seq);
+    let mut batches = vec![first];
+    let deadline = tokio::time::Instant::now() + METRICS_STREAM_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.recv()).await {
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(next))) => {
+                if let Err(violation) = rules.accept(&next, stream.bytes_received()) {
+                    tracing::warn!(%violation, "metrics stream broke the protocol; closing the connection");
+                    tether_transport::close(connection, CloseCode::ProtocolViolation);
+                    return;
+                }
+                if let AgentMessage::MetricsBatch(batch) = next {
+                    batches.push(batch);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(batches = batches.len(), error = %e, "metrics stream failed before its end; nothing acked");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    batches = batches.len(),
+                    "metrics stream not finished in time; nothing acked"
+                );
+                return;
+            }
+        }
+    }
+    let seqs: Vec<u64> = batches.iter().map(|b| b.seq).collect();
+    if let Err(e) = renewal
+        .cp
+        .ingestor
+        .submit_all(renewal.server_id, batches)
+        .await
+    {
+        // No ack: the batches stay in the agent's spool and come back.
+        tracing::warn!(first_seq = ?seqs.first(), batches = seqs.len(), error = %e, "metrics batches not stored");
+        return;
+    }
+    for seq in seqs {
+        if let Err(e) = stream.send(&ControlMessage::Ack(Ack { seq })).await {
+            tracing::debug!(seq, error = %e, "could not deliver an ack; the agent will resend");
+            return;
+        }
+    }
+    let _ = stream.finish();
 }
 
 async fn renew(ctx: &RenewalContext, request: &CertificateRenewalRequest) -> ControlMessage {

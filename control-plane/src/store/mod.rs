@@ -612,6 +612,13 @@ pub trait Store:
     /// (a replay is a no-op), container sets only when newer than the stored one.
     async fn ingest_metrics(&self, ingest: &MetricsIngest) -> StoreResult<()>;
 
+    /// How many [`Store::ingest_metrics`] calls may usefully run at once:
+    /// one where the database takes one writer at a time (SQLite), more
+    /// where it runs transactions side by side (PostgreSQL).
+    fn metrics_writers(&self) -> usize {
+        1
+    }
+
     /// Raw points of a server with `from <= ts < to`, oldest first.
     async fn metrics_points(
         &self,

@@ -930,6 +930,13 @@ impl Store for PostgresStore {
         Ok(replaced == 1)
     }
 
+    /// Two: while one transaction runs in PostgreSQL, the next one's
+    /// records are encoded and sent. Both write rows in `(server_id, seq)`
+    /// order, so they wait on each other's rows rather than deadlock.
+    fn metrics_writers(&self) -> usize {
+        2
+    }
+
     async fn ingest_metrics(&self, ingest: &MetricsIngest) -> StoreResult<()> {
         if ingest.metrics.is_empty() && ingest.containers.is_empty() {
             return Ok(());
@@ -1642,19 +1649,20 @@ fn json_value(v: &serde_json::Value) -> Cow<'_, serde_json::Value> {
 /// order so replicas inserting the same replayed batches cannot deadlock.
 async fn insert_metrics(conn: &mut sqlx::PgConnection, ingest: &MetricsIngest) -> StoreResult<()> {
     let m = ingest.metrics.as_slice();
-    let cpu_per_core = column(m, |r| json_value(&r.cpu_per_core));
-    let disks = column(m, |r| json_value(&r.disks));
-    let networks = column(m, |r| json_value(&r.networks));
+    // The lists go in as text, which the `json` columns check and keep.
+    let cpu_per_core = column(m, |r| json_value(&r.cpu_per_core).to_string());
+    let disks = column(m, |r| json_value(&r.disks).to_string());
+    let networks = column(m, |r| json_value(&r.networks).to_string());
     sqlx::query(
         "INSERT INTO metrics (server_id, seq, ts, received_at, cpu_percent, load_1, load_5, load_15,
              memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core,
              disks, networks, uptime_seconds, process_count, dropped_batches)
          SELECT server_id, seq, ts, $1, cpu_percent, load_1, load_5, load_15, memory_used_bytes,
-                memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core, disks, networks,
-                uptime_seconds, process_count, dropped_batches
+                memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core::json,
+                disks::json, networks::json, uptime_seconds, process_count, dropped_batches
          FROM UNNEST($2::uuid[], $3::bigint[], $4::timestamptz[], $5::float8[], $6::float8[],
                      $7::float8[], $8::float8[], $9::bigint[], $10::bigint[], $11::bigint[],
-                     $12::bigint[], $13::jsonb[], $14::jsonb[], $15::jsonb[], $16::bigint[],
+                     $12::bigint[], $13::text[], $14::text[], $15::text[], $16::bigint[],
                      $17::bigint[], $18::bigint[])
              WITH ORDINALITY AS u (server_id, seq, ts, cpu_percent, load_1, load_5, load_15,
                  memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes,
@@ -1675,9 +1683,9 @@ async fn insert_metrics(conn: &mut sqlx::PgConnection, ingest: &MetricsIngest) -
     .bind(column(m, |r| r.memory_total_bytes))
     .bind(column(m, |r| r.swap_used_bytes))
     .bind(column(m, |r| r.swap_total_bytes))
-    .bind(column(&cpu_per_core, |v| v.as_ref()))
-    .bind(column(&disks, |v| v.as_ref()))
-    .bind(column(&networks, |v| v.as_ref()))
+    .bind(&cpu_per_core)
+    .bind(&disks)
+    .bind(&networks)
     .bind(column(m, |r| r.uptime_seconds))
     .bind(column(m, |r| r.process_count))
     .bind(column(m, |r| r.dropped_batches))
