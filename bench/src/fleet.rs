@@ -110,6 +110,10 @@ struct Session {
 /// id and heartbeat interval.
 type Connected = (u32, quinn::Connection, String, tokio::task::JoinHandle<()>);
 
+fn one_batch_per_stream() -> u64 {
+    1
+}
+
 /// Results of one fleet run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FleetResult {
@@ -118,7 +122,7 @@ pub struct FleetResult {
     pub reports_per_agent: u64,
     /// Reports per stream in the load phase (results from before it existed
     /// sent one per stream).
-    #[serde(default = "one")]
+    #[serde(default = "one_batch_per_stream")]
     pub batches_per_stream: u64,
     pub concurrency: usize,
     pub agents_per_endpoint: u32,
@@ -412,10 +416,6 @@ pub(crate) async fn heartbeat_loop(
     }
 }
 
-fn one() -> u64 {
-    1
-}
-
 /// Sends reports `seqs` on one stream and waits for their Acks, in order.
 async fn send_reports(
     connection: &quinn::Connection,
@@ -464,13 +464,18 @@ async fn report_loop(
             Ok(Ok(())) => {
                 counters.acked.fetch_add(last - next + 1, Ordering::Relaxed);
             }
+            // Every report of the stream failed (none of them was acked).
             Ok(Err(e)) => {
-                counters.report_errors.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .report_errors
+                    .fetch_add(last - next + 1, Ordering::Relaxed);
                 first_error.lock().unwrap().get_or_insert(e.to_string());
                 break;
             }
             Err(_) => {
-                counters.report_errors.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .report_errors
+                    .fetch_add(last - next + 1, Ordering::Relaxed);
                 first_error
                     .lock()
                     .unwrap()
