@@ -41,6 +41,23 @@ pub fn signal(child: &Child, signal: i32) {
     }
 }
 
+/// Asserts that `connection` is closed within `within`, with Tether close
+/// code `expected`.
+pub async fn assert_closed_with(
+    connection: &quinn::Connection,
+    within: Duration,
+    expected: tether_protocol::CloseCode,
+) {
+    let closed = tokio::time::timeout(within, connection.closed())
+        .await
+        .unwrap_or_else(|_| panic!("the connection was not closed within {within:?}"));
+    assert_eq!(
+        tether_transport::close_code_of(&closed),
+        Some(expected),
+        "{closed}"
+    );
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
 where

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::json;
 use tether_protocol::{AgentMessage, CloseCode, Heartbeat, Hello, HostFacts};
-use tether_tests::{enrolled_running_agent, eventually, Agent, ControlPlane};
+use tether_tests::{assert_closed_with, enrolled_running_agent, eventually, Agent, ControlPlane};
 
 #[tokio::test]
 async fn enrolled_agent_comes_online_within_two_seconds() {
@@ -296,14 +296,12 @@ async fn unauthenticated_connection_sending_anything_but_enroll_is_closed() {
             answer.is_err(),
             "an unauthenticated {opener:?} was answered: {answer:?}"
         );
-        let closed = tokio::time::timeout(Duration::from_secs(5), connection.closed())
-            .await
-            .unwrap();
-        assert_eq!(
-            tether_transport::close_code_of(&closed),
-            Some(CloseCode::Unauthenticated),
-            "{closed}"
-        );
+        assert_closed_with(
+            &connection,
+            Duration::from_secs(5),
+            CloseCode::Unauthenticated,
+        )
+        .await;
     }
 
     // Garbage instead of a frame: the connection is closed, the process lives.
@@ -314,14 +312,12 @@ async fn unauthenticated_connection_sending_anything_but_enroll_is_closed() {
     send.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])
         .await
         .unwrap();
-    let closed = tokio::time::timeout(Duration::from_secs(15), connection.closed())
-        .await
-        .unwrap();
-    assert_eq!(
-        tether_transport::close_code_of(&closed),
-        Some(CloseCode::ProtocolViolation),
-        "{closed}"
-    );
+    assert_closed_with(
+        &connection,
+        Duration::from_secs(15),
+        CloseCode::ProtocolViolation,
+    )
+    .await;
     assert!(cp.is_running());
     let health = cp.anonymous(Method::GET, "/health").send().await.unwrap();
     assert_eq!(health.status(), 200);

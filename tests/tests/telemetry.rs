@@ -11,7 +11,8 @@ use tether_protocol::{
 };
 use tether_tests::docker::Container;
 use tether_tests::{
-    contiguous_seqs, enrolled_running_agent, eventually, raw_points, Agent, ControlPlane, UdpCut,
+    assert_closed_with, contiguous_seqs, enrolled_running_agent, eventually, raw_points, Agent,
+    ControlPlane, UdpCut,
 };
 use tether_transport::AgentStream;
 
@@ -316,14 +317,12 @@ async fn one_stream_carries_a_replayed_backlog_acked_batch_by_batch_once_stored(
         !matches!(answer, Ok(Ok(Some(_)))),
         "a stream with a repeated batch was answered: {answer:?}"
     );
-    let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed())
-        .await
-        .unwrap();
-    assert_eq!(
-        tether_transport::close_code_of(&closed),
-        Some(CloseCode::ProtocolViolation),
-        "{closed}"
-    );
+    assert_closed_with(
+        &connection,
+        Duration::from_secs(10),
+        CloseCode::ProtocolViolation,
+    )
+    .await;
     let stored = raw_points(&cp, &server_id, since_epoch()).await.unwrap();
     assert!(
         stored.iter().all(|p| p["seq"].as_i64() != Some(40)),
