@@ -4,7 +4,7 @@
 //! Streams an agent opens are classified by [`classify_first_message`],
 //! streams a control plane opens by [`classify_control_opener`].
 
-use crate::messages::{AgentMessage, ControlMessage};
+use crate::messages::{AgentMessage, ControlMessage, MetricsBatch};
 
 /// Application close codes carried in QUIC `CONNECTION_CLOSE` frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,13 +201,13 @@ impl MetricsStreamRules {
     }
 
     /// Checks the next frame of the stream, `stream_bytes` being the frame
-    /// bodies read on the stream so far, this one's included; `Ok` counts
-    /// it in.
+    /// bodies read on the stream so far, this one's included; a batch that
+    /// keeps the rules is counted in and handed back.
     pub fn accept(
         &mut self,
-        next: &AgentMessage,
+        next: AgentMessage,
         stream_bytes: u64,
-    ) -> Result<(), MetricsStreamViolation> {
+    ) -> Result<MetricsBatch, MetricsStreamViolation> {
         let AgentMessage::MetricsBatch(batch) = next else {
             return Err(MetricsStreamViolation::NotABatch);
         };
@@ -225,7 +225,7 @@ impl MetricsStreamRules {
         }
         self.batches += 1;
         self.last_seq = batch.seq;
-        Ok(())
+        Ok(batch)
     }
 }
 

@@ -1850,13 +1850,15 @@ fn metrics_stream_takes_up_to_its_limit_of_batches_in_increasing_seq() {
     let mut rules = MetricsStreamRules::new(10);
     for seq in 11..10 + MAX_BATCHES_PER_STREAM as u64 {
         assert_eq!(
-            rules.accept(&batch_frame(seq), 1_000),
-            Ok(()),
+            rules.accept(batch_frame(seq), 1_000).map(|b| b.seq),
+            Ok(seq),
             "batch {seq}"
         );
     }
     assert_eq!(
-        rules.accept(&batch_frame(10 + MAX_BATCHES_PER_STREAM as u64), 1_000),
+        rules
+            .accept(batch_frame(10 + MAX_BATCHES_PER_STREAM as u64), 1_000)
+            .map(|b| b.seq),
         Err(MetricsStreamViolation::TooManyBatches)
     );
 }
@@ -1865,28 +1867,28 @@ fn metrics_stream_takes_up_to_its_limit_of_batches_in_increasing_seq() {
 fn metrics_stream_refuses_repeated_or_earlier_seqs_and_other_messages() {
     let mut rules = MetricsStreamRules::new(5);
     assert_eq!(
-        rules.accept(&batch_frame(5), 1_000),
+        rules.accept(batch_frame(5), 1_000).map(|b| b.seq),
         Err(MetricsStreamViolation::OutOfOrder {
             previous: 5,
             next: 5
         })
     );
     assert_eq!(
-        rules.accept(&batch_frame(3), 1_000),
+        rules.accept(batch_frame(3), 1_000).map(|b| b.seq),
         Err(MetricsStreamViolation::OutOfOrder {
             previous: 5,
             next: 3
         })
     );
     // Gaps are fine: batches dropped from a full spool leave them.
-    assert_eq!(rules.accept(&batch_frame(9), 1_000), Ok(()));
+    assert_eq!(rules.accept(batch_frame(9), 1_000).map(|b| b.seq), Ok(9));
     for message in agent_samples() {
         if !matches!(message, AgentMessage::MetricsBatch(_)) {
+            let name = agent_variant_name(&message);
             assert_eq!(
-                rules.accept(&message, 1_000),
+                rules.accept(message, 1_000),
                 Err(MetricsStreamViolation::NotABatch),
-                "{}",
-                agent_variant_name(&message)
+                "{name}"
             );
         }
     }
@@ -1896,11 +1898,15 @@ fn metrics_stream_refuses_repeated_or_earlier_seqs_and_other_messages() {
 fn metrics_stream_of_several_batches_stays_within_its_byte_bound() {
     let mut rules = MetricsStreamRules::new(1);
     assert_eq!(
-        rules.accept(&batch_frame(2), MAX_METRICS_STREAM_BYTES),
-        Ok(())
+        rules
+            .accept(batch_frame(2), MAX_METRICS_STREAM_BYTES)
+            .map(|b| b.seq),
+        Ok(2)
     );
     assert_eq!(
-        rules.accept(&batch_frame(3), MAX_METRICS_STREAM_BYTES + 1),
+        rules
+            .accept(batch_frame(3), MAX_METRICS_STREAM_BYTES + 1)
+            .map(|b| b.seq),
         Err(MetricsStreamViolation::TooManyBytes)
     );
 }

@@ -582,8 +582,9 @@ impl Drop for Agent {
     }
 }
 
-/// Enrolls a new agent with a fresh token and starts it; returns it with its server id.
-pub async fn enrolled_running_agent(
+/// Enrolls a new agent with a fresh token (`tether-agent enroll`) without
+/// starting it; returns it with its server id.
+pub async fn enrolled_agent(
     cp: &ControlPlane,
     dir: &Path,
     name: &str,
@@ -591,12 +592,22 @@ pub async fn enrolled_running_agent(
     let token = cp
         .enrollment_token(serde_json::json!({ "server_name": name }))
         .await?;
-    let mut agent = Agent::new(&dir.join(name));
+    let agent = Agent::new(&dir.join(name));
     let (ok, stderr) = agent.enroll(cp, token["token"].as_str().context("token")?)?;
     if !ok {
         bail!("enroll failed: {stderr}");
     }
     let server_id = agent.server_id()?;
+    Ok((agent, server_id))
+}
+
+/// Enrolls a new agent with a fresh token and starts it; returns it with its server id.
+pub async fn enrolled_running_agent(
+    cp: &ControlPlane,
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<(Agent, String)> {
+    let (mut agent, server_id) = enrolled_agent(cp, dir, name).await?;
     agent.run()?;
     Ok((agent, server_id))
 }

@@ -11,8 +11,8 @@ use tether_protocol::{
 };
 use tether_tests::docker::Container;
 use tether_tests::{
-    assert_closed_with, contiguous_seqs, enrolled_running_agent, eventually, raw_points, Agent,
-    ControlPlane, UdpCut,
+    assert_closed_with, contiguous_seqs, enrolled_agent, enrolled_running_agent, eventually,
+    raw_points, Agent, ControlPlane, UdpCut,
 };
 use tether_transport::AgentStream;
 
@@ -256,14 +256,7 @@ async fn one_stream_carries_a_replayed_backlog_acked_batch_by_batch_once_stored(
     let cp = ControlPlane::start(&dir.path().join("cp"), &[])
         .await
         .unwrap();
-    let token = cp
-        .enrollment_token(serde_json::json!({ "server_name": "replayer" }))
-        .await
-        .unwrap();
-    let agent = Agent::new(&dir.path().join("replayer"));
-    let (ok, stderr) = agent.enroll(&cp, token["token"].as_str().unwrap()).unwrap();
-    assert!(ok, "{stderr}");
-    let server_id = agent.server_id().unwrap();
+    let (agent, server_id) = enrolled_agent(&cp, dir.path(), "replayer").await.unwrap();
     let (_endpoint, connection, _control) = raw_session(&cp, &agent).await;
 
     // A backlog of the most batches one stream may carry, with a gap (a

@@ -421,16 +421,14 @@ async fn metrics_stream(
     loop {
         match tokio::time::timeout_at(deadline, stream.recv()).await {
             Ok(Ok(None)) => break,
-            Ok(Ok(Some(next))) => {
-                if let Err(violation) = rules.accept(&next, stream.bytes_received()) {
+            Ok(Ok(Some(next))) => match rules.accept(next, stream.bytes_received()) {
+                Ok(batch) => batches.push(batch),
+                Err(violation) => {
                     tracing::warn!(%violation, "metrics stream broke the protocol; closing the connection");
                     tether_transport::close(connection, CloseCode::ProtocolViolation);
                     return;
                 }
-                if let AgentMessage::MetricsBatch(batch) = next {
-                    batches.push(batch);
-                }
-            }
+            },
             Ok(Err(e)) => {
                 tracing::warn!(batches = batches.len(), error = %e, "metrics stream failed before its end; nothing acked");
                 return;
