@@ -122,7 +122,7 @@ async fn measure(args: &StoreArgs, url: &str) -> anyhow::Result<StoreResult> {
                 // Every report of a server gets the next seq.
                 let seq = seq_base + i / ids.len() as u64 + 1;
                 let batch = realistic_batch(server as u32, seq);
-                let (metrics, containers) = records(ids[server], &batch, now);
+                let (metrics, containers) = records(ids[server], batch, now);
                 ingest.metrics.push(metrics);
                 ingest.containers.extend(containers);
             }

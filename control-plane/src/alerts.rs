@@ -98,21 +98,7 @@ pub fn metric_value(name: &str, m: &MetricsRecord) -> Option<f64> {
         "memory_used_bytes" => m.memory_used_bytes as f64,
         "swap_used_percent" => percent(m.swap_used_bytes as f64, m.swap_total_bytes as f64),
         "swap_used_bytes" => m.swap_used_bytes as f64,
-        "disk_used_percent" => m
-            .disks
-            .as_array()
-            .map(|disks| {
-                disks
-                    .iter()
-                    .map(|d| {
-                        percent(
-                            d["used_bytes"].as_f64().unwrap_or_default(),
-                            d["total_bytes"].as_f64().unwrap_or_default(),
-                        )
-                    })
-                    .fold(0.0, f64::max)
-            })
-            .unwrap_or_default(),
+        "disk_used_percent" => m.disk_used_percent(),
         "process_count" => m.process_count as f64,
         "uptime_seconds" => m.uptime_seconds as f64,
         "dropped_batches" => m.dropped_batches as f64,
@@ -500,9 +486,9 @@ mod tests {
             memory_total_bytes: 1024,
             swap_used_bytes: 0,
             swap_total_bytes: 0,
-            cpu_per_core: json!([]),
-            disks: json!([{"used_bytes": 30, "total_bytes": 100}, {"used_bytes": 90, "total_bytes": 100}]),
-            networks: json!([]),
+            cpu_per_core: json!([]).into(),
+            disks: json!([{"used_bytes": 30, "total_bytes": 100}, {"used_bytes": 90, "total_bytes": 100}]).into(),
+            networks: json!([]).into(),
             uptime_seconds: 10,
             process_count: 42,
             dropped_batches: 0,

@@ -1561,16 +1561,18 @@ fn point(server_id: Uuid, seq: i64, ts: DateTime<Utc>) -> MetricsRecord {
         memory_total_bytes: 4 << 30,
         swap_used_bytes: 1 << 20,
         swap_total_bytes: 1 << 30,
-        cpu_per_core: json!([10.0, 15.0]),
+        cpu_per_core: json!([10.0, 15.0]).into(),
         disks: json!([{
             "mount_point": "/", "device": "/dev/sda1", "filesystem": "ext4",
             "total_bytes": 100_000_000_000u64, "used_bytes": 50_000_000_000u64,
             "inodes_total": 6_000_000, "inodes_used": 300_000,
-        }]),
+        }])
+        .into(),
         networks: json!([{
             "interface": "eth0", "rx_bytes": 1_000_000, "tx_bytes": 2_000_000,
             "rx_packets": 3_000, "tx_packets": 4_000, "rx_errors": 0, "tx_errors": 1,
-        }]),
+        }])
+        .into(),
         uptime_seconds: 86_400,
         process_count: 120,
         dropped_batches: 0,
@@ -1742,7 +1744,7 @@ async fn metrics_points_returns_the_range_oldest_first_with_every_field(store: A
     detailed.memory_total_bytes = i64::MAX;
     detailed.swap_used_bytes = 0;
     detailed.swap_total_bytes = 7;
-    detailed.cpu_per_core = json!([0.1, 99.9, f64::from(33.3f32), 0.0, 100.0]);
+    detailed.cpu_per_core = json!([0.1, 99.9, f64::from(33.3f32), 0.0, 100.0]).into();
     detailed.disks = json!([
         {
             "mount_point": "/", "device": "/dev/nvme0n1p2", "filesystem": "ext4",
@@ -1752,8 +1754,9 @@ async fn metrics_points_returns_the_range_oldest_first_with_every_field(store: A
             "mount_point": "/srv/data ü", "device": "tank/data", "filesystem": "zfs",
             "total_bytes": 42, "used_bytes": 41, "inodes_total": 3, "inodes_used": 2,
         },
-    ]);
-    detailed.networks = json!([]);
+    ])
+    .into();
+    detailed.networks = json!([]).into();
     detailed.uptime_seconds = 1;
     detailed.process_count = 2;
     detailed.dropped_batches = 3;
@@ -2298,9 +2301,11 @@ async fn ingest_metrics_survives_nul_characters_in_agent_strings(store: Arc<dyn 
     let t = now() - Duration::minutes(1);
     let mut odd = point(a.id, 1, t);
     odd.disks = json!([{ "mount_point": "/mnt/\u{0}x", "device": "dev\u{0}", "filesystem": "ext4",
-        "total_bytes": 1, "used_bytes": 0, "inodes_total": 0, "inodes_used": 0 }]);
+        "total_bytes": 1, "used_bytes": 0, "inodes_total": 0, "inodes_used": 0 }])
+    .into();
     odd.networks = json!([{ "interface": "eth\u{0}0", "rx_bytes": 0, "tx_bytes": 0,
-        "rx_packets": 0, "tx_packets": 0, "rx_errors": 0, "tx_errors": 0 }]);
+        "rx_packets": 0, "tx_packets": 0, "rx_errors": 0, "tx_errors": 0 }])
+    .into();
     let mut odd_container = container("c\u{0}1", "we\u{0}b");
     odd_container.health = Some("\u{0}".into());
     let mut odd_set = report(a.id, 1, t, vec![odd_container]);
@@ -2318,7 +2323,8 @@ async fn ingest_metrics_survives_nul_characters_in_agent_strings(store: Arc<dyn 
     let stored = points(&*store, a.id).await;
     assert_eq!(stored.len(), 1);
     // The NUL may be kept or replaced by U+FFFD, nothing else.
-    let device = stored[0].disks[0]["device"].as_str().expect("device");
+    let disks = stored[0].disks.parse();
+    let device = disks[0]["device"].as_str().expect("device");
     assert_eq!(device.replace('\u{FFFD}', "\u{0}"), "dev\u{0}");
     let set = store
         .container_set(a.id)

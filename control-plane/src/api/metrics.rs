@@ -66,26 +66,11 @@ fn percent(used: f64, total: f64) -> f64 {
 }
 
 fn raw_point(m: &MetricsRecord) -> Map<String, Value> {
-    let disk_used_percent = m
-        .disks
-        .as_array()
-        .map(|disks| {
-            disks
-                .iter()
-                .map(|d| {
-                    percent(
-                        d["used_bytes"].as_f64().unwrap_or_default(),
-                        d["total_bytes"].as_f64().unwrap_or_default(),
-                    )
-                })
-                .fold(0.0, f64::max)
-        })
-        .unwrap_or_default();
     let value = serde_json::json!({
         "ts": m.ts,
         "seq": m.seq,
         "cpu_percent": m.cpu_percent,
-        "cpu_per_core": m.cpu_per_core,
+        "cpu_per_core": m.cpu_per_core.parse(),
         "load_1": m.load_1,
         "load_5": m.load_5,
         "load_15": m.load_15,
@@ -94,9 +79,9 @@ fn raw_point(m: &MetricsRecord) -> Map<String, Value> {
         "memory_used_percent": percent(m.memory_used_bytes as f64, m.memory_total_bytes as f64),
         "swap_used_bytes": m.swap_used_bytes,
         "swap_total_bytes": m.swap_total_bytes,
-        "disk_used_percent": disk_used_percent,
-        "disks": m.disks,
-        "networks": m.networks,
+        "disk_used_percent": m.disk_used_percent(),
+        "disks": m.disks.parse(),
+        "networks": m.networks.parse(),
         "uptime_seconds": m.uptime_seconds,
         "process_count": m.process_count,
         "dropped_batches": m.dropped_batches,
@@ -494,7 +479,8 @@ pub async fn fleet(
                 &base,
                 m.dropped_batches as f64,
             );
-            for disk in m.disks.as_array().into_iter().flatten() {
+            let disks = m.disks.parse();
+            for disk in disks.as_array().into_iter().flatten() {
                 let mount = disk["mount_point"].as_str().unwrap_or_default();
                 let device = disk["device"].as_str().unwrap_or_default();
                 let labels = [
@@ -519,7 +505,8 @@ pub async fn fleet(
                     disk["total_bytes"].as_f64().unwrap_or_default(),
                 );
             }
-            for net in m.networks.as_array().into_iter().flatten() {
+            let networks = m.networks.parse();
+            for net in networks.as_array().into_iter().flatten() {
                 let interface = net["interface"].as_str().unwrap_or_default();
                 let labels = [base[0], base[1], base[2], ("interface", interface)];
                 out.add(

@@ -8,14 +8,16 @@
 //! session's own task (so on every runtime worker at once); the writer only
 //! gathers records and writes them, which keeps the one serial part short.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tether_protocol::{ContainerReport, MetricsBatch};
+use serde::Serialize;
+use tether_protocol::{ContainerReport, DiskMetrics, MetricsBatch, NetworkMetrics};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
-use crate::store::{ContainerRecord, ContainerSet, MetricsIngest, MetricsRecord, Store};
+use crate::store::{ContainerRecord, ContainerSet, JsonText, MetricsIngest, MetricsRecord, Store};
 
 /// Most batches written in one transaction (a submission is never split,
 /// so a transaction may pass this by one submission's batches).
@@ -77,7 +79,7 @@ impl Ingestor {
             done,
         };
         for batch in batches {
-            let (metrics, containers) = records(server_id, &batch, now);
+            let (metrics, containers) = records(server_id, batch, now);
             pending.metrics.push(metrics);
             pending.containers.extend(containers);
         }
@@ -93,40 +95,51 @@ impl Ingestor {
 }
 
 /// One writer: takes everything waiting (while it gathers, other writers
-/// wait for the queue), writes it in one transaction, answers.
+/// wait for the queue), writes it in one transaction, answers. Its buffers
+/// are kept from one transaction to the next.
 async fn write_loop(store: Arc<dyn Store>, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
+    let mut ingest = MetricsIngest {
+        received_at: Utc::now(),
+        metrics: Vec::new(),
+        containers: Vec::new(),
+    };
+    let mut answers = Vec::new();
     loop {
-        let (ingest, answers) = {
+        {
             let mut receiver = receiver.lock().await;
             let Some(first) = receiver.recv().await else {
                 return;
             };
-            let mut ingest = MetricsIngest {
-                received_at: Utc::now(),
-                metrics: first.metrics,
-                containers: first.containers,
-            };
-            let mut answers = vec![first.done];
+            ingest.received_at = Utc::now();
+            gather(&mut ingest, &mut answers, first);
             while ingest.metrics.len() < MAX_BATCHES_PER_WRITE {
                 match receiver.try_recv() {
-                    Ok(next) => {
-                        ingest.metrics.extend(next.metrics);
-                        ingest.containers.extend(next.containers);
-                        answers.push(next.done);
-                    }
+                    Ok(next) => gather(&mut ingest, &mut answers, next),
                     Err(_) => break,
                 }
             }
-            (ingest, answers)
-        };
+        }
         let result = store.ingest_metrics(&ingest).await.map_err(|e| {
             tracing::error!(error = %e, batches = ingest.metrics.len(), "could not store metrics");
             e.to_string()
         });
-        for done in answers {
+        for done in answers.drain(..) {
             let _ = done.send(result.clone());
         }
+        ingest.metrics.clear();
+        ingest.containers.clear();
     }
+}
+
+/// Adds one submission to the transaction being gathered.
+fn gather(
+    ingest: &mut MetricsIngest,
+    answers: &mut Vec<oneshot::Sender<Result<(), String>>>,
+    pending: Pending,
+) {
+    ingest.metrics.extend(pending.metrics);
+    ingest.containers.extend(pending.containers);
+    answers.push(pending.done);
 }
 
 fn finite(v: f32) -> f64 {
@@ -137,10 +150,75 @@ fn finite(v: f32) -> f64 {
     }
 }
 
-/// Agent strings as stored: NUL (which PostgreSQL cannot hold) becomes U+FFFD
-/// on every backend alike.
-fn text(s: &str) -> String {
-    s.replace('\0', "\u{FFFD}")
+/// An agent string as stored: NUL (which PostgreSQL cannot hold) becomes
+/// U+FFFD on every backend alike; any other string is kept as it came.
+fn text(s: String) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s
+    }
+}
+
+/// [`text`] for a string the record only borrows (inside a JSON column).
+fn text_ref(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// One element of the `disks` column (see [`MetricsRecord::disks`]).
+#[derive(Serialize)]
+struct DiskColumn<'a> {
+    mount_point: Cow<'a, str>,
+    device: Cow<'a, str>,
+    filesystem: Cow<'a, str>,
+    total_bytes: u64,
+    used_bytes: u64,
+    inodes_total: Option<u64>,
+    inodes_used: Option<u64>,
+}
+
+impl<'a> From<&'a DiskMetrics> for DiskColumn<'a> {
+    fn from(d: &'a DiskMetrics) -> Self {
+        Self {
+            mount_point: text_ref(&d.mount_point),
+            device: text_ref(&d.device),
+            filesystem: text_ref(&d.filesystem),
+            total_bytes: d.total_bytes,
+            used_bytes: d.used_bytes,
+            inodes_total: d.inodes_total,
+            inodes_used: d.inodes_used,
+        }
+    }
+}
+
+/// One element of the `networks` column (see [`MetricsRecord::networks`]).
+#[derive(Serialize)]
+struct NetworkColumn<'a> {
+    interface: Cow<'a, str>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    rx_packets: u64,
+    tx_packets: u64,
+    rx_errors: u64,
+    tx_errors: u64,
+}
+
+impl<'a> From<&'a NetworkMetrics> for NetworkColumn<'a> {
+    fn from(n: &'a NetworkMetrics) -> Self {
+        Self {
+            interface: text_ref(&n.interface),
+            rx_bytes: n.rx_bytes,
+            tx_bytes: n.tx_bytes,
+            rx_packets: n.rx_packets,
+            tx_packets: n.tx_packets,
+            rx_errors: n.rx_errors,
+            tx_errors: n.tx_errors,
+        }
+    }
 }
 
 fn int(v: u64) -> i64 {
@@ -159,14 +237,19 @@ fn collected_at(batch: &MetricsBatch, now: DateTime<Utc>) -> DateTime<Utc> {
         .unwrap_or(now)
 }
 
-/// The store's records of one batch.
+/// The store's records of one batch. Takes the batch so that its strings
+/// move into the records, and serializes the JSON columns here, in the
+/// submitter's task: the metrics writer only binds text.
 pub fn records(
     server_id: Uuid,
-    batch: &MetricsBatch,
+    batch: MetricsBatch,
     now: DateTime<Utc>,
 ) -> (MetricsRecord, Option<ContainerSet>) {
+    let ts = collected_at(&batch, now);
     let s = &batch.system;
-    let ts = collected_at(batch, now);
+    let cpu_per_core: Vec<f64> = s.cpu_per_core.iter().map(|c| finite(*c)).collect();
+    let disks: Vec<DiskColumn<'_>> = s.disks.iter().map(DiskColumn::from).collect();
+    let networks: Vec<NetworkColumn<'_>> = s.networks.iter().map(NetworkColumn::from).collect();
     let metrics = MetricsRecord {
         server_id,
         seq: int(batch.seq),
@@ -179,65 +262,43 @@ pub fn records(
         memory_total_bytes: int(s.memory_total_bytes),
         swap_used_bytes: int(s.swap_used_bytes),
         swap_total_bytes: int(s.swap_total_bytes),
-        cpu_per_core: serde_json::Value::from(s.cpu_per_core.iter().map(|c| finite(*c)).collect::<Vec<_>>()),
-        disks: serde_json::Value::Array(
-            s.disks
-                .iter()
-                .map(|d| {
-                    serde_json::json!({
-                        "mount_point": text(&d.mount_point), "device": text(&d.device), "filesystem": text(&d.filesystem),
-                        "total_bytes": d.total_bytes, "used_bytes": d.used_bytes,
-                        "inodes_total": d.inodes_total, "inodes_used": d.inodes_used,
-                    })
-                })
-                .collect(),
-        ),
-        networks: serde_json::Value::Array(
-            s.networks
-                .iter()
-                .map(|n| {
-                    serde_json::json!({
-                        "interface": text(&n.interface), "rx_bytes": n.rx_bytes, "tx_bytes": n.tx_bytes,
-                        "rx_packets": n.rx_packets, "tx_packets": n.tx_packets,
-                        "rx_errors": n.rx_errors, "tx_errors": n.tx_errors,
-                    })
-                })
-                .collect(),
-        ),
+        cpu_per_core: JsonText::of(&cpu_per_core),
+        disks: JsonText::of(&disks),
+        networks: JsonText::of(&networks),
         uptime_seconds: int(s.uptime_seconds),
         process_count: i64::from(s.process_count),
         dropped_batches: int(batch.dropped_batches),
     };
+    let seq = batch.seq;
     let containers = batch
         .containers
-        .as_ref()
-        .map(|report| container_set(server_id, batch.seq, report, ts));
+        .map(|report| container_set(server_id, seq, report, ts));
     (metrics, containers)
 }
 
 fn container_set(
     server_id: Uuid,
     seq: u64,
-    report: &ContainerReport,
+    report: ContainerReport,
     ts: DateTime<Utc>,
 ) -> ContainerSet {
     ContainerSet {
         server_id,
         seq: int(seq),
-        docker_version: report.docker_version.as_deref().map(text),
-        error: report.error.as_deref().map(text),
+        docker_version: report.docker_version.map(text),
+        error: report.error.map(text),
         updated_at: ts,
         containers: report
             .containers
-            .iter()
+            .into_iter()
             .map(|c| ContainerRecord {
-                container_id: text(&c.id),
-                name: text(&c.name),
-                image: text(&c.image),
-                state: text(&c.state),
-                health: c.health.as_deref().map(text),
+                container_id: text(c.id),
+                name: text(c.name),
+                image: text(c.image),
+                state: text(c.state),
+                health: c.health.map(text),
                 restart_count: int(c.restart_count),
-                started_at: c.started_at.as_deref().map(text),
+                started_at: c.started_at.map(text),
                 cpu_percent: finite(c.cpu_percent),
                 memory_usage_bytes: int(c.memory_usage_bytes),
                 memory_limit_bytes: int(c.memory_limit_bytes),

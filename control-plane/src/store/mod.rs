@@ -392,6 +392,42 @@ pub struct SealedSecret {
     pub sealed: String,
 }
 
+/// A JSON document as a column holds it: serialized once, where the record
+/// is built (for metrics, in each session's own task rather than in the one
+/// metrics writer), then written and read back as text. Readers that look
+/// inside parse it ([`JsonText::parse`]); the raw-points API and the stores
+/// pass the text through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonText(String);
+
+impl JsonText {
+    /// `value` serialized (`null` if it cannot be, which the plain data
+    /// structures stored here never are).
+    pub fn of<T: serde::Serialize + ?Sized>(value: &T) -> Self {
+        Self(serde_json::to_string(value).unwrap_or_else(|_| "null".into()))
+    }
+
+    /// Text read back from a column that only [`JsonText::of`] writes.
+    pub fn stored(text: String) -> Self {
+        Self(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The document as a JSON value (`null` if the stored text is not JSON).
+    pub fn parse(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl From<serde_json::Value> for JsonText {
+    fn from(value: serde_json::Value) -> Self {
+        Self::of(&value)
+    }
+}
+
 /// One raw metrics point: what one agent batch said about its host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricsRecord {
@@ -407,14 +443,33 @@ pub struct MetricsRecord {
     pub swap_used_bytes: i64,
     pub swap_total_bytes: i64,
     /// JSON array of per-core CPU percentages.
-    pub cpu_per_core: serde_json::Value,
+    pub cpu_per_core: JsonText,
     /// JSON array of `{mount_point, device, filesystem, total_bytes, used_bytes, inodes_total, inodes_used}`.
-    pub disks: serde_json::Value,
+    pub disks: JsonText,
     /// JSON array of `{interface, rx_bytes, tx_bytes, rx_packets, tx_packets, rx_errors, tx_errors}`.
-    pub networks: serde_json::Value,
+    pub networks: JsonText,
     pub uptime_seconds: i64,
     pub process_count: i64,
     pub dropped_batches: i64,
+}
+
+impl MetricsRecord {
+    /// How full the fullest disk is, in percent (0 without disks).
+    pub fn disk_used_percent(&self) -> f64 {
+        #[derive(Deserialize)]
+        struct DiskUse {
+            #[serde(default)]
+            used_bytes: f64,
+            #[serde(default)]
+            total_bytes: f64,
+        }
+        serde_json::from_str::<Vec<DiskUse>>(self.disks.as_str())
+            .unwrap_or_default()
+            .iter()
+            .filter(|d| d.total_bytes > 0.0)
+            .map(|d| d.used_bytes / d.total_bytes * 100.0)
+            .fold(0.0, f64::max)
+    }
 }
 
 /// A rolled-up metrics bucket.

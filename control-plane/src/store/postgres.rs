@@ -1569,9 +1569,11 @@ async fn insert_certificate(
     Ok(())
 }
 
+/// The JSON lists come back as the text they were stored as (`json` keeps it).
 const METRICS_COLUMNS: &str = "server_id, seq, ts, cpu_percent, load_1, load_5, load_15, \
-     memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core, disks, \
-     networks, uptime_seconds, process_count, dropped_batches";
+     memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes, \
+     cpu_per_core::text AS cpu_per_core, disks::text AS disks, networks::text AS networks, \
+     uptime_seconds, process_count, dropped_batches";
 
 fn metrics_from_row(row: &PgRow) -> StoreResult<MetricsRecord> {
     Ok(MetricsRecord {
@@ -1586,9 +1588,9 @@ fn metrics_from_row(row: &PgRow) -> StoreResult<MetricsRecord> {
         memory_total_bytes: row.try_get("memory_total_bytes")?,
         swap_used_bytes: row.try_get("swap_used_bytes")?,
         swap_total_bytes: row.try_get("swap_total_bytes")?,
-        cpu_per_core: row.try_get("cpu_per_core")?,
-        disks: row.try_get("disks")?,
-        networks: row.try_get("networks")?,
+        cpu_per_core: JsonText::stored(row.try_get("cpu_per_core")?),
+        disks: JsonText::stored(row.try_get("disks")?),
+        networks: JsonText::stored(row.try_get("networks")?),
         uptime_seconds: row.try_get("uptime_seconds")?,
         process_count: row.try_get("process_count")?,
         dropped_batches: row.try_get("dropped_batches")?,
@@ -1611,48 +1613,17 @@ fn text(s: &str) -> Cow<'_, str> {
     }
 }
 
-/// `v` with NUL characters in its strings and keys replaced (see [`text`]);
-/// borrowed unless it has any.
-fn json_value(v: &serde_json::Value) -> Cow<'_, serde_json::Value> {
-    use serde_json::Value;
-    fn has_nul(v: &Value) -> bool {
-        match v {
-            Value::String(s) => s.contains('\0'),
-            Value::Array(items) => items.iter().any(has_nul),
-            Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-            _ => false,
-        }
-    }
-    fn strip(v: &Value) -> Value {
-        match v {
-            Value::String(s) => Value::String(text(s).into_owned()),
-            Value::Array(items) => Value::Array(items.iter().map(strip).collect()),
-            Value::Object(fields) => Value::Object(
-                fields
-                    .iter()
-                    .map(|(k, v)| (text(k).into_owned(), strip(v)))
-                    .collect(),
-            ),
-            other => other.clone(),
-        }
-    }
-    if has_nul(v) {
-        Cow::Owned(strip(v))
-    } else {
-        Cow::Borrowed(v)
-    }
-}
-
 /// Inserts every point of `ingest` in one statement (one array per column,
 /// so no bind limit however many points); a `(server_id, seq)` already
 /// stored, or seen earlier in the same ingest, is skipped. Rows go in key
 /// order so replicas inserting the same replayed batches cannot deadlock.
 async fn insert_metrics(conn: &mut sqlx::PgConnection, ingest: &MetricsIngest) -> StoreResult<()> {
     let m = ingest.metrics.as_slice();
-    // The lists go in as text, which the `json` columns check and keep.
-    let cpu_per_core = column(m, |r| json_value(&r.cpu_per_core).to_string());
-    let disks = column(m, |r| json_value(&r.disks).to_string());
-    let networks = column(m, |r| json_value(&r.networks).to_string());
+    // The lists go in as the text they were serialized to, which the `json`
+    // columns check and keep (serde_json writes a NUL as `\u0000`).
+    let cpu_per_core = column(m, |r| r.cpu_per_core.as_str());
+    let disks = column(m, |r| r.disks.as_str());
+    let networks = column(m, |r| r.networks.as_str());
     sqlx::query(
         "INSERT INTO metrics (server_id, seq, ts, received_at, cpu_percent, load_1, load_5, load_15,
              memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core,

@@ -1032,9 +1032,9 @@ impl Store for SqliteStore {
                     .push_bind(m.memory_total_bytes)
                     .push_bind(m.swap_used_bytes)
                     .push_bind(m.swap_total_bytes)
-                    .push_bind(to_json(&m.cpu_per_core))
-                    .push_bind(to_json(&m.disks))
-                    .push_bind(to_json(&m.networks))
+                    .push_bind(m.cpu_per_core.as_str())
+                    .push_bind(m.disks.as_str())
+                    .push_bind(m.networks.as_str())
                     .push_bind(m.uptime_seconds)
                     .push_bind(m.process_count)
                     .push_bind(m.dropped_batches);
@@ -1693,9 +1693,9 @@ fn metrics_from_row(row: &SqliteRow) -> StoreResult<MetricsRecord> {
         memory_total_bytes: row.try_get("memory_total_bytes")?,
         swap_used_bytes: row.try_get("swap_used_bytes")?,
         swap_total_bytes: row.try_get("swap_total_bytes")?,
-        cpu_per_core: json(row.try_get("cpu_per_core")?)?,
-        disks: json(row.try_get("disks")?)?,
-        networks: json(row.try_get("networks")?)?,
+        cpu_per_core: JsonText::stored(row.try_get("cpu_per_core")?),
+        disks: JsonText::stored(row.try_get("disks")?),
+        networks: JsonText::stored(row.try_get("networks")?),
         uptime_seconds: row.try_get("uptime_seconds")?,
         process_count: row.try_get("process_count")?,
         dropped_batches: row.try_get("dropped_batches")?,
