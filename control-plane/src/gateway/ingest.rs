@@ -17,7 +17,9 @@ use tether_protocol::{ContainerReport, DiskMetrics, MetricsBatch, NetworkMetrics
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
-use crate::store::{ContainerRecord, ContainerSet, JsonText, MetricsIngest, MetricsRecord, Store};
+use crate::store::{
+    without_nul, ContainerRecord, ContainerSet, JsonText, MetricsIngest, MetricsRecord, Store,
+};
 
 /// Most batches written in one transaction (a submission is never split,
 /// so a transaction may pass this by one submission's batches).
@@ -150,22 +152,13 @@ fn finite(v: f32) -> f64 {
     }
 }
 
-/// An agent string as stored: NUL (which PostgreSQL cannot hold) becomes
-/// U+FFFD on every backend alike; any other string is kept as it came.
+/// An agent string as stored (see [`without_nul`]), moved rather than
+/// copied when it has no NUL.
 fn text(s: String) -> String {
     if s.contains('\0') {
         s.replace('\0', "\u{FFFD}")
     } else {
         s
-    }
-}
-
-/// [`text`] for a string the record only borrows (inside a JSON column).
-fn text_ref(s: &str) -> Cow<'_, str> {
-    if s.contains('\0') {
-        Cow::Owned(s.replace('\0', "\u{FFFD}"))
-    } else {
-        Cow::Borrowed(s)
     }
 }
 
@@ -184,9 +177,9 @@ struct DiskColumn<'a> {
 impl<'a> From<&'a DiskMetrics> for DiskColumn<'a> {
     fn from(d: &'a DiskMetrics) -> Self {
         Self {
-            mount_point: text_ref(&d.mount_point),
-            device: text_ref(&d.device),
-            filesystem: text_ref(&d.filesystem),
+            mount_point: without_nul(&d.mount_point),
+            device: without_nul(&d.device),
+            filesystem: without_nul(&d.filesystem),
             total_bytes: d.total_bytes,
             used_bytes: d.used_bytes,
             inodes_total: d.inodes_total,
@@ -210,7 +203,7 @@ struct NetworkColumn<'a> {
 impl<'a> From<&'a NetworkMetrics> for NetworkColumn<'a> {
     fn from(n: &'a NetworkMetrics) -> Self {
         Self {
-            interface: text_ref(&n.interface),
+            interface: without_nul(&n.interface),
             rx_bytes: n.rx_bytes,
             tx_bytes: n.tx_bytes,
             rx_packets: n.rx_packets,
@@ -308,5 +301,87 @@ fn container_set(
                 block_write_bytes: int(c.block_write_bytes),
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_protocol::{ContainerMetrics, SystemMetrics};
+
+    fn batch_with(mount_point: &str, container_name: &str) -> MetricsBatch {
+        MetricsBatch {
+            seq: 7,
+            collected_at_unix_ms: 0,
+            system: SystemMetrics {
+                cpu_per_core: vec![12.5, f32::NAN],
+                disks: vec![DiskMetrics {
+                    mount_point: mount_point.into(),
+                    device: "/dev/sda1".into(),
+                    filesystem: "ext4".into(),
+                    total_bytes: 200,
+                    used_bytes: 50,
+                    inodes_total: Some(10),
+                    inodes_used: None,
+                }],
+                networks: vec![NetworkMetrics {
+                    interface: "eth0".into(),
+                    rx_bytes: 1,
+                    tx_bytes: 2,
+                    rx_packets: 3,
+                    tx_packets: 4,
+                    rx_errors: 5,
+                    tx_errors: 6,
+                }],
+                ..SystemMetrics::default()
+            },
+            containers: Some(ContainerReport {
+                docker_version: Some("28.2.2".into()),
+                error: None,
+                containers: vec![ContainerMetrics {
+                    id: "c1".into(),
+                    name: container_name.into(),
+                    ..ContainerMetrics::default()
+                }],
+            }),
+            dropped_batches: 0,
+        }
+    }
+
+    #[test]
+    fn records_hold_the_lists_as_the_documented_json() {
+        let server = Uuid::now_v7();
+        let (point, set) = records(server, batch_with("/", "web"), Utc::now());
+        assert_eq!(point.seq, 7);
+        assert_eq!(point.cpu_per_core.parse(), serde_json::json!([12.5, 0.0]));
+        assert_eq!(
+            point.disks.parse(),
+            serde_json::json!([{
+                "mount_point": "/", "device": "/dev/sda1", "filesystem": "ext4",
+                "total_bytes": 200, "used_bytes": 50, "inodes_total": 10, "inodes_used": null,
+            }])
+        );
+        assert_eq!(
+            point.networks.parse(),
+            serde_json::json!([{
+                "interface": "eth0", "rx_bytes": 1, "tx_bytes": 2, "rx_packets": 3,
+                "tx_packets": 4, "rx_errors": 5, "tx_errors": 6,
+            }])
+        );
+        assert_eq!(point.disk_used_percent(), 25.0);
+        let set = set.expect("a container report");
+        assert_eq!(set.server_id, server);
+        assert_eq!(set.containers[0].name, "web");
+    }
+
+    #[test]
+    fn records_replace_nul_in_agent_strings_inside_and_outside_the_json() {
+        let (point, set) = records(Uuid::now_v7(), batch_with("/mnt/\0x", "we\0b"), Utc::now());
+        assert_eq!(point.disks.parse()[0]["mount_point"], "/mnt/\u{FFFD}x");
+        assert!(!point.disks.as_str().contains("\\u0000"));
+        assert_eq!(
+            set.expect("a container report").containers[0].name,
+            "we\u{FFFD}b"
+        );
     }
 }

@@ -392,6 +392,18 @@ pub struct SealedSecret {
     pub sealed: String,
 }
 
+/// `s` as every store keeps it: PostgreSQL's `text` refuses NUL characters,
+/// which agents could send, and one such string must not fail a whole
+/// batched write, so NUL becomes U+FFFD (on SQLite too, so both backends
+/// return the same); borrowed unless `s` has any.
+pub(crate) fn without_nul(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 /// A JSON document as a column holds it: serialized once, where the record
 /// is built (for metrics, in each session's own task rather than in the one
 /// metrics writer), then written and read back as text. Readers that look

@@ -14,7 +14,6 @@
 //! Queries are built at runtime (no compile-time checking, CI has no
 //! database); the store test suite covers them.
 
-use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -1602,17 +1601,6 @@ fn column<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
     rows.iter().map(f).collect()
 }
 
-/// `s` as PostgreSQL can store it: `text` and `jsonb` refuse NUL characters,
-/// which agents could send (SQLite keeps them). One such string must not
-/// fail the whole batched write, so NUL becomes U+FFFD.
-fn text(s: &str) -> Cow<'_, str> {
-    if s.contains('\0') {
-        Cow::Owned(s.replace('\0', "\u{FFFD}"))
-    } else {
-        Cow::Borrowed(s)
-    }
-}
-
 /// Inserts every point of `ingest` in one statement (one array per column,
 /// so no bind limit however many points); a `(server_id, seq)` already
 /// stored, or seen earlier in the same ingest, is skipped. Rows go in key
@@ -1674,8 +1662,8 @@ async fn replace_container_sets(
     conn: &mut sqlx::PgConnection,
     sets: &[ContainerSet],
 ) -> StoreResult<()> {
-    let docker_versions = column(sets, |s| s.docker_version.as_deref().map(text));
-    let errors = column(sets, |s| s.error.as_deref().map(text));
+    let docker_versions = column(sets, |s| s.docker_version.as_deref().map(without_nul));
+    let errors = column(sets, |s| s.error.as_deref().map(without_nul));
     let accepted: Vec<(Uuid, i64)> = sqlx::query_as(
         "WITH incoming AS (
              SELECT DISTINCT ON (server_id) server_id, seq, docker_version, error, updated_at, ordinal
@@ -1732,13 +1720,13 @@ async fn replace_container_sets(
          ON CONFLICT (server_id, container_id) DO NOTHING",
     )
     .bind(column(&rows, |(id, _)| *id))
-    .bind(column(&rows, |(_, c)| text(&c.container_id)))
-    .bind(column(&rows, |(_, c)| text(&c.name)))
-    .bind(column(&rows, |(_, c)| text(&c.image)))
-    .bind(column(&rows, |(_, c)| text(&c.state)))
-    .bind(column(&rows, |(_, c)| c.health.as_deref().map(text)))
+    .bind(column(&rows, |(_, c)| without_nul(&c.container_id)))
+    .bind(column(&rows, |(_, c)| without_nul(&c.name)))
+    .bind(column(&rows, |(_, c)| without_nul(&c.image)))
+    .bind(column(&rows, |(_, c)| without_nul(&c.state)))
+    .bind(column(&rows, |(_, c)| c.health.as_deref().map(without_nul)))
     .bind(column(&rows, |(_, c)| c.restart_count))
-    .bind(column(&rows, |(_, c)| c.started_at.as_deref().map(text)))
+    .bind(column(&rows, |(_, c)| c.started_at.as_deref().map(without_nul)))
     .bind(column(&rows, |(_, c)| c.cpu_percent))
     .bind(column(&rows, |(_, c)| c.memory_usage_bytes))
     .bind(column(&rows, |(_, c)| c.memory_limit_bytes))
