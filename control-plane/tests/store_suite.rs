@@ -2937,3 +2937,64 @@ async fn sealed_secrets_include_credentials_states_and_bootstrap_tokens(store: A
         .expect("exists");
     assert_eq!(stored.credentials_sealed, "v1:resealed");
 }
+
+// ---------------------------------------------------------------------------
+// PostgreSQL only: row locks between concurrent writers (SQLite has one
+// writer at a time, so there every write waits its turn by design).
+// ---------------------------------------------------------------------------
+
+mod liveness_is_recorded_while_a_metrics_write_holds_its_servers_rows {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres() {
+        super::on_postgres(
+            super::liveness_is_recorded_while_a_metrics_write_holds_its_servers_rows,
+        )
+        .await;
+    }
+}
+
+/// A metrics write that inserts containers holds `KEY SHARE` locks on its
+/// servers' rows until it commits (the containers' foreign key). Recording
+/// session liveness must not wait for it: it once locked the same rows
+/// `FOR UPDATE`, and under load the two deadlocked, PostgreSQL aborting one.
+async fn liveness_is_recorded_while_a_metrics_write_holds_its_servers_rows(
+    store: Arc<dyn Store>,
+    database: Database,
+) {
+    let instance = init(&*store).await;
+    let root = instance.root_organization_id;
+    let (a, _) = enroll_server(&*store, root, "a", Labels::new()).await;
+    let Database::Postgres(url) = database else {
+        panic!("this test runs on PostgreSQL only");
+    };
+    let mut writer = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let mut write = writer.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO containers (server_id, container_id, name, image, state, restart_count,
+             cpu_percent, memory_usage_bytes, memory_limit_bytes, net_rx_bytes, net_tx_bytes,
+             block_read_bytes, block_write_bytes)
+         VALUES ($1, 'c1', 'web', 'img', 'running', 0, 0, 0, 0, 0, 0, 0, 0)",
+    )
+    .bind(a.id)
+    .execute(&mut *write)
+    .await
+    .expect("insert a container in the open transaction");
+
+    let seen = now();
+    let touched = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        store.touch_servers(&[a.id], seen),
+    )
+    .await;
+    assert!(
+        matches!(touched, Ok(Ok(()))),
+        "liveness waited for the metrics write's locks: {touched:?}"
+    );
+    write.rollback().await.expect("rollback");
+    let server = store
+        .server(&[root], a.id)
+        .await
+        .expect("server")
+        .expect("a");
+    assert_eq!(server.last_seen_at, Some(seen));
+}

@@ -478,13 +478,17 @@ impl Store for PostgresStore {
         if server_ids.is_empty() {
             return Ok(());
         }
-        // Rows are locked in id order (see the module doc).
+        // Rows are locked in id order (see the module doc), and only as
+        // strongly as an update of a non-key column needs: `FOR UPDATE`
+        // also waits for the `KEY SHARE` locks that foreign-key checks take
+        // (every metrics write inserting containers holds them), and the
+        // two deadlocked under load.
         sqlx::query(
             "WITH target AS (
                  SELECT s.id FROM servers s JOIN UNNEST($1::uuid[]) AS t (id) ON s.id = t.id
                  WHERE s.deleted_at IS NULL
                  ORDER BY s.id
-                 FOR UPDATE OF s)
+                 FOR NO KEY UPDATE OF s)
              UPDATE servers s SET last_seen_at = $2 FROM target WHERE s.id = target.id",
         )
         .bind(server_ids)
@@ -940,15 +944,16 @@ impl Store for PostgresStore {
         if ingest.metrics.is_empty() && ingest.containers.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
-        if !ingest.metrics.is_empty() {
-            insert_metrics(&mut tx, ingest).await?;
+        let mut attempt = 1;
+        loop {
+            match self.ingest_metrics_once(ingest).await {
+                Err(e) if attempt < INGEST_ATTEMPTS && is_aborted_by_a_conflict(&e) => {
+                    tracing::warn!(error = %e, attempt, batches = ingest.metrics.len(), "metrics write aborted by PostgreSQL; writing it again");
+                    attempt += 1;
+                }
+                result => return result,
+            }
         }
-        if !ingest.containers.is_empty() {
-            replace_container_sets(&mut tx, &ingest.containers).await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     async fn metrics_points(
@@ -1594,6 +1599,37 @@ fn metrics_from_row(row: &PgRow) -> StoreResult<MetricsRecord> {
         process_count: row.try_get("process_count")?,
         dropped_batches: row.try_get("dropped_batches")?,
     })
+}
+
+/// Times one metrics write is tried when PostgreSQL aborts it to break a
+/// deadlock or a serialization conflict (each try is a new transaction).
+const INGEST_ATTEMPTS: u32 = 3;
+
+/// Whether PostgreSQL aborted the transaction to let a concurrent one
+/// through (`40P01` deadlock detected, `40001` serialization failure): the
+/// same transaction can succeed when tried again.
+fn is_aborted_by_a_conflict(e: &StoreError) -> bool {
+    match e {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40P01" | "40001"))
+        }
+        _ => false,
+    }
+}
+
+impl PostgresStore {
+    /// One try of [`Store::ingest_metrics`], in one transaction.
+    async fn ingest_metrics_once(&self, ingest: &MetricsIngest) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        if !ingest.metrics.is_empty() {
+            insert_metrics(&mut tx, ingest).await?;
+        }
+        if !ingest.containers.is_empty() {
+            replace_container_sets(&mut tx, &ingest.containers).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
 }
 
 /// One column of a bulk insert: `f` of every row.
