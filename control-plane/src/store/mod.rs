@@ -406,9 +406,9 @@ pub(crate) fn without_nul(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// A JSON document as a column holds it: serialized once, where the record
 /// is built (for metrics, in each session's own task rather than in the one
-/// metrics writer), then written and read back as text. Readers that look
-/// inside parse it ([`JsonText::parse`]); the raw-points API and the stores
-/// pass the text through.
+/// metrics writer), then written and read back as text by both stores.
+/// Readers that look inside, or embed it in a JSON answer, parse it
+/// ([`JsonText::parse`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonText(String);
 
