@@ -86,6 +86,13 @@ pub fn control_plane_server_config(
 /// An agent's client configuration: the control plane must present a chain
 /// ending in the CA named by `pin`; `client_auth` is the agent's certificate
 /// chain and key once enrolled, `None` while enrolling.
+///
+/// Of the chain only the leaf is presented: the CA signs every certificate
+/// it issues directly and the side that verifies it (the control plane, or
+/// the peer branch that issued a branch certificate) already holds that CA,
+/// so sending the CA too would only add ~500 bytes to every handshake and to
+/// what the control plane keeps for every connected agent (rustls holds the
+/// peer's certificates for the life of a connection).
 pub fn agent_client_config(
     pin: CaFingerprint,
     client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
@@ -100,7 +107,10 @@ pub fn agent_client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match client_auth {
-        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        Some((mut chain, key)) => {
+            chain.truncate(1);
+            builder.with_client_auth_cert(chain, key)?
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = alpn();

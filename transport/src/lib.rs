@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tether_protocol::{AgentMessage, CloseCode, ControlMessage, FrameCodec, FrameError};
+use tokio_util::bytes::BytesMut;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 /// Keep-alive interval of the dialing side (agent, branch): an idle session
@@ -256,10 +257,14 @@ pub fn close_code_of(err: &quinn::ConnectionError) -> Option<CloseCode> {
     }
 }
 
-/// Initial capacity of a framed stream's read and write buffers.
-const STREAM_BUFFER_INITIAL: usize = 512;
-
 /// A bidirectional stream that reads `In` frames and writes `Out` frames.
+///
+/// Its read and write buffers hold bytes only while a frame is on its way:
+/// they are given back once a frame is written or read and nothing else is
+/// buffered, so an idle stream (a connected agent's control stream, waiting
+/// for the next heartbeat) holds no buffer at all. A frame then costs two
+/// small allocations, its length prefix and its body (the codec reserves a
+/// frame's whole body once it has read the prefix).
 pub struct FramedStream<In, Out> {
     send: FramedWrite<quinn::SendStream, FrameCodec<In, Out>>,
     recv: FramedRead<quinn::RecvStream, FrameCodec<In, Out>>,
@@ -270,14 +275,19 @@ pub type AgentStream = FramedStream<ControlMessage, AgentMessage>;
 /// The control plane's side of a stream.
 pub type ControlStream = FramedStream<AgentMessage, ControlMessage>;
 
+/// Gives `buffer`'s memory back if it holds nothing.
+fn release_if_empty(buffer: &mut BytesMut) {
+    if buffer.is_empty() && buffer.capacity() > 0 {
+        *buffer = BytesMut::new();
+    }
+}
+
 impl<In: DeserializeOwned, Out: Serialize> FramedStream<In, Out> {
-    /// Wraps the two halves of a bidirectional stream. Buffers start small
-    /// (most frames are a few hundred bytes) and grow for larger frames: a
-    /// control plane holds one control stream per connected agent.
+    /// Wraps the two halves of a bidirectional stream.
     pub fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
         Self {
-            send: FramedWrite::with_capacity(send, FrameCodec::default(), STREAM_BUFFER_INITIAL),
-            recv: FramedRead::with_capacity(recv, FrameCodec::default(), STREAM_BUFFER_INITIAL),
+            send: FramedWrite::with_capacity(send, FrameCodec::default(), 0),
+            recv: FramedRead::with_capacity(recv, FrameCodec::default(), 0),
         }
     }
 
@@ -289,14 +299,19 @@ impl<In: DeserializeOwned, Out: Serialize> FramedStream<In, Out> {
 
     /// Sends one message.
     pub async fn send(&mut self, message: &Out) -> Result<(), TransportError> {
-        self.send.send(message).await?;
+        let sent = self.send.send(message).await;
+        release_if_empty(self.send.write_buffer_mut());
+        sent?;
         Ok(())
     }
 
     /// The next message; `Ok(None)` when the peer finished the stream cleanly.
     pub async fn recv(&mut self) -> Result<Option<In>, TransportError> {
         match self.recv.next().await {
-            Some(Ok(message)) => Ok(Some(message)),
+            Some(Ok(message)) => {
+                release_if_empty(self.recv.read_buffer_mut());
+                Ok(Some(message))
+            }
             Some(Err(err)) => Err(err.into()),
             None => Ok(None),
         }
@@ -326,8 +341,80 @@ impl<In: DeserializeOwned, Out: Serialize> FramedStream<In, Out> {
 }
 
 #[cfg(test)]
+impl<In, Out> FramedStream<In, Out> {
+    /// Bytes allocated for the (read, write) buffers.
+    fn buffer_capacities(&self) -> (usize, usize) {
+        (
+            self.recv.read_buffer().capacity(),
+            self.send.write_buffer().capacity(),
+        )
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    use tether_certs::authority::{pem_to_chain, pem_to_private_key};
+    use tether_certs::{agent_client_config, control_plane_server_config, CertificateAuthority};
+
+    /// A connection between an agent and a control plane on loopback: the
+    /// endpoints (kept open) and both ends (agent, control plane).
+    async fn connected_pair() -> ([quinn::Endpoint; 2], quinn::Connection, quinn::Connection) {
+        tether_certs::install_crypto_provider();
+        let ca = CertificateAuthority::generate("b1").unwrap();
+        let issued = ca
+            .issue_server_certificate(&[], Duration::from_secs(3600))
+            .unwrap();
+        let mut chain = pem_to_chain(&issued.cert_pem).unwrap();
+        chain.push(ca.cert_der().clone());
+        let key = pem_to_private_key(&issued.key_pem).unwrap();
+        let tls = control_plane_server_config(ca.cert_der(), chain, key).unwrap();
+        let server =
+            server_endpoint((std::net::Ipv4Addr::LOCALHOST, 0).into(), tls, b"reset").unwrap();
+        let addr = server.local_addr().unwrap();
+        let client =
+            client_endpoint(addr, agent_client_config(ca.fingerprint(), None).unwrap()).unwrap();
+        let accepting = server.clone();
+        let accepted = tokio::spawn(async move {
+            let incoming = accepting.accept().await.unwrap();
+            incoming.await.unwrap()
+        });
+        let connection = connect_control_plane(&client, addr).await.unwrap();
+        let accepted = accepted.await.unwrap();
+        ([server, client], connection, accepted)
+    }
+
+    #[tokio::test]
+    async fn framed_streams_carry_frames_of_any_size_and_keep_no_buffer_once_idle() {
+        let (_endpoints, connection, accepted) = connected_pair().await;
+        let messages = vec!["x".repeat(10), "y".repeat(100_000), "z".to_string()];
+
+        let mut agent = FramedStream::<String, String>::open(&connection)
+            .await
+            .unwrap();
+        for message in &messages {
+            agent.send(message).await.unwrap();
+            assert_eq!(agent.buffer_capacities().1, 0, "write buffer after a send");
+        }
+        let (send, recv) = accepted.accept_bi().await.unwrap();
+        let mut control_plane = FramedStream::<String, String>::new(send, recv);
+        for message in &messages {
+            assert_eq!(&control_plane.recv_required().await.unwrap(), message);
+        }
+        assert_eq!(
+            control_plane.buffer_capacities(),
+            (0, 0),
+            "an idle stream holds no buffer"
+        );
+
+        // Back the other way, and again once the buffers were released.
+        for message in messages.iter().rev() {
+            control_plane.send(message).await.unwrap();
+            assert_eq!(&agent.recv_required().await.unwrap(), message);
+            assert_eq!(agent.buffer_capacities(), (0, 0));
+        }
+    }
 
     /// The kernel's cap for an unprivileged process, or `None` off Linux.
     fn kernel_cap(name: &str) -> Option<usize> {

@@ -32,73 +32,77 @@ pub async fn serve(
     cert: CertificateDer<'static>,
     cp: Arc<ControlPlane>,
 ) {
-    let info = match CertificateInfo::from_der(&cert) {
-        Ok(info) => info,
-        Err(e) => {
-            tracing::warn!(error = %e, "session refused: unreadable client certificate");
-            tether_transport::close(&connection, CloseCode::Revoked);
-            return;
-        }
-    };
-    let identity = match info.require_identity() {
-        Ok(identity) if identity.branch_id == cp.instance.branch_id.to_string() => identity.clone(),
-        Ok(identity) => {
-            tracing::warn!(%identity, "session refused: certificate names another branch");
-            tether_transport::close(&connection, CloseCode::Revoked);
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "session refused");
-            tether_transport::close(&connection, CloseCode::Revoked);
-            return;
-        }
-    };
-    let Ok(server_id) = Uuid::parse_str(&identity.server_id) else {
-        tracing::warn!(%identity, "session refused: server id is not a UUID");
-        tether_transport::close(&connection, CloseCode::Revoked);
+    let Some((server_id, info)) = certificate_server(&connection, &cert, &cp) else {
         return;
     };
     // Held for the session's life otherwise, for every connected agent.
-    drop((identity, cert));
-    run(connection, server_id, info, cp)
+    drop(cert);
+    run(connection, server_id, Box::new(info), cp)
         .instrument(tracing::info_span!("session", %server_id))
         .await;
 }
 
+/// The server a client certificate names, or `None` (the connection is
+/// closed) when it names none of this branch's. Not async, so that nothing it
+/// looks at takes room in the future every connected agent keeps.
+fn certificate_server(
+    connection: &quinn::Connection,
+    cert: &CertificateDer<'static>,
+    cp: &ControlPlane,
+) -> Option<(Uuid, CertificateInfo)> {
+    let refuse = || {
+        tether_transport::close(connection, CloseCode::Revoked);
+        None
+    };
+    let info = match CertificateInfo::from_der(cert) {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::warn!(error = %e, "session refused: unreadable client certificate");
+            return refuse();
+        }
+    };
+    let identity = match info.require_identity() {
+        Ok(identity) if identity.branch_id == cp.instance.branch_id.to_string() => identity,
+        Ok(identity) => {
+            tracing::warn!(%identity, "session refused: certificate names another branch");
+            return refuse();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "session refused");
+            return refuse();
+        }
+    };
+    let Ok(server_id) = Uuid::parse_str(&identity.server_id) else {
+        tracing::warn!(%identity, "session refused: server id is not a UUID");
+        return refuse();
+    };
+    Some((server_id, info))
+}
+
+/// The future every connected agent keeps is this one: the set-up (store
+/// calls, the Hello, the server row) and the end are boxed, so their state
+/// is allocated only while they run, and what the running session holds is
+/// passed in boxes, because an async fn keeps its own copy of every argument
+/// passed by value (`CertificateInfo`, [`Running`]).
 async fn run(
     connection: quinn::Connection,
     server_id: Uuid,
-    cert: CertificateInfo,
+    cert: Box<CertificateInfo>,
     cp: Arc<ControlPlane>,
 ) {
-    // The set-up (store calls, the Hello, the server row) and the end are
-    // boxed: their state is allocated only while they run, and the task each
-    // connected agent keeps is only as large as the running session.
-    let Some(session) = Box::pin(establish(&connection, server_id, cert, &cp)).await else {
+    let Some(Established {
+        generation,
+        online_since,
+        running,
+    }) = Box::pin(establish(&connection, server_id, cert, &cp)).await
+    else {
         return;
     };
-    let reason = match session.running {
-        Ok((mut control, expiry, renewal)) => {
-            drive(
-                &connection,
-                &mut control,
-                expiry,
-                renewal,
-                cp.config.offline_after,
-                &cp,
-            )
-            .await
-        }
+    let reason = match running {
+        Ok(running) => drive(&connection, running, cp.config.offline_after, &cp).await,
         Err(reason) => reason,
     };
-    Box::pin(end(
-        &cp,
-        server_id,
-        session.generation,
-        session.online_since,
-        reason,
-    ))
-    .await;
+    Box::pin(end(&cp, server_id, generation, online_since, reason)).await;
 }
 
 /// A session past its set-up: registered on this replica, `Welcome` sent.
@@ -107,7 +111,15 @@ struct Established {
     online_since: DateTime<Utc>,
     /// What the running session needs, or why it ends at once (the
     /// `Welcome` could not be sent).
-    running: Result<(ControlStream, watch::Receiver<SystemTime>, RenewalContext), String>,
+    running: Result<Box<Running>, String>,
+}
+
+/// What a running session holds.
+struct Running {
+    control: ControlStream,
+    /// When the session's certificate expires (moved by renewals).
+    expiry: watch::Receiver<SystemTime>,
+    renewal: Arc<RenewalContext>,
 }
 
 /// Admission, `Hello` -> `Welcome`, the server marked online; `None` when
@@ -115,7 +127,7 @@ struct Established {
 async fn establish(
     connection: &quinn::Connection,
     server_id: Uuid,
-    cert: CertificateInfo,
+    cert: Box<CertificateInfo>,
     cp: &Arc<ControlPlane>,
 ) -> Option<Established> {
     let server = match cp.store.admit_session(server_id, &cert.serial_hex).await {
@@ -217,14 +229,18 @@ async fn establish(
             crate::health::spawn_push(cp.clone(), server);
             crate::commands::on_session_start(cp.clone(), server_id);
             let (expiry_tx, expiry_rx) = watch::channel(cert.not_after);
-            let renewal = RenewalContext {
+            let renewal = Arc::new(RenewalContext {
                 cp: cp.clone(),
                 server_id,
                 server: server_ref,
                 serial: cert.serial_hex,
                 expiry: expiry_tx,
-            };
-            Ok((control, expiry_rx, renewal))
+            });
+            Ok(Box::new(Running {
+                control,
+                expiry: expiry_rx,
+                renewal,
+            }))
         }
     };
     Some(Established {
@@ -282,13 +298,15 @@ fn until(t: SystemTime) -> Duration {
 /// Runs an established session until it ends; returns why it ended.
 async fn drive(
     connection: &quinn::Connection,
-    control: &mut ControlStream,
-    mut expiry: watch::Receiver<SystemTime>,
-    renewal: RenewalContext,
+    mut running: Box<Running>,
     offline_after: Duration,
     cp: &ControlPlane,
 ) -> String {
-    let renewal = Arc::new(renewal);
+    let Running {
+        control,
+        expiry,
+        renewal,
+    } = &mut *running;
     loop {
         let expires_in = until(*expiry.borrow());
         tokio::select! {
@@ -318,7 +336,7 @@ async fn drive(
             },
             incoming = connection.accept_bi() => match incoming {
                 Ok((send, recv)) => {
-                    let renewal = renewal.clone();
+                    let renewal = Arc::clone(renewal);
                     let connection = connection.clone();
                     tokio::spawn(
                         async move { agent_stream(connection, ControlStream::new(send, recv), renewal).await }
