@@ -42,7 +42,7 @@ fn init_tracing() {
 /// says otherwise. glibc's default (8 per core) spreads every connected
 /// agent's long-lived state over as many heaps as there are threads that
 /// touched it, each with its own free space; two keep ~1 KiB per connected
-/// agent less resident at 10,000 agents (29.1 instead of 30.0 KiB), with no
+/// agent less resident at 10,000 agents (~29 instead of ~30 KiB), with no
 /// measurable cost in reports/s (`docs/performance.md` §3).
 const MALLOC_ARENAS: i32 = 2;
 
