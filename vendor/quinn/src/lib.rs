@@ -90,8 +90,7 @@ pub use crate::runtime::TokioRuntime;
 pub use crate::runtime::{AsyncTimer, AsyncUdpSocket, Runtime, UdpPoller, default_runtime};
 pub use crate::send_stream::{SendStream, StoppedError, WriteError};
 
-#[cfg(test)]
-mod tests;
+// (Tether) quinn's unit tests (`src/tests.rs`) are left out with its other tests.
 
 /// Sent to a connection boxed (Tether): the endpoint's channel to each
 /// connection allocates its slots 32 at a time and keeps up to two such
