@@ -26,7 +26,7 @@
 # resolve, mdns4_minimal, sss, ...) is dlopen'ed with the host's libc.so.6,
 # which glibc supports only when the host runs the glibc the agent was linked
 # with: on such hosts give the control plane as an IP literal or ship the
-# dynamic release build. See docs/performance.md §5.
+# dynamic release build. See docs/performance.md, *The agent's footprint*.
 set -euo pipefail
 
 install_dir=""

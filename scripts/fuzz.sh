@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The frame decoder's fuzz target (protocol/fuzz). `scripts/fuzz.sh build`
-# builds it (CI); `scripts/fuzz.sh run [SECONDS]` fuzzes for a while.
+# The fuzz targets of protocol/fuzz: the frame decoder, the enrollment
+# exchange and the branch-to-branch exchange. `scripts/fuzz.sh build` builds
+# them all (CI); `scripts/fuzz.sh run [SECONDS] [TARGET...]` fuzzes each for
+# SECONDS (default 60; default targets: all).
 # Works on the stable toolchain (no sanitizer); see protocol/fuzz/README.md
 # for an AddressSanitizer run.
 set -euo pipefail
@@ -10,8 +12,16 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "cargo-fuzz is missing: installing it from crates.io"
     cargo install cargo-fuzz --locked
 fi
+TARGETS=(frame_decoder enrollment federation)
 case "${1:-build}" in
-    build) cargo fuzz build -s none frame_decoder ;;
-    run) cargo fuzz run -s none frame_decoder -- -max_total_time="${2:-60}" ;;
-    *) echo "usage: scripts/fuzz.sh build|run [SECONDS]" >&2; exit 2 ;;
+    build) for target in "${TARGETS[@]}"; do cargo fuzz build -s none "$target"; done ;;
+    run)
+        seconds="${2:-60}"
+        shift $(( $# > 1 ? 2 : 1 ))
+        [ $# -gt 0 ] || set -- "${TARGETS[@]}"
+        for target in "$@"; do
+            cargo fuzz run -s none "$target" -- -max_total_time="$seconds"
+        done
+        ;;
+    *) echo "usage: scripts/fuzz.sh build | run [SECONDS] [TARGET...]" >&2; exit 2 ;;
 esac

@@ -8,7 +8,7 @@
 # TETHER_TEST_DATABASE_URL:
 #
 #   export TETHER_TEST_DATABASE_URL=$(scripts/postgres.sh)
-#   cargo test -p tether-control-plane --test store_suite
+#   cargo test -p tether-control-plane --test store_core   # or any store_* suite
 #
 # Everything but the URL goes to stderr. When PostgreSQL is not ready yet it
 # needs root (apt, pg_ctlcluster, psql as the `postgres` system user). Fails

@@ -53,18 +53,22 @@ impl FromStr for BootstrapToken {
 pub struct EmptyToken;
 
 /// Which commands relayed by the control plane (and pushed `exec` health
-/// checks) this agent runs (`[commands]`).
+/// checks) this agent runs, and as whom (`[commands]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CommandPolicy {
     /// `false` refuses every command.
     pub enabled: bool,
-    /// When present and not empty, only these programs may run: bare names
-    /// (`uptime`, matching a bare `argv[0]` looked up in the agent's `PATH`)
-    /// or absolute paths (`/usr/bin/uptime`, matching that `argv[0]` or a bare
-    /// name that resolves to it). Absent or empty: every program may run
-    /// (`enabled = false` refuses all).
-    pub allow: Option<Vec<String>>,
+    /// When present and not empty, only what an entry matches may run.
+    /// Absent or empty: every program may run (`enabled = false` refuses
+    /// all). See [`AllowEntry`] for the two forms.
+    #[serde(deserialize_with = "parse_allow")]
+    pub allow: Option<Vec<AllowEntry>>,
+    /// Runs commands and `exec` checks as this user (a name or a numeric
+    /// uid) with its primary group and supplementary groups, `HOME`,
+    /// `USER` and `LOGNAME` set from its passwd entry. Absent: as the
+    /// agent's own user. Needs the agent to run as root (or as that user).
+    pub run_as: Option<String>,
 }
 
 impl Default for CommandPolicy {
@@ -72,8 +76,78 @@ impl Default for CommandPolicy {
         Self {
             enabled: true,
             allow: None,
+            run_as: None,
         }
     }
+}
+
+/// One entry of `[commands] allow`.
+///
+/// * A string (`"uptime"`, `"/usr/bin/uptime"`) matches `argv[0]` only, with
+///   any arguments: a bare name matches a bare `argv[0]` looked up in the
+///   agent's `PATH`; an absolute path matches that `argv[0]` or a bare name
+///   that resolves to it. A listed shell or interpreter therefore allows
+///   everything: pin its arguments with the array form.
+/// * An array (`["/bin/sh", "-c", "echo hi"]`, `["systemctl", "status",
+///   "*"]`) pins the whole argv: its first element matches `argv[0]` as a
+///   string entry does; each further element matches the argument at its
+///   position exactly, except `"*"`, which matches any one argument, and a
+///   last `"**"`, which matches any number of remaining arguments (zero
+///   included). The argv must have no arguments beyond the pattern's.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum AllowEntry {
+    Program(String),
+    Argv(Vec<String>),
+}
+
+impl AllowEntry {
+    /// The entry's `argv[0]` part.
+    pub fn program(&self) -> &str {
+        match self {
+            Self::Program(program) => program,
+            Self::Argv(pattern) => pattern.first().map_or("", String::as_str),
+        }
+    }
+
+    /// Whether `args` (the argv after `argv[0]`) match the entry.
+    pub fn matches_args(&self, args: &[String]) -> bool {
+        let Self::Argv(pattern) = self else {
+            return true;
+        };
+        let pattern = pattern.get(1..).unwrap_or_default();
+        let mut args = args.iter();
+        for (i, element) in pattern.iter().enumerate() {
+            if element == "**" && i + 1 == pattern.len() {
+                return true;
+            }
+            match args.next() {
+                Some(arg) if element == "*" || element == arg => {}
+                _ => return false,
+            }
+        }
+        args.next().is_none()
+    }
+}
+
+impl From<&str> for AllowEntry {
+    fn from(program: &str) -> Self {
+        Self::Program(program.to_string())
+    }
+}
+
+fn parse_allow<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<AllowEntry>>, D::Error> {
+    let entries = Vec::<AllowEntry>::deserialize(deserializer)?;
+    for entry in &entries {
+        if entry.program().is_empty() {
+            return Err(serde::de::Error::custom(
+                "an allow entry needs a program: a non-empty string, or an array starting with one",
+            ));
+        }
+    }
+    Ok(Some(entries))
 }
 
 /// Where unsent metrics batches are kept (`[spool]`).
@@ -149,6 +223,12 @@ pub struct HealthConfig {
     /// `[docker] enabled = false`.)
     #[serde(deserialize_with = "parse_builtin_names")]
     pub disabled: Vec<String>,
+    /// `true` lets pushed HTTP and TCP checks reach link-local addresses
+    /// (169.254.0.0/16, fe80::/10) and cloud metadata endpoints
+    /// (169.254.169.254, fd00:ec2::254, 168.63.129.16, 100.100.100.200,
+    /// `metadata.google.internal`, ...). Off by default: such targets are
+    /// refused before any connection, names checked after resolution.
+    pub allow_metadata_targets: bool,
 }
 
 /// Names of the built-in health checks (ids are `builtin:<name>`).
@@ -162,6 +242,7 @@ impl Default for HealthConfig {
             memory_max_percent: 95.0,
             clock_skew_max_ms: 5_000,
             disabled: Vec::new(),
+            allow_metadata_targets: false,
         }
     }
 }
@@ -376,10 +457,7 @@ mod tests {
         assert_eq!(config.token.as_ref().unwrap().expose(), "s3cret");
         assert_eq!(config.deployment_id.as_deref(), Some("d-1"));
         assert!(!config.commands.enabled);
-        assert_eq!(
-            config.commands.allow,
-            Some(vec!["/usr/bin/uptime".to_string()])
-        );
+        assert_eq!(config.commands.allow, Some(vec!["/usr/bin/uptime".into()]));
         assert_eq!(config.spool.max_bytes, 1 << 20);
         assert!(!config.docker.enabled);
         assert_eq!(config.docker.socket, "/run/user/1000/docker.sock");
@@ -439,6 +517,49 @@ mod tests {
         assert!(config.commands.allow.is_none());
         assert!(config.docker.enabled);
         assert!(config.bootstrap().is_none());
+    }
+
+    #[test]
+    fn allow_entries_are_programs_or_argv_patterns_and_run_as_and_metadata_parse() {
+        let config = Config::parse(
+            r#"
+            [commands]
+            allow = ["uptime", ["/bin/sh", "-c", "echo hi"], ["systemctl", "status", "*"], ["journalctl", "**"]]
+            run_as = "nobody"
+            [health]
+            allow_metadata_targets = true
+            "#,
+        )
+        .unwrap();
+        let allow = config.commands.allow.unwrap();
+        assert_eq!(allow[0], AllowEntry::Program("uptime".into()));
+        assert_eq!(
+            allow[1],
+            AllowEntry::Argv(vec!["/bin/sh".into(), "-c".into(), "echo hi".into()])
+        );
+        assert_eq!(config.commands.run_as.as_deref(), Some("nobody"));
+        assert!(config.health.allow_metadata_targets);
+        assert!(!Config::default().health.allow_metadata_targets);
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // A string entry: any arguments.
+        assert!(allow[0].matches_args(&args(&["-p", "x"])));
+        // Exact argv only.
+        assert!(allow[1].matches_args(&args(&["-c", "echo hi"])));
+        assert!(!allow[1].matches_args(&args(&["-c", "id"])));
+        assert!(!allow[1].matches_args(&args(&["-c", "echo hi", "extra"])));
+        assert!(!allow[1].matches_args(&args(&["-c"])));
+        // `*`: exactly one argument, any value.
+        assert!(allow[2].matches_args(&args(&["status", "nginx"])));
+        assert!(!allow[2].matches_args(&args(&["status"])));
+        assert!(!allow[2].matches_args(&args(&["stop", "nginx"])));
+        assert!(!allow[2].matches_args(&args(&["status", "a", "b"])));
+        // A last `**`: any rest, none included.
+        assert!(allow[3].matches_args(&args(&[])));
+        assert!(allow[3].matches_args(&args(&["-u", "x", "-n", "5"])));
+        for bad in ["allow = [[]]", "allow = [\"\"]", "allow = [[\"\", \"-c\"]]"] {
+            let err = Config::parse(&format!("[commands]\n{bad}")).unwrap_err();
+            assert!(err.contains("needs a program"), "{bad}: {err}");
+        }
     }
 
     #[test]

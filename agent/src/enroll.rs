@@ -75,7 +75,9 @@ impl EnrollError {
         match self {
             Self::Rejected(reason) => !matches!(
                 reason,
-                EnrollRejection::Internal | EnrollRejection::QuotaExceeded(_)
+                EnrollRejection::Internal
+                    | EnrollRejection::QuotaExceeded(_)
+                    | EnrollRejection::RateLimited { .. }
             ),
             Self::Key(_) | Self::State(_) => true,
             _ => false,

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tether_protocol::{classify_control_opener, ControlMessage, ControlStreamKind};
+use tether_transport::AgentCodec;
 use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
 use tracing::Instrument;
 
-use crate::command::{AgentCodec, CommandRunner};
+use crate::command::CommandRunner;
 use crate::health::{report, Health};
 
 /// How long the control plane has to send the first frame of a stream.
@@ -94,7 +95,7 @@ async fn serve(mut send: quinn::SendStream, recv: quinn::RecvStream, services: S
         Err(violation) => {
             tracing::warn!(
                 "refusing a stream the control plane opened with {}: {violation}",
-                crate::session::kind(&first)
+                first.kind()
             );
             let _ = send.reset(REFUSED_STREAM.into());
         }

@@ -12,8 +12,11 @@
 //! * [`spool`] — unacknowledged metrics batches on disk, bounded.
 //! * [`telemetry`] — the collection loop and the per-session sender.
 //! * [`reconnect`] — the reconnect backoff policy.
-//! * [`command`] — commands relayed by the control plane: policy, process
-//!   groups, streamed and bounded output, timeout and cancellation.
+//! * [`process`] — spawning a program under the local policy: the policy
+//!   check, refusals, process groups, bounded output, timeout and kill;
+//!   used by commands and by `exec` health checks.
+//! * [`command`] — commands relayed by the control plane: admission (a
+//!   bound on concurrent commands) and the command stream.
 //! * [`health`] — built-in and pushed health checks, their scheduler and
 //!   their reports.
 //! * [`incoming`] — streams the control plane opens (commands, health
@@ -31,7 +34,9 @@ pub mod facts;
 pub mod health;
 pub mod incoming;
 pub mod metrics;
+pub mod process;
 pub mod reconnect;
+pub mod run_as;
 pub mod session;
 pub mod spool;
 pub mod state;
@@ -60,7 +65,7 @@ pub fn format_time(time: SystemTime) -> String {
 /// heap (`M_TRIM_THRESHOLD`): the pages of blocks freed below a live one stay
 /// resident. Each report (Docker responses, serialisation, QUIC streams)
 /// leaves such holes, about half of an idle agent's heap
-/// (docs/performance.md §5). `malloc_trim(0)` releases every free page of
+/// (docs/performance-log.md §5). `malloc_trim(0)` releases every free page of
 /// the heap (`MADV_DONTNEED`); a pass over a 1 MiB heap takes microseconds.
 /// Called after each acknowledged report and every few seconds by `run`.
 pub fn release_free_heap() {

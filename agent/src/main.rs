@@ -88,7 +88,7 @@ fn main() -> ExitCode {
 /// The glibc tunables `tether-agent run` runs under: no per-thread cache
 /// of freed blocks. The cache keeps up to 7 freed blocks of each size up to
 /// 1 KiB out of the allocator's reach, and the pages they sit on resident:
-/// ~240 KiB of an idle agent's RSS (docs/performance.md §5). An idle agent
+/// ~240 KiB of an idle agent's RSS (docs/performance-log.md §5). An idle agent
 /// allocates a few thousand blocks per report, so the cache buys nothing.
 const MALLOC_TUNABLES: &str = "glibc.malloc.tcache_count=0";
 /// Set in the environment of the re-executed agent, removed at once.
@@ -202,7 +202,7 @@ fn init_logging(default_filter: &str) {
     use tracing_subscriber::util::SubscriberInitExt;
     // `Targets` (RUST_LOG as `level` or `target=level,...`) rather than
     // `EnvFilter`, whose span and field directives bring a regex engine:
-    // ~0.5 MiB more code resident in every agent (docs/performance.md §5).
+    // ~0.5 MiB more code resident in every agent (docs/performance-log.md §5).
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|directives| directives.parse::<Targets>().ok())

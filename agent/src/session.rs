@@ -372,7 +372,7 @@ async fn established(
             return (None, SessionEnd::HelloRefused(rejection))
         }
         Ok(Ok((_, other))) => {
-            let why = format!("unexpected answer to Hello ({})", kind(&other));
+            let why = format!("unexpected answer to Hello ({})", other.kind());
             return (None, SessionEnd::Hello(why));
         }
         Ok(Err(err)) => return (None, SessionEnd::Hello(err.to_string())),
@@ -433,7 +433,7 @@ async fn heartbeat(
                         return Ok::<_, TransportError>(Some(ack))
                     }
                     Some(other) => {
-                        tracing::debug!("ignoring {} on the control stream", kind(&other))
+                        tracing::debug!("ignoring {} on the control stream", other.kind())
                     }
                     None => return Ok(None),
                 }
@@ -532,6 +532,10 @@ async fn renew_certificate(
 }
 
 /// One renewal: new key, CSR over a new stream, check and store the chain.
+/// The agent finishes its side of the stream only once the new certificate
+/// is stored: that end-of-stream is the acknowledgement after which the
+/// control plane revokes the older certificates. Any failure resets the
+/// stream instead, and the old certificate stays valid.
 async fn renew_once(
     connection: &quinn::Connection,
     state_dir: &StateDir,
@@ -547,31 +551,38 @@ async fn renew_once(
                 csr_der,
             }))
             .await?;
-        let _ = stream.finish();
-        Ok(answer)
+        Ok((stream, answer))
     };
-    let answer = match tokio::time::timeout(ANSWER_TIMEOUT, exchange).await {
+    let (mut stream, answer) = match tokio::time::timeout(ANSWER_TIMEOUT, exchange).await {
         Ok(Ok(answer)) => answer,
         Ok(Err(err)) => return Err(RenewError::Transport(err)),
         Err(_) => return Err(RenewError::Timeout),
     };
-    let chain = match answer {
-        ControlMessage::CertificateRenewed(chain) => chain,
-        ControlMessage::RenewalRejected(reason) => return Err(RenewError::Rejected(reason)),
-        other => return Err(RenewError::Unexpected(kind(&other))),
+    let stored = match answer {
+        ControlMessage::CertificateRenewed(chain) => verify_chain(
+            key,
+            chain.certificates_der,
+            identity.ca_fingerprint,
+            &identity.server_id,
+            &identity.branch_id,
+        )
+        .map_err(RenewError::Invalid)
+        .and_then(|credentials| {
+            state_dir
+                .save_credentials(&credentials)
+                .map_err(RenewError::State)?;
+            Ok(credentials)
+        }),
+        ControlMessage::RenewalRejected(reason) => Err(RenewError::Rejected(reason)),
+        other => Err(RenewError::Unexpected(other.kind())),
     };
-    let credentials = verify_chain(
-        key,
-        chain.certificates_der,
-        identity.ca_fingerprint,
-        &identity.server_id,
-        &identity.branch_id,
-    )
-    .map_err(RenewError::Invalid)?;
-    state_dir
-        .save_credentials(&credentials)
-        .map_err(RenewError::State)?;
-    Ok(credentials)
+    match &stored {
+        Ok(_) => {
+            let _ = stream.finish();
+        }
+        Err(_) => stream.reset(),
+    }
+    stored
 }
 
 /// Sleeps until a wall-clock time, re-checking the clock at least hourly.
@@ -588,25 +599,6 @@ fn unix_ms(time: SystemTime) -> u64 {
     time.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// A message's name, for logs (never its contents).
-pub(crate) fn kind(message: &ControlMessage) -> &'static str {
-    match message {
-        ControlMessage::Enrolled(_) => "Enrolled",
-        ControlMessage::EnrollRejected(_) => "EnrollRejected",
-        ControlMessage::Welcome(_) => "Welcome",
-        ControlMessage::HelloRejected(_) => "HelloRejected",
-        ControlMessage::HeartbeatAck(_) => "HeartbeatAck",
-        ControlMessage::CertificateRenewed(_) => "CertificateRenewed",
-        ControlMessage::RenewalRejected(_) => "RenewalRejected",
-        ControlMessage::Ack(_) => "Ack",
-        ControlMessage::HealthAck { .. } => "HealthAck",
-        ControlMessage::ConfigureHealthChecks(_) => "ConfigureHealthChecks",
-        ControlMessage::RunHealthChecksNow => "RunHealthChecksNow",
-        ControlMessage::RunCommand(_) => "RunCommand",
-        ControlMessage::CancelCommand => "CancelCommand",
-    }
 }
 
 #[cfg(test)]

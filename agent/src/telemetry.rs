@@ -293,12 +293,7 @@ async fn acked(mut stream: AgentStream, seqs: &[u64]) -> (Vec<u64>, Result<(), D
             ControlMessage::Ack(Ack { seq: other }) => {
                 return (acked, Err(DeliveryError::WrongAck(other)))
             }
-            other => {
-                return (
-                    acked,
-                    Err(DeliveryError::Unexpected(crate::session::kind(&other))),
-                )
-            }
+            other => return (acked, Err(DeliveryError::Unexpected(other.kind()))),
         }
     }
     (acked, Ok(()))

@@ -5,8 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use tether_agent::command::{CommandRunner, Signal, MAX_CONCURRENT_COMMANDS};
+use tether_agent::command::{CommandRunner, MAX_CONCURRENT_COMMANDS};
 use tether_agent::config::CommandPolicy;
+use tether_agent::process::Signal;
 use tether_protocol::{
     AgentMessage, CommandOutcome, CommandRequest, CommandStatus, OutputStream, COMMAND_OUTPUT_CHUNK,
 };
@@ -236,6 +237,7 @@ async fn disallowed_program_is_refused_and_nothing_is_spawned() {
     let runner = CommandRunner::new(CommandPolicy {
         enabled: true,
         allow: Some(vec!["true".into(), "/usr/bin/uptime".into()]),
+        ..CommandPolicy::default()
     });
     let (messages, outcome) = run(
         &runner,
@@ -258,7 +260,7 @@ async fn disallowed_program_is_refused_and_nothing_is_spawned() {
 async fn disabled_commands_are_refused() {
     let runner = CommandRunner::new(CommandPolicy {
         enabled: false,
-        allow: None,
+        ..CommandPolicy::default()
     });
     let (messages, outcome) = run(&runner, request(&["true"], 10_000)).await;
     assert_eq!(messages.len(), 1);
@@ -380,4 +382,72 @@ async fn more_than_the_concurrent_limit_is_refused() {
     }
     let (_, outcome) = run(&runner, request(&["true"], 10_000)).await;
     assert_eq!(outcome.status, CommandStatus::Exited { code: 0 });
+}
+
+#[tokio::test]
+async fn a_request_setting_ld_preload_or_bash_env_is_refused_and_nothing_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    for name in [
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "BASH_ENV",
+        "BASH_FUNC_id%%",
+        "PATH",
+    ] {
+        let mut request = request(&["touch", marker.to_str().unwrap()], 10_000);
+        request.env = vec![("LANG".into(), "C".into()), (name.into(), "/tmp/x".into())];
+        let (messages, outcome) = run(&runner(), request).await;
+        assert_eq!(messages.len(), 1, "only CommandFinished: {messages:?}");
+        let CommandStatus::Refused { reason } = &outcome.status else {
+            panic!("{name}: {outcome:?}");
+        };
+        assert!(
+            reason.starts_with(&format!("forbidden_env: {name} ")),
+            "{reason}"
+        );
+        assert!(!marker.exists(), "{name}: the program ran");
+    }
+}
+
+#[tokio::test]
+async fn run_as_runs_the_command_as_that_user_with_its_groups_and_home() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let nobody = tether_agent::run_as::RunAs::lookup("nobody").unwrap();
+    let runner = CommandRunner::new(CommandPolicy {
+        run_as: Some("nobody".into()),
+        ..CommandPolicy::default()
+    });
+    let (messages, outcome) = run(
+        &runner,
+        request(&["sh", "-c", "id -u; id -g; echo $HOME $USER"], 10_000),
+    )
+    .await;
+    assert_eq!(
+        outcome.status,
+        CommandStatus::Exited { code: 0 },
+        "{messages:?}"
+    );
+    assert_eq!(
+        stdout_text(&messages),
+        format!(
+            "{}\n{}\n{} nobody\n",
+            nobody.uid,
+            nobody.gid,
+            nobody.home.display()
+        )
+    );
+    // An unknown user refuses the command.
+    let runner = CommandRunner::new(CommandPolicy {
+        run_as: Some("no-such-user-tether".into()),
+        ..CommandPolicy::default()
+    });
+    let (_, outcome) = run(&runner, request(&["true"], 10_000)).await;
+    assert!(
+        matches!(&outcome.status, CommandStatus::Refused { reason } if reason.starts_with("run_as_unavailable: ")),
+        "{outcome:?}"
+    );
 }

@@ -142,8 +142,8 @@ async fn http_check_turns_passing_then_failing_after_its_retries() {
     assert_eq!(failing.consecutive_failures, 2);
     assert!(failing.output.contains("HTTP 500"), "{failing:?}");
     assert!(
-        failing.output.contains("broken"),
-        "the body is quoted: {failing:?}"
+        !failing.output.contains("broken"),
+        "nothing the target sent is quoted: {failing:?}"
     );
     // One failure was not enough: the check still passed in between.
     assert!(
@@ -177,10 +177,11 @@ async fn http_probe_checks_the_expected_status_and_the_body() {
         probe::run(&http(None, Some("all good")), timeout, &context).await,
         Probe::Pass(_)
     ));
-    assert!(matches!(
-        probe::run(&http(None, Some("missing")), timeout, &context).await,
-        Probe::Fail(why) if why.contains("does not contain")
-    ));
+    let probe = probe::run(&http(None, Some("missing")), timeout, &context).await;
+    assert!(
+        matches!(&probe, Probe::Fail(why) if why.contains("do not contain the expected text") && !why.contains("all good")),
+        "{probe:?}"
+    );
     assert!(matches!(
         probe::run(&http(Some(204), None), timeout, &context).await,
         Probe::Fail(why) if why.contains("expected 204")
@@ -309,6 +310,7 @@ async fn exec_check_passes_on_exit_zero_and_fails_with_the_exit_code_and_output(
     let locked = PushedContext::new(CommandPolicy {
         enabled: true,
         allow: Some(vec!["true".into()]),
+        ..CommandPolicy::default()
     });
     assert!(matches!(
         probe::run(&exec(&["false"]), timeout, &locked).await,

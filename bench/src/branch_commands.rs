@@ -15,7 +15,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use crate::error::{bail, Context};
 
 use crate::commands::{percentile, round_trip, AnsweringFleet};
 use crate::control_plane::ControlPlane;
@@ -73,7 +73,7 @@ async fn measure(
     token: &str,
     server_ids: &[String],
     urls: impl Fn(&str) -> (String, String),
-) -> anyhow::Result<Samples> {
+) -> crate::error::Result<Samples> {
     let mut samples = Samples {
         round_trips: Vec::with_capacity(args.commands as usize),
         posts: Vec::with_capacity(args.commands as usize),
@@ -98,7 +98,7 @@ async fn measure(
     Ok(samples)
 }
 
-pub async fn run(args: BranchCommandsArgs) -> anyhow::Result<()> {
+pub async fn run(args: BranchCommandsArgs) -> crate::error::Result<()> {
     crate::procfs::raise_nofile_limit();
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
     let run_dir = args

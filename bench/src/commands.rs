@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use crate::error::{bail, Context};
 use futures::StreamExt;
 use tether_certs::CaFingerprint;
 use tokio_util::sync::CancellationToken;
@@ -68,11 +68,11 @@ impl AnsweringFleet {
         n: u32,
         concurrency: usize,
         agents_per_endpoint: u32,
-    ) -> anyhow::Result<Self> {
+    ) -> crate::error::Result<Self> {
         let pin: CaFingerprint = cp
             .ca_fingerprint
             .parse()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| crate::error::bench_error!("{e}"))?;
         let addr: SocketAddr = cp.quic_addr;
         let tokens: Vec<String> = futures::stream::iter(0..n)
             .map(|i| {
@@ -83,13 +83,13 @@ impl AnsweringFleet {
             .collect::<Vec<_>>()
             .await
             .into_iter()
-            .collect::<anyhow::Result<_>>()?;
+            .collect::<crate::error::Result<_>>()?;
         let endpoints: Vec<quinn::Endpoint> = (0..n.div_ceil(agents_per_endpoint.max(1)))
             .map(|_| {
                 quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
                     .context("binding a client endpoint")
             })
-            .collect::<anyhow::Result<_>>()?;
+            .collect::<crate::error::Result<_>>()?;
         let endpoint_of = |i: u32| endpoints[(i / agents_per_endpoint.max(1)) as usize].clone();
         let enroll_config = quinn_client_config(tether_certs::agent_client_config(pin, None)?)?;
         let configs: Vec<quinn::ClientConfig> =
@@ -103,11 +103,11 @@ impl AnsweringFleet {
                             enroll_one(endpoint, config, addr, pin, token, i as u32),
                         )
                         .await
-                        .map_err(|_| anyhow::anyhow!("enrollment took over 60 s"))?
+                        .map_err(|_| crate::error::bench_error!("enrollment took over 60 s"))?
                     }
                 })
                 .buffered(concurrency.max(1))
-                .collect::<Vec<anyhow::Result<_>>>()
+                .collect::<Vec<crate::error::Result<_>>>()
                 .await
                 .into_iter()
                 .filter_map(|r| r.map_err(|e| eprintln!("enrollment failed: {e:#}")).ok())
@@ -127,7 +127,7 @@ impl AnsweringFleet {
                         connect_one(endpoint, config, addr, i as u32),
                     )
                     .await
-                    .map_err(|_| anyhow::anyhow!("session set-up took over 60 s"))??;
+                    .map_err(|_| crate::error::bench_error!("session set-up took over 60 s"))??;
                     tokio::spawn(heartbeat_loop(
                         control,
                         heartbeat,
@@ -136,11 +136,11 @@ impl AnsweringFleet {
                         stop.clone(),
                     ));
                     tokio::spawn(answer_control_plane(connection, stop));
-                    Ok::<_, anyhow::Error>(server_id)
+                    Ok::<_, crate::error::BenchError>(server_id)
                 }
             })
             .buffered(concurrency.max(1))
-            .collect::<Vec<anyhow::Result<_>>>()
+            .collect::<Vec<crate::error::Result<_>>>()
             .await
             .into_iter()
             .filter_map(|r| r.map_err(|e| eprintln!("session failed: {e:#}")).ok())
@@ -173,7 +173,7 @@ pub async fn round_trip(
     token: &str,
     post_url: &str,
     api_url: &str,
-) -> anyhow::Result<(f64, f64, bool, String)> {
+) -> crate::error::Result<(f64, f64, bool, String)> {
     let t0 = Instant::now();
     let response = http
         .post(post_url)
@@ -211,7 +211,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-pub async fn run(args: CommandsArgs) -> anyhow::Result<()> {
+pub async fn run(args: CommandsArgs) -> crate::error::Result<()> {
     crate::procfs::raise_nofile_limit();
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
     let run_dir = args
@@ -243,7 +243,7 @@ async fn run_with(
     args: &CommandsArgs,
     run_dir: &std::path::Path,
     database_url: Option<&str>,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let n = args.agents;
     println!(
         "== commands: {n} agents, {} round trips on {:?}; work dir {}",

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use crate::error::{bail, Context};
 use serde_json::Value;
 
 /// Directory holding the release binaries (`$CARGO_TARGET_DIR/release`, or
@@ -23,7 +23,7 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// Path of a built binary, failing with a hint when it is missing.
-pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+pub fn binary(name: &str) -> crate::error::Result<PathBuf> {
     let path = bin_dir().join(name);
     if !path.is_file() {
         bail!(
@@ -76,7 +76,7 @@ impl ControlPlane {
         data_dir: &Path,
         database_url: Option<&str>,
         extra_args: &[&str],
-    ) -> anyhow::Result<Self> {
+    ) -> crate::error::Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let log_path = data_dir.join("control-plane.log");
         let log = std::fs::File::create(&log_path)?;
@@ -156,7 +156,7 @@ impl ControlPlane {
     }
 
     /// Creates one enrollment token through the API; returns it in clear.
-    pub async fn enrollment_token(&self, server_name: &str) -> anyhow::Result<String> {
+    pub async fn enrollment_token(&self, server_name: &str) -> crate::error::Result<String> {
         let response = self
             .http
             .post(format!("{}/api/v1/enrollment-tokens", self.api_url))
@@ -173,7 +173,7 @@ impl ControlPlane {
     }
 
     /// `GET` on the API with the admin token; returns the JSON body.
-    pub async fn get(&self, path_and_query: &str) -> anyhow::Result<Value> {
+    pub async fn get(&self, path_and_query: &str) -> crate::error::Result<Value> {
         let response = self
             .http
             .get(format!("{}{}", self.api_url, path_and_query))
@@ -194,7 +194,7 @@ impl ControlPlane {
         &self,
         path: &str,
         body: &Value,
-    ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+    ) -> crate::error::Result<(reqwest::StatusCode, Value)> {
         let response = self
             .http
             .post(format!("{}{}", self.api_url, path))
@@ -219,7 +219,7 @@ impl Drop for ControlPlane {
 }
 
 /// A fresh PostgreSQL database on the server of `admin_url`; returns its URL.
-pub async fn create_postgres_database(admin_url: &str, name: &str) -> anyhow::Result<String> {
+pub async fn create_postgres_database(admin_url: &str, name: &str) -> crate::error::Result<String> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(admin_url)
         .await
@@ -243,7 +243,7 @@ pub async fn create_postgres_database(admin_url: &str, name: &str) -> anyhow::Re
 }
 
 /// Drops a database made by [`create_postgres_database`].
-pub async fn drop_postgres_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+pub async fn drop_postgres_database(admin_url: &str, name: &str) -> crate::error::Result<()> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(admin_url).await?;
     // An autovacuum worker on the fresh database makes FORCE fail for a

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use crate::error::{bail, Context};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tether_certs::{AgentKey, CaFingerprint};
@@ -248,9 +248,9 @@ fn facts(index: u32) -> HostFacts {
 
 pub(crate) fn quinn_client_config(
     tls: rustls::ClientConfig,
-) -> anyhow::Result<quinn::ClientConfig> {
+) -> crate::error::Result<quinn::ClientConfig> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
-        .map_err(|e| anyhow::anyhow!("TLS config not usable for QUIC: {e}"))?;
+        .map_err(|e| crate::error::bench_error!("TLS config not usable for QUIC: {e}"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(tether_transport::KEEP_ALIVE_INTERVAL));
@@ -267,7 +267,7 @@ pub(crate) async fn enroll_one(
     pin: CaFingerprint,
     token: String,
     index: u32,
-) -> anyhow::Result<quinn::ClientConfig> {
+) -> crate::error::Result<quinn::ClientConfig> {
     let key = AgentKey::generate()?;
     let facts = facts(index);
     let csr_der = key.csr_der(&facts.hostname)?;
@@ -309,7 +309,7 @@ pub(crate) async fn connect_one(
     config: quinn::ClientConfig,
     addr: SocketAddr,
     index: u32,
-) -> anyhow::Result<(quinn::Connection, AgentStream, String, Duration)> {
+) -> crate::error::Result<(quinn::Connection, AgentStream, String, Duration)> {
     let connection = endpoint
         .connect_with(config, addr, tether_protocol::CONTROL_PLANE_SERVER_NAME)?
         .await?;
@@ -421,7 +421,7 @@ async fn send_reports(
     connection: &quinn::Connection,
     index: u32,
     seqs: std::ops::RangeInclusive<u64>,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let mut stream = AgentStream::open(connection).await?;
     for seq in seqs.clone() {
         stream
@@ -527,7 +527,7 @@ fn per_item_ms(cpu_seconds: f64, items: u64) -> f64 {
 }
 
 /// Runs `tether-bench fleet`.
-pub async fn run(args: FleetArgs) -> anyhow::Result<FleetResult> {
+pub async fn run(args: FleetArgs) -> crate::error::Result<FleetResult> {
     let nofile = procfs::raise_nofile_limit();
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
     let run_name = format!("fleet-{:?}-{}-{stamp}", args.database, args.agents).to_lowercase();
@@ -617,7 +617,6 @@ pub async fn run(args: FleetArgs) -> anyhow::Result<FleetResult> {
             Err(e) => eprintln!("HTTP baseline failed: {e:#}"),
         }
     }
-    crate::summary::print_fleet(&result);
     if let Some(path) = &args.json_out {
         std::fs::write(path, serde_json::to_string_pretty(&result)?)?;
         println!("results written to {}", path.display());
@@ -638,7 +637,7 @@ async fn run_with(
     run_dir: &std::path::Path,
     database_url: Option<&str>,
     is_pg: bool,
-) -> anyhow::Result<FleetResult> {
+) -> crate::error::Result<FleetResult> {
     let n = args.agents;
     let mut cp = ControlPlane::start(&run_dir.join("control-plane"), database_url, &[]).await?;
     let cp_pid = cp.pid();
@@ -646,7 +645,7 @@ async fn run_with(
     let pin: CaFingerprint = cp
         .ca_fingerprint
         .parse()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| crate::error::bench_error!("{e}"))?;
     println!(
         "control plane pid {cp_pid}: API {}, QUIC {}, log {}",
         cp.api_url,
@@ -657,7 +656,7 @@ async fn run_with(
     // 1. Enrollment tokens through the real API.
     let phase_cp = CpuMark::of(cp_pid);
     let phase_client = CpuMark::of(self_pid);
-    let tokens: Vec<anyhow::Result<String>> = futures::stream::iter(0..n)
+    let tokens: Vec<crate::error::Result<String>> = futures::stream::iter(0..n)
         .map(|i| {
             let cp = &cp;
             async move { cp.enrollment_token(&format!("sim-{i:05}")).await }
@@ -690,7 +689,7 @@ async fn run_with(
             quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
                 .context("binding a client endpoint")
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<crate::error::Result<_>>()?;
     let enroll_config = quinn_client_config(tether_certs::agent_client_config(pin, None)?)?;
     let endpoint_of = |i: u32| endpoints[(i / args.agents_per_endpoint.max(1)) as usize].clone();
     let addr = cp.quic_addr;
@@ -698,7 +697,7 @@ async fn run_with(
     let drops_start = procfs::udp_socket_drops(quic_port);
     let phase_cp = CpuMark::of(cp_pid);
     let phase_client = CpuMark::of(self_pid);
-    let configs: Vec<anyhow::Result<quinn::ClientConfig>> =
+    let configs: Vec<crate::error::Result<quinn::ClientConfig>> =
         futures::stream::iter(tokens.into_iter().enumerate())
             .map(|(i, token)| {
                 let endpoint = endpoint_of(i as u32);
@@ -709,7 +708,7 @@ async fn run_with(
                         enroll_one(endpoint, config, addr, pin, token, i as u32),
                     )
                     .await
-                    .map_err(|_| anyhow::anyhow!("enrollment took over 60 s"))?
+                    .map_err(|_| crate::error::bench_error!("enrollment took over 60 s"))?
                 }
             })
             .buffered(args.concurrency.max(1))
@@ -739,7 +738,7 @@ async fn run_with(
     let stop = CancellationToken::new();
     let phase_cp = CpuMark::of(cp_pid);
     let phase_client = CpuMark::of(self_pid);
-    let connected: Vec<anyhow::Result<Connected>> = futures::stream::iter(
+    let connected: Vec<crate::error::Result<Connected>> = futures::stream::iter(
         configs
             .into_iter()
             .enumerate()
@@ -755,7 +754,7 @@ async fn run_with(
                 connect_one(endpoint, config, addr, i as u32),
             )
             .await
-            .map_err(|_| anyhow::anyhow!("session set-up took over 60 s"))??;
+            .map_err(|_| crate::error::bench_error!("session set-up took over 60 s"))??;
             // Heartbeat from the start, as a real agent does: a session
             // phase longer than --offline-after (10,000 agents on a busy
             // machine) must not cost the first agents their sessions.
@@ -1087,7 +1086,7 @@ async fn run_with(
 }
 
 fn phase<T>(
-    results: &[anyhow::Result<T>],
+    results: &[crate::error::Result<T>],
     cp_start: CpuMark,
     client_start: CpuMark,
     cp_pid: u32,

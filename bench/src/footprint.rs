@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use crate::error::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::control_plane::{binary, stop_child, ControlPlane};
@@ -83,7 +83,7 @@ pub struct FootprintResult {
     pub sentinel: String,
 }
 
-fn docker(args: &[&str]) -> anyhow::Result<String> {
+fn docker(args: &[&str]) -> crate::error::Result<String> {
     let output = Command::new("docker")
         .args(args)
         .output()
@@ -99,7 +99,7 @@ fn docker(args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Builds [`IMAGE`] from /bin/busybox with `docker import` unless it exists.
-pub fn ensure_image(work_dir: &Path) -> anyhow::Result<()> {
+pub fn ensure_image(work_dir: &Path) -> crate::error::Result<()> {
     if docker(&["image", "inspect", IMAGE]).is_ok() {
         return Ok(());
     }
@@ -132,7 +132,7 @@ pub fn ensure_image(work_dir: &Path) -> anyhow::Result<()> {
 struct Containers(Vec<String>);
 
 impl Containers {
-    fn start(count: u32, lifetime: Duration) -> anyhow::Result<Self> {
+    fn start(count: u32, lifetime: Duration) -> crate::error::Result<Self> {
         let mut started = Containers(Vec::new());
         let sleep = lifetime.as_secs().to_string();
         for i in 0..count {
@@ -177,7 +177,7 @@ impl Drop for Guard {
     }
 }
 
-fn free_tcp_port() -> anyhow::Result<u16> {
+fn free_tcp_port() -> crate::error::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -194,7 +194,7 @@ fn find_node_exporter() -> Option<PathBuf> {
 }
 
 /// Runs `tether-bench footprint`.
-pub async fn run(args: FootprintArgs) -> anyhow::Result<FootprintResult> {
+pub async fn run(args: FootprintArgs) -> crate::error::Result<FootprintResult> {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
     let dir = args.work_dir.join(format!("footprint-{stamp}"));
     std::fs::create_dir_all(&dir)?;
@@ -231,7 +231,7 @@ pub async fn run(args: FootprintArgs) -> anyhow::Result<FootprintResult> {
                 Some((label, path)) => Ok((label.to_string(), PathBuf::from(path))),
                 None => bail!("--agent-binary takes LABEL=PATH, not {spec:?}"),
             })
-            .collect::<anyhow::Result<_>>()?
+            .collect::<crate::error::Result<_>>()?
     };
     let config = dir.join("agent.toml");
     std::fs::write(&config, "# agent.toml of the footprint bench\n")?;
@@ -432,7 +432,6 @@ pub async fn run(args: FootprintArgs) -> anyhow::Result<FootprintResult> {
         agent_reports_stored_in_window: reports_in_window,
         sentinel: "not measured: Coolify's Sentinel agent is written in Go (github.com/coollabsio/sentinel) and is not published on crates.io, so it cannot be built here from crates.io alone".into(),
     };
-    crate::summary::print_footprint(&result);
     if let Some(path) = &args.json_out {
         std::fs::write(path, serde_json::to_string_pretty(&result)?)?;
         println!("results written to {}", path.display());

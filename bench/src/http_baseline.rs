@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use crate::error::{bail, Context};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
@@ -269,7 +269,7 @@ async fn stats(State(app): State<Arc<App>>) -> Json<ServerStats> {
 pub(crate) async fn create_servers(
     store: &Arc<dyn Store>,
     agents: u32,
-) -> anyhow::Result<Vec<(String, Uuid)>> {
+) -> crate::error::Result<Vec<(String, Uuid)>> {
     let now = Utc::now();
     let root = Organization {
         id: Uuid::now_v7(),
@@ -297,7 +297,7 @@ pub(crate) async fn create_servers(
     };
     let (instance, _) = store.init_instance(&instance, &root, &admin).await?;
     let organization_id = instance.root_organization_id;
-    let created: Vec<anyhow::Result<(String, Uuid)>> = futures::stream::iter(0..agents)
+    let created: Vec<crate::error::Result<(String, Uuid)>> = futures::stream::iter(0..agents)
         .map(|i| {
             let store = store.clone();
             async move {
@@ -347,7 +347,7 @@ pub(crate) async fn create_servers(
 }
 
 /// Runs the baseline server until SIGTERM.
-pub async fn serve(args: ServerArgs) -> anyhow::Result<()> {
+pub async fn serve(args: ServerArgs) -> crate::error::Result<()> {
     let store = tether_control_plane::store::open(&args.database_url)
         .await
         .context("opening the baseline store")?;
@@ -435,12 +435,15 @@ pub struct HttpResult {
     pub first_error: Option<String>,
 }
 
-async fn server_stats(client: &reqwest::Client, stats_url: &str) -> anyhow::Result<ServerStats> {
+async fn server_stats(
+    client: &reqwest::Client,
+    stats_url: &str,
+) -> crate::error::Result<ServerStats> {
     Ok(client.get(stats_url).send().await?.json().await?)
 }
 
 /// Starts the baseline server, runs the same load against it, measures.
-pub async fn run_client(params: &BaselineParams) -> anyhow::Result<HttpResult> {
+pub async fn run_client(params: &BaselineParams) -> crate::error::Result<HttpResult> {
     println!(
         "http baseline: creating {} servers in a fresh store, then {} JSON reports each over HTTP/1.1 keep-alive",
         params.agents, params.reports_per_agent
@@ -511,7 +514,7 @@ async fn post_report(
     token: String,
     index: u32,
     seq: u64,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     let response = client
         .post(&*url)
         .bearer_auth(token)
@@ -532,7 +535,7 @@ async fn load(
     stats_url: &str,
     tokens: Vec<String>,
     server_pid: u32,
-) -> anyhow::Result<HttpResult> {
+) -> crate::error::Result<HttpResult> {
     let stats_client = reqwest::Client::new();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(usize::MAX)
@@ -553,7 +556,7 @@ async fn load(
 
     // Warm-up: one report (seq 0) per agent opens the keep-alive connections,
     // so the measured window holds no TCP handshakes.
-    let warm: Vec<anyhow::Result<()>> = futures::stream::iter(tokens.iter().enumerate())
+    let warm: Vec<crate::error::Result<()>> = futures::stream::iter(tokens.iter().enumerate())
         .map(|(i, token)| post(client.clone(), token.clone(), i as u32, 0))
         .buffer_unordered(tokens.len().max(1))
         .collect()

@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand};
 mod branch_commands;
 mod commands;
 mod control_plane;
+mod error;
 mod fleet;
 mod footprint;
 mod http_baseline;
@@ -74,9 +75,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Fleet(args) => fleet::run(args).await.map(|_| ()),
+            // The result is printed here, so the measuring modules never
+            // import the summary that reads their results.
+            Command::Fleet(args) => fleet::run(args).await.map(|r| summary::print_fleet(&r)),
             Command::HttpBaselineServer(args) => http_baseline::serve(args).await,
-            Command::Footprint(args) => footprint::run(args).await.map(|_| ()),
+            Command::Footprint(args) => footprint::run(args)
+                .await
+                .map(|r| summary::print_footprint(&r)),
             Command::Store(args) => store_bench::run(args).await.map(|_| ()),
             Command::Commands(args) => commands::run(args).await,
             Command::BranchCommands(args) => branch_commands::run(args).await,

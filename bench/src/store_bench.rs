@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
+use crate::error::Context;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tether_control_plane::gateway::ingest::records;
@@ -65,7 +65,7 @@ pub struct StoreResult {
 }
 
 /// Runs `tether-bench store`.
-pub async fn run(args: StoreArgs) -> anyhow::Result<StoreResult> {
+pub async fn run(args: StoreArgs) -> crate::error::Result<StoreResult> {
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S").to_string();
     let dir = args.work_dir.join(format!("store-{stamp}"));
     std::fs::create_dir_all(&dir)?;
@@ -92,7 +92,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<StoreResult> {
     Ok(result)
 }
 
-async fn measure(args: &StoreArgs, url: &str) -> anyhow::Result<StoreResult> {
+async fn measure(args: &StoreArgs, url: &str) -> crate::error::Result<StoreResult> {
     let store = tether_control_plane::store::open(url).await?;
     let servers = crate::http_baseline::create_servers(&store, args.servers).await?;
     let ids: Vec<uuid::Uuid> = servers.iter().map(|(_, id)| *id).collect();

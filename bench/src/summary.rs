@@ -442,7 +442,7 @@ pub struct SummaryArgs {
     pub files: Vec<PathBuf>,
 }
 
-pub fn run(args: SummaryArgs) -> anyhow::Result<()> {
+pub fn run(args: SummaryArgs) -> crate::error::Result<()> {
     for path in &args.files {
         let text = std::fs::read_to_string(path)?;
         if let Ok(fleet) = serde_json::from_str::<FleetResult>(&text) {

@@ -1,7 +1,7 @@
 //! The alert engine: evaluates alert rules against the latest metrics point
 //! of each server ([`engine_loop`], every [`EVALUATION_INTERVAL`]) and
 //! against connection and health events ([`on_event`], fed by
-//! `crate::webhooks::emit`), and turns conditions that held for a rule's
+//! `crate::events::emit`), and turns conditions that held for a rule's
 //! `for_seconds` into firing alerts, and cleared conditions into resolved
 //! ones (`alert.firing` / `alert.resolved` webhooks).
 //!
@@ -20,10 +20,10 @@ use serde_json::{json, Value};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 use crate::store::{
-    Alert, AlertRule, AlertRuleKind, AlertSelector, AlertState, MetricsRecord, Server, ServerQuery,
-    ServerStatus, StoreResult,
+    Alert, AlertRule, AlertRuleKind, AlertState, MetricsRecord, Server, ServerQuery,
+    ServerSelector, ServerStatus, StoreResult,
 };
 
 /// How often rules are evaluated.
@@ -104,15 +104,6 @@ pub fn metric_value(name: &str, m: &MetricsRecord) -> Option<f64> {
         "dropped_batches" => m.dropped_batches as f64,
         _ => return None,
     })
-}
-
-/// Whether a server is one the selector picks.
-pub fn selects(selector: &AlertSelector, server: &Server) -> bool {
-    (selector.server_ids.is_empty() || selector.server_ids.contains(&server.id))
-        && selector
-            .labels
-            .iter()
-            .all(|(k, v)| server.labels.get(k) == Some(v))
 }
 
 /// The `data` of an `alert.*` event.
@@ -227,10 +218,11 @@ async fn evaluate_rule(
         .await?
         .into_iter()
         .collect();
+    let selector = ServerSelector::from(&rule.selector);
     let selected: Vec<&Server> = view
         .servers
         .iter()
-        .filter(|s| selects(&rule.selector, s))
+        .filter(|s| selector.matches(s))
         .collect();
     let for_duration = chrono::Duration::seconds(rule.for_seconds.max(0));
     match rule.kind {
@@ -340,7 +332,7 @@ async fn fire(
     };
     if cp.store.fire_alert(&alert).await? {
         tracing::info!(server_id = %server.id, rule_id = %rule.id, severity = %rule.severity, ?value, "alert firing");
-        crate::webhooks::emit(
+        crate::webhooks::enqueue(
             cp,
             alert.organization_id,
             "alert.firing",
@@ -359,7 +351,7 @@ async fn resolve(
 ) -> StoreResult<()> {
     if let Some(alert) = cp.store.resolve_alert(rule.id, server_id, now).await? {
         tracing::info!(%server_id, rule_id = %rule.id, "alert resolved");
-        crate::webhooks::emit(
+        crate::webhooks::enqueue(
             cp,
             alert.organization_id,
             "alert.resolved",
@@ -440,7 +432,10 @@ async fn apply_event(
     };
     let now = Utc::now();
     let mut follow_ups = Vec::new();
-    for rule in rules.iter().filter(|r| selects(&r.selector, &server)) {
+    for rule in rules
+        .iter()
+        .filter(|r| ServerSelector::from(&r.selector).matches(&server))
+    {
         if holds {
             cp.store.condition_holds(rule.id, server_id, now).await?;
         } else {

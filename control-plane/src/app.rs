@@ -1,80 +1,110 @@
-//! A running control plane: its shared state ([`ControlPlane`]) and the start
-//! sequence that initialises the data dir, opens the store, binds the QUIC and
-//! HTTP listeners and runs the background tasks until shutdown.
+//! The wiring of a running control plane: the start sequence that
+//! initialises the data dir, opens the store, binds the QUIC and HTTP
+//! listeners, builds the shared state ([`ControlPlane`], defined in
+//! [`crate::context`]) and starts every background loop, in one place.
+//! Imported by nobody but `main.rs` and `quickstart`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use chrono::Utc;
-use tether_certs::CertificateAuthority;
+use futures::future::BoxFuture;
+use tether_certs::{CertError, CertificateAuthority};
 use tether_protocol::CloseCode;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::auth::{Scope, TokenAuthority};
 use crate::config::ServeConfig;
+pub use crate::context::{BoundAddresses, ControlPlane};
 use crate::gateway::registry::SessionRegistry;
 use crate::pki::Pki;
-use crate::secrets::Sealer;
-use crate::store::{ApiToken, Instance, Organization, Quotas, Store};
+use crate::secrets::{Sealer, SecretError};
+use crate::store::{ApiToken, Instance, Organization, Quotas, Store, StoreError};
+use tether_transport::TransportError;
+
+/// Why a control plane could not start. Each variant names the step that
+/// failed; the cause is its [`std::error::Error::source`].
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file or directory of the data dir could not be created or written.
+    #[error("{action} {}", path.display())]
+    DataDir {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The master key file (or a `.next`/`.previous` sibling) is unusable.
+    #[error(transparent)]
+    MasterKey(#[from] SecretError),
+    /// The database could not be opened or migrated.
+    #[error("opening database {url}")]
+    OpenStore {
+        url: String,
+        #[source]
+        source: StoreError,
+    },
+    /// A store call of the start sequence failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A sealed value of the instance does not open with the loaded keys.
+    #[error("opening {what} (is this the master key the database was initialised with?)")]
+    Unseal {
+        what: String,
+        #[source]
+        source: SecretError,
+    },
+    /// The stored CA key is not UTF-8 PEM text.
+    #[error("CA key is not PEM text")]
+    CaKeyNotPem,
+    /// The CA, the server certificate or the TLS configuration.
+    #[error(transparent)]
+    Certificate(#[from] CertError),
+    /// The QUIC endpoint could not be created.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The HTTP API could not listen.
+    #[error("binding the API on {addr}")]
+    BindApi {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bound socket did not report its address.
+    #[error("reading the {listener} listen address")]
+    LocalAddr {
+        listener: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    fn data_dir(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| StartError::DataDir {
+            action,
+            path,
+            source,
+        }
+    }
+}
 
 /// Lifetime of the admin token written at first start.
 const ADMIN_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(365);
 /// Lifetime of the QUIC server certificate (re-issued at every start).
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 
-/// Shared state of a running control plane.
-pub struct ControlPlane {
-    pub config: ServeConfig,
-    pub store: Arc<dyn Store>,
-    pub sealer: Sealer,
-    pub tokens: TokenAuthority,
-    pub pki: Pki,
-    pub instance: Instance,
-    pub sessions: SessionRegistry,
-    pub rate_limiter: crate::api::rate_limit::RateLimiter,
-    pub ingestor: crate::gateway::ingest::Ingestor,
-    /// What agents are told to dial.
-    pub public_quic_addr: String,
-    /// Base URL of the HTTP API.
-    pub api_url: String,
-    /// URL of the HTTP API from this machine (terraform's state backend).
-    pub local_api_url: String,
-    /// Agent binaries served to provisioned servers.
-    pub agent_binaries: crate::provision::agent_binaries::AgentBinaries,
-    /// Key deriving per-deployment passwords of the Terraform state backend.
-    pub backend_key: Vec<u8>,
-    /// Identifies this process when it claims jobs.
-    pub worker_id: String,
-    /// Wakes the provisioning workers when a job is queued here.
-    pub provision_wakeup: tokio::sync::Notify,
-    /// Branch federation: peer connections and signing keys.
-    pub federation: crate::federation::Federation,
-    /// Where this process listens (webhook URLs may not point here).
-    pub addresses: BoundAddresses,
-    /// Wakes the webhook delivery worker when a delivery is queued here.
-    pub webhook_wakeup: tokio::sync::Notify,
-    /// Commands running on this replica (see `commands`).
-    pub commands: crate::commands::CommandRelay,
-    pub shutdown: CancellationToken,
-}
-
-/// Addresses a started control plane listens on.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct BoundAddresses {
-    pub api: SocketAddr,
-    pub quic: SocketAddr,
-}
-
 /// A started control plane: state, bound addresses and its tasks.
 pub struct RunningControlPlane {
     pub state: Arc<ControlPlane>,
     pub addresses: BoundAddresses,
     pub admin_token_file: Option<PathBuf>,
-    tasks: tokio::task::JoinSet<()>,
+    tasks: JoinSet<()>,
     endpoint: quinn::Endpoint,
 }
 
@@ -109,18 +139,16 @@ impl RunningControlPlane {
 
 /// Starts a control plane: initialises the data dir on first start, binds
 /// listeners, spawns the gateway, API and background tasks.
-pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
+pub async fn start(config: ServeConfig) -> Result<RunningControlPlane, StartError> {
     tether_certs::install_crypto_provider();
     crate::fsutil::create_private_dir(&config.data_dir)
-        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        .map_err(StartError::data_dir("creating data dir", &config.data_dir))?;
     let sealer = crate::rotate::load_sealer(&config.master_key_file)?;
     let store = crate::store::open(&config.database_url)
         .await
-        .with_context(|| {
-            format!(
-                "opening database {}",
-                crate::store::redact_url(&config.database_url)
-            )
+        .map_err(|source| StartError::OpenStore {
+            url: crate::store::redact_url(&config.database_url),
+            source,
         })?;
     let tokens =
         TokenAuthority::new(&instance_secret(&*store, &sealer, "api-token-signing").await?);
@@ -132,7 +160,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         Some(token) => {
             let path = config.data_dir.join("admin.token");
             crate::fsutil::write_private(&path, format!("{token}\n").as_bytes())
-                .with_context(|| format!("writing {}", path.display()))?;
+                .map_err(StartError::data_dir("writing", &path))?;
             tracing::info!(path = %path.display(), "first start: wrote the admin token");
             Some(path)
         }
@@ -143,10 +171,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
             &instance.ca_key_sealed,
             crate::store::INSTANCE_CA_KEY_CONTEXT,
         )
-        .context(
-            "opening the CA key (is this the master key the database was initialised with?)",
-        )?;
-    let ca_key = String::from_utf8(ca_key).context("CA key is not PEM text")?;
+        .map_err(|source| StartError::Unseal {
+            what: "the CA key".into(),
+            source,
+        })?;
+    let ca_key = String::from_utf8(ca_key).map_err(|_| StartError::CaKeyNotPem)?;
     let ca = CertificateAuthority::from_pem(&instance.ca_cert_pem, &ca_key)?;
 
     // QUIC: a fresh server certificate at every start, signed by the branch CA.
@@ -170,13 +199,27 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     let endpoint = tether_transport::server_endpoint(config.quic_listen, tls, &quic_secret)?;
     let quic_addr = endpoint
         .local_addr()
-        .context("reading the QUIC listen address")?;
+        .map_err(|source| StartError::LocalAddr {
+            listener: "QUIC",
+            source,
+        })?;
 
     let api_listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
-        .with_context(|| format!("binding the API on {}", config.api_listen))?;
-    let api_addr = api_listener.local_addr()?;
+        .map_err(|source| StartError::BindApi {
+            addr: config.api_listen,
+            source,
+        })?;
+    let api_addr = api_listener
+        .local_addr()
+        .map_err(|source| StartError::LocalAddr {
+            listener: "API",
+            source,
+        })?;
 
+    if config.enable_host_targets {
+        tracing::warn!("host targets enabled (--enable-host-targets): the root organization may provision local and docker servers on this host");
+    }
     let public_quic_addr = config.public_quic_addr.clone().unwrap_or_else(|| {
         let ip = if quic_addr.ip().is_unspecified() {
             tracing::warn!("QUIC listens on all interfaces and --public-quic-addr is not set: agents will be told to dial 127.0.0.1; set --public-quic-addr HOST:PORT for remote agents");
@@ -213,6 +256,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         instance,
         sessions: SessionRegistry::default(),
         rate_limiter: Default::default(),
+        enroll_failures: crate::enrollment::FailureLog::new(
+            config.enroll_failure_limit,
+            config.enroll_failure_window,
+        ),
         ingestor,
         public_quic_addr,
         api_url,
@@ -230,40 +277,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
         },
         webhook_wakeup: tokio::sync::Notify::new(),
         commands: Default::default(),
+        health_pushes: Default::default(),
         shutdown: CancellationToken::new(),
     });
 
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(crate::gateway::accept_loop(endpoint.clone(), state.clone()));
-    tasks.spawn(crate::gateway::liveness_loop(state.clone()));
-    tasks.spawn(crate::telemetry::maintenance_loop(state.clone()));
-    tasks.spawn(crate::provision::job::worker_loop(state.clone()));
-    tasks.spawn(crate::federation::heartbeat_loop(state.clone()));
-    tasks.spawn(crate::federation::relay::resume_followers(state.clone()));
-    tasks.spawn(crate::webhooks::delivery_loop(state.clone()));
-    tasks.spawn(crate::alerts::engine_loop(state.clone()));
-    tasks.spawn(crate::commands::relay_loop(state.clone()));
-    let router = crate::api::router(state.clone());
-    let shutdown = state.shutdown.clone();
-    tasks.spawn(async move {
-        // TCP_NODELAY: SSE events are small writes that must not wait for
-        // the client's delayed ACK (Nagle), ~40 ms each otherwise.
-        use axum::serve::ListenerExt;
-        let api_listener = api_listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        let served = axum::serve(
-            api_listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "API server failed");
-        }
-    });
+    let mut tasks = JoinSet::new();
+    spawn_loops(&mut tasks, &state, &endpoint, api_listener);
 
     let addresses = BoundAddresses {
         api: api_addr,
@@ -287,13 +306,97 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningControlPlane> {
     })
 }
 
+/// A background loop: its name (in logs) and the future that runs it for
+/// the life of the control plane.
+type BackgroundLoop = (&'static str, BoxFuture<'static, ()>);
+
+/// Starts every background loop of the control plane, the QUIC accept loop
+/// and the API server among them, into `tasks`. This is the one list of
+/// them: no module starts a long-running loop of its own. (Tasks spawned for
+/// one connection, request, push or command end with it; the workers of a
+/// handle end with the handle: the metrics writers of
+/// [`crate::gateway::ingest::Ingestor`] when it is dropped, the SQLite
+/// store's WAL checkpoints when its pool closes.)
+fn spawn_loops(
+    tasks: &mut JoinSet<()>,
+    state: &Arc<ControlPlane>,
+    endpoint: &quinn::Endpoint,
+    api_listener: tokio::net::TcpListener,
+) {
+    let cp = || state.clone();
+    let limits = crate::api::serve::Limits {
+        header_timeout: state.config.http_header_timeout,
+        max_connections: state.config.http_max_connections,
+    };
+    let loops: Vec<BackgroundLoop> = vec![
+        (
+            "gateway accept",
+            Box::pin(crate::gateway::accept_loop(endpoint.clone(), cp())),
+        ),
+        (
+            "gateway liveness",
+            Box::pin(crate::gateway::liveness::liveness_loop(cp())),
+        ),
+        (
+            "enrollment failure audit",
+            Box::pin(crate::gateway::enrollment::failure_audit_loop(cp())),
+        ),
+        (
+            "health check reconcile",
+            Box::pin(crate::health::reconcile_loop(cp())),
+        ),
+        (
+            "telemetry maintenance",
+            Box::pin(crate::telemetry::maintenance_loop(cp())),
+        ),
+        (
+            "provisioning worker",
+            Box::pin(crate::provision::job::worker_loop(cp())),
+        ),
+        (
+            "federation heartbeat",
+            Box::pin(crate::federation::heartbeat_loop(cp())),
+        ),
+        (
+            "federation follower resume",
+            Box::pin(crate::federation::relay::resume_followers(cp())),
+        ),
+        (
+            "webhook delivery",
+            Box::pin(crate::webhooks::delivery_loop(cp())),
+        ),
+        ("alert engine", Box::pin(crate::alerts::engine_loop(cp()))),
+        (
+            "command notices",
+            Box::pin(crate::commands::notice_loop(cp())),
+        ),
+        ("command sweep", Box::pin(crate::commands::sweep_loop(cp()))),
+        (
+            "api server",
+            Box::pin(crate::api::serve::serve(
+                api_listener,
+                crate::api::router(cp()),
+                limits,
+                state.shutdown.clone(),
+            )),
+        ),
+    ];
+    for (name, run) in loops {
+        tracing::debug!(task = name, "background loop started");
+        tasks.spawn(async move {
+            run.await;
+            tracing::debug!(task = name, "background loop ended");
+        });
+    }
+}
+
 /// The instance secret called `name` (32 random bytes), created sealed in
 /// the store on first use.
 async fn instance_secret(
     store: &dyn Store,
     sealer: &Sealer,
     name: &str,
-) -> anyhow::Result<Vec<u8>> {
+) -> Result<Vec<u8>, StartError> {
     let context = crate::store::instance_secret_context(name);
     let candidate: [u8; 32] = rand::random();
     let sealed = store
@@ -301,7 +404,10 @@ async fn instance_secret(
         .await?;
     sealer
         .open(&sealed, &context)
-        .with_context(|| format!("opening the instance secret {name} (is this the master key the database was initialised with?)"))
+        .map_err(|source| StartError::Unseal {
+            what: format!("the instance secret {name}"),
+            source,
+        })
 }
 
 /// Loads the instance, or creates it (CA, root organization, admin token) on
@@ -311,7 +417,7 @@ async fn initialise_instance(
     config: &ServeConfig,
     sealer: &Sealer,
     tokens: &TokenAuthority,
-) -> anyhow::Result<(Instance, Option<String>)> {
+) -> Result<(Instance, Option<String>), StartError> {
     if let Some(instance) = store.instance().await? {
         return Ok((instance, None));
     }
@@ -373,7 +479,7 @@ fn write_endpoints_file(
     dir: &Path,
     state: &ControlPlane,
     addresses: BoundAddresses,
-) -> anyhow::Result<()> {
+) -> Result<(), StartError> {
     let body = serde_json::json!({
         "api_url": state.api_url,
         "api_listen": addresses.api,
@@ -384,8 +490,10 @@ fn write_endpoints_file(
         "pid": std::process::id(),
     });
     let path = dir.join("endpoints.json");
-    crate::fsutil::write_private(&path, serde_json::to_string_pretty(&body)?.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
+    // A `Value` of strings and numbers always serialises.
+    let text = serde_json::to_string_pretty(&body).unwrap_or_else(|_| body.to_string());
+    crate::fsutil::write_private(&path, text.as_bytes())
+        .map_err(StartError::data_dir("writing", &path))
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -37,6 +37,18 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Every scope, in the order the documentation lists them.
+    pub const ALL: [Scope; 8] = [
+        Self::Admin,
+        Self::ServersRead,
+        Self::ServersWrite,
+        Self::CommandsRun,
+        Self::InfrastructureProvision,
+        Self::InfrastructureDestroy,
+        Self::WebhooksWrite,
+        Self::BranchesWrite,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Admin => "admin",

@@ -6,6 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// How long a peer has to open its first stream and send its first frame.
+pub(crate) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
 use serde::Deserialize;
 
 /// Errors reading the configuration.
@@ -103,12 +106,53 @@ pub struct ServeArgs {
     /// Providers deployments may use, comma separated [default: all].
     #[arg(long, env = "TETHER_ALLOWED_PROVIDERS", value_delimiter = ',')]
     pub allowed_providers: Option<Vec<String>>,
+    /// Enable the `local` and `docker` targets, which run servers on this
+    /// host (for the root organization only) [default: off].
+    #[arg(long, env = "TETHER_ENABLE_HOST_TARGETS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub enable_host_targets: bool,
     /// Deployments one replica drives at once [default: 4].
     #[arg(long, env = "TETHER_PROVISION_WORKERS")]
     pub provision_workers: Option<u32>,
     /// Commands of one fan-out dispatched at once [default: 64].
     #[arg(long, env = "TETHER_COMMAND_CONCURRENCY")]
     pub command_concurrency: Option<u32>,
+    /// Provisioned servers run the agent as this dedicated system user, in
+    /// the `docker` group, instead of root [default: root].
+    #[arg(long, env = "TETHER_PROVISION_AGENT_USER")]
+    pub provision_agent_user: Option<String>,
+    /// An HTTP client must send a request's headers within this long after
+    /// connecting (or after its previous response); otherwise the
+    /// connection is closed [default: 10s].
+    #[arg(long, env = "TETHER_HTTP_HEADER_TIMEOUT", value_parser = parse_duration)]
+    pub http_header_timeout: Option<Duration>,
+    /// An HTTP request's body must arrive in full within this long after
+    /// its headers; otherwise the request fails with 408 [default: 60s].
+    #[arg(long, env = "TETHER_HTTP_BODY_TIMEOUT", value_parser = parse_duration)]
+    pub http_body_timeout: Option<Duration>,
+    /// HTTP connections served at once; further clients wait in the listen
+    /// queue until one closes [default: 1024].
+    #[arg(long, env = "TETHER_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<u32>,
+    /// Agent downloads (`/agent/download`) per minute per source address
+    /// [default: 60].
+    #[arg(long, env = "TETHER_DOWNLOAD_RATE_LIMIT")]
+    pub download_rate_limit: Option<u32>,
+    /// Failed enrollments a source address may make per
+    /// `--enroll-failure-window`; past it, its enrollments are refused
+    /// (`rate_limited`) until the window ends [default: 10].
+    #[arg(long, env = "TETHER_ENROLL_FAILURE_LIMIT")]
+    pub enroll_failure_limit: Option<u32>,
+    /// The window of `--enroll-failure-limit`; the audit log gets one
+    /// `server.enroll` row per source and window with the count of its
+    /// failures [default: 1m].
+    #[arg(long, env = "TETHER_ENROLL_FAILURE_WINDOW", value_parser = parse_duration)]
+    pub enroll_failure_window: Option<Duration>,
+    /// Let webhooks reach loopback and private receivers (10/8, 172.16/12,
+    /// 192.168/16, 100.64/10, fc00::/7), for on-premises setups and tests;
+    /// this control plane's own listeners, link-local and metadata
+    /// addresses stay refused [default: off].
+    #[arg(long, env = "TETHER_ALLOW_PRIVATE_WEBHOOKS")]
+    pub allow_private_webhooks: bool,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -135,8 +179,17 @@ struct FileConfig {
     agent_dir: Option<PathBuf>,
     registration_timeout: Option<String>,
     allowed_providers: Option<Vec<String>>,
+    enable_host_targets: Option<bool>,
     provision_workers: Option<u32>,
     command_concurrency: Option<u32>,
+    provision_agent_user: Option<String>,
+    http_header_timeout: Option<String>,
+    http_body_timeout: Option<String>,
+    http_max_connections: Option<u32>,
+    download_rate_limit: Option<u32>,
+    enroll_failure_limit: Option<u32>,
+    enroll_failure_window: Option<String>,
+    allow_private_webhooks: Option<bool>,
 }
 
 /// Resolved configuration of a control plane.
@@ -164,8 +217,21 @@ pub struct ServeConfig {
     pub registration_timeout: Duration,
     /// `None`: every provider.
     pub allowed_providers: Option<Vec<String>>,
+    /// Whether `local` and `docker` deployments may be requested (by the
+    /// root organization).
+    pub enable_host_targets: bool,
     pub provision_workers: u32,
     pub command_concurrency: u32,
+    /// `None`: provisioned agents run as root.
+    pub provision_agent_user: Option<String>,
+    pub http_header_timeout: Duration,
+    pub http_body_timeout: Duration,
+    pub http_max_connections: u32,
+    pub download_rate_limit: u32,
+    pub enroll_failure_limit: u32,
+    pub enroll_failure_window: Duration,
+    /// Whether webhooks may reach loopback and private addresses.
+    pub allow_private_webhooks: bool,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -259,6 +325,20 @@ impl ServeArgs {
             .or(file_duration("rollup_interval", file.rollup_interval)?)
             .unwrap_or(Duration::from_secs(60))
             .max(Duration::from_millis(100));
+        let provision_agent_user = self
+            .provision_agent_user
+            .or(file.provision_agent_user)
+            .filter(|user| !user.is_empty());
+        if let Some(user) = &provision_agent_user {
+            if !crate::provision::bootstrap::valid_user_name(user) {
+                return Err(ConfigError::Invalid {
+                    key: "provision_agent_user",
+                    message: format!(
+                        "{user:?} is not a user name: 1-32 lowercase letters, digits, '_' or '-', starting with a letter or '_'"
+                    ),
+                });
+            }
+        }
         let registration_timeout = self
             .registration_timeout
             .or(file_duration(
@@ -267,7 +347,46 @@ impl ServeArgs {
             )?)
             .unwrap_or(Duration::from_secs(600))
             .max(Duration::from_secs(1));
+        let http_header_timeout = self
+            .http_header_timeout
+            .or(file_duration(
+                "http_header_timeout",
+                file.http_header_timeout,
+            )?)
+            .unwrap_or(Duration::from_secs(10))
+            .clamp(Duration::from_millis(100), Duration::from_secs(3600));
+        let http_body_timeout = self
+            .http_body_timeout
+            .or(file_duration("http_body_timeout", file.http_body_timeout)?)
+            .unwrap_or(Duration::from_secs(60))
+            .clamp(Duration::from_millis(100), Duration::from_secs(3600));
+        let enroll_failure_window = self
+            .enroll_failure_window
+            .or(file_duration(
+                "enroll_failure_window",
+                file.enroll_failure_window,
+            )?)
+            .unwrap_or(Duration::from_secs(60))
+            .clamp(Duration::from_secs(1), Duration::from_secs(24 * 3600));
         Ok(ServeConfig {
+            http_header_timeout,
+            http_body_timeout,
+            http_max_connections: self
+                .http_max_connections
+                .or(file.http_max_connections)
+                .unwrap_or(1024)
+                .clamp(1, 1 << 20),
+            download_rate_limit: self
+                .download_rate_limit
+                .or(file.download_rate_limit)
+                .unwrap_or(60)
+                .max(1),
+            enroll_failure_limit: self
+                .enroll_failure_limit
+                .or(file.enroll_failure_limit)
+                .unwrap_or(10)
+                .max(1),
+            enroll_failure_window,
             terraform_bin: self
                 .terraform_bin
                 .or(file.terraform_bin)
@@ -275,16 +394,21 @@ impl ServeArgs {
             agent_dir: self.agent_dir.or(file.agent_dir),
             registration_timeout,
             allowed_providers: self.allowed_providers.or(file.allowed_providers),
+            enable_host_targets: self.enable_host_targets
+                || file.enable_host_targets.unwrap_or(false),
             provision_workers: self
                 .provision_workers
                 .or(file.provision_workers)
                 .unwrap_or(4)
                 .clamp(1, 64),
+            provision_agent_user,
             command_concurrency: self
                 .command_concurrency
                 .or(file.command_concurrency)
                 .unwrap_or(64)
                 .clamp(1, 4096),
+            allow_private_webhooks: self.allow_private_webhooks
+                || file.allow_private_webhooks.unwrap_or(false),
             metrics_retention,
             rollup_retention,
             rollup_interval,
@@ -369,6 +493,47 @@ mod tests {
         assert_eq!(config.metrics_interval, Duration::from_secs(1));
         assert_eq!(config.database_url, "sqlite:///srv/t/tether.db");
         assert_eq!(config.api_listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+    }
+
+    #[test]
+    fn host_targets_are_off_unless_a_flag_or_the_file_enables_them() {
+        assert!(!ServeArgs::default().resolve().unwrap().enable_host_targets);
+        let flag = ServeArgs {
+            enable_host_targets: true,
+            ..Default::default()
+        };
+        assert!(flag.resolve().unwrap().enable_host_targets);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.toml");
+        std::fs::write(&path, "enable_host_targets = true\n").unwrap();
+        let file = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert!(file.resolve().unwrap().enable_host_targets);
+    }
+
+    #[test]
+    fn private_webhook_receivers_are_refused_unless_a_flag_or_the_file_allows_them() {
+        assert!(
+            !ServeArgs::default()
+                .resolve()
+                .unwrap()
+                .allow_private_webhooks
+        );
+        let flag = ServeArgs {
+            allow_private_webhooks: true,
+            ..Default::default()
+        };
+        assert!(flag.resolve().unwrap().allow_private_webhooks);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.toml");
+        std::fs::write(&path, "allow_private_webhooks = true\n").unwrap();
+        let file = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert!(file.resolve().unwrap().allow_private_webhooks);
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! agents send (and emitting `health.failed` / `health.recovered` on
 //! transitions), pushing the configured checks to agents
 //! (`ConfigureHealthChecks` after every `Welcome` and whenever a check
-//! changes), run-now requests, and the connection-state sweep
-//! (`offline` for servers no replica holds, `timeout` for servers that
-//! never opened a session). See `docs/agent-health-and-commands.md`.
+//! changes; the push state is [`crate::health_pushes::HealthPushes`], a
+//! field of [`ControlPlane`]), the periodic [`reconcile_loop`] (started
+//! with the other background loops by `crate::app`) and run-now requests.
+//! Connection states (`online`, `offline`, `timeout`) are the gateway's
+//! (`crate::gateway::liveness`). See `docs/agent-health-and-commands.md`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -20,9 +22,9 @@ use tether_transport::ControlStream;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 use crate::store::health::{HealthCheck, HealthCheckKind, HealthResultRecord, ServerRef};
-use crate::store::{Server, StoreResult};
+use crate::store::{Server, ServerSelector, StoreResult};
 
 /// How long an agent has to answer `ConfigureHealthChecks` or
 /// `RunHealthChecksNow` (a run-now waits for every check's run).
@@ -106,82 +108,13 @@ pub async fn checks_for(cp: &ControlPlane, server: &Server) -> StoreResult<Vec<H
         after = page.last().map(|c| c.id);
         checks.extend(
             page.into_iter()
-                .filter(|check| check.selector.matches(server)),
+                .filter(|check| ServerSelector::from(&check.selector).matches(server)),
         );
         if done {
             break;
         }
     }
     Ok(checks)
-}
-
-/// Pushes in flight, by key (a server). At most one push per key runs at a
-/// time, so pushes go out in order; a push asked for while one runs is kept
-/// (the newest request replaces an older one) and made once the running one
-/// ends. Queuing instead let a server whose agent does not answer (each push
-/// then waits [`AGENT_ANSWER_TIMEOUT`]) gather one more waiting task every
-/// [`RECONCILE_INTERVAL`], for as long as its session lasted.
-#[derive(Debug)]
-pub struct CoalescedPushes<K, T> {
-    due: HashMap<K, Option<T>>,
-}
-
-impl<K: std::hash::Hash + Eq, T> Default for CoalescedPushes<K, T> {
-    fn default() -> Self {
-        Self {
-            due: HashMap::new(),
-        }
-    }
-}
-
-impl<K: std::hash::Hash + Eq, T> CoalescedPushes<K, T> {
-    /// Asks for a push of `item`. Returns it when the caller is to start the
-    /// push now; `None` when one runs already (`item` is then made after it).
-    pub fn request(&mut self, key: K, item: T) -> Option<T> {
-        match self.due.entry(key) {
-            std::collections::hash_map::Entry::Occupied(mut running) => {
-                *running.get_mut() = Some(item);
-                None
-            }
-            std::collections::hash_map::Entry::Vacant(idle) => {
-                idle.insert(None);
-                Some(item)
-            }
-        }
-    }
-
-    /// The push of `key` ended. Returns the next one to make (asked for while
-    /// it ran), or `None`: no push of `key` runs any more.
-    pub fn finished(&mut self, key: &K) -> Option<T> {
-        let next = self.due.get_mut(key).and_then(Option::take);
-        if next.is_none() {
-            self.due.remove(key);
-        }
-        next
-    }
-
-    /// Keys with a push running.
-    pub fn running(&self) -> usize {
-        self.due.len()
-    }
-}
-
-static PUSHES: LazyLock<Mutex<CoalescedPushes<Uuid, Server>>> = LazyLock::new(Default::default);
-
-fn pushes() -> std::sync::MutexGuard<'static, CoalescedPushes<Uuid, Server>> {
-    PUSHES
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Fingerprint of the set of checks last pushed to each server connected
-/// here (see [`reconcile`]); removed when a push fails.
-static LAST_PUSHED: LazyLock<Mutex<HashMap<Uuid, u64>>> = LazyLock::new(Default::default);
-
-fn last_pushed() -> std::sync::MutexGuard<'static, HashMap<Uuid, u64>> {
-    LAST_PUSHED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn fingerprint(specs: &[HealthCheckSpec]) -> u64 {
@@ -196,12 +129,8 @@ fn fingerprint(specs: &[HealthCheckSpec]) -> u64 {
 pub async fn push_checks(cp: &ControlPlane, server: &Server) -> Result<(), HealthError> {
     let outcome = push(cp, server).await;
     match &outcome {
-        Ok(fingerprint) => {
-            last_pushed().insert(server.id, *fingerprint);
-        }
-        Err(_) => {
-            last_pushed().remove(&server.id);
-        }
+        Ok(fingerprint) => cp.health_pushes.pushed(server.id, *fingerprint),
+        Err(_) => cp.health_pushes.forget(server.id),
     }
     outcome.map(|_| ())
 }
@@ -275,10 +204,10 @@ async fn push(cp: &ControlPlane, server: &Server) -> Result<u64, HealthError> {
 
 /// Pushes the checks in the background (session start, check changes,
 /// reconciliation). While a push to the server runs, only remembers that
-/// another is due (see [`CoalescedPushes`]).
+/// another is due (see [`crate::health_pushes::CoalescedPushes`]).
 pub fn spawn_push(cp: Arc<ControlPlane>, server: Server) {
     let id = server.id;
-    let Some(server) = pushes().request(id, server) else {
+    let Some(server) = cp.health_pushes.request(server) else {
         return;
     };
     let span = tracing::info_span!("health_push", server_id = %id);
@@ -289,7 +218,7 @@ pub fn spawn_push(cp: Arc<ControlPlane>, server: Server) {
                 if let Err(e) = push_checks(&cp, &server).await {
                     tracing::warn!(error = %e, "could not push health checks");
                 }
-                let Some(next) = pushes().finished(&id) else {
+                let Some(next) = cp.health_pushes.finished(id) else {
                     return;
                 };
                 server = next;
@@ -334,7 +263,7 @@ pub fn spawn_repush(
                 let affected = [&before, &after]
                     .into_iter()
                     .flatten()
-                    .any(|check| check.selector.matches(&server));
+                    .any(|check| ServerSelector::from(&check.selector).matches(&server));
                 if affected {
                     spawn_push(cp.clone(), server);
                 }
@@ -366,7 +295,10 @@ pub async fn reconcile(cp: &Arc<ControlPlane>) -> StoreResult<()> {
         let page = cp.store.list_health_checks(&everything, 500, after).await?;
         let done = page.len() < 500;
         after = page.last().map(|c| c.id);
-        checks.extend(page);
+        checks.extend(page.into_iter().map(|check| {
+            let selector = ServerSelector::from(&check.selector);
+            (check, selector)
+        }));
         if done {
             break;
         }
@@ -404,11 +336,13 @@ pub async fn reconcile(cp: &Arc<ControlPlane>) -> StoreResult<()> {
                 .unwrap_or_default();
             let specs: Vec<HealthCheckSpec> = checks
                 .iter()
-                .filter(|c| line.contains(&c.organization_id) && c.selector.matches(&server))
-                .map(wire_spec)
+                .filter(|(c, selector)| {
+                    line.contains(&c.organization_id) && selector.matches(&server)
+                })
+                .map(|(c, _)| wire_spec(c))
                 .collect();
             let current = fingerprint(&specs);
-            let pushed = last_pushed().get(&server.id).copied();
+            let pushed = cp.health_pushes.last_pushed(server.id);
             if pushed != Some(current) {
                 tracing::debug!(server_id = %server.id, "health checks out of date; pushing");
                 spawn_push(cp.clone(), server);
@@ -480,7 +414,7 @@ pub async fn store_report(
             "health.recovered"
         };
         tracing::info!(server_id = %server.id, check_id = %t.check_id, event, "health check transition");
-        crate::webhooks::emit(
+        crate::events::emit(
             cp,
             server.organization_id,
             event,
@@ -536,131 +470,4 @@ pub async fn run_now(cp: &ControlPlane, server: &ServerRef) -> Result<(), Health
     tokio::time::timeout(AGENT_ANSWER_TIMEOUT, exchange)
         .await
         .map_err(|_| HealthError::Timeout)?
-}
-
-/// Emits a connection-state event (`server.online`, `server.offline`,
-/// `server.timeout`).
-pub async fn emit_state(
-    cp: &ControlPlane,
-    server: &ServerRef,
-    event: &str,
-    status: &str,
-    reason: Option<&str>,
-) {
-    crate::webhooks::emit(
-        cp,
-        server.organization_id,
-        event,
-        json!({
-            "server_id": server.id,
-            "server_name": server.name,
-            "status": status,
-            "status_reason": reason,
-        }),
-    )
-    .await;
-}
-
-/// The `status_reason` of a server whose session on this replica ended for
-/// `why` (what the gateway observed): what happened, then what to check.
-pub fn session_end_reason(why: &str) -> String {
-    format!(
-        "{why}; the agent reconnects by itself, so if the server stays offline check that the \
-         host is up, that tether-agent is running on it (systemctl status tether-agent; \
-         journalctl -u tether-agent) and that it reaches the control plane over UDP"
-    )
-}
-
-/// The `status_reason` of a server the sweeper marks offline.
-pub fn stale_reason(offline_after: Duration) -> String {
-    format!(
-        "no heartbeat recorded for {} and no control-plane replica holds its session (the \
-         replica that held it may have stopped); the agent reconnects by itself, so if the \
-         server stays offline check the host and journalctl -u tether-agent",
-        humantime::format_duration(offline_after)
-    )
-}
-
-/// The `status_reason` of a server that never opened a session.
-pub fn timeout_reason(registration_timeout: Duration, quic_addr: &str) -> String {
-    format!(
-        "the agent enrolled but opened no session within {}; check that tether-agent is \
-         running on the host (systemctl status tether-agent; journalctl -u tether-agent) and \
-         that it can reach {quic_addr} over UDP",
-        humantime::format_duration(registration_timeout)
-    )
-}
-
-/// One sweep (run by the gateway's liveness loop right after it refreshed
-/// `last_seen_at` of this replica's sessions, so none of them is stale):
-/// servers still `online` that no replica refreshed within `--offline-after`
-/// go `offline`; servers still `connecting` past the registration timeout
-/// go `timeout`. Each change is an event.
-pub async fn sweep(cp: &ControlPlane, now: DateTime<Utc>) {
-    let offline_after = cp.config.offline_after;
-    if let Ok(window) = chrono::Duration::from_std(offline_after) {
-        let reason = stale_reason(offline_after);
-        match cp.store.mark_stale_offline(now - window, &reason).await {
-            Ok(servers) => {
-                for server in servers {
-                    tracing::info!(server_id = %server.id, %reason, "server offline");
-                    emit_state(cp, &server, "server.offline", "offline", Some(&reason)).await;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not sweep silent servers"),
-        }
-    }
-    let registration = cp.config.registration_timeout;
-    if let Ok(window) = chrono::Duration::from_std(registration) {
-        let reason = timeout_reason(registration, &cp.public_quic_addr);
-        match cp
-            .store
-            .mark_registration_timeouts(now - window, &reason)
-            .await
-        {
-            Ok(servers) => {
-                for server in servers {
-                    tracing::info!(server_id = %server.id, %reason, "server timed out");
-                    emit_state(cp, &server, "server.timeout", "timeout", Some(&reason)).await;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not sweep servers that never connected"),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::CoalescedPushes;
-
-    #[test]
-    fn pushes_asked_for_while_one_runs_become_one_push_of_the_newest_request() {
-        let mut pushes = CoalescedPushes::default();
-        assert_eq!(pushes.request("web-1", 1), Some(1), "idle: push at once");
-        // An agent that does not answer: every reconcile tick asks again.
-        for tick in 2..=10 {
-            assert_eq!(pushes.request("web-1", tick), None, "one push runs already");
-        }
-        assert_eq!(pushes.running(), 1);
-        // Once the running push ends, exactly one more, with the newest row.
-        assert_eq!(pushes.finished(&"web-1"), Some(10));
-        assert_eq!(pushes.finished(&"web-1"), None);
-        assert_eq!(pushes.running(), 0, "nothing is kept for an idle server");
-        assert_eq!(
-            pushes.request("web-1", 11),
-            Some(11),
-            "idle again: push at once"
-        );
-    }
-
-    #[test]
-    fn pushes_of_different_servers_do_not_wait_for_each_other() {
-        let mut pushes = CoalescedPushes::default();
-        assert_eq!(pushes.request("web-1", "a"), Some("a"));
-        assert_eq!(pushes.request("web-2", "b"), Some("b"));
-        assert_eq!(pushes.request("web-1", "c"), None);
-        assert_eq!(pushes.finished(&"web-2"), None);
-        assert_eq!(pushes.running(), 1);
-        assert_eq!(pushes.finished(&"web-1"), Some("c"));
-    }
 }

@@ -43,7 +43,7 @@ fn init_tracing() {
 /// agent's long-lived state over as many heaps as there are threads that
 /// touched it, each with its own free space; two keep ~1 KiB per connected
 /// agent less resident at 10,000 agents (~29 instead of ~30 KiB), with no
-/// measurable cost in reports/s (`docs/performance.md` §3).
+/// measurable cost in reports/s (`docs/performance-log.md`, §3 *Under 30 KiB*).
 const MALLOC_ARENAS: i32 = 2;
 
 /// Caps glibc's malloc arenas at [`MALLOC_ARENAS`]; must run before any other
@@ -79,7 +79,7 @@ async fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Quickstart(args) => quickstart::run(args).await,
+        Command::Quickstart(args) => quickstart::run(args).await.map_err(Into::into),
         Command::Migrate(args) => migrate(args).await,
         Command::RotateMasterKey(args) => rotate_master_key(args).await,
     };

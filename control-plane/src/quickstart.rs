@@ -11,13 +11,43 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use uuid::Uuid;
 
-use crate::app::{self, RunningControlPlane};
-use crate::config::ServeArgs;
+use crate::app::{self, RunningControlPlane, StartError};
+use crate::config::{ConfigError, ServeArgs};
 use crate::provision::credentials::Provider;
-use crate::store::{DeploymentRecord, DeploymentStatus};
+use crate::store::{DeploymentRecord, DeploymentStatus, StoreError};
+
+/// Why quickstart stopped before its servers were online.
+#[derive(Debug, thiserror::Error)]
+pub enum QuickstartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Quickstart provisions through terraform, and it does not run.
+    #[error(
+        "quickstart provisions its servers with terraform's local target, and {} does not run: install terraform (1.4 or newer) or pass --terraform-bin",
+        terraform_bin.display()
+    )]
+    TerraformMissing { terraform_bin: PathBuf },
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("queueing a local deployment")]
+    Queue(#[source] StoreError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("deployment {0} vanished")]
+    DeploymentVanished(Uuid),
+    #[error("{server_name} failed: {message}")]
+    DeploymentFailed {
+        server_name: String,
+        message: String,
+    },
+    #[error(
+        "only {completed} of {total} servers registered within {} s; GET /api/v1/infrastructure/deployments shows where each one is",
+        READY_TIMEOUT.as_secs()
+    )]
+    NotReady { completed: usize, total: usize },
+}
 
 /// How long quickstart waits for its servers.
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
@@ -49,7 +79,9 @@ pub struct QuickstartArgs {
     pub exit_when_ready: bool,
 }
 
-pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
+/// Runs quickstart: starts the control plane, provisions the servers, waits
+/// for them, prints what to try, and on exit destroys them.
+pub async fn run(args: QuickstartArgs) -> Result<(), QuickstartError> {
     let config = ServeArgs {
         data_dir: Some(args.data_dir.clone()),
         api_listen: Some(args.api_listen),
@@ -57,6 +89,8 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         agent_dir: args.agent_dir.clone(),
         terraform_bin: args.terraform_bin.clone(),
         registration_timeout: Some(Duration::from_secs(120)),
+        // Quickstart's servers are local processes on this machine.
+        enable_host_targets: true,
         ..Default::default()
     }
     .resolve()?;
@@ -65,10 +99,9 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
         .output()
         .await;
     if !terraform.is_ok_and(|o| o.status.success()) {
-        anyhow::bail!(
-            "quickstart provisions its servers with terraform's local target, and {} does not run: install terraform (1.4 or newer) or pass --terraform-bin",
-            config.terraform_bin.display()
-        );
+        return Err(QuickstartError::TerraformMissing {
+            terraform_bin: config.terraform_bin.clone(),
+        });
     }
     let running = app::start(config).await?;
     let deployments = match provision_servers(&running, args.servers).await {
@@ -88,7 +121,10 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<()> {
     ready.map(|_| ())
 }
 
-async fn provision_servers(running: &RunningControlPlane, count: u32) -> anyhow::Result<Vec<Uuid>> {
+async fn provision_servers(
+    running: &RunningControlPlane,
+    count: u32,
+) -> Result<Vec<Uuid>, QuickstartError> {
     let cp = &running.state;
     let mut ids = Vec::new();
     for i in 1..=count {
@@ -109,7 +145,7 @@ async fn provision_servers(running: &RunningControlPlane, count: u32) -> anyhow:
             record,
         )
         .await
-        .context("queueing a local deployment")?;
+        .map_err(QuickstartError::Queue)?;
         println!("provisioning quickstart-{i} (deployment {id}) through terraform's local target");
         ids.push(id);
     }
@@ -119,22 +155,23 @@ async fn provision_servers(running: &RunningControlPlane, count: u32) -> anyhow:
 async fn wait_until_completed(
     running: &RunningControlPlane,
     deployments: &[Uuid],
-) -> anyhow::Result<Duration> {
+) -> Result<Duration, QuickstartError> {
     let cp = &running.state;
     let started = Instant::now();
     loop {
         let mut completed = 0;
         for id in deployments {
             let Some(d) = cp.store.deployment(None, *id).await? else {
-                anyhow::bail!("deployment {id} vanished");
+                return Err(QuickstartError::DeploymentVanished(*id));
             };
             match d.status {
                 DeploymentStatus::Completed => completed += 1,
-                DeploymentStatus::Failed | DeploymentStatus::RollingBack => anyhow::bail!(
-                    "{} failed: {}",
-                    d.record.server_name,
-                    d.record.error_message.unwrap_or_default()
-                ),
+                DeploymentStatus::Failed | DeploymentStatus::RollingBack => {
+                    return Err(QuickstartError::DeploymentFailed {
+                        server_name: d.record.server_name,
+                        message: d.record.error_message.unwrap_or_default(),
+                    })
+                }
                 _ => {}
             }
         }
@@ -142,11 +179,10 @@ async fn wait_until_completed(
             return Ok(started.elapsed());
         }
         if started.elapsed() > READY_TIMEOUT {
-            anyhow::bail!(
-                "only {completed} of {} servers registered within {} s; GET /api/v1/infrastructure/deployments shows where each one is",
-                deployments.len(),
-                READY_TIMEOUT.as_secs()
-            );
+            return Err(QuickstartError::NotReady {
+                completed,
+                total: deployments.len(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

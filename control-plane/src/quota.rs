@@ -1,59 +1,14 @@
 //! Quotas along the organization tree: an organization's use counts against
 //! its own limits and those of every ancestor, so a child never gets more than
-//! its ancestors have left.
+//! its ancestors have left. The checks made before a request; the check made
+//! inside the enrollment's transaction, and the limit type itself, belong to
+//! the store (`store::quota`).
 
-use serde::Serialize;
 use uuid::Uuid;
 
-use crate::api::ApiError;
+pub use crate::store::quota::QuotaExceeded;
+use crate::store::quota::{amounts, limits};
 use crate::store::{Quotas, Store, StoreError, Usage};
-
-/// A limit that adding resources would break.
-#[derive(Debug, Clone, Serialize)]
-pub struct QuotaExceeded {
-    pub organization_id: Uuid,
-    pub resource: &'static str,
-    pub limit: i64,
-    pub usage: i64,
-    pub requested: i64,
-}
-
-impl std::fmt::Display for QuotaExceeded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} quota of organization {} is {} and {} are in use",
-            self.resource, self.organization_id, self.limit, self.usage
-        )
-    }
-}
-
-impl From<QuotaExceeded> for ApiError {
-    fn from(q: QuotaExceeded) -> Self {
-        ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "quota_exceeded",
-            q.to_string(),
-        )
-        .with_detail("organization_id", q.organization_id.to_string())
-        .with_detail("resource", q.resource)
-        .with_detail("limit", q.limit)
-        .with_detail("usage", q.usage)
-        .with_detail("requested", q.requested)
-    }
-}
-
-fn limits(quotas: &Quotas) -> [(&'static str, Option<i64>); 3] {
-    [
-        ("max_servers", quotas.max_servers),
-        ("max_cpu_cores", quotas.max_cpu_cores),
-        ("max_memory_gb", quotas.max_memory_gb),
-    ]
-}
-
-fn amounts(usage: &Usage) -> [i64; 3] {
-    [usage.servers, usage.cpu_cores, usage.memory_gb]
-}
 
 /// Checks that `organization_id` (and every ancestor) can take `additional`.
 pub async fn check(

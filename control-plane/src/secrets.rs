@@ -26,6 +26,11 @@ pub enum SecretError {
     },
     #[error("master key file {0} does not hold a 32-byte hex key")]
     MalformedKey(String),
+    #[error(
+        "master key file {path} is readable by its group or by others (mode {mode:04o}); \
+         restrict it with `chmod 600 {path}` and start again"
+    )]
+    KeyFileExposed { path: String, mode: u32 },
     #[error("sealed value is malformed")]
     MalformedSealed,
     #[error("sealed value was sealed under key {0}, which is not loaded")]
@@ -72,29 +77,50 @@ impl MasterKey {
     }
 
     /// Loads the key file, or creates it (mode 0600) when it does not exist.
+    /// An existing file that its group or others may access is refused
+    /// ([`SecretError::KeyFileExposed`]), and left as it is.
     pub fn load_or_create(path: &Path) -> Result<(Self, bool), SecretError> {
         let err = |source| SecretError::KeyFile {
             path: path.display().to_string(),
             source,
         };
-        match std::fs::read_to_string(path) {
-            Ok(text) => Ok((Self::parse(text.trim(), path)?, false)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        match Self::load(path) {
+            Ok(key) => Ok((key, false)),
+            Err(SecretError::KeyFile { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
                 let key = Self::generate();
                 crate::fsutil::write_private(path, hex::encode(key.bytes).as_bytes())
                     .map_err(err)?;
                 Ok((key, true))
             }
-            Err(e) => Err(err(e)),
+            Err(e) => Err(e),
         }
     }
 
-    /// Loads an existing key file.
+    /// Loads an existing key file; refuses one its group or others may
+    /// access (the check is made on the opened file, so it is the file read).
     pub fn load(path: &Path) -> Result<Self, SecretError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SecretError::KeyFile {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let err = |source| SecretError::KeyFile {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        let mut file = std::fs::File::open(path).map_err(err)?;
+        let mode = file.metadata().map_err(err)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(SecretError::KeyFileExposed {
+                path: path.display().to_string(),
+                mode: mode & 0o7777,
+            });
+        }
+        let mut text = String::new();
+        // A key file is 64 hex digits: anything much longer is not one.
+        (&mut file)
+            .take(4096)
+            .read_to_string(&mut text)
+            .map_err(err)?;
         Self::parse(text.trim(), path)
     }
 
@@ -202,6 +228,38 @@ impl Sealer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_file_open_to_group_or_others_is_refused_and_left_unchanged() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        let (created, fresh) = MasterKey::load_or_create(&path).unwrap();
+        assert!(fresh);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "created {mode:o}");
+        let before = std::fs::read(&path).unwrap();
+        for exposed in [0o640, 0o604, 0o660, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(exposed)).unwrap();
+            let err = MasterKey::load_or_create(&path).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                matches!(err, SecretError::KeyFileExposed { .. }),
+                "{exposed:o}: {text}"
+            );
+            assert!(
+                text.contains(&format!("chmod 600 {}", path.display())),
+                "{text}"
+            );
+            assert_eq!(std::fs::read(&path).unwrap(), before);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                exposed
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(MasterKey::load(&path).unwrap().id(), created.id());
+    }
 
     #[test]
     fn sealed_value_opens_only_with_its_key_and_context() {

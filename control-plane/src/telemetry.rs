@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 
 /// Rollup steps, in seconds.
 pub const ROLLUP_STEPS: [i64; 2] = [300, 3600];

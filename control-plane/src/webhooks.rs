@@ -5,8 +5,14 @@
 //! `X-Tether-Signature: sha256=<hex HMAC-SHA256(secret, raw body)>`, with a
 //! timeout and no redirects, retrying with exponential backoff
 //! ([`retry_delay`]) up to [`MAX_ATTEMPTS`]; every attempt is recorded.
-//! [`check_target`] refuses URLs that point at this control plane's own
-//! listeners. Secrets are sealed at rest and never logged.
+//! [`check_target`] refuses URLs whose host is, or resolves to, anything
+//! but a public unicast address ([`AddressClass`]; loopback and private
+//! receivers only with `--allow-private-webhooks`) and URLs of this control
+//! plane's own listeners (always). It runs when a webhook is created and
+//! again before every attempt, and the attempt connects to the addresses
+//! that check resolved ([`pinned_client`]), so a name re-pointed after the
+//! check (DNS rebinding) is not followed. Secrets are sealed at rest and
+//! never logged.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -18,10 +24,9 @@ use sha2::Sha256;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 use crate::store::{
-    webhook_secret_context, AttemptOutcome, Delivery, DeliveryAttempt, Deployment, NewDelivery,
-    Webhook,
+    webhook_secret_context, AttemptOutcome, Delivery, DeliveryAttempt, NewDelivery, Webhook,
 };
 
 /// Every event the control plane emits.
@@ -117,31 +122,6 @@ pub fn event_matches(filter: &[String], event: &str) -> bool {
         })
 }
 
-/// Emits `event` (e.g. `server.offline`) of `organization_id` with `data`
-/// to the webhooks subscribed to it, and to the alert engine (offline and
-/// health rules). Never blocks on HTTP and never fails the caller: errors
-/// are logged.
-pub async fn emit(cp: &ControlPlane, organization_id: Uuid, event: &str, data: serde_json::Value) {
-    let follow_ups = crate::alerts::on_event(cp, organization_id, event, &data).await;
-    enqueue(cp, organization_id, event, data).await;
-    for (organization_id, event, data) in follow_ups {
-        enqueue(cp, organization_id, event, data).await;
-    }
-}
-
-/// Emits a deployment event (`infrastructure.*`) with the deployment's view.
-pub async fn emit_deployment(cp: &ControlPlane, deployment: &Deployment, event: &str) {
-    let data = serde_json::json!({
-        "deployment_id": deployment.id,
-        "status": deployment.status,
-        "provider": deployment.provider,
-        "server_name": deployment.record.server_name,
-        "server_id": deployment.server_id,
-        "error_message": deployment.record.error_message,
-    });
-    emit(cp, deployment.organization_id, event, data).await;
-}
-
 /// The body of a delivery: `{event, timestamp, organization_id, data}`.
 pub fn delivery_body(
     event: &str,
@@ -159,7 +139,12 @@ pub fn delivery_body(
 }
 
 /// Queues one delivery per webhook that wants `event`, then wakes the worker.
-async fn enqueue(cp: &ControlPlane, organization_id: Uuid, event: &str, data: serde_json::Value) {
+pub async fn enqueue(
+    cp: &ControlPlane,
+    organization_id: Uuid,
+    event: &str,
+    data: serde_json::Value,
+) {
     tracing::info!(%organization_id, event, "event");
     let organizations = match cp.store.organization_ancestors(organization_id).await {
         Ok(orgs) => orgs.into_iter().map(|o| o.id).collect::<Vec<_>>(),
@@ -212,18 +197,11 @@ async fn enqueue(cp: &ControlPlane, organization_id: Uuid, event: &str, data: se
 
 /// Claims and sends due deliveries until shutdown.
 pub async fn delivery_loop(cp: Arc<ControlPlane>) {
-    let client = match reqwest::Client::builder()
-        .timeout(DELIVERY_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("tether-webhooks/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
-        Ok(client) => client,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the webhook HTTP client; webhooks will not be delivered");
-            return;
-        }
-    };
+    if cp.config.allow_private_webhooks {
+        tracing::warn!(
+            "webhooks may reach loopback and private addresses (--allow-private-webhooks)"
+        );
+    }
     let mut last_prune: Option<Instant> = None;
     loop {
         let now = Utc::now();
@@ -252,7 +230,7 @@ pub async fn delivery_loop(cp: Arc<ControlPlane>) {
                         event = %delivery.event,
                         attempt = delivery.attempts + 1,
                     );
-                    deliver(&cp, &client, delivery).instrument(span)
+                    deliver(&cp, delivery).instrument(span)
                 });
                 tokio::select! {
                     _ = cp.shutdown.cancelled() => return,
@@ -274,12 +252,12 @@ pub async fn delivery_loop(cp: Arc<ControlPlane>) {
 }
 
 /// Makes one attempt of a claimed delivery and records it.
-async fn deliver(cp: &ControlPlane, client: &reqwest::Client, delivery: Delivery) {
+async fn deliver(cp: &ControlPlane, delivery: Delivery) {
     let attempt = delivery.attempts + 1;
     let started = Instant::now();
     let at = Utc::now();
     let result = match cp.store.webhook_by_id(delivery.webhook_id).await {
-        Ok(Some(webhook)) => send(cp, client, &webhook, &delivery, attempt).await,
+        Ok(Some(webhook)) => send(cp, &webhook, &delivery, attempt).await,
         Ok(None) => Err((None, "the webhook was deleted".to_string(), true)),
         Err(e) => {
             tracing::warn!(error = %e, "could not load the webhook of a delivery");
@@ -336,22 +314,32 @@ async fn deliver(cp: &ControlPlane, client: &reqwest::Client, delivery: Delivery
 /// an error text and whether retrying is pointless.
 async fn send(
     cp: &ControlPlane,
-    client: &reqwest::Client,
     webhook: &Webhook,
     delivery: &Delivery,
     attempt: i64,
 ) -> Result<u16, (Option<u16>, String, bool)> {
-    // Names can change what they resolve to: check the target again.
-    let url = check_target(&webhook.url, &OwnListeners::of(cp))
+    // Names can change what they resolve to: check the target again, and
+    // connect to the addresses just checked (no second resolution).
+    let target = check_target(&webhook.url, &TargetPolicy::of(cp))
         .await
-        .map_err(|e| (None, e.to_string(), matches!(e, TargetError::OwnListener)))?;
+        .map_err(|e| {
+            (
+                None,
+                format!("refused ({}): {e}", e.code()),
+                e.is_permanent(),
+            )
+        })?;
+    let client = pinned_client(&target).map_err(|e| {
+        tracing::warn!(error = %e, "cannot build the webhook HTTP client");
+        (None, "cannot build the HTTP client".to_string(), false)
+    })?;
     let secret = cp
         .sealer
         .open(&webhook.secret_sealed, &webhook_secret_context(webhook.id))
         .map_err(|_| (None, "cannot open the webhook secret".to_string(), true))?;
     let signature = sign(&secret, delivery.body.as_bytes());
     let response = client
-        .post(url)
+        .post(target.url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header("X-Tether-Signature", signature)
         .header("X-Tether-Event", &delivery.event)
@@ -418,6 +406,170 @@ pub enum TargetError {
     Unresolvable,
     #[error("url points at this control plane's own API or QUIC listener")]
     OwnListener,
+    /// The host is, or resolves to, an address webhooks may not reach. The
+    /// text names the class only (never the address), so it can be
+    /// recorded as a delivery's reason.
+    #[error("url resolves to {} address, which webhooks may not reach{}", .0.described(), .0.hint())]
+    ForbiddenAddress(AddressClass),
+}
+
+impl TargetError {
+    /// Machine-readable reason, the `reason` of the API's 422 answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidUrl => "invalid_url",
+            Self::Scheme => "unsupported_scheme",
+            Self::NoHost => "no_host",
+            Self::Credentials => "credentials_in_url",
+            Self::Unresolvable => "unresolvable_host",
+            Self::OwnListener => "own_listener",
+            Self::ForbiddenAddress(class) => class.code(),
+        }
+    }
+
+    /// Whether a delivery refused for this reason should not be retried.
+    fn is_permanent(&self) -> bool {
+        matches!(self, Self::OwnListener | Self::ForbiddenAddress(_))
+    }
+}
+
+/// Addresses webhooks do not reach: everything that is not a public
+/// unicast address. `--allow-private-webhooks` lifts the refusal of
+/// [`Loopback`](Self::Loopback), [`Private`](Self::Private) and
+/// [`UniqueLocal`](Self::UniqueLocal) only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressClass {
+    /// 127/8, ::1.
+    Loopback,
+    /// 10/8, 172.16/12, 192.168/16, and 100.64/10 (carrier-grade NAT).
+    Private,
+    /// fc00::/7.
+    UniqueLocal,
+    /// 169.254/16, fe80::/10.
+    LinkLocal,
+    /// Cloud instance metadata services (169.254.169.254, 169.254.170.2,
+    /// 100.100.100.200, fd00:ec2::254).
+    Metadata,
+    /// 0/8, ::.
+    Unspecified,
+    /// 224/4, ff00::/8.
+    Multicast,
+    /// 255.255.255.255.
+    Broadcast,
+    /// Other special-purpose ranges: 192.0.0/24, documentation ranges,
+    /// 198.18/15 (benchmarking), 240/4, and IPv6 ranges other than 2000::/3.
+    Reserved,
+}
+
+impl AddressClass {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Loopback => "loopback_address",
+            Self::Private => "private_address",
+            Self::UniqueLocal => "unique_local_address",
+            Self::LinkLocal => "link_local_address",
+            Self::Metadata => "metadata_address",
+            Self::Unspecified => "unspecified_address",
+            Self::Multicast => "multicast_address",
+            Self::Broadcast => "broadcast_address",
+            Self::Reserved => "reserved_address",
+        }
+    }
+
+    fn described(self) -> &'static str {
+        match self {
+            Self::Loopback => "a loopback",
+            Self::Private => "a private",
+            Self::UniqueLocal => "a unique-local",
+            Self::LinkLocal => "a link-local",
+            Self::Metadata => "a cloud metadata",
+            Self::Unspecified => "an unspecified",
+            Self::Multicast => "a multicast",
+            Self::Broadcast => "a broadcast",
+            Self::Reserved => "a reserved",
+        }
+    }
+
+    fn hint(self) -> &'static str {
+        if self.allowed_by_flag() {
+            " (the operator may allow it with --allow-private-webhooks)"
+        } else {
+            ""
+        }
+    }
+
+    /// Whether `--allow-private-webhooks` lets webhooks reach it.
+    pub fn allowed_by_flag(self) -> bool {
+        matches!(self, Self::Loopback | Self::Private | Self::UniqueLocal)
+    }
+
+    /// The class of `ip`, `None` for a public unicast address. IPv4 written
+    /// as IPv6 (`::ffff:a.b.c.d`, `::a.b.c.d`, `64:ff9b::a.b.c.d`) is
+    /// judged as the IPv4 address it carries.
+    pub fn of(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(v4) => Self::of_v4(v4),
+            IpAddr::V6(v6) => Self::of_v6(v6),
+        }
+    }
+
+    fn of_v4(ip: std::net::Ipv4Addr) -> Option<Self> {
+        let [a, b, c, d] = ip.octets();
+        Some(match (a, b, c, d) {
+            (169, 254, 169, 254) | (169, 254, 170, 2) | (100, 100, 100, 200) => Self::Metadata,
+            (0, ..) => Self::Unspecified,
+            (127, ..) => Self::Loopback,
+            (10, ..) | (192, 168, ..) => Self::Private,
+            (172, b, ..) if (16..=31).contains(&b) => Self::Private,
+            (100, b, ..) if (64..=127).contains(&b) => Self::Private,
+            (169, 254, ..) => Self::LinkLocal,
+            (255, 255, 255, 255) => Self::Broadcast,
+            (224..=239, ..) => Self::Multicast,
+            (192, 0, 0, _) | (192, 0, 2, _) | (198, 51, 100, _) | (203, 0, 113, _) => {
+                Self::Reserved
+            }
+            (198, 18..=19, ..) | (240..=255, ..) => Self::Reserved,
+            _ => return None,
+        })
+    }
+
+    fn of_v6(ip: std::net::Ipv6Addr) -> Option<Self> {
+        let segments = ip.segments();
+        if let Some(v4) = ip.to_ipv4_mapped() {
+            return Self::of_v4(v4);
+        }
+        if ip.is_unspecified() {
+            return Some(Self::Unspecified);
+        }
+        if ip.is_loopback() {
+            return Some(Self::Loopback);
+        }
+        let octets = ip.octets();
+        let embedded_v4 = std::net::Ipv4Addr::new(octets[12], octets[13], octets[14], octets[15]);
+        // ::a.b.c.d (IPv4-compatible) and 64:ff9b::a.b.c.d (NAT64).
+        if segments[..6] == [0, 0, 0, 0, 0, 0] || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            return Some(Self::of_v4(embedded_v4).unwrap_or(Self::Reserved));
+        }
+        if ip == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) {
+            return Some(Self::Metadata);
+        }
+        Some(match segments[0] {
+            s if s & 0xfe00 == 0xfc00 => Self::UniqueLocal,
+            s if s & 0xffc0 == 0xfe80 => Self::LinkLocal,
+            s if s & 0xff00 == 0xff00 => Self::Multicast,
+            // 2001:db8::/32 is documentation.
+            0x2001 if segments[1] == 0x0db8 => Self::Reserved,
+            // 2002::/16 (6to4) carries an IPv4 address in bits 16-47.
+            0x2002 => {
+                let [hi, lo] = [segments[1], segments[2]];
+                let v4 =
+                    std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+                return Self::of_v4(v4);
+            }
+            s if s & 0xe000 == 0x2000 => return None,
+            _ => Self::Reserved,
+        })
+    }
 }
 
 /// This control plane's listeners and public addresses, as webhook URLs
@@ -462,6 +614,42 @@ impl OwnListeners {
     }
 }
 
+/// What webhook URLs may reach: never this control plane's own listeners;
+/// loopback and private addresses only when `allow_private`.
+#[derive(Debug, Clone)]
+pub struct TargetPolicy {
+    pub own: OwnListeners,
+    /// `--allow-private-webhooks`.
+    pub allow_private: bool,
+}
+
+impl TargetPolicy {
+    pub fn of(cp: &ControlPlane) -> Self {
+        Self {
+            own: OwnListeners::of(cp),
+            allow_private: cp.config.allow_private_webhooks,
+        }
+    }
+
+    /// Refuses `ip` when its class is not allowed.
+    fn admit(&self, ip: IpAddr) -> Result<(), TargetError> {
+        match AddressClass::of(ip) {
+            Some(class) if !(self.allow_private && class.allowed_by_flag()) => {
+                Err(TargetError::ForbiddenAddress(class))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A webhook URL that passed [`check_target`], with the addresses its host
+/// resolved to then: deliveries connect to exactly these.
+#[derive(Debug, Clone)]
+pub struct CheckedTarget {
+    pub url: reqwest::Url,
+    pub addrs: Vec<SocketAddr>,
+}
+
 /// Whether `ip` belongs to this machine (binding to it succeeds only then).
 fn is_local_address(ip: IpAddr) -> bool {
     ip.is_loopback()
@@ -476,7 +664,8 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, TargetError> {
     let addrs = tokio::net::lookup_host((host, port))
         .await
         .map_err(|_| TargetError::Unresolvable)?;
-    let ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+    let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+    ips.dedup();
     if ips.is_empty() {
         Err(TargetError::Unresolvable)
     } else {
@@ -485,10 +674,12 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<IpAddr>, TargetError> {
 }
 
 /// Checks a webhook URL: absolute http(s), a host that resolves, no
-/// credentials, and not this control plane's own API or QUIC listener
-/// (same port on a loopback, unspecified or local address, or on one of
-/// the configured public addresses).
-pub async fn check_target(url: &str, own: &OwnListeners) -> Result<reqwest::Url, TargetError> {
+/// credentials; every address the host resolves to is public unicast (or,
+/// with `allow_private`, loopback or private), and none is this control
+/// plane's own API or QUIC listener (same port on a loopback, unspecified
+/// or local address, or on one of the configured public addresses).
+/// One refused address refuses the URL.
+pub async fn check_target(url: &str, policy: &TargetPolicy) -> Result<CheckedTarget, TargetError> {
     let parsed = reqwest::Url::parse(url).map_err(|_| TargetError::InvalidUrl)?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(TargetError::Scheme);
@@ -504,6 +695,7 @@ pub async fn check_target(url: &str, own: &OwnListeners) -> Result<reqwest::Url,
         .trim_end_matches(']')
         .to_string();
     let port = parsed.port_or_known_default().ok_or(TargetError::Scheme)?;
+    let own = &policy.own;
     if own
         .public
         .iter()
@@ -533,7 +725,68 @@ pub async fn check_target(url: &str, own: &OwnListeners) -> Result<reqwest::Url,
             }
         }
     }
-    Ok(parsed)
+    for ip in &ips {
+        policy.admit(*ip)?;
+    }
+    Ok(CheckedTarget {
+        url: parsed,
+        addrs: ips
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect(),
+    })
+}
+
+/// A resolver that answers only `host`, with the addresses checked for it,
+/// and refuses every other name: a client using it connects where the
+/// check said, whatever DNS says by then.
+#[derive(Debug, Clone)]
+pub struct PinnedResolver {
+    host: String,
+    addrs: Vec<SocketAddr>,
+}
+
+impl PinnedResolver {
+    pub fn new(target: &CheckedTarget) -> Self {
+        Self {
+            host: target
+                .url
+                .host_str()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
+            addrs: target.addrs.clone(),
+        }
+    }
+}
+
+/// A name [`PinnedResolver`] was not pinned to.
+#[derive(Debug, thiserror::Error)]
+#[error("the webhook client resolves only the checked host")]
+struct NotPinned;
+
+impl reqwest::dns::Resolve for PinnedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let answer: Result<reqwest::dns::Addrs, Box<dyn std::error::Error + Send + Sync>> =
+            if name.as_str().eq_ignore_ascii_case(&self.host) {
+                Ok(Box::new(self.addrs.clone().into_iter()))
+            } else {
+                Err(Box::new(NotPinned))
+            };
+        Box::pin(std::future::ready(answer))
+    }
+}
+
+/// The client of one attempt: it connects only to `target`'s checked
+/// addresses (no DNS, no proxy), follows no redirect and gives up after
+/// [`DELIVERY_TIMEOUT`].
+pub fn pinned_client(target: &CheckedTarget) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(DELIVERY_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(PinnedResolver::new(target)))
+        .user_agent(concat!("tether-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()
 }
 
 #[cfg(test)]
@@ -589,15 +842,23 @@ mod tests {
         assert!(!valid_event_pattern("serv.*"));
     }
 
+    fn policy(allow_private: bool) -> TargetPolicy {
+        TargetPolicy {
+            own: OwnListeners {
+                bound: vec![
+                    "127.0.0.1:8080".parse().unwrap(),
+                    "0.0.0.0:7443".parse().unwrap(),
+                ],
+                public: vec![("cp.example.invalid".into(), 443)],
+            },
+            allow_private,
+        }
+    }
+
     #[tokio::test]
-    async fn targets_on_own_ports_of_local_addresses_are_refused() {
-        let own = OwnListeners {
-            bound: vec![
-                "127.0.0.1:8080".parse().unwrap(),
-                "0.0.0.0:7443".parse().unwrap(),
-            ],
-            public: vec![("cp.example.invalid".into(), 443)],
-        };
+    async fn targets_on_own_ports_of_local_addresses_are_refused_even_when_private_ones_are_allowed(
+    ) {
+        let own = policy(true);
         for url in [
             "http://127.0.0.1:8080/hook",
             "http://localhost:8080/",
@@ -626,5 +887,154 @@ mod tests {
             check_target("not a url", &own).await,
             Err(TargetError::InvalidUrl)
         ));
+    }
+
+    #[test]
+    fn addresses_are_classified_including_ipv4_written_as_ipv6() {
+        use AddressClass::*;
+        let cases: &[(&str, Option<AddressClass>)] = &[
+            ("127.0.0.1", Some(Loopback)),
+            ("127.9.9.9", Some(Loopback)),
+            ("::1", Some(Loopback)),
+            ("10.0.0.1", Some(Private)),
+            ("172.16.0.1", Some(Private)),
+            ("172.31.255.255", Some(Private)),
+            ("192.168.1.1", Some(Private)),
+            ("100.64.0.1", Some(Private)),
+            ("100.127.255.254", Some(Private)),
+            ("169.254.169.254", Some(Metadata)),
+            ("169.254.170.2", Some(Metadata)),
+            ("100.100.100.200", Some(Metadata)),
+            ("fd00:ec2::254", Some(Metadata)),
+            ("169.254.1.1", Some(LinkLocal)),
+            ("fe80::1", Some(LinkLocal)),
+            ("fc00::1", Some(UniqueLocal)),
+            ("fdff::1", Some(UniqueLocal)),
+            ("0.0.0.0", Some(Unspecified)),
+            ("0.1.2.3", Some(Unspecified)),
+            ("::", Some(Unspecified)),
+            ("224.0.0.1", Some(Multicast)),
+            ("ff02::1", Some(Multicast)),
+            ("255.255.255.255", Some(Broadcast)),
+            ("240.0.0.1", Some(Reserved)),
+            ("192.0.2.1", Some(Reserved)),
+            ("2001:db8::1", Some(Reserved)),
+            ("::ffff:127.0.0.1", Some(Loopback)),
+            ("::ffff:169.254.169.254", Some(Metadata)),
+            ("::ffff:10.1.2.3", Some(Private)),
+            ("::127.0.0.1", Some(Loopback)),
+            ("64:ff9b::a9fe:a9fe", Some(Metadata)),
+            ("2002:7f00:1::", Some(Loopback)),
+            ("2002:0a00:1::", Some(Private)),
+            ("8.8.8.8", None),
+            ("172.32.0.1", None),
+            ("100.128.0.1", None),
+            ("::ffff:8.8.8.8", None),
+            ("2606:4700::1111", None),
+        ];
+        for (ip, class) in cases {
+            assert_eq!(AddressClass::of(ip.parse().unwrap()), *class, "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn loopback_private_and_metadata_targets_are_refused_with_their_reason() {
+        let strict = policy(false);
+        for (url, code) in [
+            ("http://127.0.0.1:9999/hook", "loopback_address"),
+            ("http://localhost:9999/hook", "loopback_address"),
+            ("http://[::ffff:127.0.0.1]:9999/", "loopback_address"),
+            (
+                "http://169.254.169.254/latest/meta-data/",
+                "metadata_address",
+            ),
+            ("http://[fd00:ec2::254]/", "metadata_address"),
+            ("http://10.0.0.1/", "private_address"),
+            ("http://100.64.1.1/", "private_address"),
+            ("http://[fc00::1]/", "unique_local_address"),
+            ("http://169.254.1.1/", "link_local_address"),
+            ("http://0.0.0.0:9999/", "unspecified_address"),
+            ("http://224.0.0.1/", "multicast_address"),
+            ("http://255.255.255.255/", "broadcast_address"),
+        ] {
+            match check_target(url, &strict).await {
+                Err(e) => assert_eq!(e.code(), code, "{url}: {e}"),
+                Ok(_) => panic!("{url} was accepted"),
+            }
+        }
+        // The operator's flag lets loopback and private receivers in, not
+        // metadata or link-local ones.
+        let lenient = policy(true);
+        for url in [
+            "http://127.0.0.1:9999/hook",
+            "http://10.0.0.1/",
+            "http://[fc00::1]/",
+        ] {
+            assert!(check_target(url, &lenient).await.is_ok(), "{url}");
+        }
+        for url in [
+            "http://169.254.169.254/",
+            "http://169.254.1.1/",
+            "http://[ff02::1]/",
+        ] {
+            assert!(check_target(url, &lenient).await.is_err(), "{url}");
+        }
+        // Public addresses pass, and the check records what it resolved.
+        let public = check_target("https://8.8.8.8:8443/hook", &strict)
+            .await
+            .unwrap();
+        assert_eq!(public.addrs, vec!["8.8.8.8:8443".parse().unwrap()]);
+    }
+
+    /// Serves one HTTP request on `listener` with 204; returns what it read.
+    async fn answer_once(listener: tokio::net::TcpListener) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            request.extend_from_slice(&buf[..n]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&request).into_owned()
+    }
+
+    #[tokio::test]
+    async fn an_attempt_connects_to_the_checked_address_not_to_what_dns_says_now() {
+        // The receiver listens on 127.0.0.2 only; `localhost` resolves to
+        // 127.0.0.1 (and ::1), where nothing listens on that port. A client
+        // that resolved the name again would be refused a connection.
+        let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = tokio::spawn(answer_once(listener));
+        let target = CheckedTarget {
+            url: reqwest::Url::parse(&format!("http://localhost:{port}/hook")).unwrap(),
+            addrs: vec![SocketAddr::from(([127, 0, 0, 2], port))],
+        };
+        let client = pinned_client(&target).unwrap();
+        let response = client
+            .post(target.url.clone())
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 204);
+        let request = served.await.unwrap();
+        assert!(request.starts_with("POST /hook "), "{request}");
+
+        // Any other name is not resolved at all.
+        let other = client
+            .post(format!("http://127-0-0-2.example.invalid:{port}/hook"))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(other.is_connect() || other.is_request(), "{other:?}");
     }
 }

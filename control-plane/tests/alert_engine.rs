@@ -1,4 +1,4 @@
-//! The alert engine and `webhooks::emit` inside a running control plane
+//! The alert engine and `events::emit` inside a running control plane
 //! (`app::start` on its embedded SQLite): which webhooks an event reaches,
 //! health-failing rules driven by events, and the debounce of metric rules
 //! over consecutive samples. Evaluation rounds are run with chosen clocks
@@ -11,12 +11,12 @@ use common::*;
 use tether_control_plane::alerts::evaluate;
 use tether_control_plane::app::RunningControlPlane;
 use tether_control_plane::config::ServeArgs;
+use tether_control_plane::events::emit;
 use tether_control_plane::secrets::{MasterKey, Sealer};
 use tether_control_plane::store::{
     webhook_secret_context, AlertQuery, AlertRule, AlertRuleKind, AlertSelector, AlertState,
     Delivery, Webhook,
 };
-use tether_control_plane::webhooks::emit;
 
 async fn start(dir: &std::path::Path) -> RunningControlPlane {
     let config = ServeArgs {

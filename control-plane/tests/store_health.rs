@@ -15,6 +15,7 @@ use common::*;
 use tether_control_plane::store::health::{
     HealthCheck, HealthCheckKind, HealthCheckSpecFields, HealthResultRecord, HealthSelector,
 };
+use tether_control_plane::store::ServerSelector;
 
 store_tests! {
     health_checks_are_created_read_updated_and_deleted_within_the_scope,
@@ -226,13 +227,28 @@ async fn selectors_match_labels_and_server_ids(store: Arc<dyn Store>) {
         labels: Some(labels(&[("role", "web")])),
         server_ids: Some(vec![db.id]),
     };
-    assert!(everyone.matches(&web) && everyone.matches(&db));
-    assert!(prod_web.matches(&web) && !prod_web.matches(&db));
-    assert!(!only_db.matches(&web) && only_db.matches(&db));
+    let matches =
+        |selector: &HealthSelector, server| ServerSelector::from(selector).matches(server);
+    assert!(matches(&everyone, &web) && matches(&everyone, &db));
+    assert!(matches(&prod_web, &web) && !matches(&prod_web, &db));
+    assert!(!matches(&only_db, &web) && matches(&only_db, &db));
     assert!(
-        !web_and_db_id.matches(&web) && !web_and_db_id.matches(&db),
+        !matches(&web_and_db_id, &web) && !matches(&web_and_db_id, &db),
         "labels and ids must both match"
     );
+    let no_ids = HealthSelector {
+        labels: None,
+        server_ids: Some(Vec::new()),
+    };
+    assert!(
+        !matches(&no_ids, &web) && !matches(&no_ids, &db),
+        "an empty server_ids list selects no server"
+    );
+    let empty_labels = HealthSelector {
+        labels: Some(Labels::new()),
+        server_ids: None,
+    };
+    assert!(matches(&empty_labels, &web) && matches(&empty_labels, &db));
 
     // A check stored in the team applies only to the team's servers.
     let team = create_org(&*store, root, "team").await;

@@ -1,5 +1,5 @@
 //! The store behaviour of webhooks, deliveries, alert rules and alerts, on
-//! SQLite and PostgreSQL (see `store_suite.rs` for how `store_tests!` runs
+//! SQLite and PostgreSQL (see `common/mod.rs` for how `store_tests!` runs
 //! each body on both).
 //!
 //! ```text

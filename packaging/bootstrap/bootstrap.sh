@@ -15,7 +15,11 @@
 # Its settings come from $ROOT/var/lib/tether/bootstrap.env (0600, written by
 # cloud-init): TETHER_API_URL, TETHER_AGENT_SHA256 ("os/arch=hex ..."),
 # TETHER_REPORT_FIELDS (the JSON members naming the deployment and carrying
-# the bootstrap token). Secrets never reach a command line: report bodies are
+# the bootstrap token), and optionally TETHER_AGENT_USER: in systemd mode the
+# agent then runs as that system user (created if missing, added to the
+# `docker` group, which is created if missing) through the unit drop-in
+# tether-agent.service.d/10-user.conf, and owns its state dir and
+# agent.toml. Secrets never reach a command line: report bodies are
 # written to 0600 files (here-documents) and posted from the file. The file
 # is removed once the agent runs.
 set -u
@@ -46,7 +50,7 @@ if [ ! -r "$ENV_FILE" ]; then
     log "missing $ENV_FILE"
     exit 1
 fi
-TETHER_API_URL='' TETHER_AGENT_SHA256='' TETHER_REPORT_FIELDS=''
+TETHER_API_URL='' TETHER_AGENT_SHA256='' TETHER_REPORT_FIELDS='' TETHER_AGENT_USER=''
 # shellcheck source=/dev/null
 . "$ENV_FILE"
 API=${TETHER_API_URL%/}
@@ -155,7 +159,30 @@ mkdir -p "${BIN%/*}" 2>"$WORK/install.err" &&
 chmod 0700 "$STATE" 2>/dev/null
 report installed "" "$BIN"
 
-# 3. Start.
+# 3. A dedicated user (systemd mode): in the docker group, owns the state
+# dir and agent.toml; the unit runs as it through a drop-in.
+AGENT_USER=$TETHER_AGENT_USER
+if [ -n "$AGENT_USER" ] && [ "$MODE" = systemd ]; then
+    case $AGENT_USER in *[!a-z0-9_-]*|[!a-z_]*) fail install "invalid agent user name" ;; esac
+    DROPIN="$ROOT/etc/systemd/system/tether-agent.service.d"
+    {
+        { getent group docker >/dev/null || groupadd --system docker; } &&
+            { id -u "$AGENT_USER" >/dev/null 2>&1 ||
+                useradd --system --user-group --home-dir "$STATE" --no-create-home \
+                    --shell /usr/sbin/nologin "$AGENT_USER"; } &&
+            usermod -a -G docker "$AGENT_USER" &&
+            chown "$AGENT_USER:" "$CONFIG" &&
+            chown -R "$AGENT_USER:" "$STATE" &&
+            mkdir -p "$DROPIN" &&
+            printf '[Service]\nUser=%s\nGroup=%s\nSupplementaryGroups=docker\n' \
+                "$AGENT_USER" "$AGENT_USER" >"$DROPIN/10-user.conf" &&
+            chmod 0644 "$DROPIN/10-user.conf"
+    } >"$WORK/user.err" 2>&1 ||
+        fail install "cannot set up the agent user $AGENT_USER: $(tail -n 1 "$WORK/user.err" 2>/dev/null)"
+    log "the agent runs as $AGENT_USER (group docker)"
+fi
+
+# 4. Start.
 if [ "$MODE" = systemd ]; then
     have systemctl || fail start "systemctl is not installed"
     { systemctl daemon-reload && systemctl enable --now tether-agent.service; } >"$WORK/start.err" 2>&1 ||

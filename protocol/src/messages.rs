@@ -84,6 +84,47 @@ pub enum ControlMessage {
     CancelCommand,
 }
 
+impl AgentMessage {
+    /// The variant's name, for logs and errors (never the contents, which
+    /// may hold tokens, keys or command output).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentMessage::Enroll(_) => "Enroll",
+            AgentMessage::Hello(_) => "Hello",
+            AgentMessage::Heartbeat(_) => "Heartbeat",
+            AgentMessage::RenewCertificate(_) => "RenewCertificate",
+            AgentMessage::MetricsBatch(_) => "MetricsBatch",
+            AgentMessage::HealthReport(_) => "HealthReport",
+            AgentMessage::HealthChecksConfigured(_) => "HealthChecksConfigured",
+            AgentMessage::CommandStarted { .. } => "CommandStarted",
+            AgentMessage::CommandOutput { .. } => "CommandOutput",
+            AgentMessage::CommandFinished(_) => "CommandFinished",
+        }
+    }
+}
+
+impl ControlMessage {
+    /// The variant's name, for logs and errors (never the contents, which
+    /// may hold certificates or command arguments).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ControlMessage::Enrolled(_) => "Enrolled",
+            ControlMessage::EnrollRejected(_) => "EnrollRejected",
+            ControlMessage::Welcome(_) => "Welcome",
+            ControlMessage::HelloRejected(_) => "HelloRejected",
+            ControlMessage::HeartbeatAck(_) => "HeartbeatAck",
+            ControlMessage::CertificateRenewed(_) => "CertificateRenewed",
+            ControlMessage::RenewalRejected(_) => "RenewalRejected",
+            ControlMessage::Ack(_) => "Ack",
+            ControlMessage::HealthAck { .. } => "HealthAck",
+            ControlMessage::ConfigureHealthChecks(_) => "ConfigureHealthChecks",
+            ControlMessage::RunHealthChecksNow => "RunHealthChecksNow",
+            ControlMessage::RunCommand(_) => "RunCommand",
+            ControlMessage::CancelCommand => "CancelCommand",
+        }
+    }
+}
+
 /// Facts about the host an agent runs on, sent at enrollment and at every
 /// session start so the inventory stays current.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -141,6 +182,13 @@ pub enum EnrollRejection {
     InvalidCsr(String),
     QuotaExceeded(String),
     Internal,
+    /// Too many failed enrollments from this source address lately: try
+    /// again after this many seconds.
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    /// The token's organization was deleted: its tokens no longer enroll.
+    OrganizationDeleted,
 }
 
 impl std::fmt::Display for EnrollRejection {
@@ -154,6 +202,13 @@ impl std::fmt::Display for EnrollRejection {
             Self::InvalidCsr(why) => write!(f, "certificate signing request is invalid: {why}"),
             Self::QuotaExceeded(why) => write!(f, "organization quota exceeded: {why}"),
             Self::Internal => f.write_str("control plane failed to process the enrollment"),
+            Self::RateLimited { retry_after_secs } => write!(
+                f,
+                "too many failed enrollments from this address; retry in {retry_after_secs} s"
+            ),
+            Self::OrganizationDeleted => {
+                f.write_str("the enrollment token's organization has been deleted")
+            }
         }
     }
 }

@@ -28,6 +28,8 @@ pub enum CloseCode {
     CertificateExpired = 6,
     /// A newer session of the same server took over.
     Superseded = 7,
+    /// The server's organization was deleted (its certificates revoked).
+    OrganizationDeleted = 8,
 }
 
 impl CloseCode {
@@ -47,6 +49,7 @@ impl CloseCode {
             5 => Self::ShuttingDown,
             6 => Self::CertificateExpired,
             7 => Self::Superseded,
+            8 => Self::OrganizationDeleted,
             _ => return None,
         })
     }
@@ -62,6 +65,7 @@ impl CloseCode {
             Self::ShuttingDown => "control plane shutting down",
             Self::CertificateExpired => "certificate expired",
             Self::Superseded => "superseded by a newer session",
+            Self::OrganizationDeleted => "the server's organization was deleted",
         }
     }
 }
@@ -150,14 +154,14 @@ impl Violation {
     }
 }
 
-/// Most [`MetricsBatch`](crate::MetricsBatch)es one metrics stream may carry.
+/// Most [`MetricsBatch`]es one metrics stream may carry.
 ///
 /// A metrics stream carries one batch, or — when an agent replays its
 /// spool — up to this many, in increasing `seq` order; the agent then
 /// finishes its side and the control plane answers one `Ack { seq }` per
 /// batch, in the same order, each once that batch is committed. One stream
 /// for many replayed batches saves a stream and its datagrams per report
-/// (docs/performance.md, *Replays on one stream*). A control plane that reads
+/// (docs/performance-log.md, *Replays on one stream*). A control plane that reads
 /// only the first batch acks only that one; the agent sends the others again.
 pub const MAX_BATCHES_PER_STREAM: usize = 16;
 

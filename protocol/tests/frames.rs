@@ -16,8 +16,9 @@ type ControlSide = FrameCodec<AgentMessage, ControlMessage>;
 type AgentSide = FrameCodec<ControlMessage, AgentMessage>;
 
 // ---------------------------------------------------------------------------
-// Sample messages. The `*_variant_name` functions match without a wildcard,
-// so adding a variant breaks this file until the samples cover it.
+// Sample messages. `AgentMessage::kind` and `ControlMessage::kind` match
+// without a wildcard and the variant counts below are checked against the
+// samples, so adding a variant breaks this file until the samples cover it.
 // ---------------------------------------------------------------------------
 
 fn facts() -> HostFacts {
@@ -35,39 +36,6 @@ fn facts() -> HostFacts {
 fn chain() -> CertificateChain {
     CertificateChain {
         certificates_der: vec![vec![0x30, 0x82, 0x01, 0x0a, 0xff], vec![], vec![0x30; 300]],
-    }
-}
-
-fn agent_variant_name(message: &AgentMessage) -> &'static str {
-    match message {
-        AgentMessage::Enroll(_) => "Enroll",
-        AgentMessage::Hello(_) => "Hello",
-        AgentMessage::Heartbeat(_) => "Heartbeat",
-        AgentMessage::RenewCertificate(_) => "RenewCertificate",
-        AgentMessage::MetricsBatch(_) => "MetricsBatch",
-        AgentMessage::HealthReport(_) => "HealthReport",
-        AgentMessage::HealthChecksConfigured(_) => "HealthChecksConfigured",
-        AgentMessage::CommandStarted { .. } => "CommandStarted",
-        AgentMessage::CommandOutput { .. } => "CommandOutput",
-        AgentMessage::CommandFinished(_) => "CommandFinished",
-    }
-}
-
-fn control_variant_name(message: &ControlMessage) -> &'static str {
-    match message {
-        ControlMessage::Enrolled(_) => "Enrolled",
-        ControlMessage::EnrollRejected(_) => "EnrollRejected",
-        ControlMessage::Welcome(_) => "Welcome",
-        ControlMessage::HelloRejected(_) => "HelloRejected",
-        ControlMessage::HeartbeatAck(_) => "HeartbeatAck",
-        ControlMessage::CertificateRenewed(_) => "CertificateRenewed",
-        ControlMessage::RenewalRejected(_) => "RenewalRejected",
-        ControlMessage::Ack(_) => "Ack",
-        ControlMessage::HealthAck { .. } => "HealthAck",
-        ControlMessage::ConfigureHealthChecks(_) => "ConfigureHealthChecks",
-        ControlMessage::RunHealthChecksNow => "RunHealthChecksNow",
-        ControlMessage::RunCommand(_) => "RunCommand",
-        ControlMessage::CancelCommand => "CancelCommand",
     }
 }
 
@@ -370,6 +338,10 @@ fn control_samples() -> Vec<ControlMessage> {
         EnrollRejection::InvalidCsr("key must be ECDSA P-256".into()),
         EnrollRejection::QuotaExceeded("org acme: 10 servers".into()),
         EnrollRejection::Internal,
+        EnrollRejection::RateLimited {
+            retry_after_secs: 42,
+        },
+        EnrollRejection::OrganizationDeleted,
     ] {
         samples.push(ControlMessage::EnrollRejected(rejection));
     }
@@ -442,11 +414,11 @@ fn decode_byte_at_a_time<In: serde::de::DeserializeOwned, Out>(
 
 #[test]
 fn samples_cover_every_message_variant() {
-    let mut agent: Vec<_> = agent_samples().iter().map(agent_variant_name).collect();
+    let mut agent: Vec<_> = agent_samples().iter().map(AgentMessage::kind).collect();
     agent.sort_unstable();
     agent.dedup();
     assert_eq!(agent.len(), AGENT_VARIANTS, "{agent:?}");
-    let mut control: Vec<_> = control_samples().iter().map(control_variant_name).collect();
+    let mut control: Vec<_> = control_samples().iter().map(ControlMessage::kind).collect();
     control.sort_unstable();
     control.dedup();
     assert_eq!(control.len(), CONTROL_VARIANTS, "{control:?}");
@@ -804,8 +776,8 @@ fn unknown_top_level_discriminant_is_unknown_variant() {
 
 #[test]
 fn unknown_nested_discriminant_is_unknown_variant() {
-    // EnrollRejected(<rejection #6>): EnrollRejection has 6 variants.
-    let err = decode_body::<ControlMessage>(&[1, 6]).unwrap_err();
+    // EnrollRejected(<rejection #8>): EnrollRejection has 8 variants.
+    let err = decode_body::<ControlMessage>(&[1, 8]).unwrap_err();
     assert!(matches!(err, FrameError::UnknownVariant), "{err:?}");
     // RenewalRejected(<rejection #3>).
     let err = decode_body::<ControlMessage>(&[6, 3]).unwrap_err();
@@ -1248,6 +1220,8 @@ fn control_message() -> impl Strategy<Value = ControlMessage> {
         small_string().prop_map(EnrollRejection::InvalidCsr),
         small_string().prop_map(EnrollRejection::QuotaExceeded),
         Just(EnrollRejection::Internal),
+        any::<u64>().prop_map(|retry_after_secs| EnrollRejection::RateLimited { retry_after_secs }),
+        Just(EnrollRejection::OrganizationDeleted),
     ];
     let renewal_rejection = prop_oneof![
         small_string().prop_map(RenewalRejection::InvalidCsr),
@@ -1676,14 +1650,11 @@ fn first_message_decides_the_stream_kind_or_the_violation_for_every_peer_and_var
             classify_first_message(*peer, first),
             *expected,
             "{peer:?} opening with {}",
-            agent_variant_name(first)
+            first.kind()
         );
     }
     // The table covers every variant for both peer kinds.
-    let mut covered: Vec<_> = table
-        .iter()
-        .map(|(_, m, _)| agent_variant_name(m))
-        .collect();
+    let mut covered: Vec<_> = table.iter().map(|(_, m, _)| m.kind()).collect();
     covered.sort_unstable();
     covered.dedup();
     assert_eq!(covered.len(), AGENT_VARIANTS);
@@ -1704,9 +1675,9 @@ fn control_plane_opens_streams_only_with_commands_and_health_configuration() {
             classify_control_opener(&message),
             expected,
             "control plane opening with {}",
-            control_variant_name(&message)
+            message.kind()
         );
-        covered.push(control_variant_name(&message));
+        covered.push(message.kind());
     }
     covered.sort_unstable();
     covered.dedup();
@@ -1773,6 +1744,7 @@ fn all_close_codes() -> Vec<CloseCode> {
         CloseCode::ShuttingDown,
         CloseCode::CertificateExpired,
         CloseCode::Superseded,
+        CloseCode::OrganizationDeleted,
     ];
     // Exhaustive: a new variant must be added to the list above.
     for code in &all {
@@ -1784,7 +1756,8 @@ fn all_close_codes() -> Vec<CloseCode> {
             | CloseCode::UnsupportedVersion
             | CloseCode::ShuttingDown
             | CloseCode::CertificateExpired
-            | CloseCode::Superseded => {}
+            | CloseCode::Superseded
+            | CloseCode::OrganizationDeleted => {}
         }
     }
     all
@@ -1804,14 +1777,14 @@ fn close_code_from_code_round_trips() {
 #[test]
 fn close_codes_keep_their_wire_values() {
     let wire: Vec<u32> = all_close_codes().into_iter().map(CloseCode::code).collect();
-    assert_eq!(wire, (0..8).collect::<Vec<u32>>());
+    assert_eq!(wire, (0..9).collect::<Vec<u32>>());
 }
 
 #[test]
 fn unknown_close_codes_map_to_none() {
     for code in [
-        8,
         9,
+        10,
         255,
         0x100,
         u64::from(u32::MAX),
@@ -1884,7 +1857,7 @@ fn metrics_stream_refuses_repeated_or_earlier_seqs_and_other_messages() {
     assert_eq!(rules.accept(batch_frame(9), 1_000).map(|b| b.seq), Ok(9));
     for message in agent_samples() {
         if !matches!(message, AgentMessage::MetricsBatch(_)) {
-            let name = agent_variant_name(&message);
+            let name = message.kind();
             assert_eq!(
                 rules.accept(message, 1_000),
                 Err(MetricsStreamViolation::NotABatch),

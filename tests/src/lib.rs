@@ -87,15 +87,30 @@ pub struct ControlPlane {
     pub ca_fingerprint: String,
     pub branch_id: String,
     extra_args: Vec<String>,
+    /// Whether it runs with `--enable-host-targets` (the default here).
+    host_targets: bool,
     child: Option<Child>,
     log_path: PathBuf,
     http: reqwest::Client,
 }
 
 impl ControlPlane {
-    /// Starts a control plane on loopback ports chosen by the OS.
+    /// Starts a control plane on loopback ports chosen by the OS, with the
+    /// host targets (`local`, `docker`) enabled, as the tests provision
+    /// through them.
     pub async fn start(data_dir: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
         Self::start_on(data_dir, "127.0.0.1:0", "127.0.0.1:0", extra_args).await
+    }
+
+    /// Like [`Self::start`] but without `--enable-host-targets`: the
+    /// operator's default.
+    pub async fn start_without_host_targets(
+        data_dir: &Path,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut cp = Self::new(data_dir, extra_args, false)?;
+        cp.spawn("127.0.0.1:0", "127.0.0.1:0").await?;
+        Ok(cp)
     }
 
     /// Starts a control plane listening on `api` and `quic` (e.g.
@@ -106,21 +121,26 @@ impl ControlPlane {
         quic: &str,
         extra_args: &[&str],
     ) -> anyhow::Result<Self> {
-        let mut cp = Self {
+        let mut cp = Self::new(data_dir, extra_args, true)?;
+        cp.spawn(api, quic).await?;
+        Ok(cp)
+    }
+
+    fn new(data_dir: &Path, extra_args: &[&str], host_targets: bool) -> anyhow::Result<Self> {
+        Ok(Self {
             data_dir: data_dir.to_path_buf(),
             api_url: String::new(),
             quic_addr: "127.0.0.1:0".parse()?,
             ca_fingerprint: String::new(),
             branch_id: String::new(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            host_targets,
             child: None,
             log_path: data_dir.join("control-plane.log"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()?,
-        };
-        cp.spawn(api, quic).await?;
-        Ok(cp)
+        })
     }
 
     async fn spawn(&mut self, api: &str, quic: &str) -> anyhow::Result<()> {
@@ -136,7 +156,9 @@ impl ControlPlane {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--api-listen", api, "--quic-listen", quic])
+            .args(self.host_targets.then_some("--enable-host-targets"))
             .args(&self.extra_args)
+            .env_remove("TETHER_ENABLE_HOST_TARGETS")
             .env("RUST_LOG", "info,tether_control_plane=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -612,6 +634,22 @@ pub async fn enrolled_running_agent(
     Ok((agent, server_id))
 }
 
+/// Enrolls a new agent whose local config (`<state dir>.toml`) is
+/// `config_toml`, starts it and waits until it is online; returns it with
+/// its server id.
+pub async fn online_agent_with_config(
+    cp: &ControlPlane,
+    dir: &Path,
+    name: &str,
+    config_toml: &str,
+) -> anyhow::Result<(Agent, String)> {
+    std::fs::write(dir.join(name).with_extension("toml"), config_toml)?;
+    let (agent, server_id) = enrolled_running_agent(cp, dir, name).await?;
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await?;
+    Ok((agent, server_id))
+}
+
 /// Docker helpers for tests that need real containers. Images are built
 /// locally from Debian's busybox-static (no registry is reachable).
 pub mod docker {
@@ -966,6 +1004,7 @@ pub mod docker {
                     .to_string(),
                 branch_id: info["branch_id"].as_str().context("branch_id")?.to_string(),
                 extra_args: Vec::new(),
+                host_targets: false,
                 child: None,
                 log_path,
                 http: reqwest::Client::builder()

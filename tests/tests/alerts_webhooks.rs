@@ -3,7 +3,9 @@
 //! reaches a real HTTP receiver, signed with the webhook's secret; a
 //! receiver that fails once gets a second attempt; webhook URLs of the
 //! control plane's own listeners are refused; the secret never leaves the
-//! control plane.
+//! control plane. Webhooks reach no loopback, private or metadata address
+//! unless the operator passes `--allow-private-webhooks`, neither when the
+//! webhook is created nor when it is delivered.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +20,8 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use tether_tests::{enrolled_running_agent, eventually, raw_points, ControlPlane};
 
-const FAST: &[&str] = &["--metrics-interval", "1s"];
+/// Receivers here listen on loopback: the operator's flag allows them.
+const FAST: &[&str] = &["--metrics-interval", "1s", "--allow-private-webhooks"];
 const SECRET: &str = "whsec-e2e-7f3a9c1d5b2e8f40";
 
 /// One request a receiver got.
@@ -438,7 +441,7 @@ async fn a_restarted_control_plane_does_not_page_again_for_a_firing_alert() {
 #[tokio::test]
 async fn webhook_and_rule_input_is_validated_and_needs_its_scope() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(&dir.path().join("cp"), &[])
+    let cp = ControlPlane::start(&dir.path().join("cp"), &["--allow-private-webhooks"])
         .await
         .unwrap();
     let (_receiver, url) = Receiver::start(0).await;
@@ -559,7 +562,13 @@ async fn two_replicas_page_once_and_send_each_delivery_once() {
     let url = fresh_database();
     let a = ControlPlane::start(
         &dir.path().join("a"),
-        &["--database-url", &url, "--metrics-interval", "1s"],
+        &[
+            "--database-url",
+            &url,
+            "--metrics-interval",
+            "1s",
+            "--allow-private-webhooks",
+        ],
     )
     .await
     .unwrap();
@@ -573,6 +582,7 @@ async fn two_replicas_page_once_and_send_each_delivery_once() {
             key.to_str().unwrap(),
             "--metrics-interval",
             "1s",
+            "--allow-private-webhooks",
         ],
     )
     .await
@@ -735,7 +745,13 @@ async fn a_sigkilled_agent_goes_offline_within_offline_after_and_fires_server_of
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(
         &dir.path().join("cp"),
-        &["--metrics-interval", "1s", "--offline-after", "3s"],
+        &[
+            "--metrics-interval",
+            "1s",
+            "--offline-after",
+            "3s",
+            "--allow-private-webhooks",
+        ],
     )
     .await
     .unwrap();
@@ -770,4 +786,152 @@ async fn a_sigkilled_agent_goes_offline_within_offline_after_and_fires_server_of
             .is_some_and(|r| !r.is_empty()),
         "{server}"
     );
+}
+
+/// `POST /webhooks` for `url` subscribed to `server.online`.
+async fn try_webhook(cp: &ControlPlane, url: &str) -> (StatusCode, Value) {
+    post(
+        cp,
+        "/api/v1/webhooks",
+        json!({ "url": url, "events": ["server.online"], "secret": SECRET }),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn webhooks_to_loopback_private_and_metadata_addresses_are_refused_and_reach_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), &["--metrics-interval", "1s"])
+        .await
+        .unwrap();
+    let (receiver, url) = Receiver::start(0).await;
+    let port = url
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches("/hook")
+        .to_string();
+    // None of these is ever connected to: the refusal comes from the
+    // address itself (literal, or what `localhost` resolves to).
+    for (target, reason) in [
+        (url.clone(), "loopback_address"),
+        (format!("http://localhost:{port}/hook"), "loopback_address"),
+        (
+            format!("http://[::ffff:127.0.0.1]:{port}/hook"),
+            "loopback_address",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            "metadata_address",
+        ),
+        ("http://[fd00:ec2::254]/".to_string(), "metadata_address"),
+        ("http://10.0.0.1/".to_string(), "private_address"),
+        ("http://192.168.1.1:8080/".to_string(), "private_address"),
+        ("http://100.64.0.1/".to_string(), "private_address"),
+        ("http://169.254.1.1/".to_string(), "link_local_address"),
+    ] {
+        let (status, answer) = try_webhook(&cp, &target).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{target}: {answer}"
+        );
+        assert_eq!(answer["error"], "validation_error", "{target}: {answer}");
+        assert_eq!(answer["field"], "url", "{target}: {answer}");
+        assert_eq!(answer["reason"], reason, "{target}: {answer}");
+    }
+    assert_eq!(
+        get(&cp, "/api/v1/webhooks").await["data"],
+        json!([]),
+        "no webhook was stored"
+    );
+
+    // An event happens; the loopback receiver hears nothing of it.
+    let (_agent, server_id) = enrolled_running_agent(&cp, dir.path(), "quiet")
+        .await
+        .unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(receiver.received().is_empty(), "the receiver got a request");
+    assert!(cp.log().contains("server.online"), "the event was emitted");
+}
+
+#[tokio::test]
+async fn a_receiver_accepted_at_creation_is_refused_at_delivery_once_its_address_is_not_allowed() {
+    // Created while private receivers were allowed; delivered after a
+    // restart without the flag: the name (`localhost`) is checked again at
+    // delivery, as a re-pointed DNS name would be, and nothing is sent.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cp");
+    let mut lenient = ControlPlane::start(&data, FAST).await.unwrap();
+    let (receiver, url) = Receiver::start(0).await;
+    let name_url = url.replace("127.0.0.1", "localhost");
+    let (status, webhook) = try_webhook(&lenient, &name_url).await;
+    assert_eq!(status, StatusCode::CREATED, "{webhook}");
+    let webhook_id = webhook["id"].as_str().unwrap().to_string();
+    lenient.stop(false);
+
+    let strict = ControlPlane::start(&data, &["--metrics-interval", "1s"])
+        .await
+        .unwrap();
+    let (_agent, _server_id) = enrolled_running_agent(&strict, dir.path(), "rebound")
+        .await
+        .unwrap();
+    let path = format!("/api/v1/webhooks/{webhook_id}/deliveries");
+    let delivery = eventually(Duration::from_secs(20), "a failed delivery", || async {
+        let page = get(&strict, &path).await;
+        Ok(page["data"]
+            .as_array()
+            .and_then(|d| d.first().cloned())
+            .filter(|d| d["status"] == "failed"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(delivery["event"], "server.online", "{delivery:#}");
+    let attempts = delivery["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "refused for good: {delivery:#}");
+    assert!(attempts[0]["status_code"].is_null(), "{delivery:#}");
+    assert!(delivery["last_status_code"].is_null(), "{delivery:#}");
+    let error = attempts[0]["error"].as_str().unwrap();
+    assert!(error.contains("loopback_address"), "{error}");
+    assert!(!error.contains("127.0.0.1"), "the reason is fixed: {error}");
+    assert!(receiver.received().is_empty(), "the receiver got a request");
+}
+
+#[tokio::test]
+async fn with_allow_private_webhooks_loopback_receivers_get_events_but_the_own_api_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), FAST)
+        .await
+        .unwrap();
+    let (receiver, url) = Receiver::start(0).await;
+    let (status, answer) = try_webhook(&cp, &url).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    for (target, reason) in [
+        (
+            format!("{}/api/v1/organizations", cp.api_url),
+            "own_listener",
+        ),
+        (
+            format!("http://localhost:{}/x", cp.quic_addr.port()),
+            "own_listener",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            "metadata_address",
+        ),
+    ] {
+        let (status, answer) = try_webhook(&cp, &target).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{target}: {answer}"
+        );
+        assert_eq!(answer["reason"], reason, "{target}: {answer}");
+    }
+    let (_agent, server_id) = enrolled_running_agent(&cp, dir.path(), "heard")
+        .await
+        .unwrap();
+    let event = signed_event(&receiver, "server.online", Duration::from_secs(20)).await;
+    assert_eq!(event["data"]["server_id"], server_id.as_str(), "{event:#}");
 }

@@ -2,7 +2,8 @@
 //! QUIC — round trip, timeout and cancel (the process is gone), the agent's
 //! allow list, fan-out by label, delivery to a server that connects later
 //! or never, bounded output, two replicas on PostgreSQL, and destroy refused
-//! while a command runs.
+//! while a command runs. A fan-out stores its argv, environment and stdin
+//! once, the latter two sealed, and argv stays out of info logs.
 //!
 //! The cross-replica test needs `TETHER_TEST_DATABASE_URL` (see
 //! `scripts/postgres.sh`); it fails without it, it never skips.
@@ -667,4 +668,375 @@ async fn destroying_a_deployment_is_refused_while_a_command_runs_unless_forced()
     let ended = finished(&cp, &id, Duration::from_secs(40)).await;
     assert_ne!(ended["status"], "succeeded", "{ended:#}");
     assert!(processes_mentioning("sleep 30.0305").is_empty());
+}
+
+/// Enrolls an agent whose agent.toml is `config`, starts it, waits until online.
+async fn configured_agent(
+    cp: &ControlPlane,
+    dir: &Path,
+    name: &str,
+    config: &str,
+) -> (Agent, String) {
+    let token = cp
+        .enrollment_token(json!({ "server_name": name }))
+        .await
+        .unwrap();
+    let mut agent = Agent::new(&dir.join(name));
+    let (ok, stderr) = agent.enroll(cp, token["token"].as_str().unwrap()).unwrap();
+    assert!(ok, "{stderr}");
+    std::fs::write(agent.state_dir.with_extension("toml"), config).unwrap();
+    agent.run().unwrap();
+    let server_id = agent.server_id().unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .unwrap();
+    (agent, server_id)
+}
+
+#[tokio::test]
+async fn a_command_setting_ld_preload_or_bash_env_is_refused_with_its_reason_and_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let (_agent, server_id) = online_agent(&cp, dir.path(), "preload-target").await;
+    let marker = dir.path().join("preloaded-program-ran");
+    for (name, argv) in [
+        ("LD_PRELOAD", json!(["touch", marker.to_str().unwrap()])),
+        (
+            "LD_LIBRARY_PATH",
+            json!(["touch", marker.to_str().unwrap()]),
+        ),
+        (
+            "BASH_ENV",
+            json!(["bash", "-c", format!("touch {}", marker.display())]),
+        ),
+    ] {
+        let id = run(
+            &cp,
+            &server_id,
+            json!({ "argv": argv, "env": { name: "/tmp/evil.so", "LANG": "C" }, "timeout_seconds": 5 }),
+        )
+        .await;
+        let done = finished(&cp, &id, Duration::from_secs(10)).await;
+        assert_eq!(done["status"], "refused", "{name}: {done:#}");
+        let reason = done["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with(&format!("forbidden_env: {name} ")),
+            "{name}: {done:#}"
+        );
+        assert_eq!(done["output"], "", "{done:#}");
+        assert!(!marker.exists(), "{name}: the program ran");
+    }
+    // The same command without the variable runs.
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["touch", marker.to_str().unwrap()], "env": { "LANG": "C" }, "timeout_seconds": 5 }),
+    )
+    .await;
+    assert_eq!(
+        finished(&cp, &id, Duration::from_secs(10)).await["status"],
+        "succeeded"
+    );
+    assert!(marker.exists());
+}
+
+#[tokio::test]
+async fn an_argv_pattern_allows_exactly_that_shell_command_and_refuses_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let (_agent, server_id) = configured_agent(
+        &cp,
+        dir.path(),
+        "pinned",
+        "[commands]\nallow = [[\"/bin/sh\", \"-c\", \"echo hi\"]]\n",
+    )
+    .await;
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["/bin/sh", "-c", "echo hi"], "timeout_seconds": 5 }),
+    )
+    .await;
+    let done = finished(&cp, &id, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["output"], "hi\n");
+
+    let marker = dir.path().join("shell-escaped");
+    for argv in [
+        json!(["/bin/sh", "-c", "id"]),
+        json!(["/bin/sh", "-c", format!("touch {}", marker.display())]),
+        json!(["/bin/sh", "-c", "echo hi", format!("{}", marker.display())]),
+        json!(["/bin/sh"]),
+    ] {
+        let id = run(
+            &cp,
+            &server_id,
+            json!({ "argv": argv, "timeout_seconds": 5 }),
+        )
+        .await;
+        let done = finished(&cp, &id, Duration::from_secs(10)).await;
+        assert_eq!(done["status"], "refused", "{argv}: {done:#}");
+        assert!(
+            done["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("not_allowed: "),
+            "{argv}: {done:#}"
+        );
+        assert_eq!(done["output"], "", "{done:#}");
+    }
+    assert!(!marker.exists());
+}
+
+#[tokio::test]
+async fn commands_run_as_the_configured_user() {
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test switches users: run it as root (CI does)");
+    }
+    let user = format!("tt{}", std::process::id());
+    let created = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+        ])
+        .arg(&user)
+        .status()
+        .expect("useradd");
+    assert!(created.success(), "useradd {user}");
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("userdel").arg(&self.0).status();
+        }
+    }
+    let _remove = Remove(user.clone());
+    let uid = std::process::Command::new("id")
+        .args(["-u", &user])
+        .output()
+        .unwrap();
+    let uid = String::from_utf8_lossy(&uid.stdout).trim().to_string();
+    assert_ne!(uid, "0");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let (_agent, server_id) = configured_agent(
+        &cp,
+        dir.path(),
+        "dropped",
+        &format!("[commands]\nrun_as = \"{user}\"\n"),
+    )
+    .await;
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["sh", "-c", "id -u; echo $USER"], "timeout_seconds": 5 }),
+    )
+    .await;
+    let done = finished(&cp, &id, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "succeeded", "{done:#}");
+    assert_eq!(done["output"], format!("{uid}\n{user}\n"), "{done:#}");
+    // Root's files are out of its reach.
+    let secret = dir.path().join("root-only");
+    std::fs::write(&secret, "root secret").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let id = run(
+        &cp,
+        &server_id,
+        json!({ "argv": ["cat", secret.to_str().unwrap()], "timeout_seconds": 5 }),
+    )
+    .await;
+    let done = finished(&cp, &id, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "failed", "{done:#}");
+    assert!(
+        !done["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("root secret"),
+        "{done:#}"
+    );
+}
+
+/// The answer of the `sqlite3` shell to `sql` on the control plane's database.
+fn sqlite(cp: &ControlPlane, sql: &str) -> String {
+    let output = std::process::Command::new("sqlite3")
+        .arg(cp.data_dir.join("tether.db"))
+        .arg(sql)
+        .output()
+        .expect("the sqlite3 shell must be installed");
+    assert!(
+        output.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// Lines of a log that mention `needle` at a level above debug.
+fn logged_above_debug(log: &str, needle: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| line.contains(needle))
+        .filter(|line| {
+            let level = line.split_whitespace().nth(1).unwrap_or_default();
+            !matches!(level, "DEBUG" | "TRACE")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_fan_out_stores_its_request_once_sealed_and_keeps_argv_out_of_info_logs() {
+    let argv_marker = "argv-marker-5d1e9";
+    let stdin_marker = "stdin-marker-8c2f4";
+    let env_marker = "env-marker-3b7a0";
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("cp")).await;
+    let mut agents = Vec::new();
+    for name in ["fan-a", "fan-b", "fan-c"] {
+        let token = cp
+            .enrollment_token(json!({ "server_name": name, "labels": { "role": "fan" } }))
+            .await
+            .unwrap();
+        let mut agent = Agent::new(&dir.path().join(name));
+        let (ok, stderr) = agent.enroll(&cp, token["token"].as_str().unwrap()).unwrap();
+        assert!(ok, "{stderr}");
+        agent.run().unwrap();
+        cp.wait_for_status(
+            &agent.server_id().unwrap(),
+            "online",
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap();
+        agents.push(agent);
+    }
+    // The program upper-cases stdin (so the output holds no stdin marker),
+    // proves it saw the environment value without printing it, then waits
+    // a little so the database can be read while every target runs.
+    let script = "tr a-z A-Z; case \"$FAN_SECRET\" in env-marker-*) echo env-ok;; esac; sleep 2";
+    let response = cp
+        .call(
+            &cp.admin_token(),
+            Method::POST,
+            "/api/v1/commands",
+            Some(&json!({
+                "selector": { "labels": { "role": "fan" } },
+                "argv": ["sh", "-c", script, argv_marker],
+                "env": { "FAN_SECRET": env_marker },
+                "stdin": format!("{stdin_marker}\n"),
+                "timeout_seconds": 20,
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 202, "{}", response.body);
+    let ids: Vec<String> = response.body["command_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|id| id.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3, "{}", response.body);
+
+    let check_database = |when: &str| {
+        assert_eq!(
+            sqlite(&cp, "SELECT COUNT(*) FROM command_requests"),
+            "1",
+            "{when}: one request for the fan-out"
+        );
+        assert_eq!(
+            sqlite(
+                &cp,
+                "SELECT COUNT(*) || ' ' || COUNT(DISTINCT request_id) FROM commands"
+            ),
+            "3 1",
+            "{when}: three commands, all of the one request"
+        );
+        let columns = sqlite(
+            &cp,
+            "SELECT group_concat(name, ' ') FROM pragma_table_info('commands')",
+        );
+        for copy in ["argv", "stdin", "env_sealed"] {
+            assert!(
+                !columns.split(' ').any(|c| c == copy),
+                "{when}: commands keep a copy ({columns})"
+            );
+        }
+        let bytes = data_dir_bytes(&cp.data_dir);
+        assert!(
+            !contains(&bytes, stdin_marker),
+            "{when}: stdin in clear in the database"
+        );
+        assert!(
+            !contains(&bytes, env_marker),
+            "{when}: env in clear in the database"
+        );
+        assert!(
+            contains(&bytes, argv_marker),
+            "{when}: argv is kept (the API shows it)"
+        );
+    };
+    eventually(Duration::from_secs(15), "every target running", || async {
+        let mut running = 0;
+        for id in &ids {
+            if cp.command(id).await?["status"] == "running" {
+                running += 1;
+            }
+        }
+        Ok((running == ids.len()).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        sqlite(
+            &cp,
+            "SELECT (env_sealed IS NOT NULL) || (stdin_sealed IS NOT NULL) FROM command_requests"
+        ),
+        "11",
+        "sealed while the targets run"
+    );
+    check_database("while running");
+
+    for id in &ids {
+        let done = finished(&cp, id, Duration::from_secs(20)).await;
+        assert_eq!(done["status"], "succeeded", "{done:#}");
+        assert_eq!(done["output"], "STDIN-MARKER-8C2F4\nenv-ok\n", "{done:#}");
+        assert_eq!(
+            done["argv"],
+            json!(["sh", "-c", script, argv_marker]),
+            "{done:#}"
+        );
+    }
+    assert_eq!(
+        sqlite(
+            &cp,
+            "SELECT (env_sealed IS NULL) || (stdin_sealed IS NULL) FROM command_requests"
+        ),
+        "11",
+        "cleared once every target ended"
+    );
+    check_database("after the end");
+
+    let log = cp.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(argv_marker) && l.contains("DEBUG")),
+        "argv is logged at debug (the check below reads the right log)"
+    );
+    let leaked = logged_above_debug(&log, argv_marker);
+    assert!(
+        leaked.is_empty(),
+        "argv at info in the control plane log: {leaked:#?}"
+    );
+    for agent in &agents {
+        let leaked = logged_above_debug(&agent.log(), argv_marker);
+        assert!(
+            leaked.is_empty(),
+            "argv at info in an agent log: {leaked:#?}"
+        );
+    }
+    for secret in [stdin_marker, env_marker] {
+        assert!(!log.contains(secret), "{secret} in the control plane log");
+    }
 }

@@ -18,15 +18,13 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use reqwest::Method;
 use serde_json::{json, Value};
-use tether_certs::{AgentKey, BranchIdentity, CaFingerprint, CertificateAuthority};
+use tether_certs::AgentKey;
 use tether_control_plane::federation::keys;
-use tether_protocol::{
-    BranchCall, BranchRequest, BranchResponse, JoinRequest, RefusalCode, RelayedCommand,
-    VerificationKey,
-};
+use tether_protocol::{BranchCall, BranchResponse, RefusalCode, RelayedCommand};
 use tether_tests::{enrolled_running_agent, eventually, ControlPlane};
 
-type ClientStream = tether_transport::FramedStream<BranchResponse, BranchRequest>;
+mod fake_branch;
+use fake_branch::FakePeer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and_unpeer_on_both_sides(
@@ -205,114 +203,6 @@ async fn two_branches_peer_share_inventory_relay_a_command_survive_a_restart_and
             .any(|s| s["id"] == server_id.as_str()),
         "remote servers outlived the peering"
     );
-}
-
-/// A branch played by the test: its own CA, JWT key and certificate from B.
-struct FakePeer {
-    id: uuid::Uuid,
-    key: keys::GeneratedKey,
-    organization_id: String,
-    connection: quinn::Connection,
-    _endpoint: quinn::Endpoint,
-    pin: CaFingerprint,
-    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
-    client_key_pem: String,
-}
-
-impl FakePeer {
-    async fn join(b: &ControlPlane, invite_text: &str) -> Self {
-        let invite = tether_control_plane::federation::invite::Invite::decode(invite_text).unwrap();
-        let pin: CaFingerprint = invite.ca_fingerprint.parse().unwrap();
-        let id = uuid::Uuid::now_v7();
-        let ca = CertificateAuthority::generate("fake").unwrap();
-        let key = keys::generate_key().unwrap();
-        let client_key = AgentKey::generate().unwrap();
-        let tls = tether_certs::branch_client_config(pin, None).unwrap();
-        let endpoint = tether_transport::client_endpoint(b.quic_addr, tls).unwrap();
-        let connection = tether_transport::connect_control_plane(&endpoint, b.quic_addr)
-            .await
-            .unwrap();
-        let mut stream = ClientStream::open(&connection).await.unwrap();
-        let joined = stream
-            .request(&BranchRequest::Join(JoinRequest {
-                invite_id: invite.id.to_string(),
-                secret: invite.secret.clone(),
-                branch_id: id.to_string(),
-                name: "fake".into(),
-                address: "127.0.0.1:9".into(),
-                ca_cert_pem: ca.cert_pem().to_string(),
-                keys: vec![VerificationKey {
-                    kid: "k1".into(),
-                    x: key.x.clone(),
-                    y: key.y.clone(),
-                    not_after: None,
-                }],
-                csr_der: client_key.csr_der("fake").unwrap(),
-                scopes: vec!["servers:read".into()],
-                organization_id: uuid::Uuid::now_v7().to_string(),
-            }))
-            .await
-            .unwrap();
-        let BranchResponse::Joined(accepted) = joined else {
-            panic!("join refused: {joined:?}");
-        };
-        let for_b = ca
-            .sign_branch_csr(
-                &accepted.csr_der,
-                &BranchIdentity::new(id.to_string(), b.branch_id.clone()),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
-        let done = stream
-            .request(&BranchRequest::JoinCertificate {
-                certificate_chain: vec![for_b.to_vec(), ca.cert_der().to_vec()],
-            })
-            .await
-            .unwrap();
-        assert_eq!(done, BranchResponse::JoinCompleted);
-        connection.close(0u32.into(), b"done");
-        let chain: Vec<rustls_pki_types::CertificateDer<'static>> = accepted
-            .certificate_chain
-            .iter()
-            .map(|der| rustls_pki_types::CertificateDer::from(der.clone()))
-            .collect();
-        let tls = tether_certs::branch_client_config(
-            pin,
-            Some((chain.clone(), client_key.private_key_der())),
-        )
-        .unwrap();
-        let endpoint = tether_transport::client_endpoint(b.quic_addr, tls).unwrap();
-        let connection = tether_transport::connect_control_plane(&endpoint, b.quic_addr)
-            .await
-            .unwrap();
-        Self {
-            id,
-            key,
-            organization_id: accepted.organization_id,
-            connection,
-            _endpoint: endpoint,
-            pin,
-            chain,
-            client_key_pem: client_key.to_pem(),
-        }
-    }
-
-    fn claims(&self, b: &ControlPlane, scopes: &[&str]) -> keys::BranchClaims {
-        keys::claims_for(
-            self.id,
-            b.branch_id.parse().unwrap(),
-            &self.organization_id,
-            &scopes.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        )
-    }
-
-    async fn call(&self, token: String, call: BranchCall) -> BranchResponse {
-        let mut stream = ClientStream::open(&self.connection).await.unwrap();
-        stream
-            .request(&BranchRequest::Call { token, call })
-            .await
-            .unwrap()
-    }
 }
 
 fn refusal(answer: &BranchResponse) -> (RefusalCode, String) {

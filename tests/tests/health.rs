@@ -534,25 +534,15 @@ async fn a_check_the_agent_refuses_shows_as_rejected_with_the_agents_reason() {
     let cp = ControlPlane::start(&dir.path().join("cp"), FAST)
         .await
         .unwrap();
-    let token = cp
-        .enrollment_token(json!({ "server_name": "locked-down" }))
-        .await
-        .unwrap();
-    let state_dir = dir.path().join("locked-down");
     // The agent's local policy forbids commands, so exec checks too.
-    std::fs::write(
-        state_dir.with_extension("toml"),
+    let (_agent, server_id) = tether_tests::online_agent_with_config(
+        &cp,
+        dir.path(),
+        "locked-down",
         "[commands]\nenabled = false\n",
     )
+    .await
     .unwrap();
-    let mut agent = tether_tests::Agent::new(&state_dir);
-    let (ok, stderr) = agent.enroll(&cp, token["token"].as_str().unwrap()).unwrap();
-    assert!(ok, "{stderr}");
-    let server_id = agent.server_id().unwrap();
-    agent.run().unwrap();
-    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
-        .await
-        .unwrap();
 
     let check = create_check(
         &cp,
@@ -577,5 +567,357 @@ async fn a_check_the_agent_refuses_shows_as_rejected_with_the_agents_reason() {
             .unwrap()
             .starts_with("the agent refused this check: "),
         "{refused}"
+    );
+}
+
+/// The root organization's id, as the admin token sees it.
+async fn root_organization(cp: &ControlPlane) -> String {
+    let list = cp
+        .call(
+            &cp.admin_token(),
+            Method::GET,
+            "/api/v1/organizations",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(list.status, 200, "{list:?}");
+    list.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["parent_id"].is_null())
+        .expect("root organization")["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Ids of every health check the admin sees.
+async fn check_ids(cp: &ControlPlane) -> Vec<String> {
+    let listed = cp
+        .call(
+            &cp.admin_token(),
+            Method::GET,
+            "/api/v1/health-checks",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.status, 200, "{listed:?}");
+    listed.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn assert_needs_commands_run(response: &tether_tests::ApiResponse, what: &str) {
+    assert_eq!(response.status, 403, "{what}: {response:?}");
+    assert_eq!(response.body["error"], "forbidden", "{what}: {response:?}");
+    assert_eq!(
+        response.body["required_scope"], "commands:run",
+        "{what}: {response:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_exec_check_needs_commands_run_and_its_audit_entry_records_its_argv() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), FAST)
+        .await
+        .unwrap();
+    let (_agent, server_id) = enrolled_running_agent(&cp, dir.path(), "exec-host")
+        .await
+        .unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .unwrap();
+    let root = root_organization(&cp).await;
+    let (_, writer) = cp
+        .create_token(&cp.admin_token(), &root, &["servers:read", "servers:write"])
+        .await
+        .unwrap();
+    let marker = dir.path().join("exec-check-ran");
+    let exec = json!({
+        "name": "who am i",
+        "kind": "exec",
+        "spec": { "argv": ["touch", marker.to_str().unwrap()] },
+        "interval_seconds": 1,
+    });
+
+    // servers:write alone cannot create an exec check: nothing is stored,
+    // nothing runs on the agent.
+    let created = cp
+        .call(&writer, Method::POST, "/api/v1/health-checks", Some(&exec))
+        .await
+        .unwrap();
+    assert_needs_commands_run(&created, "servers:write creating an exec check");
+    assert!(check_ids(&cp).await.is_empty());
+
+    // Nor turn a tcp check into one, nor change an existing exec check.
+    let tcp = create_check(
+        &cp,
+        json!({ "name": "tcp", "kind": "tcp", "spec": { "address": "127.0.0.1:9" } }),
+    )
+    .await;
+    let tcp_id = tcp["id"].as_str().unwrap();
+    let turned = cp
+        .call(
+            &writer,
+            Method::PATCH,
+            &format!("/api/v1/health-checks/{tcp_id}"),
+            Some(&json!({ "kind": "exec", "spec": exec["spec"] })),
+        )
+        .await
+        .unwrap();
+    assert_needs_commands_run(&turned, "servers:write turning a check into exec");
+    let harmless = create_check(
+        &cp,
+        json!({ "name": "true", "kind": "exec", "spec": { "argv": ["true"] }, "interval_seconds": 1 }),
+    )
+    .await;
+    let harmless_id = harmless["id"].as_str().unwrap();
+    let changed = cp
+        .call(
+            &writer,
+            Method::PATCH,
+            &format!("/api/v1/health-checks/{harmless_id}"),
+            Some(&json!({ "spec": exec["spec"] })),
+        )
+        .await
+        .unwrap();
+    assert_needs_commands_run(&changed, "servers:write changing an exec check's argv");
+    let stored = cp
+        .call(
+            &cp.admin_token(),
+            Method::GET,
+            &format!("/api/v1/health-checks/{harmless_id}"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.body["spec"]["argv"], json!(["true"]), "{stored:?}");
+    let stored = cp
+        .call(
+            &cp.admin_token(),
+            Method::GET,
+            &format!("/api/v1/health-checks/{tcp_id}"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.body["kind"], "tcp", "{stored:?}");
+    // The harmless check runs (so the agent is taking checks), the other
+    // argv never ran.
+    wait_for_check(
+        &cp,
+        &server_id,
+        harmless_id,
+        "passing",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(!marker.exists(), "the refused exec check ran");
+
+    // The audit entries of the checks that were created record the argv.
+    let audit = cp
+        .call(
+            &cp.admin_token(),
+            Method::GET,
+            "/api/v1/audit-log?action=health_check.create",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit.status, 200, "{audit:?}");
+    let entry = audit.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["target"] == harmless_id)
+        .unwrap_or_else(|| panic!("no audit entry for {harmless_id}: {audit:?}"));
+    assert_eq!(entry["detail"]["argv"], json!(["true"]), "{entry}");
+    assert_eq!(entry["detail"]["kind"], "exec", "{entry}");
+}
+
+/// A loopback HTTP server answering 500 with `body`.
+async fn secret_server(body: &'static str) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 500 {body}\r\nX-Secret: {body}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn an_http_check_result_never_carries_the_targets_body() {
+    const SECRET: &str = "AKIA-TETHER-SECRET-9f1c";
+    let (port, server) = secret_server(SECRET).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), FAST)
+        .await
+        .unwrap();
+    let (_agent, server_id) = enrolled_running_agent(&cp, dir.path(), "reader")
+        .await
+        .unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .unwrap();
+    let status_check = create_check(
+        &cp,
+        json!({
+            "name": "status", "kind": "http",
+            "spec": { "url": format!("http://127.0.0.1:{port}/latest/meta-data/iam") },
+            "interval_seconds": 1, "retries": 1,
+        }),
+    )
+    .await;
+    let body_check = create_check(
+        &cp,
+        json!({
+            "name": "body", "kind": "http",
+            "spec": { "url": format!("http://127.0.0.1:{port}/"), "expected_status": 500, "body_contains": "nope" },
+            "interval_seconds": 1, "retries": 1,
+        }),
+    )
+    .await;
+    let status_id = status_check["id"].as_str().unwrap();
+    let body_id = body_check["id"].as_str().unwrap();
+    wait_for_check(
+        &cp,
+        &server_id,
+        status_id,
+        "failing",
+        Duration::from_secs(20),
+    )
+    .await;
+    let body = wait_for_check(&cp, &server_id, body_id, "failing", Duration::from_secs(20)).await;
+    let message = check_of(&body, status_id).unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("HTTP 500 in ") && message.contains(" ms (expected 2xx)"),
+        "status, latency and a fixed reason: {message}"
+    );
+    let message = check_of(&body, body_id).unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("do not contain the expected text"),
+        "{message}"
+    );
+    // Nothing the target sent reaches the API answer.
+    let raw = cp
+        .request(Method::GET, &format!("/api/v1/servers/{server_id}/health"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!raw.contains(SECRET), "the secret leaked: {raw}");
+    assert!(!raw.contains("AKIA"), "part of the secret leaked: {raw}");
+    server.abort();
+}
+
+#[tokio::test]
+async fn checks_aimed_at_cloud_metadata_are_refused_by_the_agent_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), FAST)
+        .await
+        .unwrap();
+    let (_agent, server_id) = enrolled_running_agent(&cp, dir.path(), "cloud-vm")
+        .await
+        .unwrap();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(15))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for (kind, spec) in [
+        (
+            "http",
+            json!({ "url": "http://169.254.169.254/latest/meta-data/iam/security-credentials/" }),
+        ),
+        (
+            "http",
+            json!({ "url": "http://metadata.google.internal/computeMetadata/v1/" }),
+        ),
+        (
+            "http",
+            json!({ "url": "http://[fd00:ec2::254]/latest/meta-data/" }),
+        ),
+        ("tcp", json!({ "address": "169.254.169.254:80" })),
+        ("tcp", json!({ "address": "[fe80::1]:22" })),
+    ] {
+        let check = create_check(
+            &cp,
+            json!({ "name": format!("{kind} metadata"), "kind": kind, "spec": spec, "interval_seconds": 1 }),
+        )
+        .await;
+        ids.push(check["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let body = wait_for_check(&cp, &server_id, id, "rejected", Duration::from_secs(20)).await;
+        let message = check_of(&body, id).unwrap()["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("the agent refused this check: refused_target: "),
+            "{message}"
+        );
+        assert!(message.contains("allow_metadata_targets"), "{message}");
+    }
+}
+
+#[tokio::test]
+async fn an_exec_check_runs_as_the_agents_run_as_user() {
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test switches users: run it as root (CI does)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(&dir.path().join("cp"), FAST)
+        .await
+        .unwrap();
+    let (_agent, server_id) = tether_tests::online_agent_with_config(
+        &cp,
+        dir.path(),
+        "unprivileged",
+        "[commands]\nrun_as = \"nobody\"\n",
+    )
+    .await
+    .unwrap();
+    let check = create_check(
+        &cp,
+        json!({ "name": "uid", "kind": "exec", "spec": { "argv": ["id", "-u"] }, "interval_seconds": 1 }),
+    )
+    .await;
+    let id = check["id"].as_str().unwrap();
+    let body = wait_for_check(&cp, &server_id, id, "passing", Duration::from_secs(20)).await;
+    let nobody = std::process::Command::new("id")
+        .args(["-u", "nobody"])
+        .output()
+        .unwrap();
+    let nobody = String::from_utf8_lossy(&nobody.stdout).trim().to_string();
+    assert_ne!(nobody, "0");
+    assert_eq!(
+        check_of(&body, id).unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .trim(),
+        nobody
     );
 }

@@ -4,7 +4,8 @@
 //! a real agent that enrolls with the deployment's token and reports, and a
 //! destroy removes the process, the server and the state. Failures (a
 //! template error, a quota, a control plane killed mid-apply) leave nothing
-//! running.
+//! running. The harness enables the host targets (`--enable-host-targets`);
+//! tenant_provisioning.rs proves who may use them and with what.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -240,7 +241,8 @@ async fn sse_event_names(cp: &ControlPlane, id: &str) -> anyhow::Result<Vec<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_deployment_comes_online_reports_and_destroy_removes_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cp = start(dir.path(), &[]).await;
+    // The webhook receiver listens on loopback.
+    let cp = start(dir.path(), &["--allow-private-webhooks"]).await;
     let admin = cp.admin_token();
     let (deliveries, hook) = webhook_receiver().await;
     let webhook = cp
@@ -409,7 +411,8 @@ async fn a_template_failure_fails_with_terraforms_diagnostic_and_leaves_nothing_
     let dir = tempfile::tempdir().expect("tempdir");
     let cp = start(dir.path(), &[]).await;
     let mut request = local_request("broken");
-    request["terraform_variables"] = json!({ "no_such_input": 1 });
+    // A variable callers may set, of a type the module refuses.
+    request["terraform_variables"] = json!({ "stop_timeout_seconds": { "not": "a number" } });
     let (status, accepted) = provision(&cp, &cp.admin_token(), request).await;
     assert_eq!(status, 202, "{accepted}");
     let id = accepted["deployment_id"].as_str().expect("id").to_string();
@@ -417,7 +420,8 @@ async fn a_template_failure_fails_with_terraforms_diagnostic_and_leaves_nothing_
     assert_eq!(failed["status"], "failed", "{failed:#}");
     let error = failed["error_message"].as_str().expect("error_message");
     assert!(
-        error.contains("Unsupported argument") && error.contains("no_such_input"),
+        error.contains("Invalid value for input variable")
+            && error.contains("stop_timeout_seconds"),
         "terraform's diagnostic expected: {error}"
     );
     assert!(failed["state_lock"].is_null());
@@ -430,7 +434,7 @@ async fn a_template_failure_fails_with_terraforms_diagnostic_and_leaves_nothing_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_quota_of_one_server_the_next_provision_is_refused() {
+async fn with_a_quota_of_one_server_a_full_organizations_next_provision_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cp = start(dir.path(), &[]).await;
     let admin = cp.admin_token();
@@ -442,6 +446,21 @@ async fn with_a_quota_of_one_server_the_next_provision_is_refused() {
         .await
         .expect("organization");
     let org_id = org["id"].as_str().expect("org id");
+    let credential = cp
+        .call(
+            &admin,
+            Method::POST,
+            "/api/v1/cloud-providers",
+            Some(&json!({
+                "name": "team-hetzner",
+                "provider": "hetzner",
+                "credentials": { "token": "hcloud-quota-test-0123456789" },
+                "organization_id": org_id,
+            })),
+        )
+        .await
+        .expect("create credential");
+    assert_eq!(credential.status, 201, "{}", credential.body);
     let (_, token) = cp
         .create_token(
             &admin,
@@ -450,43 +469,37 @@ async fn with_a_quota_of_one_server_the_next_provision_is_refused() {
         )
         .await
         .expect("token");
-    let (status, first) = provision(&cp, &token, local_request("one")).await;
-    assert_eq!(status, 202, "{first}");
-    let id = first["deployment_id"].as_str().expect("id").to_string();
-    // Refused while the first is still on its way, and after it completed.
-    let (status, refused) = provision(&cp, &token, local_request("two")).await;
-    assert_eq!(status, 403, "{refused}");
-    assert_eq!(refused["error"], "quota_exceeded");
-    let done = wait_for(&cp, &id, &["completed", "failed"]).await;
-    assert_eq!(done["status"], "completed", "{done:#}");
-    let (status, refused) = provision(&cp, &token, local_request("two")).await;
-    assert_eq!(status, 403, "{refused}");
-    assert_eq!(refused["error"], "quota_exceeded");
+    // The organization's one server: an agent enrolled into it.
+    let enrollment = cp
+        .enrollment_token(json!({ "server_name": "occupant", "organization_id": org_id }))
+        .await
+        .expect("enrollment token");
+    let agent = tether_tests::Agent::new(&dir.path().join("occupant"));
+    let (enrolled, stderr) = agent
+        .enroll(&cp, enrollment["token"].as_str().expect("token"))
+        .expect("enroll");
+    assert!(enrolled, "{stderr}");
 
-    // A token without infrastructure:destroy cannot destroy; the admin can.
-    let response = cp
+    let request = json!({
+        "provider": "hetzner",
+        "region": "fsn1",
+        "instance_type": "cx22",
+        "server_name": "two",
+        "cloud_provider_credential_id": credential.body["id"],
+    });
+    let (status, refused) = provision(&cp, &token, request).await;
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["error"], "quota_exceeded");
+    let listed = cp
         .call(
-            &token,
-            Method::DELETE,
-            &format!("/api/v1/infrastructure/deployments/{id}"),
+            &admin,
+            Method::GET,
+            "/api/v1/infrastructure/deployments",
             None,
         )
         .await
-        .expect("destroy");
-    assert_eq!(response.status, 403, "{}", response.body);
-    let response = cp
-        .call(
-            &admin,
-            Method::DELETE,
-            &format!("/api/v1/infrastructure/deployments/{id}"),
-            Some(&json!({ "force": false })),
-        )
-        .await
-        .expect("destroy");
-    assert_eq!(response.status, 202, "{}", response.body);
-    let destroyed = wait_for(&cp, &id, &["destroyed", "failed"]).await;
-    assert_eq!(destroyed["status"], "destroyed", "{destroyed:#}");
-    assert!(agents_of(&cp, &id).is_empty());
+        .expect("list");
+    assert_eq!(listed.body["data"], json!([]), "no deployment queued");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -682,6 +695,28 @@ async fn the_state_backend_needs_the_deployments_credentials_and_reports_the_loc
     let done = wait_for(&cp, &id, &["completed", "failed"]).await;
     assert_eq!(done["status"], "completed", "{done:#}");
 
+    // A token without infrastructure:destroy cannot destroy.
+    let root_id = done["organization_id"].as_str().expect("organization id");
+    let (_, provisioner) = cp
+        .create_token(
+            &cp.admin_token(),
+            root_id,
+            &["infrastructure:provision", "servers:read"],
+        )
+        .await
+        .expect("token");
+    let response = cp
+        .call(
+            &provisioner,
+            Method::DELETE,
+            &format!("/api/v1/infrastructure/deployments/{id}"),
+            None,
+        )
+        .await
+        .expect("destroy");
+    assert_eq!(response.status, 403, "{}", response.body);
+    assert_eq!(deployment(&cp, &id).await["status"], "completed");
+
     // An admin can force-unlock; a LOCK held by a dead run is then gone.
     let unlocked = cp
         .call(
@@ -744,10 +779,6 @@ async fn docker_deployment_runs_its_agent_in_a_container_and_destroy_removes_it(
         "region": "local",
         "instance_type": "container",
         "server_name": name,
-        "terraform_variables": {
-            "docker_network": "tether-prov-test",
-            "docker_subnet": "172.31.241.0/24",
-        },
     });
     let (status, body) = provision(&loopback, &loopback.admin_token(), request.clone()).await;
     assert_eq!(status, 422, "{body}");
@@ -776,7 +807,8 @@ async fn docker_deployment_runs_its_agent_in_a_container_and_destroy_removes_it(
     let done = wait_for(&cp, &id, &["completed", "failed"]).await;
     assert_eq!(done["status"], "completed", "{done:#}\n{}", cp.log());
     let server_ip = done["server_ip"].as_str().expect("server_ip");
-    assert!(server_ip.starts_with("172.31.241."), "{done:#}");
+    // The module's network and subnet: callers cannot choose them.
+    assert!(server_ip.starts_with("172.31.250."), "{done:#}");
     assert_eq!(containers_named(name), [format!("tether-{name}")]);
     let server_id = done["server_id"].as_str().expect("server id").to_string();
     cp.wait_for_status(&server_id, "online", Duration::from_secs(10))

@@ -138,6 +138,7 @@ fn params(api_url: &str, deployment_id: &str, checksums: Vec<AgentChecksum>) -> 
         token: AWKWARD_TOKEN.to_string(),
         deployment_id: deployment_id.to_string(),
         agent_checksums: checksums,
+        agent_user: None,
     }
 }
 
@@ -188,6 +189,26 @@ fn rendered_user_data_passes_cloud_init_schema_for_every_target() {
         );
         assert!(!report.contains(MARKER), "cloud-init printed the token");
     }
+    // With a dedicated agent user too.
+    let mut with_user = params(
+        "https://tether.example.com:8443/",
+        "d-user",
+        sample_checksums(),
+    );
+    with_user.agent_user = Some("tether".into());
+    let user_data = render_user_data(&with_user).expect("render user-data");
+    assert!(user_data.contains("TETHER_AGENT_USER='tether'"));
+    assert!(user_data.len() <= USER_DATA_MAX_BYTES);
+    let file = dir.path().join("with-user.yaml");
+    std::fs::write(&file, &user_data).expect("write user-data");
+    let mut command = Command::new(&cloud_init);
+    command.args(["schema", "--config-file"]).arg(&file);
+    let output = run(command, Duration::from_secs(120));
+    let report = text(&output);
+    assert!(
+        output.status.success() && report.contains("Valid cloud-config"),
+        "cloud-init schema refused the user-data with an agent user:\n{report}"
+    );
 }
 
 /// Decodes the user-data with terraform's own `yamldecode` (what the local
@@ -942,5 +963,105 @@ fn docker_module_boots_an_agent_in_its_own_container_and_destroy_removes_it() {
             .status
             .success(),
         "the network is removed with its last container"
+    );
+}
+
+/// `bootstrap.sh --mode systemd` with `TETHER_AGENT_USER`, on this machine
+/// (as root, the way cloud-init runs it) under a scratch root, with a
+/// `systemctl` that only records its arguments: the user exists, is in the
+/// docker group, owns the state dir and agent.toml, and the unit's drop-in
+/// runs the agent as it.
+#[test]
+fn bootstrap_installs_the_agent_under_a_dedicated_user_in_the_docker_group() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test creates a user: run it as root (CI does)"
+    );
+    let user = format!("tta{}", std::process::id());
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = Command::new("userdel").arg(&self.0).output();
+        }
+    }
+    let _remove = Remove(user.clone());
+    let api = FakeApi::start(FAKE_AGENT.as_bytes().to_vec());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let state = root.join("var/lib/tether");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::create_dir_all(root.join("etc/tether")).unwrap();
+    std::fs::write(root.join("etc/tether/agent.toml"), "# test\n").unwrap();
+    let sum = AgentChecksum::of_binary("linux", "amd64", FAKE_AGENT.as_bytes()).sha256_hex;
+    std::fs::write(
+        state.join("bootstrap.env"),
+        format!(
+            "TETHER_API_URL='{}'\nTETHER_AGENT_SHA256='linux/amd64={sum} linux/arm64={sum}'\nTETHER_REPORT_FIELDS='\"deployment_id\":\"d-user\",\"token\":\"t\"'\nTETHER_AGENT_USER='{user}'\n",
+            api.url
+        ),
+    )
+    .unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = dir.path().join("systemctl.calls");
+    std::fs::write(
+        bin.join("systemctl"),
+        format!("#!/bin/sh\necho \"$*\" >>'{}'\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        bin.join("systemctl"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut command = Command::new("sh");
+    command
+        .arg(repo_root().join("packaging/bootstrap/bootstrap.sh"))
+        .arg("--root")
+        .arg(&root)
+        .args(["--mode", "systemd"])
+        .env("PATH", path);
+    let output = run(command, Duration::from_secs(60));
+    assert!(output.status.success(), "bootstrap.sh: {}", text(&output));
+
+    let groups = Command::new("id").args(["-nG", &user]).output().unwrap();
+    let groups = String::from_utf8_lossy(&groups.stdout).to_string();
+    assert!(
+        groups.split_whitespace().any(|g| g == "docker"),
+        "{user} is in the docker group: {groups}"
+    );
+    let uid = Command::new("id").args(["-u", &user]).output().unwrap();
+    let uid: u32 = String::from_utf8_lossy(&uid.stdout).trim().parse().unwrap();
+    assert_ne!(uid, 0);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&state).unwrap().uid(), uid);
+    assert_eq!(
+        std::fs::metadata(root.join("etc/tether/agent.toml"))
+            .unwrap()
+            .uid(),
+        uid
+    );
+    let dropin = std::fs::read_to_string(
+        root.join("etc/systemd/system/tether-agent.service.d/10-user.conf"),
+    )
+    .unwrap();
+    assert_eq!(
+        dropin,
+        format!("[Service]\nUser={user}\nGroup={user}\nSupplementaryGroups=docker\n")
+    );
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    assert!(
+        calls.contains("enable --now tether-agent.service"),
+        "{calls}"
+    );
+    assert_eq!(
+        stage_names(&api.stages()),
+        ["downloaded", "installed", "started"]
     );
 }

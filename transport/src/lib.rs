@@ -1,6 +1,7 @@
 //! The thin runtime layer between [`tether_protocol`] (no IO) and the
 //! binaries: quinn endpoint and transport configuration, and typed framed
-//! streams over QUIC.
+//! streams over QUIC ([`FramedStream`], and [`AgentCodec`] for code that
+//! frames a stream's halves itself).
 //!
 //! Both the agent and the control plane (and the fleet simulator) dial and
 //! listen through this crate so that keep-alive, idle timeout, ALPN and frame
@@ -19,7 +20,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 /// Keep-alive interval of the dialing side (agent, branch): an idle session
 /// still exchanges a packet this often.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// A peer silent this long is dead (DESIGN.md §3: noticed within ~30 s).
+/// A peer silent this long is dead (docs/design.md §3: noticed within ~30 s).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Receive and send buffer asked of the kernel for a socket that serves many
 /// connections (the control plane's, the fleet simulator's). With the
@@ -270,6 +271,12 @@ pub struct FramedStream<In, Out> {
     recv: FramedRead<quinn::RecvStream, FrameCodec<In, Out>>,
 }
 
+/// The agent's side of a stream's framing: reads [`ControlMessage`]s,
+/// writes [`AgentMessage`]s. For code that frames the two halves of a stream
+/// itself (the agent's stream dispatch, which reads the first message before
+/// it knows who serves the stream).
+pub type AgentCodec = FrameCodec<ControlMessage, AgentMessage>;
+
 /// The agent's side of a stream.
 pub type AgentStream = FramedStream<ControlMessage, AgentMessage>;
 /// The control plane's side of a stream.
@@ -337,6 +344,12 @@ impl<In: DeserializeOwned, Out: Serialize> FramedStream<In, Out> {
     pub fn finish(&mut self) -> Result<(), TransportError> {
         self.send.get_mut().finish()?;
         Ok(())
+    }
+
+    /// Abandons the sending half (the peer reads an error, never a clean
+    /// end-of-stream).
+    pub fn reset(&mut self) {
+        let _ = self.send.get_mut().reset(quinn::VarInt::from_u32(0));
     }
 }
 

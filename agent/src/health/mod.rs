@@ -6,6 +6,8 @@
 //! * [`builtin`] — `builtin:docker`, `builtin:disk`, `builtin:memory`,
 //!   `builtin:control_plane`, `builtin:clock_skew`.
 //! * [`probe`] — pushed checks (HTTP, TCP, exec) and their validation.
+//! * [`target`] — the link-local and metadata targets HTTP and TCP checks
+//!   refuse.
 //! * [`scheduler`] — the task that runs every check on its interval, the
 //!   latest results, and the requests of the control plane (replace the
 //!   pushed checks, run everything now).
@@ -22,6 +24,7 @@ pub mod probe;
 pub mod report;
 pub mod scheduler;
 pub mod status;
+pub mod target;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

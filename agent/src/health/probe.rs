@@ -6,8 +6,15 @@
 //!   status (any 2xx when none) and, when asked, when the first
 //!   [`BODY_LIMIT`] bytes of the body contain a string.
 //! * TCP — a connection to `host:port` is established.
-//! * exec — the program exits with 0, run through [`crate::command::capture`]
-//!   (own process group, killed at the timeout, subject to `[commands]`).
+//! * exec — the program exits with 0, run through [`crate::process::capture`]
+//!   (own process group, killed at the timeout, subject to `[commands]`:
+//!   `enabled`, `allow`, `run_as`).
+//!
+//! HTTP and TCP results say the status, the latency and a fixed reason
+//! (`connection refused`, `timed out`, ...), never anything the target sent
+//! (no body, no header, no error text of the peer's). Their targets go
+//! through [`super::target`]: link-local and metadata addresses are refused
+//! before any connection unless `[health] allow_metadata_targets`.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -18,9 +25,10 @@ use tether_protocol::{
 };
 use tokio::time::Instant;
 
+use super::target::{self, GuardedResolver, RefusedTarget};
 use super::Probe;
-use crate::command;
 use crate::config::CommandPolicy;
+use crate::process;
 
 /// Bounds on a pushed check's interval, in milliseconds.
 pub const MIN_INTERVAL_MS: u64 = 1_000;
@@ -31,11 +39,11 @@ pub const MAX_TIMEOUT_MS: u64 = 600_000;
 pub const MAX_ID_LEN: usize = 128;
 /// Bytes of an HTTP body searched for `body_contains`.
 pub const BODY_LIMIT: usize = 64 * 1024;
-/// Bytes of an HTTP body quoted in a failure.
-const BODY_QUOTE: usize = 512;
 
-/// Why a spec cannot run, or `Ok`.
-pub fn validate(spec: &HealthCheckSpec, policy: &CommandPolicy) -> Result<(), String> {
+/// Why a spec cannot run, or `Ok` (targets that are link-local or metadata
+/// addresses by their very name are refused here, see [`target`]).
+pub fn validate(spec: &HealthCheckSpec, ctx: &PushedContext) -> Result<(), String> {
+    let policy = &ctx.policy;
     if spec.id.is_empty() || spec.id.len() > MAX_ID_LEN || spec.id.chars().any(char::is_control) {
         return Err(format!(
             "id must be 1 to {MAX_ID_LEN} bytes without control characters"
@@ -73,6 +81,13 @@ pub fn validate(spec: &HealthCheckSpec, policy: &CommandPolicy) -> Result<(), St
             if body_contains.as_ref().is_some_and(|text| text.len() > 1024) {
                 return Err("body_contains must be at most 1024 bytes".into());
             }
+            let host = parsed.host_str().unwrap_or_default();
+            if !ctx.allow_metadata_targets && target::is_refused_host(host) {
+                return Err(RefusedTarget {
+                    target: host.to_string(),
+                }
+                .to_string());
+            }
         }
         HealthCheckKind::Tcp { address } => {
             let port = address
@@ -81,8 +96,15 @@ pub fn validate(spec: &HealthCheckSpec, policy: &CommandPolicy) -> Result<(), St
             if !matches!(port, Some((host, Ok(port))) if !host.is_empty() && port > 0) {
                 return Err("address must be host:port".into());
             }
+            let host = address.rsplit_once(':').map_or("", |(host, _)| host);
+            if !ctx.allow_metadata_targets && target::is_refused_host(host) {
+                return Err(RefusedTarget {
+                    target: host.to_string(),
+                }
+                .to_string());
+            }
         }
-        HealthCheckKind::Exec { argv } => match command::check_policy(policy, argv) {
+        HealthCheckKind::Exec { argv } => match process::check_policy(policy, argv) {
             // A program that is missing now may be installed later: the
             // runs will say so.
             Ok(_) | Err(CommandStatus::FailedToStart { .. }) => {}
@@ -97,6 +119,8 @@ pub fn validate(spec: &HealthCheckSpec, policy: &CommandPolicy) -> Result<(), St
 /// on first use.
 pub struct PushedContext {
     policy: CommandPolicy,
+    /// `[health] allow_metadata_targets`.
+    allow_metadata_targets: bool,
     http: OnceLock<Result<reqwest::Client, String>>,
 }
 
@@ -104,8 +128,15 @@ impl PushedContext {
     pub fn new(policy: CommandPolicy) -> Self {
         Self {
             policy,
+            allow_metadata_targets: false,
             http: OnceLock::new(),
         }
+    }
+
+    /// Lets HTTP and TCP checks reach link-local and metadata targets.
+    pub fn allow_metadata_targets(mut self, allow: bool) -> Self {
+        self.allow_metadata_targets = allow;
+        self
     }
 
     pub fn policy(&self) -> &CommandPolicy {
@@ -119,6 +150,9 @@ impl PushedContext {
                     .no_proxy()
                     .redirect(reqwest::redirect::Policy::none())
                     .user_agent(concat!("tether-agent/", env!("CARGO_PKG_VERSION")))
+                    .dns_resolver(std::sync::Arc::new(GuardedResolver {
+                        allow: self.allow_metadata_targets,
+                    }))
                     .build()
                     .map_err(|err| format!("cannot build an HTTP client: {err}"))
             })
@@ -142,29 +176,64 @@ pub async fn run(kind: &HealthCheckKind, timeout: Duration, ctx: &PushedContext)
                     *expected_status,
                     body_contains.as_deref(),
                     timeout,
+                    ctx.allow_metadata_targets,
                 )
                 .await
             }
             Err(why) => Probe::Fail(why),
         },
-        HealthCheckKind::Tcp { address } => tcp(address, timeout).await,
+        HealthCheckKind::Tcp { address } => tcp(address, timeout, ctx.allow_metadata_targets).await,
         HealthCheckKind::Exec { argv } => exec(&ctx.policy, argv, timeout).await,
     }
 }
 
-/// An error and its causes on one line.
-fn describe(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
+/// The refusal of a target somewhere in `err`'s causes.
+fn refused_target<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a RefusedTarget> {
+    let mut source = Some(err);
     while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
+        if let Some(refused) = cause.downcast_ref::<RefusedTarget>() {
+            return Some(refused);
         }
         source = cause.source();
     }
-    text
+    None
+}
+
+/// A fixed reason for a failed connection: never text the peer chose.
+fn io_reason(err: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::ConnectionRefused => "connection refused",
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => "connection reset",
+        ErrorKind::TimedOut => "timed out",
+        ErrorKind::NotFound => "name not resolved",
+        ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => "unreachable",
+        ErrorKind::AddrNotAvailable => "address not available",
+        ErrorKind::PermissionDenied => "permission denied",
+        _ => "cannot connect",
+    }
+}
+
+/// A fixed reason for a failed HTTP exchange.
+fn http_reason(err: &reqwest::Error) -> &'static str {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return io_reason(io);
+        }
+        source = cause.source();
+    }
+    if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "cannot connect"
+    } else if err.is_body() || err.is_decode() {
+        "the body could not be read"
+    } else if err.is_request() {
+        "invalid HTTP answer"
+    } else {
+        "HTTP error"
+    }
 }
 
 async fn http(
@@ -173,14 +242,23 @@ async fn http(
     expected_status: Option<u16>,
     body_contains: Option<&str>,
     timeout: Duration,
+    allow_metadata_targets: bool,
 ) -> Probe {
+    // Literal addresses never reach the resolver: checked here.
+    if let Some(host) = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_string))
+    {
+        if !allow_metadata_targets && target::is_refused_host(&host) {
+            return Probe::Fail(RefusedTarget { target: host }.to_string());
+        }
+    }
     let started = Instant::now();
     let exchange = async {
         let mut response = client.get(url).send().await?;
         let status = response.status();
         let mut body = Vec::new();
-        let wants_body = body_contains.is_some() || !expected(status.as_u16(), expected_status);
-        while wants_body && body.len() < BODY_LIMIT {
+        while body_contains.is_some() && body.len() < BODY_LIMIT {
             match response.chunk().await? {
                 Some(chunk) => {
                     let room = BODY_LIMIT - body.len();
@@ -191,9 +269,19 @@ async fn http(
         }
         Ok::<_, reqwest::Error>((status, body))
     };
+    let elapsed = || started.elapsed().as_millis();
     let (status, body) = match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(answer)) => answer,
-        Ok(Err(err)) => return Probe::Fail(format!("GET {url} failed: {}", describe(&err))),
+        Ok(Err(err)) => {
+            if let Some(refused) = refused_target(&err) {
+                return Probe::Fail(refused.to_string());
+            }
+            return Probe::Fail(format!(
+                "GET {url} failed after {} ms: {}",
+                elapsed(),
+                http_reason(&err)
+            ));
+        }
         Err(_) => {
             return Probe::Fail(format!(
                 "GET {url} got no complete answer within {} ms",
@@ -201,15 +289,10 @@ async fn http(
             ))
         }
     };
-    let elapsed = started.elapsed().as_millis();
-    let line = format!("GET {url}: HTTP {status} in {elapsed} ms");
-    let quote = || {
-        let end = body.len().min(BODY_QUOTE);
-        String::from_utf8_lossy(&body[..end]).into_owned()
-    };
+    let line = format!("GET {url}: HTTP {} in {} ms", status.as_u16(), elapsed());
     if !expected(status.as_u16(), expected_status) {
         let wanted = expected_status.map_or("2xx".to_string(), |code| code.to_string());
-        return Probe::Fail(format!("{line} (expected {wanted})\n{}", quote()));
+        return Probe::Fail(format!("{line} (expected {wanted})"));
     }
     if let Some(needle) = body_contains {
         let found = body
@@ -217,8 +300,8 @@ async fn http(
             .any(|window| window == needle.as_bytes());
         if !found && !needle.is_empty() {
             return Probe::Fail(format!(
-                "{line}, but the body does not contain {needle:?}\n{}",
-                quote()
+                "{line}, but the first {} KiB of the body do not contain the expected text",
+                BODY_LIMIT / 1024
             ));
         }
     }
@@ -232,19 +315,38 @@ fn expected(status: u16, expected_status: Option<u16>) -> bool {
     }
 }
 
-async fn tcp(address: &str, timeout: Duration) -> Probe {
+async fn tcp(address: &str, timeout: Duration, allow_metadata_targets: bool) -> Probe {
     let started = Instant::now();
-    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
-        Ok(Ok(stream)) => {
-            let peer = stream
-                .peer_addr()
-                .map_or_else(|_| address.to_string(), |addr| addr.to_string());
-            Probe::Pass(format!(
-                "connected to {address} ({peer}) in {} ms",
-                started.elapsed().as_millis()
-            ))
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    let connect = async {
+        if !allow_metadata_targets && target::is_refused_host(host) {
+            return Err(Err(RefusedTarget {
+                target: host.to_string(),
+            }));
         }
-        Ok(Err(err)) => Probe::Fail(format!("cannot connect to {address}: {err}")),
+        let addrs = tokio::net::lookup_host(address)
+            .await
+            .map_err(|err| Ok(io_reason(&err)))?;
+        let addrs = target::check_resolved(host, addrs, allow_metadata_targets).map_err(Err)?;
+        let mut last = "name not resolved";
+        for addr in addrs {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(stream) => return Ok((stream, addr)),
+                Err(err) => last = io_reason(&err),
+            }
+        }
+        Err(Ok(last))
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok((_stream, peer))) => Probe::Pass(format!(
+            "connected to {address} ({peer}) in {} ms",
+            started.elapsed().as_millis()
+        )),
+        Ok(Err(Err(refused))) => Probe::Fail(refused.to_string()),
+        Ok(Err(Ok(reason))) => Probe::Fail(format!(
+            "cannot connect to {address} after {} ms: {reason}",
+            started.elapsed().as_millis()
+        )),
         Err(_) => Probe::Fail(format!(
             "no connection to {address} within {} ms",
             timeout.as_millis()
@@ -253,7 +355,7 @@ async fn tcp(address: &str, timeout: Duration) -> Probe {
 }
 
 async fn exec(policy: &CommandPolicy, argv: &[String], timeout: Duration) -> Probe {
-    let (outcome, output) = command::capture(policy, argv, timeout, HEALTH_OUTPUT_LIMIT).await;
+    let (outcome, output) = process::capture(policy, argv, timeout, HEALTH_OUTPUT_LIMIT).await;
     let output = String::from_utf8_lossy(&output).into_owned();
     let status = match outcome.status {
         CommandStatus::Exited { code: 0 } => return Probe::Pass(output),
@@ -297,7 +399,7 @@ mod tests {
 
     #[test]
     fn specs_are_validated() {
-        let policy = CommandPolicy::default();
+        let policy = PushedContext::new(CommandPolicy::default());
         assert!(validate(&spec(http_kind("http://127.0.0.1:8080/health")), &policy).is_ok());
         assert!(validate(&spec(http_kind("ftp://example.com/")), &policy).is_err());
         assert!(validate(&spec(http_kind("not a url")), &policy).is_err());
@@ -325,12 +427,63 @@ mod tests {
             argv: vec!["true".into()],
         });
         assert!(validate(&exec, &policy).is_ok());
-        let locked = CommandPolicy {
+        let locked = PushedContext::new(CommandPolicy {
             enabled: false,
-            allow: None,
-        };
+            ..CommandPolicy::default()
+        });
         assert!(validate(&exec, &locked).unwrap_err().contains("disabled"));
         let empty = spec(HealthCheckKind::Exec { argv: vec![] });
         assert!(validate(&empty, &policy).is_err());
+    }
+
+    #[test]
+    fn metadata_targets_are_rejected_unless_the_agent_allows_them() {
+        let strict = PushedContext::new(CommandPolicy::default());
+        let open = PushedContext::new(CommandPolicy::default()).allow_metadata_targets(true);
+        for kind in [
+            http_kind("http://169.254.169.254/latest/meta-data/"),
+            http_kind("http://metadata.google.internal/computeMetadata/v1/"),
+            http_kind("http://[fd00:ec2::254]/latest/"),
+            HealthCheckKind::Tcp {
+                address: "169.254.169.254:80".into(),
+            },
+            HealthCheckKind::Tcp {
+                address: "[fe80::1]:22".into(),
+            },
+        ] {
+            let why = validate(&spec(kind.clone()), &strict).unwrap_err();
+            assert!(why.starts_with("refused_target: "), "{kind:?}: {why}");
+            assert!(validate(&spec(kind), &open).is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_target_fails_before_any_connection() {
+        let strict = PushedContext::new(CommandPolicy::default());
+        let timeout = Duration::from_secs(5);
+        let started = Instant::now();
+        let probe = run(
+            &http_kind("http://169.254.169.254/latest/"),
+            timeout,
+            &strict,
+        )
+        .await;
+        assert!(
+            matches!(&probe, Probe::Fail(why) if why.starts_with("refused_target: 169.254.169.254")),
+            "{probe:?}"
+        );
+        let probe = run(
+            &HealthCheckKind::Tcp {
+                address: "169.254.169.254:80".into(),
+            },
+            timeout,
+            &strict,
+        )
+        .await;
+        assert!(
+            matches!(&probe, Probe::Fail(why) if why.starts_with("refused_target: ")),
+            "{probe:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }

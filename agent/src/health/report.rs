@@ -15,12 +15,11 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use tether_protocol::{AgentMessage, ControlMessage};
-use tether_transport::{AgentStream, TransportError};
+use tether_transport::{AgentCodec, AgentStream, TransportError};
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::scheduler::{Health, Snapshot};
-use crate::command::AgentCodec;
 use crate::format_duration;
 
 /// Changes closer together than this make one report.
@@ -63,7 +62,7 @@ async fn send_report(
         Ok(Err(err)) => Err(err),
         Ok(Ok(ControlMessage::HealthAck { seq: acked })) if acked == seq => Ok(()),
         Ok(Ok(ControlMessage::HealthAck { seq: other })) => Err(ReportError::WrongAck(other)),
-        Ok(Ok(other)) => Err(ReportError::Unexpected(crate::session::kind(&other))),
+        Ok(Ok(other)) => Err(ReportError::Unexpected(other.kind())),
     }
 }
 
@@ -171,10 +170,7 @@ pub async fn serve_config_stream(
             }
         }
         other => {
-            tracing::warn!(
-                "{} does not open a health-config stream",
-                crate::session::kind(&other)
-            );
+            tracing::warn!("{} does not open a health-config stream", other.kind());
         }
     }
 }

@@ -131,7 +131,8 @@ impl Health {
         });
         let context = Arc::new(Context {
             builtins,
-            pushed: PushedContext::new(config.commands.clone()),
+            pushed: PushedContext::new(config.commands.clone())
+                .allow_metadata_targets(config.health.allow_metadata_targets),
         });
         let (requests, requests_rx) = mpsc::channel(8);
         let task = tokio::spawn(
@@ -465,7 +466,7 @@ fn configure(
                 "at most {MAX_PUSHED_HEALTH_CHECKS} pushed checks per server"
             ))
         } else {
-            probe::validate(&spec, context.pushed.policy())
+            probe::validate(&spec, &context.pushed)
         };
         match verdict {
             Ok(()) => {

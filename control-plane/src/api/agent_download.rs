@@ -1,6 +1,7 @@
 //! `GET /agent/download/{os}/{arch}`: the agent binary provisioned servers
 //! install (no token: it is the public build; its SHA-256 is in the
-//! server's user-data and in `X-Checksum-Sha256`).
+//! server's user-data and in `X-Checksum-Sha256`). Rate limited per source
+//! address (`--download-rate-limit` a minute).
 
 use std::sync::Arc;
 
@@ -8,8 +9,9 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::{ApiError, ApiPath, ErrorBody};
-use crate::app::ControlPlane;
+use super::error::{ApiError, ErrorBody};
+use super::extract::ApiPath;
+use crate::context::ControlPlane;
 
 /// Downloads the agent for a platform (`linux`/`amd64`, `linux`/`arm64`).
 #[utoipa::path(
@@ -25,6 +27,8 @@ use crate::app::ControlPlane;
         (status = 200, description = "The binary; `X-Checksum-Sha256` carries its SHA-256.", content_type = "application/octet-stream", body = Vec<u8>,
             headers(("X-Checksum-Sha256" = String, description = "Hex SHA-256 of the body."))),
         (status = 404, description = "`not_found`: no agent for this platform.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`: too many requests from this address this minute (`--download-rate-limit`); retry after `Retry-After` seconds.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
         (status = 500, description = "`internal_error`.", body = ErrorBody),
     )
 )]

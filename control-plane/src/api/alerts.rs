@@ -13,10 +13,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, ErrorBody, Page};
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Page};
 use crate::alerts::{Op, METRICS, SEVERITIES};
-use crate::app::ControlPlane;
 use crate::auth::Scope;
+use crate::context::ControlPlane;
+use crate::store::selector::{self, InputLimits, SelectorInputError};
 use crate::store::{Alert, AlertQuery, AlertRule, AlertRuleKind, AlertSelector, AlertState};
 
 const DEFAULT_LIMIT: u32 = 100;
@@ -153,7 +156,9 @@ pub struct ListAlerts {
 }
 
 fn validate(body: &CreateAlertRule) -> Result<AlertRuleKind, ApiError> {
-    if body.name.trim().is_empty() || body.name.len() > 100 || super::has_control_chars(&body.name)
+    if body.name.trim().is_empty()
+        || body.name.len() > 100
+        || super::extract::has_control_chars(&body.name)
     {
         return Err(ApiError::validation(
             "name must be 1-100 printable characters",
@@ -170,20 +175,24 @@ fn validate(body: &CreateAlertRule) -> Result<AlertRuleKind, ApiError> {
         )));
     }
     if let Some(selector) = &body.selector {
-        if selector.labels.len() > MAX_SELECTOR_ITEMS
-            || selector.server_ids.len() > MAX_SELECTOR_ITEMS
-        {
-            return Err(ApiError::validation(format!(
-                "a selector takes at most {MAX_SELECTOR_ITEMS} labels and {MAX_SELECTOR_ITEMS} server ids"
-            )));
-        }
-        if selector.labels.iter().any(|(k, v)| {
-            k.is_empty() || super::has_control_chars(k) || super::has_control_chars(v)
-        }) {
-            return Err(ApiError::validation(
-                "selector labels must be printable, with non-empty keys",
-            ));
-        }
+        selector::check_input(
+            &selector.labels,
+            &selector.server_ids,
+            InputLimits {
+                max_labels: MAX_SELECTOR_ITEMS,
+                max_server_ids: MAX_SELECTOR_ITEMS,
+            },
+        )
+        .map_err(|e| match e {
+            SelectorInputError::TooManyLabels { .. } | SelectorInputError::TooManyServerIds { .. } => {
+                ApiError::validation(format!(
+                    "a selector takes at most {MAX_SELECTOR_ITEMS} labels and {MAX_SELECTOR_ITEMS} server ids"
+                ))
+            }
+            SelectorInputError::ControlCharacters | SelectorInputError::EmptyLabelKey => {
+                ApiError::validation("selector labels must be printable, with non-empty keys")
+            }
+        })?;
     }
     let kind = body.kind.unwrap_or(AlertRuleKind::Metric);
     match kind {
@@ -303,8 +312,8 @@ pub async fn list_rules(
     ApiQuery(params): ApiQuery<ListRules>,
 ) -> Result<Json<Page<AlertRuleView>>, ApiError> {
     caller.require(Scope::ServersRead)?;
-    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let after = super::page_cursor(params.cursor.as_deref())?;
+    let limit = super::extract::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let after = super::extract::page_cursor(params.cursor.as_deref())?;
     let rules = cp
         .store
         .list_alert_rules(&caller.visible_organizations, limit + 1, after)
@@ -386,7 +395,7 @@ pub async fn delete_rule(
         return Err(ApiError::not_found("no such alert rule"));
     }
     for alert in cp.store.resolve_alerts_of_rule(id, now).await? {
-        crate::webhooks::emit(
+        crate::events::emit(
             &cp,
             alert.organization_id,
             "alert.resolved",
@@ -438,8 +447,8 @@ pub async fn list_alerts(
                 .ok_or_else(|| ApiError::invalid_request("state must be firing or resolved"))
         })
         .transpose()?;
-    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let before = super::page_cursor(params.cursor.as_deref())?;
+    let limit = super::extract::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let before = super::extract::page_cursor(params.cursor.as_deref())?;
     let alerts = cp
         .store
         .list_alerts(&AlertQuery {

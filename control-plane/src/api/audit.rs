@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiQuery, Caller, ErrorBody, Page};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiQuery, Page};
 use crate::auth::Scope;
+use crate::context::ControlPlane;
 use crate::store::AuditQuery;
 
 const DEFAULT_LIMIT: u32 = 100;
@@ -80,14 +82,17 @@ pub async fn list(
 ) -> Result<Json<Page<AuditView>>, ApiError> {
     caller.require(Scope::Admin)?;
     for (name, filter) in [("actor", &params.actor), ("action", &params.action)] {
-        if filter.as_deref().is_some_and(super::has_control_chars) {
+        if filter
+            .as_deref()
+            .is_some_and(super::extract::has_control_chars)
+        {
             return Err(ApiError::invalid_request(format!(
                 "{name} must not contain control characters"
             )));
         }
     }
-    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let before_seq = super::page_cursor(params.cursor.as_deref())?;
+    let limit = super::extract::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let before_seq = super::extract::page_cursor(params.cursor.as_deref())?;
     // The log outlives what it records: entries of deleted organizations
     // stay visible to whoever could see those organizations.
     let history = cp

@@ -10,8 +10,8 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use crate::app::ControlPlane;
 use crate::auth::{Scope, TokenError};
+use crate::context::ControlPlane;
 use crate::store::AuditEntry;
 
 /// Who is calling, and what they may see.

@@ -13,10 +13,12 @@ use tether_protocol::{BranchCall, BranchResponse, RefusalCode, RelayedCommand};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, Page};
 use super::health::{HealthResultView, HealthRunAccepted, ServerHealthView};
-use super::{ApiError, ApiJson, ApiPath, Caller, ErrorBody, Page};
-use crate::app::ControlPlane;
 use crate::auth::Scope;
+use crate::context::ControlPlane;
 use crate::federation::invite::{self, Invite};
 use crate::federation::FederationError;
 use crate::store::{BranchInvite, BranchPeer, BranchStatus, ServerStatus};
@@ -87,7 +89,9 @@ pub struct InviteCreated {
     pub scopes: Vec<String>,
 }
 
-fn check_scopes(scopes: &[String]) -> Result<(), ApiError> {
+/// Checks that `scopes` are grantable to a branch and that the caller holds
+/// each of them: a token cannot grant a peer more than it has itself.
+fn check_scopes(caller: &Caller, scopes: &[String]) -> Result<(), ApiError> {
     if scopes.is_empty() {
         return Err(ApiError::validation("scopes must name at least one scope"));
     }
@@ -98,6 +102,11 @@ fn check_scopes(scopes: &[String]) -> Result<(), ApiError> {
         return Err(ApiError::validation(format!(
             "scope {bad:?} cannot be granted to a branch (allowed: servers:read, commands:run)"
         )));
+    }
+    for name in scopes {
+        if let Some(scope) = Scope::parse(name) {
+            caller.require(scope)?;
+        }
     }
     Ok(())
 }
@@ -115,7 +124,7 @@ fn check_scopes(scopes: &[String]) -> Result<(), ApiError> {
         (status = 400, description = "`invalid_request`: the body is not JSON of this shape.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: the body exceeds 1 MiB.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the token lacks `branches:write`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `branches:write`, or a scope it tries to grant (`required_scope`).", body = ErrorBody),
         (status = 422, description = "`validation_error`: empty name, unknown scope, ttl out of range.", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`: too many requests this minute.", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
@@ -129,12 +138,12 @@ pub async fn create_invite(
 ) -> Result<(StatusCode, Json<InviteCreated>), ApiError> {
     caller.require(Scope::BranchesWrite)?;
     let name = body.name.trim().to_string();
-    if name.is_empty() || name.len() > 200 || super::has_control_chars(&name) {
+    if name.is_empty() || name.len() > 200 || super::extract::has_control_chars(&name) {
         return Err(ApiError::validation(
             "name must be 1-200 characters without control characters",
         ));
     }
-    check_scopes(&body.scopes)?;
+    check_scopes(&caller, &body.scopes)?;
     let ttl = body.ttl_seconds.unwrap_or(DEFAULT_INVITE_TTL);
     if !(60..=MAX_INVITE_TTL).contains(&ttl) {
         return Err(ApiError::validation(format!(
@@ -216,6 +225,11 @@ pub(super) fn federation_error(e: FederationError) -> ApiError {
         FederationError::PeeringRevoked => {
             ApiError::not_found("the other branch removed the peering")
         }
+        FederationError::BranchIdTaken(id) => ApiError::conflict(format!(
+            "branch {id} is already a peer here, of another organization or under another CA; \
+             only the same branch may re-peer, into the same organization"
+        ))
+        .with_detail("branch_id", id.to_string()),
         other => ApiError::internal(other),
     }
 }
@@ -233,7 +247,8 @@ pub(super) fn federation_error(e: FederationError) -> ApiError {
         (status = 400, description = "`invalid_request`: the body is not JSON of this shape.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: the body exceeds 1 MiB.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the token lacks `branches:write`, or the inviting branch refused the invite (used, expired, unknown).", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `branches:write` or a scope it tries to grant (`required_scope`), or the inviting branch refused the invite (used, expired, unknown).", body = ErrorBody),
+        (status = 409, description = "`conflict`: the inviting branch is already a peer here, of another organization or under another CA (`branch_id`).", body = ErrorBody),
         (status = 422, description = "`validation_error`: the invite is malformed or expired, or a scope cannot be granted.", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`: too many requests this minute.", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
@@ -248,7 +263,7 @@ pub async fn accept(
 ) -> Result<(StatusCode, Json<BranchView>), ApiError> {
     caller.require(Scope::BranchesWrite)?;
     let grant = body.scopes.unwrap_or_else(|| vec!["servers:read".into()]);
-    check_scopes(&grant)?;
+    check_scopes(&caller, &grant)?;
     let invite = Invite::decode(&body.invite).map_err(federation_error)?;
     let peer = crate::federation::invite::join(&cp, &invite, caller.organization_id, grant)
         .await

@@ -13,9 +13,11 @@ use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, ApiPath, Caller, ErrorBody};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath};
 use crate::auth::Scope;
+use crate::context::ControlPlane;
 use crate::provision::credentials::Provider;
 use crate::store::{cloud_credential_context, CloudCredential};
 
@@ -122,14 +124,16 @@ pub async fn create(
     if !caller.sees(organization_id) {
         return Err(ApiError::not_found("no such organization"));
     }
-    if body.name.trim().is_empty() || body.name.len() > 100 || super::has_control_chars(&body.name)
+    if body.name.trim().is_empty()
+        || body.name.len() > 100
+        || super::extract::has_control_chars(&body.name)
     {
         return Err(ApiError::validation(
             "name must be 1-100 printable characters",
         ));
     }
     if let Some(region) = &body.default_region {
-        if region.is_empty() || region.len() > 64 || super::has_control_chars(region) {
+        if region.is_empty() || region.len() > 64 || super::extract::has_control_chars(region) {
             return Err(ApiError::validation(
                 "default_region must be 1-64 printable characters",
             ));

@@ -16,24 +16,26 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, ApiPath, Caller, ErrorBody};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath};
 use crate::auth::Scope;
+use crate::commands::lookup::{self, CancelError, FollowEvent, VisibleCommand};
 use crate::commands::{
-    CommandSpec, LiveEvent, Target, DEFAULT_DELIVER_WITHIN, DEFAULT_MAX_OUTPUT_BYTES, MAX_FAN_OUT,
+    CommandSpec, Target, DEFAULT_DELIVER_WITHIN, DEFAULT_MAX_OUTPUT_BYTES, MAX_FAN_OUT,
 };
-use crate::store::{CancelOutcome, CommandRecord, CommandState, ServerQuery};
+use crate::context::ControlPlane;
+use crate::store::selector::{self, InputLimits, SelectorInputError};
+use crate::store::{CommandRecord, CommandState, ServerQuery, ServerSelector};
 
 /// Longest `timeout_seconds` and `deliver_within_seconds`.
 const MAX_SECONDS: u64 = 86_400;
 /// Stdin accepted, at most.
 const MAX_STDIN_BYTES: usize = 256 * 1024;
-/// How often an SSE follower of a command running elsewhere reads its row.
-const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
 /// `POST /servers/{id}/commands`.
 #[derive(Deserialize, ToSchema)]
@@ -64,6 +66,16 @@ pub struct Selector {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub server_ids: Vec<Uuid>,
+}
+
+impl From<&Selector> for ServerSelector {
+    /// An empty list is no filter.
+    fn from(selector: &Selector) -> Self {
+        Self {
+            labels: selector.labels.clone(),
+            server_ids: (!selector.server_ids.is_empty()).then(|| selector.server_ids.clone()),
+        }
+    }
 }
 
 /// `POST /commands`.
@@ -284,7 +296,8 @@ pub async fn run_on_server(
         .first()
         .copied()
         .ok_or_else(|| ApiError::internal("no command was created"))?;
-    tracing::info!(%command_id, %server_id, argv = ?spec.argv, "command submitted");
+    tracing::info!(%command_id, %server_id, "command submitted");
+    tracing::debug!(%command_id, argv = ?spec.argv, "command argv");
     caller
         .audit(
             &cp,
@@ -306,11 +319,34 @@ async fn resolve(
     if selector.labels.is_empty() && selector.server_ids.is_empty() {
         return Err(ApiError::validation("selector needs labels or server_ids"));
     }
-    if selector.server_ids.len() > MAX_FAN_OUT {
-        return Err(ApiError::validation(format!(
-            "a fan-out reaches at most {MAX_FAN_OUT} servers"
-        )));
+    let input = selector::check_input(
+        &selector.labels,
+        &selector.server_ids,
+        InputLimits {
+            max_labels: usize::MAX,
+            max_server_ids: MAX_FAN_OUT,
+        },
+    );
+    match input {
+        Err(
+            SelectorInputError::TooManyLabels { .. } | SelectorInputError::TooManyServerIds { .. },
+        ) => {
+            return Err(ApiError::validation(format!(
+                "a fan-out reaches at most {MAX_FAN_OUT} servers"
+            )));
+        }
+        // Listed servers are matched here, not in a query, so only a label
+        // query refuses control characters (PostgreSQL cannot compare NUL).
+        // An empty key is no error: it matches no server.
+        Err(SelectorInputError::ControlCharacters) if selector.server_ids.is_empty() => {
+            return Err(ApiError::validation(
+                "labels must not contain control characters",
+            ));
+        }
+        Err(SelectorInputError::ControlCharacters | SelectorInputError::EmptyLabelKey) | Ok(()) => {
+        }
     }
+    let wanted = ServerSelector::from(selector);
     let mut targets = Vec::new();
     if !selector.server_ids.is_empty() {
         let mut seen = std::collections::HashSet::new();
@@ -326,11 +362,7 @@ async fn resolve(
                     ApiError::not_found(format!("no such server {id}"))
                         .with_detail("server_id", id.to_string())
                 })?;
-            if selector
-                .labels
-                .iter()
-                .all(|(k, v)| server.labels.get(k) == Some(v))
-            {
+            if wanted.matches(&server) {
                 targets.push(Target {
                     server_id: server.id,
                     organization_id: server.organization_id,
@@ -344,14 +376,6 @@ async fn resolve(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    if labels
-        .iter()
-        .any(|(k, v)| super::has_control_chars(k) || super::has_control_chars(v))
-    {
-        return Err(ApiError::validation(
-            "labels must not contain control characters",
-        ));
-    }
     let mut after = None;
     loop {
         let page = cp
@@ -366,10 +390,15 @@ async fn resolve(
             .await?;
         let done = page.len() < 500;
         after = page.last().map(|s| s.id);
-        targets.extend(page.into_iter().map(|s| Target {
-            server_id: s.id,
-            organization_id: s.organization_id,
-        }));
+        // The query narrows by label; the selector decides.
+        targets.extend(
+            page.into_iter()
+                .filter(|s| wanted.matches(s))
+                .map(|s| Target {
+                    server_id: s.id,
+                    organization_id: s.organization_id,
+                }),
+        );
         if targets.len() > MAX_FAN_OUT {
             return Err(ApiError::validation(format!(
                 "the selector matches more than {MAX_FAN_OUT} servers"
@@ -423,7 +452,8 @@ pub async fn fan_out(
     let ids = crate::commands::submit(&cp, &targets, &spec, &caller.actor())
         .await
         .map_err(relay_error)?;
-    tracing::info!(targets = ids.len(), argv = ?spec.argv, "fan-out command submitted");
+    tracing::info!(targets = ids.len(), "fan-out command submitted");
+    tracing::debug!(argv = ?spec.argv, "fan-out command argv");
     let commands: Vec<FanOutTarget> = targets
         .iter()
         .zip(&ids)
@@ -455,13 +485,6 @@ pub async fn fan_out(
     ))
 }
 
-/// A command of this branch, or the mirror of one relayed to a peer branch.
-struct VisibleCommand {
-    record: CommandRecord,
-    /// The peer the command runs on, for a mirror.
-    branch_id: Option<Uuid>,
-}
-
 impl From<VisibleCommand> for CommandView {
     fn from(c: VisibleCommand) -> Self {
         let mut view = CommandView::from(c.record);
@@ -476,30 +499,24 @@ async fn visible_command(
     caller: &Caller,
     id: Uuid,
 ) -> Result<VisibleCommand, ApiError> {
-    load_command(cp, Some(&caller.visible_organizations), id)
+    lookup::find(cp, Some(&caller.visible_organizations), id)
         .await?
         .ok_or_else(|| ApiError::not_found("no such command"))
 }
 
-async fn load_command(
-    cp: &ControlPlane,
-    scope: Option<&[Uuid]>,
-    id: Uuid,
-) -> Result<Option<VisibleCommand>, crate::store::StoreError> {
-    if let Some(record) = cp.store.command(scope, id).await? {
-        return Ok(Some(VisibleCommand {
-            record,
-            branch_id: None,
-        }));
+/// Maps a failed cancel to the answer the caller sees.
+fn cancel_error(e: CancelError) -> ApiError {
+    match e {
+        CancelError::NotFound => ApiError::not_found("no such command"),
+        CancelError::AlreadyEnded(state) => {
+            ApiError::conflict(e.to_string()).with_detail("status", state.as_str())
+        }
+        CancelError::PeeringRemoved => ApiError::not_found(e.to_string()),
+        CancelError::BranchUnreachable(_) => ApiError::branch_unreachable(e.to_string()),
+        CancelError::Federation(e) => super::branches::federation_error(e),
+        CancelError::Command(e) => relay_error(e),
+        CancelError::Store(e) => e.into(),
     }
-    Ok(cp
-        .store
-        .relayed_command(scope, id)
-        .await?
-        .map(|mirror| VisibleCommand {
-            record: mirror.command,
-            branch_id: Some(mirror.branch_id),
-        }))
 }
 
 /// One command: status, exit code, output so far.
@@ -555,89 +572,19 @@ pub async fn cancel(
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<(StatusCode, Json<CommandView>), ApiError> {
     caller.require(Scope::CommandsRun)?;
-    let outcome = crate::commands::cancel(&cp, &caller.visible_organizations, id)
+    let cancelled = lookup::cancel(&cp, &caller.visible_organizations, id)
         .await
-        .map_err(relay_error)?;
-    match outcome {
-        CancelOutcome::NotFound => return cancel_relayed(&cp, &caller, id).await,
-        CancelOutcome::AlreadyFinished(state) => {
-            return Err(ApiError::conflict(format!(
-                "the command already ended: {}",
-                state.as_str()
-            ))
-            .with_detail("status", state.as_str()))
-        }
-        CancelOutcome::CancelledQueued | CancelOutcome::Requested => {}
-    }
-    let command = visible_command(&cp, &caller, id).await?;
+        .map_err(cancel_error)?;
     caller
         .audit(
             &cp,
-            command.record.organization_id,
+            cancelled.command.record.organization_id,
             "command.cancel",
             id.to_string(),
-            serde_json::json!({ "server_id": command.record.server_id }),
+            cancelled.audit_details,
         )
         .await;
-    Ok((StatusCode::ACCEPTED, Json(command.into())))
-}
-
-/// Cancels a command relayed to a peer branch: the peer cancels it there,
-/// and the mirror follows.
-async fn cancel_relayed(
-    cp: &Arc<ControlPlane>,
-    caller: &Caller,
-    id: Uuid,
-) -> Result<(StatusCode, Json<CommandView>), ApiError> {
-    let mirror = cp
-        .store
-        .relayed_command(Some(&caller.visible_organizations), id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("no such command"))?;
-    let already_ended = |state: CommandState| {
-        ApiError::conflict(format!("the command already ended: {}", state.as_str()))
-            .with_detail("status", state.as_str())
-    };
-    if mirror.command.status.is_terminal() {
-        return Err(already_ended(mirror.command.status));
-    }
-    let peer = cp
-        .store
-        .branch_peer(Some(&caller.visible_organizations), mirror.branch_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("the peering with the command's branch was removed"))?;
-    if peer.status == crate::store::BranchStatus::Unreachable {
-        return Err(ApiError::branch_unreachable(format!(
-            "branch {} is unreachable, so the command cannot be cancelled now",
-            peer.id
-        )));
-    }
-    let state = crate::federation::relay::cancel(cp, &peer, &mirror)
-        .await
-        .map_err(super::branches::federation_error)?;
-    match CommandState::parse(&state.status) {
-        Some(status) if status.is_terminal() && status != CommandState::Cancelled => {
-            return Err(already_ended(status));
-        }
-        _ => {}
-    }
-    caller
-        .audit(
-            cp,
-            mirror.command.organization_id,
-            "command.cancel",
-            id.to_string(),
-            serde_json::json!({
-                "server_id": mirror.command.server_id,
-                "branch_id": mirror.branch_id,
-                "remote_command_id": mirror.remote_command_id,
-            }),
-        )
-        .await;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(visible_command(cp, caller, id).await?.into()),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(cancelled.command.into())))
 }
 
 /// Output of a command as SSE: what is stored, then live chunks, then one
@@ -666,10 +613,14 @@ pub async fn output(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     caller.require(Scope::CommandsRun)?;
     let command = visible_command(&cp, &caller, id).await?;
-    let (tx, rx) = mpsc::channel::<Event>(64);
-    tokio::spawn(follow(cp, command, tx));
+    let (tx, rx) = mpsc::channel::<FollowEvent>(64);
+    tokio::spawn(lookup::follow(cp, command, tx));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|event| (Ok(event), rx))
+        let event = match rx.recv().await? {
+            FollowEvent::Output(bytes) => output_event(&bytes),
+            FollowEvent::Finished(command) => status_event(*command),
+        };
+        Some((Ok(event), rx))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
@@ -686,84 +637,4 @@ fn status_event(command: VisibleCommand) -> Event {
         .event("status")
         .json_data(CommandView::from(command))
         .unwrap_or_default()
-}
-
-/// Feeds an SSE follower until the command ends or the follower leaves.
-/// Live output comes from the command's live record when it runs (or, for
-/// a relayed command, is followed) on this replica; otherwise the store is
-/// read every [`FOLLOW_POLL`].
-async fn follow(cp: Arc<ControlPlane>, mut command: VisibleCommand, tx: mpsc::Sender<Event>) {
-    // Bytes of output already sent.
-    let mut sent = 0usize;
-    let id = command.record.id;
-    loop {
-        let record = &command.record;
-        if record.status.is_terminal() {
-            if record.output.len() > sent
-                && tx.send(output_event(&record.output[sent..])).await.is_err()
-            {
-                return;
-            }
-            let _ = tx.send(status_event(command)).await;
-            return;
-        }
-        if let Some((snapshot, mut events)) = cp.commands.follow(id) {
-            if snapshot.len() > sent {
-                if tx.send(output_event(&snapshot[sent..])).await.is_err() {
-                    return;
-                }
-                sent = snapshot.len();
-            }
-            loop {
-                match events.recv().await {
-                    Ok(LiveEvent::Output(chunk)) => {
-                        sent += chunk.len();
-                        if tx.send(output_event(&chunk)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(LiveEvent::Finished(_)) | Err(broadcast::error::RecvError::Closed) => break,
-                    // Fell behind: catch up from the store below.
-                    Err(broadcast::error::RecvError::Lagged(_)) => break,
-                }
-            }
-        } else {
-            // Not running here: it may have ended a moment ago (or run on
-            // another replica); read it again before waiting.
-            command = match reload(&cp, id).await {
-                Some(fresh) => fresh,
-                None => return,
-            };
-            if command.record.status.is_terminal() {
-                continue;
-            }
-            let output = &command.record.output;
-            if output.len() > sent {
-                if tx.send(output_event(&output[sent..])).await.is_err() {
-                    return;
-                }
-                sent = output.len();
-            }
-            tokio::select! {
-                _ = cp.shutdown.cancelled() => return,
-                _ = tx.closed() => return,
-                _ = tokio::time::sleep(FOLLOW_POLL) => {}
-            }
-        }
-        command = match reload(&cp, id).await {
-            Some(fresh) => fresh,
-            None => return,
-        };
-    }
-}
-
-/// The followed command as stored now (`None`: gone or unreadable).
-async fn reload(cp: &ControlPlane, id: Uuid) -> Option<VisibleCommand> {
-    match load_command(cp, None, id).await {
-        Ok(found) => found,
-        Err(e) => {
-            tracing::warn!(command_id = %id, error = %e, "could not read a followed command");
-            None
-        }
-    }
 }

@@ -6,18 +6,18 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use base64::Engine;
 use chrono::{DateTime, Utc};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, Caller, ErrorBody};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::ApiJson;
 use crate::auth::Scope;
-use crate::gateway::enrollment::token_hash;
-use crate::store::{Labels, NewEnrollmentToken};
+use crate::context::ControlPlane;
+use crate::enrollment::issue;
+use crate::store::Labels;
 
 const DEFAULT_TTL_SECONDS: i64 = 3600;
 const MAX_TTL_SECONDS: i64 = 7 * 24 * 3600;
@@ -74,41 +74,6 @@ pub fn validate_labels(labels: &Labels) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A fresh enrollment token (256 random bits).
-pub fn new_token() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    format!(
-        "tet_enr_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    )
-}
-
-/// Creates and stores a token; returns it in clear (the only time it exists
-/// in clear on the control plane) with its record.
-pub async fn issue(
-    cp: &ControlPlane,
-    organization_id: Uuid,
-    labels: Labels,
-    server_name: Option<String>,
-    ttl_seconds: i64,
-) -> Result<(String, NewEnrollmentToken), crate::store::StoreError> {
-    let token = new_token();
-    let now = Utc::now();
-    let record = NewEnrollmentToken {
-        id: Uuid::now_v7(),
-        token_hash: token_hash(&token),
-        organization_id,
-        server_name,
-        labels,
-        deployment_id: None,
-        created_at: now,
-        expires_at: now + chrono::Duration::seconds(ttl_seconds),
-    };
-    cp.store.create_enrollment_token(&record).await?;
-    Ok((token, record))
-}
-
 /// Creates a one-time enrollment token for adding a server by hand. Needs `servers:write`.
 #[utoipa::path(
     post,
@@ -153,14 +118,14 @@ pub async fn create(
     };
     crate::quota::check(&*cp.store, organization_id, one_server).await??;
     if let Some(name) = &body.server_name {
-        if name.trim().is_empty() || name.len() > 253 || super::has_control_chars(name) {
+        if name.trim().is_empty() || name.len() > 253 || super::extract::has_control_chars(name) {
             return Err(ApiError::validation(
                 "server_name must be 1-253 printable characters",
             ));
         }
     }
     let (token, record) = issue(
-        &cp,
+        &*cp.store,
         organization_id,
         body.labels.clone(),
         body.server_name.clone(),

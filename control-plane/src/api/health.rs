@@ -13,18 +13,23 @@ use tracing::Instrument;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, ErrorBody, Page};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Page};
 use crate::auth::Scope;
+use crate::context::ControlPlane;
 use crate::store::health::{
     HealthCheck, HealthCheckKind, HealthCheckSpecFields, HealthResultRecord, HealthSelector,
     ServerRef,
 };
-use crate::store::ServerStatus;
+use crate::store::selector::{self, InputLimits, SelectorInputError};
+use crate::store::{Labels, ServerStatus};
 
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 500;
 const MAX_NAME_BYTES: usize = 128;
+/// Most `selector.server_ids` a check takes.
+const MAX_SELECTOR_SERVER_IDS: usize = 10_000;
 const DEFAULT_INTERVAL_SECONDS: i64 = 30;
 const DEFAULT_TIMEOUT_SECONDS: i64 = 10;
 const DEFAULT_RETRIES: i64 = 3;
@@ -194,7 +199,10 @@ fn in_range(field: &str, value: i64, min: i64, max: i64) -> Result<i64, ApiError
 /// Checks a check's fields; the error says which one is wrong.
 pub fn validate(check: &HealthCheck) -> Result<(), ApiError> {
     let name = check.name.trim();
-    if name.is_empty() || check.name.len() > MAX_NAME_BYTES || super::has_control_chars(name) {
+    if name.is_empty()
+        || check.name.len() > MAX_NAME_BYTES
+        || super::extract::has_control_chars(name)
+    {
         return Err(ApiError::validation(
             "name must be 1-128 bytes without control characters",
         ));
@@ -276,26 +284,36 @@ pub fn validate(check: &HealthCheck) -> Result<(), ApiError> {
             }
         }
     }
-    if let Some(labels) = &check.selector.labels {
-        if labels.iter().any(|(k, v)| {
-            k.is_empty() || super::has_control_chars(k) || super::has_control_chars(v)
-        }) {
-            return Err(ApiError::validation(
-                "selector.labels keys must not be empty; keys and values must not contain control characters",
-            ));
-        }
-    }
-    if check
-        .selector
-        .server_ids
-        .as_ref()
-        .is_some_and(|ids| ids.len() > 10_000)
-    {
-        return Err(ApiError::validation(
-            "selector.server_ids holds at most 10000 ids",
-        ));
-    }
+    let no_labels = Labels::new();
+    selector::check_input(
+        check.selector.labels.as_ref().unwrap_or(&no_labels),
+        check.selector.server_ids.as_deref().unwrap_or_default(),
+        InputLimits {
+            max_labels: usize::MAX,
+            max_server_ids: MAX_SELECTOR_SERVER_IDS,
+        },
+    )
+    .map_err(|e| match e {
+        SelectorInputError::TooManyServerIds { .. } => ApiError::validation(format!(
+            "selector.server_ids holds at most {MAX_SELECTOR_SERVER_IDS} ids"
+        )),
+        SelectorInputError::TooManyLabels { .. }
+        | SelectorInputError::ControlCharacters
+        | SelectorInputError::EmptyLabelKey => ApiError::validation(
+            "selector.labels keys must not be empty; keys and values must not contain control characters",
+        ),
+    })?;
     Ok(())
+}
+
+/// What the audit log records of a created or changed check: its name,
+/// kind and, for an exec check, the argv it runs.
+fn audit_details(check: &HealthCheck) -> serde_json::Value {
+    let mut details = serde_json::json!({ "name": check.name, "kind": check.kind });
+    if let Some(argv) = check.spec.argv.as_ref() {
+        details["argv"] = serde_json::json!(argv);
+    }
+    details
 }
 
 /// The latest result of every check of a server.
@@ -446,8 +464,8 @@ pub async fn list_checks(
     ApiQuery(params): ApiQuery<ListHealthChecks>,
 ) -> Result<Json<Page<HealthCheckView>>, ApiError> {
     caller.require(Scope::ServersRead)?;
-    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let after = super::page_cursor(params.cursor.as_deref())?;
+    let limit = super::extract::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let after = super::extract::page_cursor(params.cursor.as_deref())?;
     let checks = cp
         .store
         .list_health_checks(&caller.visible_organizations, limit + 1, after)
@@ -462,6 +480,7 @@ pub async fn list_checks(
 
 /// Creates a health check; the servers it selects that are connected to
 /// this control plane get it at once, the others at their next session.
+/// An exec check also needs `commands:run`; the audit entry records its argv.
 #[utoipa::path(
     post,
     path = "/health-checks",
@@ -473,7 +492,7 @@ pub async fn list_checks(
         (status = 201, description = "The check.", body = HealthCheckView),
         (status = 400, description = "`invalid_request`: malformed JSON or not `Content-Type: application/json`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the token lacks `servers:write`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `servers:write`, or `commands:run` for an exec check (details: `required_scope`).", body = ErrorBody),
         (status = 404, description = "`not_found`: no such organization in the caller's tree.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: the body is larger than 1 MiB.", body = ErrorBody),
         (status = 422, description = "`validation_error`: wrong types, unknown fields, or an invalid name, spec, timing or selector.", body = ErrorBody),
@@ -488,6 +507,10 @@ pub async fn create_check(
     ApiJson(body): ApiJson<CreateHealthCheck>,
 ) -> Result<(StatusCode, Json<HealthCheckView>), ApiError> {
     caller.require(Scope::ServersWrite)?;
+    if body.kind == HealthCheckKind::Exec {
+        // An exec check runs a program on every server it selects.
+        caller.require(Scope::CommandsRun)?;
+    }
     let organization_id = body.organization_id.unwrap_or(caller.organization_id);
     if !caller.sees(organization_id) {
         return Err(ApiError::not_found("no such organization"));
@@ -516,7 +539,7 @@ pub async fn create_check(
             organization_id,
             "health_check.create",
             check.id.to_string(),
-            serde_json::json!({ "name": check.name, "kind": check.kind }),
+            audit_details(&check),
         )
         .await;
     crate::health::spawn_repush(cp.clone(), None, Some(check.clone()));
@@ -556,7 +579,8 @@ pub async fn get_check(
 }
 
 /// Changes a health check and re-pushes it to the connected servers it
-/// applied or applies to.
+/// applied or applies to. A check that is or becomes an exec check also
+/// needs `commands:run`.
 #[utoipa::path(
     patch,
     path = "/health-checks/{id}",
@@ -569,7 +593,7 @@ pub async fn get_check(
         (status = 200, description = "The changed check.", body = HealthCheckView),
         (status = 400, description = "`invalid_request`: malformed JSON or not `Content-Type: application/json`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the token lacks `servers:write`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `servers:write`, or `commands:run` when the check is or becomes an exec check (details: `required_scope`).", body = ErrorBody),
         (status = 404, description = "`not_found`: no such check in the caller's organization tree.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: the body is larger than 1 MiB.", body = ErrorBody),
         (status = 422, description = "`validation_error`: wrong types, unknown fields, or an invalid name, spec, timing or selector.", body = ErrorBody),
@@ -610,6 +634,11 @@ pub async fn update_check(
         check.selector = selector;
     }
     check.updated_at = Utc::now();
+    if before.kind == HealthCheckKind::Exec || check.kind == HealthCheckKind::Exec {
+        // Changing an exec check (its argv, or which servers run it), or
+        // turning a check into one, is running a program.
+        caller.require(Scope::CommandsRun)?;
+    }
     validate(&check)?;
     if !cp
         .store
@@ -624,7 +653,7 @@ pub async fn update_check(
             check.organization_id,
             "health_check.update",
             id.to_string(),
-            serde_json::json!({ "name": check.name, "kind": check.kind }),
+            audit_details(&check),
         )
         .await;
     crate::health::spawn_repush(cp.clone(), Some(before), Some(check.clone()));

@@ -18,10 +18,12 @@ use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, ErrorBody, Page};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Page};
 use crate::auth::Scope;
-use crate::gateway::enrollment::token_hash;
+use crate::context::ControlPlane;
+use crate::enrollment::token_hash;
 use crate::provision::bootstrap::BootStageReport;
 use crate::provision::credentials::Provider;
 use crate::provision::job::valid_variable_name;
@@ -31,9 +33,12 @@ use crate::store::{BootStage, Deployment, DeploymentRecord, DeploymentStatus, De
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProvisionRequest {
-    /// The stored credential to use (not needed for `local`).
+    /// The stored credential to use (not needed for `local` and `docker`);
+    /// one of the deployment's own organization.
     pub cloud_provider_credential_id: Option<Uuid>,
-    /// aws, digitalocean, hetzner, gcp, azure or local.
+    /// aws, digitalocean, hetzner, gcp, azure, local or docker (`local` and
+    /// `docker` only when the operator enabled host targets, and only for
+    /// the root organization).
     pub provider: String,
     #[schema(min_length = 1, max_length = 64)]
     pub region: String,
@@ -46,8 +51,9 @@ pub struct ProvisionRequest {
     #[serde(default)]
     #[schema(value_type = std::collections::HashMap<String, String>)]
     pub tags: crate::store::Labels,
-    /// Extra (non-secret) inputs of the target's module, e.g. `image`,
-    /// `disk_size_gb`, `ssh_public_keys`.
+    /// Extra (non-secret) inputs of the target's module that callers may
+    /// set, e.g. `image`, `disk_size_gb`, `ssh_public_keys`; each target
+    /// declares its own list (docs/provisioning-templates.md).
     #[serde(default)]
     #[schema(value_type = Object)]
     pub terraform_variables: Map<String, Value>,
@@ -180,7 +186,38 @@ fn valid_server_name(name: &str) -> bool {
 }
 
 fn valid_short_text(text: &str) -> bool {
-    !text.trim().is_empty() && text.len() <= 64 && !super::has_control_chars(text)
+    !text.trim().is_empty() && text.len() <= 64 && !super::extract::has_control_chars(text)
+}
+
+/// Whether `caller` may provision a target that runs on the control-plane
+/// host (`local`, `docker`) into `organization_id`: only when the operator
+/// enabled them (`--enable-host-targets`), and only the root organization,
+/// for itself (a server on this host is as good as a shell on it for
+/// whoever may run commands there).
+fn host_target_allowed(
+    cp: &ControlPlane,
+    caller: &Caller,
+    provider: Provider,
+    organization_id: Uuid,
+) -> Result<(), ApiError> {
+    if !cp.config.enable_host_targets {
+        return Err(ApiError::forbidden(format!(
+            "the {} target runs servers on the control-plane host and is off; the operator enables it with tether serve --enable-host-targets",
+            provider.as_str()
+        ))
+        .with_detail("reason", "host_targets_disabled")
+        .with_detail("provider", provider.as_str()));
+    }
+    let root = cp.instance.root_organization_id;
+    if caller.organization_id != root || organization_id != root {
+        return Err(ApiError::forbidden(format!(
+            "the {} target runs servers on the control-plane host: only the root organization may use it, for itself",
+            provider.as_str()
+        ))
+        .with_detail("reason", "host_targets_root_only")
+        .with_detail("provider", provider.as_str()));
+    }
+    Ok(())
 }
 
 /// Queues a deployment: checks scopes, the provider, the credential, the
@@ -197,10 +234,10 @@ fn valid_short_text(text: &str) -> bool {
         (status = 202, description = "Queued; follow `monitor_url` or GET the deployment.", body = ProvisionAccepted),
         (status = 400, description = "`invalid_request`: malformed JSON.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: missing scope or provider not allowed; `quota_exceeded`: no room for another server.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: missing scope or provider not allowed, or a host target (`local`, `docker`) that is off (`reason: host_targets_disabled`) or asked for by or for an organization other than the root (`reason: host_targets_root_only`); `quota_exceeded`: no room for another server.", body = ErrorBody),
         (status = 404, description = "`not_found`: no such organization or credential.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: body over 1 MiB.", body = ErrorBody),
-        (status = 422, description = "`validation_error`: unknown provider, credential of another provider, invalid name, tags or variables.", body = ErrorBody),
+        (status = 422, description = "`validation_error`: unknown provider, credential of another provider or of another organization (`reason: credential_of_another_organization`), invalid name or tags, a variable the target does not let callers set (`reason: variable_not_settable`, `variable` names it) or an invalid one.", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
         (status = 500, description = "`internal_error`.", body = ErrorBody),
     )
@@ -226,12 +263,8 @@ pub async fn provision(
             )));
         }
     }
-    if provider == Provider::Docker
-        && (cp.config.api_listen.ip().is_loopback() || cp.config.quic_listen.ip().is_loopback())
-    {
-        return Err(ApiError::validation(
-            "the docker target's containers reach the control plane through their bridge network's gateway: start tether serve with --api-listen and --quic-listen on 0.0.0.0 (or the gateway address)",
-        ));
+    if provider.runs_on_this_machine() {
+        host_target_allowed(&cp, &caller, provider, organization_id)?;
     }
     if !valid_server_name(&body.server_name) {
         return Err(ApiError::validation(
@@ -244,23 +277,43 @@ pub async fn provision(
         ));
     }
     super::enrollment_tokens::validate_labels(&body.tags)?;
+    let settable = crate::provision::templates::api_variables(provider.as_str());
     for (name, value) in &body.terraform_variables {
         if !valid_variable_name(name) {
             return Err(ApiError::validation(format!(
                 "terraform_variables: {:?} is not a module input name (lowercase identifier, not server_name/region/instance_type/tags/user_data)",
                 name.chars().take(64).collect::<String>()
-            )));
+            ))
+            .with_detail("variable", name.chars().take(64).collect::<String>()));
+        }
+        if !settable.contains(&name.as_str()) {
+            return Err(ApiError::validation(format!(
+                "terraform_variables: {name} cannot be set through the API for the {} target (settable: {})",
+                provider.as_str(),
+                settable.join(", ")
+            ))
+            .with_detail("reason", "variable_not_settable")
+            .with_detail("variable", name.as_str()));
         }
         if value.is_null() || value.to_string().len() > 16 * 1024 {
             return Err(ApiError::validation(format!(
                 "terraform_variables: {name} must be a non-null value under 16 KiB"
-            )));
+            ))
+            .with_detail("variable", name.as_str()));
         }
         if value.to_string().contains('\0') {
             return Err(ApiError::validation(format!(
                 "terraform_variables: {name} contains a NUL character"
-            )));
+            ))
+            .with_detail("variable", name.as_str()));
         }
+    }
+    if provider == Provider::Docker
+        && (cp.config.api_listen.ip().is_loopback() || cp.config.quic_listen.ip().is_loopback())
+    {
+        return Err(ApiError::validation(
+            "the docker target's containers reach the control plane through their bridge network's gateway: start tether serve with --api-listen and --quic-listen on 0.0.0.0 (or the gateway address)",
+        ));
     }
     let credential_id = match (
         provider.needs_credential(),
@@ -273,11 +326,25 @@ pub async fn provision(
             )))
         }
         (_, Some(id)) => {
-            let credential = cp
-                .store
-                .cloud_credential(&caller.visible_organizations, id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("no such cloud credential"))?;
+            use crate::provision::credentials::{credential_for_deployment, CredentialUseError};
+            let credential = credential_for_deployment(
+                &*cp.store,
+                organization_id,
+                id,
+                &caller.visible_organizations,
+            )
+            .await
+            .map_err(|e| match e {
+                CredentialUseError::Missing { .. } => {
+                    ApiError::not_found("no such cloud credential")
+                }
+                CredentialUseError::OtherOrganization { owner, .. } => {
+                    ApiError::validation(e.to_string())
+                        .with_detail("reason", "credential_of_another_organization")
+                        .with_detail("credential_organization_id", owner.to_string())
+                }
+                CredentialUseError::Store(e) => ApiError::from(e),
+            })?;
             if credential.provider != provider.as_str() {
                 return Err(ApiError::validation(format!(
                     "cloud credential {id} is for {}, not {}",
@@ -372,8 +439,8 @@ pub async fn list(
     ApiQuery(query): ApiQuery<DeploymentListQuery>,
 ) -> Result<Json<Page<DeploymentView>>, ApiError> {
     caller.require(Scope::ServersRead)?;
-    let limit = super::page_limit(query.limit, 100, 500)?;
-    let cursor = super::page_cursor::<Uuid>(query.cursor.as_deref())?;
+    let limit = super::extract::page_limit(query.limit, 100, 500)?;
+    let cursor = super::extract::page_cursor::<Uuid>(query.cursor.as_deref())?;
     let page = cp
         .store
         .list_deployments(&caller.visible_organizations, limit, cursor)

@@ -17,9 +17,11 @@ use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiPath, ApiQuery, Caller, ErrorBody};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiPath, ApiQuery};
 use crate::auth::Scope;
+use crate::context::ControlPlane;
 use crate::store::{ContainerRecord, MetricsRecord, RollupRecord, Server, ServerQuery};
 
 const DEFAULT_LIMIT: u32 = 1000;
@@ -365,6 +367,8 @@ impl Exposition {
         (status = 200, description = "Prometheus text exposition (version 0.0.4) of every visible server's latest values.", body = String, content_type = "text/plain"),
         (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
         (status = 403, description = "`forbidden`: the token lacks `servers:read`.", body = ErrorBody),
+        (status = 429, description = "`rate_limit_exceeded`: too many requests this minute; retry after `Retry-After` seconds.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
         (status = 500, description = "`internal_error`: a failure of the control plane.", body = ErrorBody),
     )
 )]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use std::sync::LazyLock;
 
-use axum::extract::{DefaultBodyLimit, FromRequest};
+use axum::extract::DefaultBodyLimit;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::{Json, Router};
@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 
 pub mod agent_download;
 pub mod alerts;
@@ -26,11 +26,13 @@ pub mod cloud_providers;
 pub mod commands;
 pub mod enrollment_tokens;
 pub mod error;
+pub mod extract;
 pub mod health;
 pub mod infrastructure;
 pub mod metrics;
 pub mod organizations;
 pub mod rate_limit;
+pub mod serve;
 pub mod servers;
 pub mod terraform_state;
 pub mod tokens;
@@ -38,30 +40,10 @@ pub mod webhooks;
 
 pub use auth::Caller;
 pub use error::{ApiError, ErrorBody};
+pub use extract::{page_cursor, page_limit, ApiJson, ApiPath, ApiQuery, Page};
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 1 << 20;
-
-/// Whether a text has control characters (NUL included): names and filters
-/// never need them, and PostgreSQL cannot store or compare NUL in text.
-pub(crate) fn has_control_chars(text: &str) -> bool {
-    text.chars().any(char::is_control)
-}
-
-/// A JSON request body whose rejections are API errors.
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
-pub struct ApiJson<T>(pub T);
-
-/// Query parameters whose rejections are API errors.
-#[derive(Debug, axum::extract::FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(ApiError))]
-pub struct ApiQuery<T>(pub T);
-
-/// Path parameters whose rejections are API errors.
-#[derive(Debug, axum::extract::FromRequestParts)]
-#[from_request(via(axum::extract::Path), rejection(ApiError))]
-pub struct ApiPath<T>(pub T);
 
 /// The OpenAPI description shared by every route: title, the `bearer`
 /// security scheme and the error schema.
@@ -120,8 +102,12 @@ impl utoipa::Modify for BearerSecurity {
 /// registered through `routes!`, which reads its `#[utoipa::path]`, so no route
 /// exists without being documented (and no documented route is missing).
 struct Documented {
-    /// Routes outside `/api/v1` (`/health`).
+    /// `/health`.
     root: Router<Arc<ControlPlane>>,
+    /// `/metrics/fleet` (rate limited like `/api/v1`).
+    fleet: Router<Arc<ControlPlane>>,
+    /// `/agent/download/...` (rate limited per source address).
+    download: Router<Arc<ControlPlane>>,
     /// Routes under `/api/v1`.
     v1: Router<Arc<ControlPlane>>,
     openapi: utoipa::openapi::OpenApi,
@@ -180,13 +166,21 @@ fn documented() -> Documented {
         .routes(routes!(commands::cancel))
         .routes(routes!(commands::output))
         .split_for_parts();
-    let (root, openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
-        .routes(routes!(health))
+    let (fleet, fleet_doc) = OpenApiRouter::new()
         .routes(routes!(metrics::fleet))
+        .split_for_parts();
+    let (download, download_doc) = OpenApiRouter::new()
         .routes(routes!(agent_download::download))
         .split_for_parts();
+    let (root, mut openapi) = OpenApiRouter::with_openapi(<ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(health))
+        .split_for_parts();
+    openapi.merge(fleet_doc);
+    openapi.merge(download_doc);
     Documented {
         root,
+        fleet,
+        download,
         v1,
         openapi: openapi.nest("/api/v1", v1_doc),
     }
@@ -234,26 +228,45 @@ pub fn openapi_document() -> serde_json::Value {
 
 /// The whole HTTP surface of a control plane.
 pub fn router(cp: Arc<ControlPlane>) -> Router {
-    let Documented { root, v1, .. } = documented();
+    let Documented {
+        root,
+        fleet,
+        download,
+        v1,
+        ..
+    } = documented();
     let v1 = v1
         .method_not_allowed_fallback(error::method_not_allowed)
         .route_layer(axum::middleware::from_fn_with_state(
             cp.clone(),
             rate_limit::enforce,
         ));
+    let fleet = fleet.route_layer(axum::middleware::from_fn_with_state(
+        cp.clone(),
+        rate_limit::enforce,
+    ));
+    let download = download.route_layer(axum::middleware::from_fn_with_state(
+        cp.clone(),
+        rate_limit::enforce_download,
+    ));
     // Terraform's http backend uses LOCK/UNLOCK methods: served outside the
-    // documented API (see `terraform_state`).
-    let state_backend = Router::new()
-        .route(
-            "/terraform/state/{id}",
-            axum::routing::any(terraform_state::state),
-        )
-        .layer(DefaultBodyLimit::max(terraform_state::MAX_STATE_BYTES));
+    // documented API (see `terraform_state`, which reads its body itself,
+    // bounded, once the credentials are checked).
+    let state_backend = Router::new().route(
+        "/terraform/state/{id}",
+        axum::routing::any(terraform_state::state),
+    );
     root.nest("/api/v1", v1)
+        .merge(fleet)
+        .merge(download)
         .merge(state_backend)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            cp.clone(),
+            serve::body_deadline,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(cp)
 }
@@ -301,59 +314,4 @@ async fn openapi_json() -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         DOCUMENT.as_str(),
     )
-}
-
-/// Checks a list's `limit` (default `default`, at most `max`).
-pub fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
-    let limit = limit.unwrap_or(default);
-    if (1..=max).contains(&limit) {
-        Ok(limit)
-    } else {
-        Err(ApiError::invalid_request(format!(
-            "limit must be between 1 and {max}"
-        )))
-    }
-}
-
-/// Parses a list's opaque `cursor` (an id or a sequence number).
-pub fn page_cursor<T: std::str::FromStr>(cursor: Option<&str>) -> Result<Option<T>, ApiError> {
-    cursor
-        .map(|c| {
-            c.parse()
-                .map_err(|_| ApiError::invalid_request("cursor is not valid"))
-        })
-        .transpose()
-}
-
-/// A page of a list: `{ "data": [...], "next_cursor": ... }`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Page<T> {
-    pub data: Vec<T>,
-    /// Pass as `cursor` to get the next page; `null` on the last page.
-    pub next_cursor: Option<String>,
-}
-
-impl<T> Page<T> {
-    /// The page of `rows` read with `limit + 1` (the extra row only tells
-    /// that another page follows): the first `limit` rows as views, and,
-    /// when more follow, the cursor of the last one shown.
-    pub fn from_rows<R>(
-        mut rows: Vec<R>,
-        limit: u32,
-        cursor: impl Fn(&R) -> String,
-        view: impl FnMut(R) -> T,
-    ) -> Self {
-        let limit = limit as usize;
-        let has_more = rows.len() > limit;
-        rows.truncate(limit);
-        let next_cursor = if has_more {
-            rows.last().map(cursor)
-        } else {
-            None
-        };
-        Self {
-            data: rows.into_iter().map(view).collect(),
-            next_cursor,
-        }
-    }
 }

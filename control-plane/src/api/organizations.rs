@@ -1,5 +1,10 @@
 //! `/api/v1/organizations`: the organization tree, its quotas and usage.
 //! Reads are open to any token within its tree; writes need `admin`.
+//!
+//! A tree is at most [`MAX_ORGANIZATION_DEPTH`] levels below the root
+//! (organizations have no move; creating is the only way to deepen a tree),
+//! and every walk over it is iterative, so no tree, however it came to be,
+//! can exhaust the stack.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,10 +17,15 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, ErrorBody, Page};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Page};
 use crate::auth::Scope;
+use crate::context::ControlPlane;
 use crate::store::{Organization, OrganizationDeletion, OrganizationUpdate, Quotas, Usage};
+
+/// Most levels below the root organization (the root is at depth 0).
+pub const MAX_ORGANIZATION_DEPTH: usize = 16;
 
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 500;
@@ -188,8 +198,8 @@ pub async fn list(
     caller: Caller,
     ApiQuery(params): ApiQuery<ListOrganizations>,
 ) -> Result<Json<Page<OrganizationView>>, ApiError> {
-    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let after = super::page_cursor(params.cursor.as_deref())?;
+    let limit = super::extract::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let after = super::extract::page_cursor(params.cursor.as_deref())?;
     let orgs = cp
         .store
         .list_organizations(&caller.visible_organizations, limit + 1, after)
@@ -226,7 +236,7 @@ pub async fn list(
         (status = 403, description = "`forbidden`: the token lacks `admin`.", body = ErrorBody),
         (status = 404, description = "`not_found`: no such parent organization in the caller's tree.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: the body is larger than 1 MiB.", body = ErrorBody),
-        (status = 422, description = "`validation_error`: wrong types, unknown fields, an invalid name, negative quotas or quotas above an ancestor's.", body = ErrorBody),
+        (status = 422, description = "`validation_error`: wrong types, unknown fields, an invalid name, negative quotas or quotas above an ancestor's; `organization_depth_exceeded`: the new organization would be more than 16 levels below the root (details: `max_depth`, `depth`).", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`: too many requests this minute.", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds until the rate-limit window resets."))),
         (status = 500, description = "`internal_error`: a failure of the control plane.", body = ErrorBody),
@@ -243,6 +253,19 @@ pub async fn create(
     validate_quotas(&quotas)?;
     let parent_id = body.parent_id.unwrap_or(caller.organization_id);
     visible(&cp, &caller, parent_id).await?;
+    // The parent's ancestors (itself included) are the new organization's depth.
+    let depth = cp.store.organization_ancestors(parent_id).await?.len();
+    if depth > MAX_ORGANIZATION_DEPTH {
+        return Err(ApiError::new(
+            crate::api::error::ErrorCode::OrganizationDepthExceeded,
+            format!(
+                "an organization may be at most {MAX_ORGANIZATION_DEPTH} levels below the root; \
+                 this one would be {depth}"
+            ),
+        )
+        .with_detail("max_depth", MAX_ORGANIZATION_DEPTH)
+        .with_detail("depth", depth));
+    }
     crate::quota::check_child_limits(&*cp.store, parent_id, &quotas)
         .await?
         .map_err(ApiError::validation)?;
@@ -360,7 +383,10 @@ pub async fn patch(
     Ok(Json(view(&cp, org).await?))
 }
 
-/// Deletes an organization (soft); with `cascade=true` also its descendants and their servers. Needs `admin`.
+/// Deletes an organization (soft); with `cascade=true` also its descendants and their servers.
+/// Its API tokens are revoked, its unused enrollment tokens expire (an enrollment with one is
+/// refused as `OrganizationDeleted`), its servers' certificates are revoked and their sessions
+/// closed (QUIC close code 8, "the server's organization was deleted"). Needs `admin`.
 #[utoipa::path(
     delete,
     path = "/organizations/{id}",
@@ -369,7 +395,7 @@ pub async fn patch(
     params(("id" = Uuid, Path, description = "Organization id"), DeleteOrganization),
     security(("bearer" = [])),
     responses(
-        (status = 204, description = "Deleted."),
+        (status = 204, description = "Deleted: its tokens revoked, its servers' sessions closed."),
         (status = 400, description = "`invalid_request`: a malformed query.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
         (status = 403, description = "`forbidden`: the token lacks `admin`, or targets its own organization.", body = ErrorBody),
@@ -406,7 +432,15 @@ pub async fn delete(
         OrganizationDeletion::Deleted {
             organizations,
             servers,
+            server_ids,
         } => {
+            // Its servers' sessions end now, with the reason, rather than
+            // at their next reconnect.
+            for server_id in &server_ids {
+                cp.sessions
+                    .disconnect(*server_id, tether_protocol::CloseCode::OrganizationDeleted);
+            }
+            tracing::info!(organization_id = %id, organizations, servers, "organization deleted; its tokens revoked and sessions closed");
             caller
                 .audit(&cp, id, "organization.delete", id.to_string(), serde_json::json!({ "cascade": params.cascade, "organizations": organizations, "servers": servers }))
                 .await;
@@ -447,25 +481,190 @@ pub async fn hierarchy(
     let root = visible(&cp, &caller, id).await?;
     let scope = cp.store.organization_scope(id).await?;
     let orgs = cp.store.list_organizations(&scope, u32::MAX, None).await?;
+    Ok(Json(build_tree(root, orgs)))
+}
+
+/// Builds the subtree of `root` from `orgs` (its descendants, in any
+/// order) without recursion: nodes are laid out breadth first, then
+/// assembled from the deepest up. Nodes more than [`MAX_ORGANIZATION_DEPTH`]
+/// levels below `root` (possible only in trees made before the cap) are
+/// left out, so the answer's nesting, and serializing and dropping it, stay
+/// bounded.
+pub fn build_tree(root: Organization, orgs: Vec<Organization>) -> OrganizationNode {
     let mut children: HashMap<Uuid, Vec<Organization>> = HashMap::new();
     for org in orgs {
         if let Some(parent) = org.parent_id {
             children.entry(parent).or_default().push(org);
         }
     }
-    fn build(
-        org: Organization,
-        children: &mut HashMap<Uuid, Vec<Organization>>,
-    ) -> OrganizationNode {
-        let kids = children.remove(&org.id).unwrap_or_default();
+    fn node(org: Organization) -> OrganizationNode {
         OrganizationNode {
             id: org.id,
             name: org.name,
             parent_id: org.parent_id,
             quotas: org.quotas,
             created_at: org.created_at,
-            children: kids.into_iter().map(|k| build(k, children)).collect(),
+            children: Vec::new(),
         }
     }
-    Ok(Json(build(root, &mut children)))
+    let mut root = node(root);
+    // Descendants breadth first, with the index of each one's parent in
+    // `flat` (`None`: the root) and its depth below the root.
+    let mut flat: Vec<OrganizationNode> = Vec::new();
+    let mut parents: Vec<Option<usize>> = Vec::new();
+    let mut depths: Vec<usize> = Vec::new();
+    for kid in children.remove(&root.id).unwrap_or_default() {
+        flat.push(node(kid));
+        parents.push(None);
+        depths.push(1);
+    }
+    let mut next = 0;
+    while next < flat.len() {
+        let depth = depths[next];
+        if depth < MAX_ORGANIZATION_DEPTH {
+            for kid in children.remove(&flat[next].id).unwrap_or_default() {
+                flat.push(node(kid));
+                parents.push(Some(next));
+                depths.push(depth + 1);
+            }
+        }
+        next += 1;
+    }
+    // A parent comes before its children in `flat`: attach from the end.
+    while let Some(child) = flat.pop() {
+        match parents[flat.len()] {
+            Some(parent) => flat[parent].children.push(child),
+            None => root.children.push(child),
+        }
+    }
+    // Children were attached last first: restore their order.
+    let mut stack = vec![&mut root];
+    while let Some(n) = stack.pop() {
+        n.children.reverse();
+        stack.extend(n.children.iter_mut());
+    }
+    root
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn org(id: Uuid, parent_id: Option<Uuid>) -> Organization {
+        Organization {
+            id,
+            name: id.to_string(),
+            parent_id,
+            quotas: Quotas::default(),
+            created_at: Utc::now(),
+        }
+    }
+
+    /// A tree from `parents`: node `i + 1`'s parent is node `parents[i] % (i + 1)`
+    /// (node 0 is the root), with depths capped at `MAX_ORGANIZATION_DEPTH`
+    /// by re-attaching a node that would be deeper to its parent's parent.
+    fn tree(parents: &[usize], chain: usize) -> (Vec<Organization>, Vec<usize>) {
+        let mut ids = vec![Uuid::now_v7()];
+        let mut depth = vec![0usize];
+        let mut orgs = vec![org(ids[0], None)];
+        // A chain at the limit first, so every tree reaches it.
+        for i in 0..chain {
+            let id = Uuid::now_v7();
+            orgs.push(org(id, Some(ids[i])));
+            ids.push(id);
+            depth.push(i + 1);
+        }
+        for &p in parents {
+            let mut parent = p % ids.len();
+            while depth[parent] >= MAX_ORGANIZATION_DEPTH {
+                parent = ids
+                    .iter()
+                    .position(|id| Some(*id) == orgs[parent].parent_id)
+                    .unwrap_or(0);
+            }
+            let id = Uuid::now_v7();
+            orgs.push(org(id, Some(ids[parent])));
+            ids.push(id);
+            depth.push(depth[parent] + 1);
+        }
+        (orgs, depth)
+    }
+
+    fn walk(root: &OrganizationNode) -> Vec<(Uuid, Option<Uuid>, usize)> {
+        let mut out = Vec::new();
+        let mut stack = vec![(root, 0usize)];
+        while let Some((n, d)) = stack.pop() {
+            out.push((n.id, n.parent_id, d));
+            for c in &n.children {
+                assert_eq!(c.parent_id, Some(n.id));
+                stack.push((c, d + 1));
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Trees built up to the depth limit come back whole: every
+        /// organization once, under its parent, at its depth, children in
+        /// the order given.
+        #[test]
+        fn trees_at_the_depth_limit_are_built_whole(
+            parents in proptest::collection::vec(0usize..1000, 0..200),
+            chain in 0usize..=MAX_ORGANIZATION_DEPTH,
+        ) {
+            let (mut orgs, depth) = tree(&parents, chain);
+            let root = orgs.remove(0);
+            let expected: Vec<(Uuid, usize)> = std::iter::once((root.id, 0))
+                .chain(orgs.iter().zip(depth.iter().skip(1)).map(|(o, d)| (o.id, *d)))
+                .collect();
+            prop_assert!(depth.iter().all(|d| *d <= MAX_ORGANIZATION_DEPTH));
+            let order: Vec<Uuid> = orgs.iter().map(|o| o.id).collect();
+            let built = build_tree(root, orgs);
+            let mut seen = walk(&built);
+            prop_assert_eq!(seen.len(), expected.len());
+            seen.sort();
+            let mut want = expected.clone();
+            want.sort();
+            prop_assert_eq!(
+                seen.iter().map(|(id, _, d)| (*id, *d)).collect::<Vec<_>>(),
+                want
+            );
+            // Siblings keep the order they were listed in.
+            let mut stack = vec![&built];
+            while let Some(n) = stack.pop() {
+                let positions: Vec<usize> = n
+                    .children
+                    .iter()
+                    .map(|c| order.iter().position(|id| *id == c.id).unwrap_or(usize::MAX))
+                    .collect();
+                prop_assert!(positions.windows(2).all(|w| w[0] < w[1]));
+                stack.extend(n.children.iter());
+            }
+        }
+    }
+
+    /// A chain far deeper than the limit (made before the cap existed) is
+    /// built without recursion and answered down to the limit only.
+    #[test]
+    fn a_chain_thousands_deep_is_cut_at_the_limit_without_exhausting_the_stack() {
+        let mut orgs = vec![org(Uuid::now_v7(), None)];
+        for i in 0..5000 {
+            let parent = orgs[i].id;
+            orgs.push(org(Uuid::now_v7(), Some(parent)));
+        }
+        let root = orgs.remove(0);
+        let built = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let built = build_tree(root, orgs);
+                walk(&built).iter().map(|(_, _, d)| *d).max()
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(built, Some(MAX_ORGANIZATION_DEPTH));
+    }
 }

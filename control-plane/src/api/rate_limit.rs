@@ -1,80 +1,26 @@
-//! Per-token rate limits on `/api/v1` (per source IP for requests without a
-//! valid token): a fixed one-minute window per key, with the limit chosen by
-//! tier (`--api-rate-limit`, and `--api-rate-limit-admin` for admin tokens).
+//! Per-token rate limits on `/api/v1` and `/metrics/fleet` (per source IP
+//! for requests without a valid token): a fixed one-minute window per key,
+//! with the limit chosen by tier (`--api-rate-limit`, and
+//! `--api-rate-limit-admin` for admin tokens). `/agent/download` has its
+//! own per-source-IP limit (`--download-rate-limit`).
 //! Every response carries `X-RateLimit-Limit/Remaining/Reset`; past the limit
 //! the answer is 429 `rate_limit_exceeded` with `Retry-After`.
 //! Counters are per replica.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::ApiError;
-use crate::app::ControlPlane;
+use super::error::ApiError;
 use crate::auth::Scope;
+use crate::context::ControlPlane;
 
-const WINDOW: Duration = Duration::from_secs(60);
-/// Past this many keys, expired windows are dropped.
-const PRUNE_ABOVE: usize = 10_000;
-
-#[derive(Debug)]
-struct Window {
-    started: Instant,
-    count: u32,
-}
-
-/// The outcome of counting one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Decision {
-    pub allowed: bool,
-    pub limit: u32,
-    pub remaining: u32,
-    /// Seconds until the window resets.
-    pub reset_after: u64,
-}
-
-/// Fixed-window request counters.
-#[derive(Debug, Default)]
-pub struct RateLimiter {
-    windows: Mutex<HashMap<String, Window>>,
-}
-
-impl RateLimiter {
-    /// Counts one request of `key` against `limit` per minute.
-    pub fn hit(&self, key: &str, limit: u32, now: Instant) -> Decision {
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        if windows.len() > PRUNE_ABOVE {
-            windows.retain(|_, w| now.duration_since(w.started) < WINDOW);
-        }
-        let window = windows.entry(key.to_string()).or_insert(Window {
-            started: now,
-            count: 0,
-        });
-        if now.duration_since(window.started) >= WINDOW {
-            *window = Window {
-                started: now,
-                count: 0,
-            };
-        }
-        let allowed = window.count < limit;
-        if allowed {
-            window.count += 1;
-        }
-        let elapsed = now.duration_since(window.started);
-        Decision {
-            allowed,
-            limit,
-            remaining: limit.saturating_sub(window.count),
-            reset_after: WINDOW.saturating_sub(elapsed).as_secs().max(1),
-        }
-    }
-}
+pub use crate::rate_limit::{Decision, RateLimiter};
 
 fn header(value: impl ToString) -> HeaderValue {
     HeaderValue::from_str(&value.to_string()).unwrap_or_else(|_| HeaderValue::from_static("0"))
@@ -96,7 +42,25 @@ fn add_headers(response: &mut Response, decision: Decision) {
     );
 }
 
-/// The middleware.
+fn source_ip(request: &Request) -> String {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip().to_string())
+        .unwrap_or_default()
+}
+
+/// The middleware of `/agent/download`: per source IP.
+pub async fn enforce_download(
+    State(cp): State<Arc<ControlPlane>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let key = format!("download:{}", source_ip(&request));
+    limited(&cp, &key, cp.config.download_rate_limit, request, next).await
+}
+
+/// The middleware of `/api/v1` and `/metrics/fleet`.
 pub async fn enforce(
     State(cp): State<Arc<ControlPlane>>,
     request: Request,
@@ -114,22 +78,28 @@ pub async fn enforce(
             cp.config.api_rate_limit_admin,
         ),
         Some(claims) => (format!("token:{}", claims.jti), cp.config.api_rate_limit),
-        None => {
-            let ip = request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|ConnectInfo(addr)| addr.ip().to_string())
-                .unwrap_or_default();
-            (format!("ip:{ip}"), cp.config.api_rate_limit)
-        }
+        None => (
+            format!("ip:{}", source_ip(&request)),
+            cp.config.api_rate_limit,
+        ),
     };
-    let decision = cp.rate_limiter.hit(&key, limit, Instant::now());
+    limited(&cp, &key, limit, request, next).await
+}
+
+/// Counts `request` under `key` and runs it, or answers 429.
+async fn limited(
+    cp: &ControlPlane,
+    key: &str,
+    limit: u32,
+    request: Request,
+    next: Next,
+) -> Response {
+    let decision = cp.rate_limiter.hit(key, limit, Instant::now());
     let mut response = if decision.allowed {
         next.run(request).await
     } else {
         let mut response = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_exceeded",
+            crate::api::error::ErrorCode::RateLimitExceeded,
             format!(
                 "more than {limit} requests in a minute; retry in {} s",
                 decision.reset_after
@@ -145,28 +115,4 @@ pub async fn enforce(
     };
     add_headers(&mut response, decision);
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn window_allows_the_limit_then_refuses_until_it_resets() {
-        let limiter = RateLimiter::default();
-        let t0 = Instant::now();
-        for i in 0..3 {
-            let d = limiter.hit("k", 3, t0);
-            assert!(d.allowed);
-            assert_eq!(d.remaining, 2 - i);
-        }
-        let refused = limiter.hit("k", 3, t0 + Duration::from_secs(10));
-        assert!(!refused.allowed);
-        assert_eq!(refused.reset_after, 50);
-        assert!(limiter.hit("other", 3, t0).allowed, "keys are independent");
-        assert!(
-            limiter.hit("k", 3, t0 + WINDOW).allowed,
-            "a new window starts"
-        );
-    }
 }

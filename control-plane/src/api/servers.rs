@@ -12,9 +12,11 @@ use tether_protocol::CloseCode;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiPath, ApiQuery, Caller, ErrorBody, Page};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiPath, ApiQuery, Page};
 use crate::auth::Scope;
+use crate::context::ControlPlane;
 use crate::store::{Labels, Server, ServerQuery, ServerStatus};
 
 const DEFAULT_LIMIT: u32 = 100;
@@ -149,7 +151,7 @@ pub async fn list(
         .flat_map(|l| l.split(','))
         .filter(|p| !p.is_empty())
     {
-        if super::has_control_chars(pair) {
+        if super::extract::has_control_chars(pair) {
             return Err(ApiError::invalid_request(
                 "label filters must not contain control characters",
             ));
@@ -174,8 +176,8 @@ pub async fn list(
             }
         },
     };
-    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let after = super::page_cursor(params.cursor.as_deref())?;
+    let limit = super::extract::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let after = super::extract::page_cursor(params.cursor.as_deref())?;
     let Page {
         mut data,
         next_cursor,

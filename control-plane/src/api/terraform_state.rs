@@ -4,13 +4,15 @@
 //! run holds it). States are sealed under the master key in the database.
 //! Each deployment has its own Basic credentials (user `deployment`, a
 //! password derived from an instance secret), handed to terraform only as
-//! `TF_HTTP_*` environment variables. This is terraform's protocol, not the
-//! admin API, so it is outside `/api/v1` and its OpenAPI document.
+//! `TF_HTTP_*` environment variables. The credentials are checked before a
+//! byte of the body is read: a caller without them costs no more than its
+//! headers. This is terraform's protocol, not the admin API, so it is
+//! outside `/api/v1` and its OpenAPI document.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -18,8 +20,8 @@ use base64::Engine;
 use chrono::Utc;
 use uuid::Uuid;
 
-use super::ApiError;
-use crate::app::ControlPlane;
+use super::error::ApiError;
+use crate::context::ControlPlane;
 use crate::provision::job::backend_password;
 use crate::store::{terraform_state_context, LockOutcome};
 
@@ -46,6 +48,31 @@ fn authorized(cp: &ControlPlane, id: Uuid, headers: &HeaderMap) -> bool {
             == 0
 }
 
+/// The whole body, at most [`MAX_STATE_BYTES`] (a larger declared length
+/// is refused before anything is read).
+async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
+    use axum::body::HttpBody;
+    let too_large =
+        || ApiError::payload_too_large(format!("state is larger than {MAX_STATE_BYTES} bytes"));
+    if body.size_hint().lower() > MAX_STATE_BYTES as u64 {
+        return Err(too_large());
+    }
+    let mut buffer = bytes::BytesMut::new();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let frame = frame
+            .map_err(|e| ApiError::invalid_request(format!("could not read the body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buffer.len() + data.len() > MAX_STATE_BYTES {
+                return Err(too_large());
+            }
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(buffer.freeze())
+}
+
 fn locked(holder: serde_json::Value) -> Response {
     (StatusCode::LOCKED, axum::Json(holder)).into_response()
 }
@@ -57,7 +84,7 @@ pub async fn state(
     Query(params): Query<HashMap<String, String>>,
     method: Method,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     match serve(&cp, &id, &params, &method, &headers, body).await {
         Ok(response) => response,
@@ -71,7 +98,7 @@ async fn serve(
     params: &HashMap<String, String>,
     method: &Method,
     headers: &HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let id = Uuid::parse_str(id).map_err(|_| ApiError::not_found("no such state"))?;
     if !authorized(cp, id, headers) {
@@ -86,6 +113,8 @@ async fn serve(
     if cp.store.deployment(None, id).await?.is_none() {
         return Err(ApiError::not_found("no such deployment"));
     }
+    // Only now, for a caller holding this deployment's credentials.
+    let body = read_body(body).await?;
     let now = Utc::now();
     let lock_id_of = |body: &Bytes| -> Result<(String, serde_json::Value), ApiError> {
         let info: serde_json::Value = serde_json::from_slice(body)
@@ -169,10 +198,6 @@ async fn serve(
                 }
             }
         }
-        _ => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request",
-            "method not allowed on this route",
-        )),
+        _ => Err(ApiError::method_not_allowed()),
     }
 }

@@ -11,9 +11,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, ApiPath, Caller, ErrorBody};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath};
 use crate::auth::Scope;
+use crate::context::ControlPlane;
 use crate::store::ApiToken;
 
 const DEFAULT_TTL_SECONDS: i64 = 90 * 24 * 3600;
@@ -78,7 +80,9 @@ pub async fn create(
     ApiJson(body): ApiJson<CreateToken>,
 ) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
     caller.require(Scope::Admin)?;
-    if body.name.trim().is_empty() || body.name.len() > 200 || super::has_control_chars(&body.name)
+    if body.name.trim().is_empty()
+        || body.name.len() > 200
+        || super::extract::has_control_chars(&body.name)
     {
         return Err(ApiError::validation(
             "name must be 1-200 printable characters",

@@ -1,7 +1,9 @@
 //! `/api/v1/webhooks`: webhook subscriptions of the caller's organization
 //! tree and their delivery log. The signing secret is sealed at rest and
-//! never returned; a URL pointing at this control plane's own listeners is
-//! refused. All calls need `webhooks:write` (or `admin`).
+//! never returned; a URL pointing at this control plane's own listeners, or
+//! at a non-public address (unless `--allow-private-webhooks` allows
+//! loopback and private ones), is refused with a `reason`. All calls need
+//! `webhooks:write` (or `admin`).
 
 use std::sync::Arc;
 
@@ -13,11 +15,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, Caller, ErrorBody, Page};
-use crate::app::ControlPlane;
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Page};
 use crate::auth::Scope;
+use crate::context::ControlPlane;
 use crate::store::{webhook_secret_context, Delivery, DeliveryAttempt, DeliveryStatus, Webhook};
-use crate::webhooks::{check_target, valid_event_pattern, OwnListeners, TargetError};
+use crate::webhooks::{check_target, valid_event_pattern, TargetError, TargetPolicy};
 
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 500;
@@ -31,7 +35,8 @@ const MAX_EVENTS: usize = 64;
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     /// `http://` or `https://` URL receiving `POST`s; may not point at this
-    /// control plane's own API or QUIC listener.
+    /// control plane's own API or QUIC listener, nor resolve to a loopback,
+    /// private, link-local, metadata or other non-public address.
     #[schema(example = "https://hooks.example.com/tether")]
     pub url: String,
     /// Event names (`alert.firing`), `<prefix>.*` (`infrastructure.*`) or
@@ -170,7 +175,7 @@ pub struct ListParams {
         (status = 403, description = "`forbidden`: the token lacks `webhooks:write`.", body = ErrorBody),
         (status = 404, description = "`not_found`: no such organization in the caller's tree.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: body over 1 MiB.", body = ErrorBody),
-        (status = 422, description = "`validation_error`: not an http(s) URL, a host that does not resolve, a URL of this control plane's own listeners, an unknown event or a secret of the wrong length.", body = ErrorBody),
+        (status = 422, description = "`validation_error`: not an http(s) URL, a host that does not resolve, a URL of this control plane's own listeners, a host that is or resolves to a non-public address (`reason`: `loopback_address`, `private_address`, `unique_local_address`, `link_local_address`, `metadata_address`, `unspecified_address`, `multicast_address`, `broadcast_address`, `reserved_address`; the first three are allowed with `--allow-private-webhooks`), an unknown event or a secret of the wrong length. URL refusals carry `field: url` and a `reason`.", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
         (status = 500, description = "`internal_error`.", body = ErrorBody),
     )
@@ -185,7 +190,7 @@ pub async fn create(
     if !caller.sees(organization_id) {
         return Err(ApiError::not_found("no such organization"));
     }
-    if body.url.len() > MAX_URL_CHARS || super::has_control_chars(&body.url) {
+    if body.url.len() > MAX_URL_CHARS || super::extract::has_control_chars(&body.url) {
         return Err(ApiError::validation(format!(
             "url must be at most {MAX_URL_CHARS} printable characters"
         )));
@@ -210,11 +215,14 @@ pub async fn create(
             .with_detail("field", "events"));
         }
     }
-    let url = check_target(&body.url, &OwnListeners::of(&cp))
+    let url = check_target(&body.url, &TargetPolicy::of(&cp))
         .await
         .map_err(|e: TargetError| {
-            ApiError::validation(e.to_string()).with_detail("field", "url")
-        })?;
+            ApiError::validation(e.to_string())
+                .with_detail("field", "url")
+                .with_detail("reason", e.code())
+        })?
+        .url;
     let mut events = body.events.clone();
     events.sort();
     events.dedup();
@@ -265,8 +273,8 @@ pub async fn list(
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<Page<WebhookView>>, ApiError> {
     caller.require(Scope::WebhooksWrite)?;
-    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let after = super::page_cursor(params.cursor.as_deref())?;
+    let limit = super::extract::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let after = super::extract::page_cursor(params.cursor.as_deref())?;
     let webhooks = cp
         .store
         .list_webhooks(&caller.visible_organizations, limit + 1, after)
@@ -388,8 +396,8 @@ pub async fn deliveries(
         .webhook(&caller.visible_organizations, id)
         .await?
         .ok_or_else(|| ApiError::not_found("no such webhook"))?;
-    let limit = super::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
-    let before = super::page_cursor(params.cursor.as_deref())?;
+    let limit = super::extract::page_limit(params.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let before = super::extract::page_cursor(params.cursor.as_deref())?;
     let mut deliveries = cp.store.list_deliveries(id, limit + 1, before).await?;
     let has_more = deliveries.len() > limit as usize;
     deliveries.truncate(limit as usize);

@@ -17,7 +17,7 @@ use tether_protocol::{BranchRequest, BranchResponse, JoinRequest};
 use uuid::Uuid;
 
 use super::{BranchClientStream, FederationError, BRANCH_CERT_LIFETIME};
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 use crate::store::{branch_client_key_context, BranchPeer, BranchStatus};
 
 const PREFIX: &str = "tether-invite:";
@@ -98,6 +98,9 @@ pub async fn join(
         .ca_fingerprint
         .parse()
         .map_err(|_| FederationError::InvalidInvite("its CA fingerprint is malformed".into()))?;
+    // A known branch id is only re-peered by the same CA into the same
+    // organization; anything else is refused before the inviter is dialed.
+    let existed = super::check_peering_rule(cp, invite.branch_id, organization_id, &pin).await?;
     let unreachable = |e: String| FederationError::Unreachable(invite.branch_id, e);
     let client_key = AgentKey::generate()?;
     let keys = cp.federation.keys.published(&*cp.store, &cp.sealer).await?;
@@ -182,7 +185,9 @@ pub async fn join(
             server_count: 0,
             created_at: Utc::now(),
         };
-        cp.store.upsert_branch_peer(&peer).await?;
+        if !cp.store.upsert_branch_peer(&peer).await? {
+            return Err(FederationError::BranchIdTaken(peer.id));
+        }
         let answer = stream
             .request(&BranchRequest::JoinCertificate {
                 certificate_chain: vec![for_inviter.to_vec(), cp.pki.ca.cert_der().to_vec()],
@@ -191,7 +196,9 @@ pub async fn join(
         match answer {
             Ok(BranchResponse::JoinCompleted) => {}
             other => {
-                let _ = cp.store.delete_branch_peer(None, peer.id).await;
+                if !existed {
+                    let _ = cp.store.delete_branch_peer(None, peer.id).await;
+                }
                 return Err(match other {
                     Ok(BranchResponse::Refused { code, message }) => {
                         FederationError::Refused { code, message }

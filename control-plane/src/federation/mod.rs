@@ -14,8 +14,7 @@
 //! latency, keys, inventory) it stores, so every replica and the API read
 //! the same picture.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -23,7 +22,7 @@ use tether_protocol::{BranchCall, BranchRequest, BranchResponse, RefusalCode};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 use crate::store::{
     branch_client_key_context, BranchHealth, BranchPeer, BranchStatus, RemoteServer,
 };
@@ -32,6 +31,7 @@ pub mod invite;
 pub mod keys;
 pub mod relay;
 pub mod server;
+pub mod state;
 
 /// How often each peer is heartbeated.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
@@ -67,6 +67,10 @@ pub enum FederationError {
     PeeringRevoked,
     #[error("invite is not valid: {0}")]
     InvalidInvite(String),
+    /// A peering with this branch id exists in another organization or
+    /// under another CA; a known branch id is never taken over.
+    #[error("branch {0} is already a peer of another organization or under another CA")]
+    BranchIdTaken(Uuid),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("keys: {0}")]
@@ -79,59 +83,38 @@ pub enum FederationError {
     Transport(#[from] tether_transport::TransportError),
 }
 
-/// Federation state of a running control plane.
-#[derive(Default)]
-pub struct Federation {
-    pub keys: keys::KeyRing,
-    /// Tokens signed for peers, reused while fresh.
-    pub tokens: keys::TokenCache,
-    /// Peers' tokens already verified.
-    pub verified: keys::VerifiedTokens,
-    /// Peer id -> (client endpoint, live connection).
-    connections: Mutex<HashMap<Uuid, (quinn::Endpoint, quinn::Connection)>>,
-    /// Peers with a heartbeat round in flight.
-    in_flight: Mutex<HashSet<Uuid>>,
-    /// Heartbeat rounds per peer (decides inventory pulls).
-    rounds: Mutex<HashMap<Uuid, u64>>,
-    /// Per peer, the long-poll calls (`AwaitCommand`) that may be open at
-    /// once, so they never take every stream the peer allows on the
-    /// connection (heartbeats and relays keep theirs).
-    await_slots: Mutex<HashMap<Uuid, Arc<tokio::sync::Semaphore>>>,
+/// Whether branch `id` may be peered into `organization_id` under the CA
+/// whose fingerprint is `ca`: yes when no peering with that id exists, or
+/// when the one that exists is in the same organization under the same CA
+/// (a re-peer). The store applies the same rule atomically when the
+/// peering is written ([`crate::store::FederationStore::upsert_branch_peer`]);
+/// this check answers early, before any certificate is issued. Returns
+/// whether a peering existed.
+pub(crate) async fn check_peering_rule(
+    cp: &ControlPlane,
+    id: Uuid,
+    organization_id: Uuid,
+    ca: &tether_certs::CaFingerprint,
+) -> Result<bool, FederationError> {
+    let Some(existing) = cp.store.branch_peer(None, id).await? else {
+        return Ok(false);
+    };
+    let same_ca = tether_certs::authority::pem_to_der(&existing.ca_cert_pem)
+        .map(|der| ca.matches(&der))
+        .unwrap_or(false);
+    if existing.organization_id != organization_id || !same_ca {
+        tracing::warn!(
+            branch_id = %id,
+            same_organization = existing.organization_id == organization_id,
+            same_ca,
+            "refused a peering that would take over a known branch id"
+        );
+        return Err(FederationError::BranchIdTaken(id));
+    }
+    Ok(true)
 }
 
-/// Long-poll calls open at once per peer (QUIC allows 100 streams).
-pub const MAX_AWAITS_PER_PEER: usize = 64;
-
-impl Federation {
-    fn cached(&self, peer: Uuid) -> Option<quinn::Connection> {
-        let map = self.connections.lock().ok()?;
-        let (_, connection) = map.get(&peer)?;
-        connection
-            .close_reason()
-            .is_none()
-            .then(|| connection.clone())
-    }
-
-    /// The long-poll slots of `peer`.
-    pub fn await_slots(&self, peer: Uuid) -> Arc<tokio::sync::Semaphore> {
-        let mut map = self
-            .await_slots
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        map.entry(peer)
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_AWAITS_PER_PEER)))
-            .clone()
-    }
-
-    /// Closes and forgets the connection to `peer`.
-    pub fn forget(&self, peer: Uuid) {
-        if let Ok(mut map) = self.connections.lock() {
-            if let Some((_, connection)) = map.remove(&peer) {
-                tether_transport::close(&connection, tether_protocol::CloseCode::Normal);
-            }
-        }
-    }
-}
+pub use state::{Federation, MAX_AWAITS_PER_PEER};
 
 /// Resolves `address` (`host:port`).
 pub(crate) async fn resolve(address: &str) -> Result<std::net::SocketAddr, String> {
@@ -380,10 +363,10 @@ async fn heartbeat_round(cp: &ControlPlane, peer: BranchPeer) {
     });
     if health.status == BranchStatus::Unreachable && before != BranchStatus::Unreachable {
         tracing::warn!(name = %peer.name, "branch unreachable");
-        crate::webhooks::emit(cp, root, "branch.unreachable", event_data).await;
+        crate::events::emit(cp, root, "branch.unreachable", event_data).await;
     } else if health.status == BranchStatus::Healthy && before == BranchStatus::Unreachable {
         tracing::info!(name = %peer.name, "branch healthy again");
-        crate::webhooks::emit(cp, root, "branch.healthy", event_data).await;
+        crate::events::emit(cp, root, "branch.healthy", event_data).await;
     }
     let answered = health.last_seen_at.is_some();
     let count_changed = health

@@ -14,7 +14,10 @@
 //!
 //! The call's token must carry the scope the call needs, the invite must
 //! have granted it (both checked before this module is reached), and the
-//! server must belong to the peering's organization tree. Commands are
+//! server must belong to the peering's organization tree. A peer reads,
+//! awaits and cancels only the commands it relayed itself (created by
+//! `branch:<its id>`): any other command, local or another peer's, is
+//! `NotFound` to it. Commands are
 //! submitted through `crate::commands` like local ones, so they run under
 //! this branch's delivery rules and the agent's own policy.
 
@@ -28,8 +31,8 @@ use tether_protocol::{
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::app::ControlPlane;
 use crate::commands::{CommandSpec, Target};
+use crate::context::ControlPlane;
 use crate::store::health::ServerRef;
 use crate::store::{
     BranchPeer, CommandRecord, CommandState, RelayedCommandRecord, RelayedCommandUpdate,
@@ -91,9 +94,7 @@ pub(crate) async fn answer(
                 server_id,
                 organization_id: server.organization_id,
             };
-            match crate::commands::submit(cp, &[target], &spec, &format!("branch:{}", peer.id))
-                .await
-            {
+            match crate::commands::submit(cp, &[target], &spec, &relay_actor(peer)).await {
                 Ok(ids) => match ids.first() {
                     Some(id) => {
                         tracing::info!(%server_id, command_id = %id, "relayed command accepted");
@@ -113,7 +114,7 @@ pub(crate) async fn answer(
             let Ok(id) = Uuid::parse_str(&command_id) else {
                 return refused(RefusalCode::Invalid, "command id is not a UUID");
             };
-            match command_in_scope(cp, scope, id).await {
+            match command_in_scope(cp, peer, scope, id).await {
                 Ok(record) => BranchResponse::CommandState(state_of(&record, None)),
                 Err(refusal) => refusal,
             }
@@ -128,19 +129,23 @@ pub(crate) async fn answer(
                 return refused(RefusalCode::Invalid, "command id is not a UUID");
             };
             let wait = Duration::from_millis(u64::from(wait_ms)).min(AWAIT_WAIT);
-            await_change(cp, scope, id, &known_status, known_output_len, wait).await
+            await_change(cp, peer, scope, id, &known_status, known_output_len, wait).await
         }
         BranchCall::CancelCommand { command_id } => {
             let Ok(id) = Uuid::parse_str(&command_id) else {
                 return refused(RefusalCode::Invalid, "command id is not a UUID");
             };
+            // Only a command this peer relayed may be cancelled by it.
+            if let Err(refusal) = command_in_scope(cp, peer, scope, id).await {
+                return refusal;
+            }
             match crate::commands::cancel(cp, scope, id).await {
                 Ok(crate::store::CancelOutcome::NotFound) => {
                     refused(RefusalCode::NotFound, "no such command")
                 }
                 Ok(outcome) => {
                     tracing::info!(command_id = %id, ?outcome, "relayed command cancel");
-                    match command_in_scope(cp, scope, id).await {
+                    match command_in_scope(cp, peer, scope, id).await {
                         Ok(record) => BranchResponse::CommandState(state_of(&record, None)),
                         Err(refusal) => refusal,
                     }
@@ -241,14 +246,22 @@ async fn server_in_scope(
     }
 }
 
+/// The actor a peer's relayed commands are created by.
+fn relay_actor(peer: &BranchPeer) -> String {
+    format!("branch:{}", peer.id)
+}
+
+/// A command of the peering's organization tree that `peer` relayed itself;
+/// any other is `NotFound` (the same answer as a command that does not exist).
 async fn command_in_scope(
     cp: &ControlPlane,
+    peer: &BranchPeer,
     scope: &[Uuid],
     id: Uuid,
 ) -> Result<CommandRecord, BranchResponse> {
     match cp.store.command(Some(scope), id).await {
-        Ok(Some(record)) => Ok(record),
-        Ok(None) => Err(refused(RefusalCode::NotFound, "no such command")),
+        Ok(Some(record)) if record.created_by == relay_actor(peer) => Ok(record),
+        Ok(_) => Err(refused(RefusalCode::NotFound, "no such command")),
         Err(_) => Err(refused(RefusalCode::Unavailable, "store unavailable")),
     }
 }
@@ -279,6 +292,7 @@ fn state_of(record: &CommandRecord, live_output: Option<Vec<u8>>) -> RelayedComm
 /// answered once, with its end, and chatty output travels in batches.
 async fn await_change(
     cp: &ControlPlane,
+    peer: &BranchPeer,
     scope: &[Uuid],
     id: Uuid,
     known_status: &str,
@@ -293,7 +307,7 @@ async fn await_change(
             Some((output, events)) => (Some(output), Some(events)),
             None => (None, None),
         };
-        let record = match command_in_scope(cp, scope, id).await {
+        let record = match command_in_scope(cp, peer, scope, id).await {
             Ok(record) => record,
             Err(refusal) => return refusal,
         };

@@ -21,7 +21,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{invite, keys, BranchServerStream, BRANCH_CERT_LIFETIME};
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 use crate::store::{branch_client_key_context, BranchPeer, BranchStatus, ServerQuery};
 
 fn refused(code: RefusalCode, message: impl Into<String>) -> BranchResponse {
@@ -112,7 +112,7 @@ async fn serve_join(connection: quinn::Connection, cp: Arc<ControlPlane>) {
 async fn first_request(
     connection: &quinn::Connection,
 ) -> Option<(BranchServerStream, BranchRequest)> {
-    let first = tokio::time::timeout(crate::gateway::FIRST_FRAME_TIMEOUT, async {
+    let first = tokio::time::timeout(crate::config::FIRST_FRAME_TIMEOUT, async {
         let (send, recv) = connection.accept_bi().await?;
         let mut stream = BranchServerStream::new(send, recv);
         let request = stream.recv_required().await?;
@@ -216,6 +216,29 @@ async fn accept_join(
             .await;
         }
     };
+    // A known branch id is only re-peered by the same CA into the same
+    // organization: a join must not take over another peering.
+    let joiner_fingerprint = tether_certs::CaFingerprint::of_der(&joiner_ca);
+    match super::check_peering_rule(cp, joiner_id, invite.organization_id, &joiner_fingerprint)
+        .await
+    {
+        Ok(_) => {}
+        Err(super::FederationError::BranchIdTaken(_)) => return refuse(
+            stream,
+            RefusalCode::Forbidden,
+            "this branch id is already peered here, in another organization or under another CA",
+        )
+        .await,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check the peering rule");
+            return refuse(
+                stream,
+                RefusalCode::Unavailable,
+                "the peering could not be checked",
+            )
+            .await;
+        }
+    }
     let client_key = match tether_certs::AgentKey::generate() {
         Ok(key) => key,
         Err(_) => return refuse(stream, RefusalCode::Unavailable, "key generation failed").await,
@@ -297,14 +320,23 @@ async fn accept_join(
         server_count: 0,
         created_at: now,
     };
-    if let Err(e) = cp.store.upsert_branch_peer(&peer).await {
-        tracing::warn!(error = %e, "could not store the peering");
-        return refuse(
+    match cp.store.upsert_branch_peer(&peer).await {
+        Ok(true) => {}
+        Ok(false) => return refuse(
             stream,
-            RefusalCode::Unavailable,
-            "the peering could not be stored",
+            RefusalCode::Forbidden,
+            "this branch id is already peered here, in another organization or under another CA",
         )
-        .await;
+        .await,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not store the peering");
+            return refuse(
+                stream,
+                RefusalCode::Unavailable,
+                "the peering could not be stored",
+            )
+            .await;
+        }
     }
     let _ = stream.send(&BranchResponse::JoinCompleted).await;
     Ok(peer)

@@ -1,25 +1,26 @@
 //! Enrollment: the only thing a connection without a client certificate may
 //! do. One bidirectional stream, one `Enroll` frame, one answer; anything
 //! else closes the connection.
+//!
+//! What a bogus attempt costs is bounded: the token is looked up before the
+//! CSR is signed; a source address with `--enroll-failure-limit` failures in
+//! the current `--enroll-failure-window` is refused (`RateLimited`) before
+//! anything else; and failures are written to the audit log once per source
+//! and window, with their count ([`FailureLog`]).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sha2::{Digest, Sha256};
 use tether_protocol::{
     classify_first_message, AgentMessage, CloseCode, ControlMessage, EnrollRejection,
     EnrollRequest, EnrollmentGrant, PeerKind,
 };
 use uuid::Uuid;
 
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
+use crate::enrollment::token_hash;
 use crate::store::{AuditEntry, Enrollment, EnrollmentRefusal};
-
-/// Hash under which an enrollment token is stored.
-pub fn token_hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
 
 /// Serves an unauthenticated connection.
 pub async fn serve(connection: quinn::Connection, cp: Arc<ControlPlane>) {
@@ -55,8 +56,46 @@ async fn enroll(
     request: &EnrollRequest,
     remote: std::net::SocketAddr,
 ) -> Result<EnrollmentGrant, EnrollRejection> {
+    let source = remote.ip();
+    if let Some(retry_after_secs) = cp.enroll_failures.refusal(source, Instant::now()) {
+        let rejection = EnrollRejection::RateLimited { retry_after_secs };
+        tracing::debug!(%source, "enrollment refused: too many failures from this address");
+        cp.enroll_failures
+            .record(source, &rejection, Instant::now());
+        return Err(rejection);
+    }
+    let result = enroll_checked(cp, request, remote).await;
+    if let Err(rejection) = &result {
+        if *rejection != EnrollRejection::Internal {
+            cp.enroll_failures.record(source, rejection, Instant::now());
+        }
+    }
+    result
+}
+
+/// The enrollment proper: token first, then the CSR, then the transaction
+/// that redeems the token.
+async fn enroll_checked(
+    cp: &ControlPlane,
+    request: &EnrollRequest,
+    remote: std::net::SocketAddr,
+) -> Result<EnrollmentGrant, EnrollRejection> {
     let server_id = Uuid::now_v7();
     let span = tracing::info_span!("enroll", %server_id, hostname = %request.facts.hostname);
+    let token_hash = token_hash(&request.token);
+    let precheck = cp
+        .store
+        .enrollment_token_refusal(&token_hash, Utc::now())
+        .await
+        .map_err(|e| {
+            tracing::error!(parent: &span, error = %e, "enrollment token lookup failed in the store");
+            EnrollRejection::Internal
+        })?;
+    if let Some(refusal) = precheck {
+        let rejection = rejection_of(refusal);
+        tracing::warn!(parent: &span, reason = %rejection, "enrollment refused");
+        return Err(rejection);
+    }
     let _guard = span.enter();
     let signed = cp
         .pki
@@ -64,7 +103,7 @@ async fn enroll(
         .map_err(|e| EnrollRejection::InvalidCsr(e.to_string()))?;
     let now = Utc::now();
     let enrollment = Enrollment {
-        token_hash: token_hash(&request.token),
+        token_hash,
         server_id,
         hostname: request.facts.hostname.clone(),
         agent_version: request.facts.agent_version.clone(),
@@ -96,22 +135,67 @@ async fn enroll(
             })
         }
         Err(refusal) => {
-            let rejection = match refusal {
-                EnrollmentRefusal::UnknownToken => EnrollRejection::UnknownToken,
-                EnrollmentRefusal::ExpiredToken => EnrollRejection::ExpiredToken,
-                EnrollmentRefusal::TokenAlreadyUsed => EnrollRejection::TokenAlreadyUsed,
-            };
+            // The token was redeemed (or expired) since the look-up.
+            let rejection = rejection_of(refusal);
             tracing::warn!(reason = %rejection, "enrollment refused");
-            audit(
-                cp,
-                "agent:unenrolled",
-                None,
-                None,
-                remote,
-                &format!("refused: {rejection}"),
-            )
-            .await;
             Err(rejection)
+        }
+    }
+}
+
+fn rejection_of(refusal: EnrollmentRefusal) -> EnrollRejection {
+    match refusal {
+        EnrollmentRefusal::UnknownToken => EnrollRejection::UnknownToken,
+        EnrollmentRefusal::ExpiredToken => EnrollRejection::ExpiredToken,
+        EnrollmentRefusal::TokenAlreadyUsed => EnrollRejection::TokenAlreadyUsed,
+        EnrollmentRefusal::OrganizationDeleted => EnrollRejection::OrganizationDeleted,
+        EnrollmentRefusal::QuotaExceeded {
+            organization_id,
+            resource,
+            limit,
+            usage,
+        } => EnrollRejection::QuotaExceeded(format!(
+            "{resource} quota of organization {organization_id} is {limit} and {usage} are in use"
+        )),
+    }
+}
+
+/// A rejection's name in the audit log.
+/// Writes one audit row per source whose failure window ended, until
+/// shutdown, then the rows of every open window.
+pub async fn failure_audit_loop(cp: Arc<ControlPlane>) {
+    let period =
+        (cp.enroll_failures.window / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let all = tokio::select! {
+            _ = cp.shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        for (source, window) in cp.enroll_failures.take_ended(Instant::now(), all) {
+            let entry = AuditEntry {
+                id: Uuid::now_v7(),
+                at: Utc::now(),
+                actor: "agent:unenrolled".into(),
+                organization_id: None,
+                action: "server.enroll".into(),
+                target: None,
+                source_ip: source.map(|ip| ip.to_string()),
+                outcome: "refused".into(),
+                detail: serde_json::json!({
+                    "failures": window.failures,
+                    "reasons": window.reasons,
+                    "window_started_at": window.started_at,
+                    "window_seconds": cp.enroll_failures.window.as_secs_f64(),
+                }),
+            };
+            if let Err(e) = cp.store.append_audit(&entry).await {
+                tracing::warn!(error = %e, "could not write the audit log");
+            }
+        }
+        if all {
+            return;
         }
     }
 }

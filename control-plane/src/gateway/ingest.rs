@@ -1,5 +1,5 @@
 //! Metrics ingestion: batches from every session go through one writer task
-//! (two on PostgreSQL, [`Store::metrics_writers`]) that stores them in as few
+//! (two on PostgreSQL, [`TelemetryStore::metrics_writers`](crate::store::TelemetryStore::metrics_writers)) that stores them in as few
 //! transactions as possible (all batches waiting when a writer is free go into
 //! its next one), and answers each submitter once its batch is committed, so
 //! the agent's `Ack` always means "durable".

@@ -1,25 +1,23 @@
 //! The QUIC gateway: accepts agent connections, sorts them into enrollment
 //! (no client certificate) and sessions (certificate from this branch's CA),
-//! and keeps server liveness in the store. Connections negotiating ALPN
-//! `tether-branch/1` are peer branches and go to `crate::federation::server`.
+//! and keeps server liveness and connection states in the store
+//! ([`liveness`]). Connections negotiating ALPN `tether-branch/1` are peer
+//! branches and go to `crate::federation::server`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use chrono::Utc;
 use rustls_pki_types::CertificateDer;
 use tracing::Instrument;
 
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 
-pub mod commands;
 pub mod enrollment;
 pub mod ingest;
+pub mod liveness;
 pub mod registry;
 pub mod session;
 
-/// How long a peer has to open its first stream and send its first frame.
-pub(crate) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) use crate::config::FIRST_FRAME_TIMEOUT;
 
 /// Concurrent bidirectional streams a peer branch may open (quinn's default).
 const BRANCH_MAX_CONCURRENT_BIDI_STREAMS: u32 = 100;
@@ -106,35 +104,4 @@ fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer<'st
         .ok()?
         .into_iter()
         .next()
-}
-
-/// Keeps liveness current: records that this replica's sessions are alive,
-/// then sweeps (see [`crate::health::sweep`]): servers whose sessions went
-/// silent on any replica go offline, servers that never connected time out.
-/// Refreshing first means a sweep never marks a server this replica holds;
-/// a server held by another live replica is refreshed by that replica every
-/// period (at most a third of `--offline-after`), so it is never stale.
-pub async fn liveness_loop(cp: Arc<ControlPlane>) {
-    // Pushed health checks follow changes made through other replicas.
-    tokio::spawn(crate::health::reconcile_loop(cp.clone()));
-    let period =
-        (cp.config.offline_after / 3).clamp(Duration::from_millis(300), Duration::from_secs(10));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cp.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = Utc::now();
-        let live = cp.sessions.server_ids();
-        if !live.is_empty() {
-            if let Err(e) = cp.store.touch_servers(&live, now).await {
-                // Sweeping now could mark this replica's own servers offline.
-                tracing::warn!(error = %e, "could not record session liveness; not sweeping");
-                continue;
-            }
-        }
-        crate::health::sweep(&cp, now).await;
-    }
 }

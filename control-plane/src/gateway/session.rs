@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::enrollment::FactsView;
 use super::FIRST_FRAME_TIMEOUT;
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 use crate::store::health::ServerRef;
 use crate::store::{ServerStatus, SessionAdmission};
 
@@ -131,7 +131,11 @@ async fn establish(
     cp: &Arc<ControlPlane>,
 ) -> Option<Established> {
     let server = match cp.store.admit_session(server_id, &cert.serial_hex).await {
-        Ok(SessionAdmission::Admitted(server)) => *server,
+        Ok(SessionAdmission::Admitted(server)) => {
+            // This certificate is in use: the ones issued before it are done.
+            revoke_older(cp, server_id, &cert.serial_hex).await;
+            *server
+        }
         Ok(refusal) => {
             tracing::warn!(reason = ?refusal, serial = %cert.serial_hex, "session refused");
             tether_transport::close(connection, CloseCode::Revoked);
@@ -222,7 +226,7 @@ async fn establish(
             tracing::info!(version, agent_version = %hello.agent_version, "session established");
             drop(hello);
             if marked_online && server.status != ServerStatus::Online {
-                crate::health::emit_state(cp, &server_ref, "server.online", "online", None).await;
+                super::liveness::emit_state(cp, &server_ref, "server.online", "online", None).await;
             }
             // The agent keeps pushed checks only for its process's life: push
             // them after every Welcome.
@@ -233,7 +237,7 @@ async fn establish(
                 cp: cp.clone(),
                 server_id,
                 server: server_ref,
-                serial: cert.serial_hex,
+                serial: std::sync::Mutex::new(cert.serial_hex),
                 expiry: expiry_tx,
             });
             Ok(Box::new(Running {
@@ -261,14 +265,14 @@ async fn end(
 ) {
     if cp.sessions.remove(server_id, generation) {
         tracing::info!(%reason, "session ended");
-        let status_reason = crate::health::session_end_reason(&reason);
+        let status_reason = super::liveness::session_end_reason(&reason);
         match cp
             .store
             .end_session(server_id, online_since, &status_reason, Utc::now())
             .await
         {
             Ok(Some(server)) => {
-                crate::health::emit_state(
+                super::liveness::emit_state(
                     cp,
                     &server,
                     "server.offline",
@@ -359,8 +363,10 @@ struct RenewalContext {
     cp: Arc<ControlPlane>,
     server_id: Uuid,
     server: ServerRef,
-    /// Serial of the certificate the session was opened with.
-    serial: String,
+    /// Serial of the certificate the session was opened with, or of the
+    /// renewed one once the agent acknowledged storing it (the older is
+    /// then revoked).
+    serial: std::sync::Mutex<String>,
     expiry: watch::Sender<SystemTime>,
 }
 
@@ -386,11 +392,15 @@ async fn agent_stream(
             metrics_stream(&connection, stream, batch, &renewal).await;
         }
         (Ok(StreamKind::CertificateRenewal), AgentMessage::RenewCertificate(request)) => {
-            let answer = renew(&renewal, &request).await;
+            let (answer, renewed) = renew(&renewal, &request).await;
             if let Err(e) = stream.send(&answer).await {
                 tracing::warn!(error = %e, "could not deliver the renewed certificate");
+                return;
             }
             let _ = stream.finish();
+            if let Some(serial) = renewed {
+                await_renewal_ack(&mut stream, &renewal, serial).await;
+            }
         }
         (Ok(StreamKind::Health), AgentMessage::HealthReport(report)) => {
             let seq = report.seq;
@@ -480,26 +490,74 @@ async fn metrics_stream(
     let _ = stream.finish();
 }
 
-async fn renew(ctx: &RenewalContext, request: &CertificateRenewalRequest) -> ControlMessage {
-    match ctx.cp.store.admit_session(ctx.server_id, &ctx.serial).await {
+/// How long the agent may take to store a renewed certificate and
+/// acknowledge it.
+const RENEWAL_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Revokes the server's certificates older than `serial`, now in use.
+async fn revoke_older(cp: &ControlPlane, server_id: Uuid, serial: &str) {
+    match cp
+        .store
+        .revoke_certificates_older_than(server_id, serial, Utc::now())
+        .await
+    {
+        Ok(0) => {}
+        Ok(revoked) => {
+            tracing::info!(%serial, revoked, "older certificates revoked: a newer one is in use")
+        }
+        Err(e) => tracing::warn!(error = %e, "could not revoke older certificates"),
+    }
+}
+
+/// Waits for the agent to finish its side of a renewal stream, which it
+/// does once the renewed certificate (`serial`) is stored; then the session
+/// goes on under that serial and the older certificates are revoked. An
+/// agent that resets the stream, or says nothing in time, keeps them (they
+/// are revoked when a session opens with the new one).
+async fn await_renewal_ack(stream: &mut ControlStream, ctx: &RenewalContext, serial: String) {
+    match tokio::time::timeout(RENEWAL_ACK_TIMEOUT, stream.recv()).await {
+        Ok(Ok(None)) => {
+            revoke_older(&ctx.cp, ctx.server_id, &serial).await;
+            *ctx.serial.lock().unwrap_or_else(|p| p.into_inner()) = serial;
+        }
+        Ok(Ok(Some(_))) => {
+            tracing::warn!("unexpected message after a renewal; older certificates kept")
+        }
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "renewal not acknowledged; older certificates kept")
+        }
+        Err(_) => tracing::info!("renewal not acknowledged in time; older certificates kept"),
+    }
+}
+
+/// The answer to a renewal request, and the new certificate's serial when
+/// one was issued.
+async fn renew(
+    ctx: &RenewalContext,
+    request: &CertificateRenewalRequest,
+) -> (ControlMessage, Option<String>) {
+    let serial = ctx.serial.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let refused = |reason| (ControlMessage::RenewalRejected(reason), None);
+    match ctx.cp.store.admit_session(ctx.server_id, &serial).await {
         Ok(SessionAdmission::Admitted(_)) => {}
-        Ok(_) => return ControlMessage::RenewalRejected(RenewalRejection::Revoked),
+        Ok(_) => return refused(RenewalRejection::Revoked),
         Err(e) => {
             tracing::error!(error = %e, "renewal failed in the store");
-            return ControlMessage::RenewalRejected(RenewalRejection::Internal);
+            return refused(RenewalRejection::Internal);
         }
     }
     let signed = match ctx.cp.pki.sign_agent(&request.csr_der, ctx.server_id) {
         Ok(signed) => signed,
-        Err(e) => {
-            return ControlMessage::RenewalRejected(RenewalRejection::InvalidCsr(e.to_string()))
-        }
+        Err(e) => return refused(RenewalRejection::InvalidCsr(e.to_string())),
     };
     if let Err(e) = ctx.cp.store.record_certificate(&signed.record).await {
         tracing::error!(error = %e, "could not record the renewed certificate");
-        return ControlMessage::RenewalRejected(RenewalRejection::Internal);
+        return refused(RenewalRejection::Internal);
     }
     tracing::info!(serial = %signed.record.serial, not_after = %signed.record.not_after, "certificate renewed");
     let _ = ctx.expiry.send(signed.issued.info.not_after);
-    ControlMessage::CertificateRenewed(signed.chain)
+    (
+        ControlMessage::CertificateRenewed(signed.chain),
+        Some(signed.record.serial),
+    )
 }

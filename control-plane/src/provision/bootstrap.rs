@@ -16,6 +16,12 @@
 //!   The script removes it once the agent runs.
 //! * `/etc/systemd/system/tether-agent.service` and
 //!   `/var/lib/tether/bootstrap.sh`, run once by `runcmd`.
+//! * With [`BootstrapParams::agent_user`] (`tether serve
+//!   --provision-agent-user`), the script creates that system user, adds it
+//!   to the `docker` group (created when missing), gives it the agent's
+//!   state dir and `agent.toml`, and runs the unit as that user through the
+//!   drop-in `/etc/systemd/system/tether-agent.service.d/10-user.conf`
+//!   (`systemd` mode only).
 //!
 //! Values are escaped for each place they land: YAML double-quoted scalars
 //! (everything outside printable ASCII as `\u` escapes), TOML by the `toml`
@@ -80,6 +86,9 @@ pub struct BootstrapParams {
     pub deployment_id: String,
     /// The agent binaries the control plane serves, one per platform.
     pub agent_checksums: Vec<AgentChecksum>,
+    /// Runs the agent as this dedicated system user, in the `docker` group,
+    /// instead of root (a lowercase user name, see [`valid_user_name`]).
+    pub agent_user: Option<String>,
 }
 
 impl fmt::Debug for BootstrapParams {
@@ -91,6 +100,7 @@ impl fmt::Debug for BootstrapParams {
             .field("token", &"<redacted>")
             .field("deployment_id", &self.deployment_id)
             .field("agent_checksums", &self.agent_checksums)
+            .field("agent_user", &self.agent_user)
             .finish()
     }
 }
@@ -190,6 +200,9 @@ pub enum BootstrapError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// `agent_user` is not a portable user name.
+    #[error("agent_user must be 1-32 lowercase letters, digits, '_' or '-', starting with a letter or '_', got {0:?}")]
+    InvalidAgentUser(String),
     /// `agent.toml` could not be serialized.
     #[error("agent.toml could not be written: {0}")]
     Toml(String),
@@ -332,6 +345,7 @@ struct Checked<'a> {
     token: &'a str,
     deployment_id: &'a str,
     checksums: Vec<(String, String, String)>,
+    agent_user: Option<&'a str>,
 }
 
 impl<'a> Checked<'a> {
@@ -403,6 +417,13 @@ impl<'a> Checked<'a> {
             ));
         }
 
+        let agent_user = match params.agent_user.as_deref() {
+            Some(user) if !valid_user_name(user) => {
+                return Err(BootstrapError::InvalidAgentUser(user.to_string()))
+            }
+            other => other,
+        };
+
         Ok(Self {
             api_url,
             quic_address,
@@ -410,8 +431,19 @@ impl<'a> Checked<'a> {
             token,
             deployment_id,
             checksums,
+            agent_user,
         })
     }
+}
+
+/// Whether `name` is a portable user name: 1-32 of `[a-z0-9_-]`, starting
+/// with `[a-z_]` (what `useradd` accepts everywhere; safe in shell, systemd
+/// and YAML without quoting).
+pub fn valid_user_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+        && name.len() <= 32
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
 }
 
 /// A non-empty value without control characters or surrounding whitespace.
@@ -464,7 +496,7 @@ fn render_env(checked: &Checked<'_>) -> Result<String, BootstrapError> {
         json(checked.deployment_id)?,
         json(checked.token)?
     );
-    Ok(format!(
+    let mut env = format!(
         "# Read by {BOOTSTRAP_SCRIPT_PATH}, which removes this file once the agent runs.\n\
          TETHER_API_URL={}\n\
          TETHER_AGENT_SHA256={}\n\
@@ -472,7 +504,11 @@ fn render_env(checked: &Checked<'_>) -> Result<String, BootstrapError> {
         shell_quoted(checked.api_url),
         shell_quoted(&sums.join(" ")),
         shell_quoted(&report_fields),
-    ))
+    );
+    if let Some(user) = checked.agent_user {
+        let _ = writeln!(env, "TETHER_AGENT_USER={}", shell_quoted(user));
+    }
+    Ok(env)
 }
 
 /// A POSIX shell single-quoted word.
@@ -556,6 +592,7 @@ mod tests {
                 AgentChecksum::of_binary("linux", "amd64", b"agent-amd64"),
                 AgentChecksum::of_binary("linux", "arm64", b"agent-arm64"),
             ],
+            agent_user: None,
         }
     }
 
@@ -788,6 +825,26 @@ mod tests {
             serde_json::from_str(r#"{"deployment_id":"d","token":"t","stage":"started"}"#).unwrap();
         assert_eq!(ok.stage, BootStageKind::Started);
         assert_eq!(ok.detail, None);
+    }
+
+    #[test]
+    fn a_dedicated_agent_user_reaches_the_env_file_and_bad_names_are_refused() {
+        let mut p = params("t");
+        let checked = Checked::new(&p).unwrap();
+        assert!(!render_env(&checked).unwrap().contains("TETHER_AGENT_USER"));
+        p.agent_user = Some("tether".into());
+        let checked = Checked::new(&p).unwrap();
+        assert!(render_env(&checked)
+            .unwrap()
+            .contains("\nTETHER_AGENT_USER='tether'\n"));
+        for bad in ["", "Root", "1abc", "a b", "a;rm", "x'y", &"a".repeat(33)] {
+            p.agent_user = Some(bad.into());
+            assert_eq!(
+                render_user_data(&p).unwrap_err(),
+                BootstrapError::InvalidAgentUser(bad.into())
+            );
+        }
+        assert!(valid_user_name("_tether-agent2"));
     }
 
     #[test]

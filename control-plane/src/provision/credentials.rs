@@ -2,8 +2,61 @@
 //! needs: which fields a credential must carry, how they are checked, and
 //! the environment variables they become for the terraform process (the
 //! only way a credential ever leaves the control plane).
+//!
+//! It also holds the one rule of which stored credential a deployment may
+//! use ([`credential_for_deployment`]): only one of the deployment's own
+//! organization, never an ancestor's or a descendant's. The API checks it
+//! when a deployment is requested and the job checks it again before every
+//! terraform run, with the same error.
 
 use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::store::{CloudCredential, Store, StoreError};
+
+/// Why a deployment may not use a stored credential.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialUseError {
+    /// No live credential with that id where the looker may look (never
+    /// stored, deleted, or outside what the caller sees).
+    #[error("the cloud credential {id} does not exist or was deleted")]
+    Missing { id: Uuid },
+    /// The credential exists, in another organization.
+    #[error(
+        "the cloud credential {id} belongs to organization {owner}, not to the deployment's \
+         organization {organization}: a deployment uses only a credential of its own organization"
+    )]
+    OtherOrganization {
+        id: Uuid,
+        owner: Uuid,
+        organization: Uuid,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The credential `id` for a deployment of `organization_id`: it must be a
+/// live credential of exactly that organization. When it is not, the
+/// credential is looked for in `diagnose_in` (the organizations the asker may
+/// learn about) to say whether it belongs elsewhere or is gone.
+pub async fn credential_for_deployment(
+    store: &dyn Store,
+    organization_id: Uuid,
+    id: Uuid,
+    diagnose_in: &[Uuid],
+) -> Result<CloudCredential, CredentialUseError> {
+    if let Some(credential) = store.cloud_credential(&[organization_id], id).await? {
+        return Ok(credential);
+    }
+    match store.cloud_credential(diagnose_in, id).await? {
+        Some(elsewhere) => Err(CredentialUseError::OtherOrganization {
+            id,
+            owner: elsewhere.organization_id,
+            organization: organization_id,
+        }),
+        None => Err(CredentialUseError::Missing { id }),
+    }
+}
 
 /// A provisioning target (a folder of `terraform-templates/`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

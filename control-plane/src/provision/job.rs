@@ -22,7 +22,7 @@ use uuid::Uuid;
 use super::bootstrap::{render_user_data, AgentChecksum, BootstrapParams};
 use super::credentials::Provider;
 use super::runner::{Terraform, TerraformError, TerraformEvent};
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 use crate::store::{
     bootstrap_token_context, cloud_credential_context, Deployment, DeploymentStatus,
     DeploymentStep, StepStatus, StoreError,
@@ -100,12 +100,12 @@ pub async fn queue(
 ) -> Result<Uuid, StoreError> {
     let now = Utc::now();
     let id = Uuid::now_v7();
-    let token = crate::api::enrollment_tokens::new_token();
+    let token = crate::enrollment::new_token();
     let registration = chrono::Duration::from_std(cp.config.registration_timeout)
         .unwrap_or_else(|_| chrono::Duration::minutes(10));
     let token_record = crate::store::NewEnrollmentToken {
         id: Uuid::now_v7(),
-        token_hash: crate::gateway::enrollment::token_hash(&token),
+        token_hash: crate::enrollment::token_hash(&token),
         organization_id,
         server_name: Some(record.server_name.clone()),
         labels: record.tags.clone(),
@@ -358,7 +358,7 @@ impl Job {
         match status {
             DeploymentStatus::Pending | DeploymentStatus::Provisioning => {
                 if status == DeploymentStatus::Pending {
-                    crate::webhooks::emit_deployment(
+                    crate::events::emit_deployment(
                         &self.cp,
                         &*self.deployment.lock().await,
                         "infrastructure.provisioning.started",
@@ -400,12 +400,24 @@ impl Job {
         ));
         env.push(("TF_VAR_user_data".into(), self.user_data(&d, for_destroy)?));
         if let Some(credential_id) = d.credential_id {
-            let credential = self
+            // The API's rule, checked again: the credential may have been
+            // deleted since, or the deployment predates the rule.
+            let everywhere = self
                 .cp
                 .store
-                .cloud_credential(&[d.organization_id], credential_id)
-                .await?
-                .ok_or_else(|| JobError::Credential("the cloud credential was deleted".into()))?;
+                .organization_scope(self.cp.instance.root_organization_id)
+                .await?;
+            let credential = super::credentials::credential_for_deployment(
+                &*self.cp.store,
+                d.organization_id,
+                credential_id,
+                &everywhere,
+            )
+            .await
+            .map_err(|e| match e {
+                super::credentials::CredentialUseError::Store(e) => JobError::Store(e),
+                other => JobError::Credential(other.to_string()),
+            })?;
             let fields = self
                 .cp
                 .sealer
@@ -489,6 +501,7 @@ impl Job {
             token,
             deployment_id: d.id.to_string(),
             agent_checksums,
+            agent_user: self.cp.config.provision_agent_user.clone(),
         })
         .map_err(|e| JobError::Bootstrap(e.to_string()))
     }
@@ -627,7 +640,7 @@ impl Job {
                     d.bootstrap_token_sealed = None;
                 }
                 self.set_status(DeploymentStatus::Completed).await?;
-                crate::webhooks::emit_deployment(
+                crate::events::emit_deployment(
                     &self.cp,
                     &*self.deployment.lock().await,
                     "infrastructure.provisioning.completed",
@@ -741,7 +754,7 @@ impl Job {
             .await?;
         self.tear_down("rollback").await?;
         self.set_status(DeploymentStatus::Failed).await?;
-        crate::webhooks::emit_deployment(
+        crate::events::emit_deployment(
             &self.cp,
             &*self.deployment.lock().await,
             "infrastructure.provisioning.failed",
@@ -752,7 +765,7 @@ impl Job {
 
     /// `DELETE`: destroys the server; the deployment ends `destroyed`.
     async fn destroy_requested(&self) -> Result<(), JobError> {
-        crate::webhooks::emit_deployment(
+        crate::events::emit_deployment(
             &self.cp,
             &*self.deployment.lock().await,
             "infrastructure.destroying.started",
@@ -772,7 +785,7 @@ impl Job {
             return Ok(());
         }
         self.set_status(DeploymentStatus::Destroyed).await?;
-        crate::webhooks::emit_deployment(
+        crate::events::emit_deployment(
             &self.cp,
             &*self.deployment.lock().await,
             "infrastructure.destroying.completed",

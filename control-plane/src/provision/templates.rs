@@ -9,6 +9,12 @@
 //! `public_ip`, `private_ip`); cloud credentials reach them only through the
 //! providers' standard environment variables. A unit test checks that every
 //! file under `terraform-templates/<target>/` is embedded here.
+//!
+//! Each target also declares which of its other inputs API callers may set
+//! in `terraform_variables` ([`api_variables`]); the rest keep the module's
+//! defaults. Inputs that name paths, images, networks, addresses or binaries
+//! on the control-plane host (`local_root`, `container_image`,
+//! `docker_network`, `busybox_path`, ...) are never among them.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -38,6 +44,46 @@ pub const COMMON_VARIABLES: &[&str] = &[
 
 /// The outputs every module gives.
 pub const COMMON_OUTPUTS: &[&str] = &["instance_id", "public_ip", "private_ip"];
+
+/// The inputs of `provider`'s module that API callers may set in
+/// `terraform_variables` (empty for an unknown target). Anything else is
+/// refused by the API, naming the variable.
+pub fn api_variables(provider: &str) -> &'static [&'static str] {
+    // What every cloud target lets callers set: things in the cloud account
+    // of the deployment's own credential, never on this host.
+    macro_rules! cloud {
+        ($($extra:literal),* $(,)?) => {
+            &[
+                "image",
+                "disk_size_gb",
+                "ssh_public_keys",
+                "control_plane_cidr",
+                "control_plane_quic_port",
+                "control_plane_api_port",
+                "restrict_egress",
+                "allow_ssh",
+                "ssh_source_cidrs",
+                $($extra),*
+            ]
+        };
+    }
+    match provider {
+        "aws" => cloud!("subnet_id", "associate_public_ip"),
+        "digitalocean" | "hetzner" => cloud!(),
+        "gcp" => cloud!("project", "zone", "network", "subnetwork", "ssh_user"),
+        "azure" => cloud!("admin_username", "vnet_cidr"),
+        // The host targets: only inputs that do not say where on this
+        // machine the server lives or what it runs.
+        "local" => &[
+            "disk_size_gb",
+            "ssh_public_keys",
+            "stop_timeout_seconds",
+            "keep_failed_root",
+        ],
+        "docker" => &["disk_size_gb", "ssh_public_keys", "keep_failed_root"],
+        _ => &[],
+    }
+}
 
 /// The files of one module: `(path relative to the module, contents)`.
 pub type ModuleFiles = &'static [(&'static str, &'static str)];
@@ -209,6 +255,69 @@ mod tests {
                         .iter()
                         .any(|word| variable.contains(word));
                     assert!(!credential, "{provider}/{name}: variable {variable}");
+                }
+            }
+        }
+    }
+
+    /// Names of the `variable` blocks of a target's module.
+    fn declared_variables(provider: &str) -> BTreeSet<String> {
+        module_files(provider)
+            .unwrap()
+            .iter()
+            .flat_map(|(_, contents)| contents.lines())
+            .filter_map(|line| line.trim().strip_prefix("variable \""))
+            .map(|rest| rest.split('"').next().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_api_settable_variable_is_a_declared_non_fixed_input_of_its_module() {
+        for provider in PROVIDERS {
+            let declared = declared_variables(provider);
+            let settable = api_variables(provider);
+            assert!(!settable.is_empty(), "{provider} declares no list");
+            for name in settable {
+                assert!(declared.contains(*name), "{provider} has no input {name}");
+                assert!(
+                    !crate::provision::job::FIXED_VARIABLES.contains(name),
+                    "{provider}: {name} is set by the control plane"
+                );
+            }
+        }
+        assert!(api_variables("nope").is_empty());
+    }
+
+    #[test]
+    fn host_targets_never_let_the_api_choose_paths_images_networks_or_binaries() {
+        for provider in ["local", "docker"] {
+            let declared = declared_variables(provider);
+            for name in [
+                "local_root",
+                "container_image",
+                "busybox_path",
+                "docker_network",
+                "docker_subnet",
+                "container_ip",
+                "image",
+            ] {
+                if declared.contains(name) {
+                    assert!(
+                        !api_variables(provider).contains(&name),
+                        "{provider}: {name} is settable"
+                    );
+                }
+            }
+            for name in api_variables(provider) {
+                for word in [
+                    "root", "path", "dir", "image", "network", "subnet", "ip", "bin",
+                ] {
+                    let part_of_name = name.split('_').any(|part| part == word);
+                    let is_the_keep_switch = *name == "keep_failed_root";
+                    assert!(
+                        !part_of_name || is_the_keep_switch,
+                        "{provider}: {name} looks like a host resource"
+                    );
                 }
             }
         }

@@ -1,11 +1,16 @@
 //! Persistent state of a control plane behind one [`Store`] trait.
 //!
-//! Each database gets its own implementation written in its own dialect
-//! (`sqlite` now; PostgreSQL next to it), and one behaviour test suite runs
-//! against every implementation. Callers see domain types only; ids are UUIDs,
-//! times UTC. Every read that serves an API caller takes an organization scope
-//! (the caller's organization and its descendants).
-
+//! [`Store`] holds the core (instance, organizations, API and enrollment
+//! tokens, servers, certificates, audit log, sealed secrets) and is made of
+//! one area trait per concern, each in its folder with one implementation
+//! per database (`sqlite.rs`, `postgres.rs`): webhooks, health, operations,
+//! federation, provisioning, telemetry. Each database writes its own dialect;
+//! how it encodes ids, times and JSON is said once in `row.rs` (its
+//! `StoreRow`), so a table's row is mapped to its domain type once. One
+//! behaviour suite (`control-plane/tests/store_*.rs`) runs against every
+//! implementation. Callers see domain types only; ids are UUIDs, times UTC.
+//! Every read that serves an API caller takes an organization scope (the
+//! caller's organization and its descendants).
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
@@ -17,7 +22,11 @@ pub mod health;
 pub mod operations;
 pub mod postgres;
 pub mod provisioning;
+pub mod quota;
+mod row;
+pub mod selector;
 pub mod sqlite;
+pub mod telemetry;
 pub mod webhooks;
 
 pub use federation::{
@@ -27,10 +36,13 @@ pub use federation::{
 };
 pub use health::HealthStore;
 pub use operations::{
-    command_env_context, CancelOutcome, ClaimedCommand, CommandFinish, CommandRecord, CommandState,
-    NewCommand, OperationsStore,
+    command_env_context, command_stdin_context, CancelOutcome, ClaimedCommand, CommandFinish,
+    CommandRecord, CommandState, NewCommand, NewCommandRequest, OperationsStore,
 };
 pub use provisioning::*;
+pub use quota::QuotaExceeded;
+pub use selector::ServerSelector;
+pub use telemetry::*;
 pub use webhooks::*;
 
 /// Errors of the store.
@@ -182,6 +194,17 @@ pub enum EnrollmentRefusal {
     UnknownToken,
     ExpiredToken,
     TokenAlreadyUsed,
+    /// The token's organization was deleted.
+    OrganizationDeleted,
+    /// The new server would break a limit of the token's organization or
+    /// of an ancestor (checked in the enrollment's transaction, against
+    /// what the tree uses then, the new server included).
+    QuotaExceeded {
+        organization_id: Uuid,
+        resource: &'static str,
+        limit: i64,
+        usage: i64,
+    },
 }
 
 /// Whether a certificate-authenticated connection may start a session.
@@ -228,12 +251,16 @@ pub struct OrganizationUpdate {
 }
 
 /// What deleting an organization did, or why it did not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OrganizationDeletion {
-    /// Soft-deleted, with this many organizations (itself included) and servers.
+    /// Soft-deleted, with this many organizations (itself included) and
+    /// servers; `server_ids` are those servers (their sessions are to be
+    /// closed). The subtree's API tokens are revoked and its unused
+    /// enrollment tokens expired in the same transaction.
     Deleted {
         organizations: u64,
         servers: u64,
+        server_ids: Vec<Uuid>,
     },
     /// Refused without cascade: it has child organizations.
     HasChildren,
@@ -310,6 +337,7 @@ pub(crate) fn sealed_secret_list(
             SealedKind::BootstrapToken => bootstrap_token_context(id),
             SealedKind::WebhookSecret => webhooks::webhook_secret_context(id),
             SealedKind::CommandEnv => command_env_context(id),
+            SealedKind::CommandStdin => command_stdin_context(id),
             SealedKind::InstanceCaKey => INSTANCE_CA_KEY_CONTEXT.into(),
             SealedKind::InstanceSecret => instance_secret_context(&id.to_string()),
             SealedKind::BranchClientKey => branch_client_key_context(id),
@@ -345,8 +373,12 @@ pub enum SealedKind {
     BootstrapToken,
     /// A webhook's signing secret (id: the webhook's).
     WebhookSecret,
-    /// A command's environment, kept until the command ends.
+    /// A command request's environment (id: the request's), kept until
+    /// its commands end.
     CommandEnv,
+    /// A command request's stdin (id: the request's), kept until its
+    /// commands end.
+    CommandStdin,
     /// The private key of a branch certificate a peer issued (id: the peer's branch id).
     BranchClientKey,
     /// A key signing inter-branch JWTs (id: its kid).
@@ -362,7 +394,8 @@ impl SealedKind {
             Self::TerraformState => Some(("terraform_states", "state_sealed", "deployment_id")),
             Self::BootstrapToken => Some(("deployments", "bootstrap_token_sealed", "id")),
             Self::WebhookSecret => Some(("webhooks", "secret_sealed", "id")),
-            Self::CommandEnv => Some(("commands", "env_sealed", "id")),
+            Self::CommandEnv => Some(("command_requests", "env_sealed", "id")),
+            Self::CommandStdin => Some(("command_requests", "stdin_sealed", "id")),
             Self::BranchClientKey => Some(("branch_peers", "client_key_sealed", "id")),
             Self::FederationSigningKey => Some(("federation_keys", "private_key_sealed", "kid")),
             Self::InstanceCaKey | Self::InstanceSecret => None,
@@ -370,12 +403,13 @@ impl SealedKind {
     }
 
     /// The kinds stored in rows.
-    pub(crate) const ROW_KINDS: [Self; 7] = [
+    pub(crate) const ROW_KINDS: [Self; 8] = [
         Self::CloudCredential,
         Self::TerraformState,
         Self::BootstrapToken,
         Self::WebhookSecret,
         Self::CommandEnv,
+        Self::CommandStdin,
         Self::BranchClientKey,
         Self::FederationSigningKey,
     ];
@@ -440,109 +474,18 @@ impl From<serde_json::Value> for JsonText {
     }
 }
 
-/// One raw metrics point: what one agent batch said about its host.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MetricsRecord {
-    pub server_id: Uuid,
-    pub seq: i64,
-    pub ts: DateTime<Utc>,
-    pub cpu_percent: f64,
-    pub load_1: f64,
-    pub load_5: f64,
-    pub load_15: f64,
-    pub memory_used_bytes: i64,
-    pub memory_total_bytes: i64,
-    pub swap_used_bytes: i64,
-    pub swap_total_bytes: i64,
-    /// JSON array of per-core CPU percentages.
-    pub cpu_per_core: JsonText,
-    /// JSON array of `{mount_point, device, filesystem, total_bytes, used_bytes, inodes_total, inodes_used}`.
-    pub disks: JsonText,
-    /// JSON array of `{interface, rx_bytes, tx_bytes, rx_packets, tx_packets, rx_errors, tx_errors}`.
-    pub networks: JsonText,
-    pub uptime_seconds: i64,
-    pub process_count: i64,
-    pub dropped_batches: i64,
-}
-
-impl MetricsRecord {
-    /// How full the fullest disk is, in percent (0 without disks).
-    pub fn disk_used_percent(&self) -> f64 {
-        #[derive(Deserialize)]
-        struct DiskUse {
-            #[serde(default)]
-            used_bytes: f64,
-            #[serde(default)]
-            total_bytes: f64,
-        }
-        serde_json::from_str::<Vec<DiskUse>>(self.disks.as_str())
-            .unwrap_or_default()
-            .iter()
-            .filter(|d| d.total_bytes > 0.0)
-            .map(|d| d.used_bytes / d.total_bytes * 100.0)
-            .fold(0.0, f64::max)
-    }
-}
-
-/// A rolled-up metrics bucket.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RollupRecord {
-    pub server_id: Uuid,
-    pub step_seconds: i64,
-    pub bucket_start: DateTime<Utc>,
-    pub samples: i64,
-    pub cpu_percent_avg: f64,
-    pub cpu_percent_max: f64,
-    pub load_1_avg: f64,
-    pub memory_used_bytes_avg: f64,
-    pub memory_total_bytes: i64,
-    pub swap_used_bytes_avg: f64,
-}
-
-/// One container as last reported.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ContainerRecord {
-    pub container_id: String,
-    pub name: String,
-    pub image: String,
-    pub state: String,
-    pub health: Option<String>,
-    pub restart_count: i64,
-    pub started_at: Option<String>,
-    pub cpu_percent: f64,
-    pub memory_usage_bytes: i64,
-    pub memory_limit_bytes: i64,
-    pub net_rx_bytes: i64,
-    pub net_tx_bytes: i64,
-    pub block_read_bytes: i64,
-    pub block_write_bytes: i64,
-}
-
-/// A server's latest container report.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ContainerSet {
-    pub server_id: Uuid,
-    /// Seq of the batch it came from: an older batch (a replay) never
-    /// replaces a newer report.
-    pub seq: i64,
-    pub docker_version: Option<String>,
-    pub error: Option<String>,
-    pub updated_at: DateTime<Utc>,
-    pub containers: Vec<ContainerRecord>,
-}
-
-/// Batches to store in one transaction.
-#[derive(Debug, Clone, Default)]
-pub struct MetricsIngest {
-    pub received_at: DateTime<Utc>,
-    pub metrics: Vec<MetricsRecord>,
-    pub containers: Vec<ContainerSet>,
-}
-
 /// The control plane's storage. One implementation per database.
 #[async_trait::async_trait]
 pub trait Store:
-    WebhookStore + HealthStore + OperationsStore + FederationStore + Send + Sync + 'static
+    WebhookStore
+    + HealthStore
+    + OperationsStore
+    + FederationStore
+    + ProvisioningStore
+    + TelemetryStore
+    + Send
+    + Sync
+    + 'static
 {
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
@@ -577,7 +520,26 @@ pub trait Store:
         enrollment: &Enrollment,
     ) -> StoreResult<Result<Server, EnrollmentRefusal>>;
 
+    /// Why the enrollment token with this hash could not be redeemed at
+    /// `at`, or `None` when it could (a read: [`Store::enroll`] still
+    /// redeems it atomically). Enrollment asks this before it signs anything.
+    async fn enrollment_token_refusal(
+        &self,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<EnrollmentRefusal>>;
+
     async fn record_certificate(&self, certificate: &CertificateRecord) -> StoreResult<()>;
+
+    /// Revokes the server's certificates issued before the one with
+    /// `serial` (once that one is in use, the older ones are never needed
+    /// again); returns how many it revoked.
+    async fn revoke_certificates_older_than(
+        &self,
+        server_id: Uuid,
+        serial: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<u64>;
 
     /// Checks a server and the certificate it connected with.
     async fn admit_session(&self, server_id: Uuid, serial: &str) -> StoreResult<SessionAdmission>;
@@ -674,199 +636,6 @@ pub trait Store:
         secret: &SealedSecret,
         resealed: &str,
     ) -> StoreResult<bool>;
-
-    /// Stores batches in one transaction: each `(server_id, seq)` once
-    /// (a replay is a no-op), container sets only when newer than the stored one.
-    async fn ingest_metrics(&self, ingest: &MetricsIngest) -> StoreResult<()>;
-
-    /// How many [`Store::ingest_metrics`] calls may usefully run at once:
-    /// one where the database takes one writer at a time (SQLite), more
-    /// where it runs transactions side by side (PostgreSQL).
-    fn metrics_writers(&self) -> usize {
-        1
-    }
-
-    /// Raw points of a server with `from <= ts < to`, oldest first.
-    async fn metrics_points(
-        &self,
-        server_id: Uuid,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<MetricsRecord>>;
-
-    /// Rollup buckets of a server with `from <= bucket_start < to`, oldest first.
-    async fn metrics_rollups(
-        &self,
-        server_id: Uuid,
-        step_seconds: i64,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<RollupRecord>>;
-
-    /// (Re)computes the `step_seconds` buckets touched by points received
-    /// since the last call (up to `now`); returns how many buckets were written.
-    async fn compute_rollups(&self, step_seconds: i64, now: DateTime<Utc>) -> StoreResult<u64>;
-
-    /// Deletes raw points older than `raw_before` and rollups older than
-    /// `rollups_before`; returns how many rows went.
-    async fn prune_metrics(
-        &self,
-        raw_before: DateTime<Utc>,
-        rollups_before: DateTime<Utc>,
-    ) -> StoreResult<u64>;
-
-    /// The latest container report of a server.
-    async fn container_set(&self, server_id: Uuid) -> StoreResult<Option<ContainerSet>>;
-
-    /// The latest raw point of every live server in `scope`, by server id.
-    async fn latest_metrics(&self, scope: &[Uuid]) -> StoreResult<Vec<MetricsRecord>>;
-
-    /// The latest container reports of every live server in `scope`, by server id.
-    async fn latest_container_sets(&self, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>>;
-
-    // --- provisioning -------------------------------------------------
-
-    async fn create_cloud_credential(&self, credential: &CloudCredential) -> StoreResult<()>;
-
-    /// A live credential of an organization in `scope`.
-    async fn cloud_credential(
-        &self,
-        scope: &[Uuid],
-        id: Uuid,
-    ) -> StoreResult<Option<CloudCredential>>;
-
-    /// Live credentials of the organizations in `scope`, oldest first.
-    async fn list_cloud_credentials(&self, scope: &[Uuid]) -> StoreResult<Vec<CloudCredential>>;
-
-    /// Records the outcome of a validation (and `at` as last use).
-    async fn mark_cloud_credential(
-        &self,
-        id: Uuid,
-        validated: Option<bool>,
-        at: DateTime<Utc>,
-    ) -> StoreResult<()>;
-
-    /// Soft-deletes a credential; `false` when there was none in `scope`.
-    async fn delete_cloud_credential(
-        &self,
-        scope: &[Uuid],
-        id: Uuid,
-        at: DateTime<Utc>,
-    ) -> StoreResult<bool>;
-
-    /// Stores a new deployment and its bootstrap token in one transaction.
-    async fn create_deployment(
-        &self,
-        deployment: &Deployment,
-        token: &NewEnrollmentToken,
-    ) -> StoreResult<()>;
-
-    /// A deployment; `scope` `None` is the control plane's own view.
-    async fn deployment(&self, scope: Option<&[Uuid]>, id: Uuid)
-        -> StoreResult<Option<Deployment>>;
-
-    /// Deployments of `scope`, newest first, after `cursor` (an id).
-    async fn list_deployments(
-        &self,
-        scope: &[Uuid],
-        limit: u32,
-        cursor: Option<Uuid>,
-    ) -> StoreResult<Vec<Deployment>>;
-
-    /// Claims one active deployment whose lease is free or expired: the
-    /// worker holds it until `lease_until` (renewed by
-    /// [`Store::save_deployment`]). Oldest first.
-    async fn claim_deployment(
-        &self,
-        worker: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-    ) -> StoreResult<Option<Deployment>>;
-
-    /// Writes a claimed deployment back and extends the lease (released when
-    /// the status is no longer active). `false` when `worker` lost the lease.
-    async fn save_deployment(
-        &self,
-        deployment: &Deployment,
-        worker: &str,
-        lease_until: DateTime<Utc>,
-    ) -> StoreResult<bool>;
-
-    /// Moves a deployment in `scope` from one of `from` to `to` (API
-    /// transitions such as a destroy request). `false` when it was not in
-    /// one of `from`.
-    async fn transition_deployment(
-        &self,
-        scope: &[Uuid],
-        id: Uuid,
-        from: &[DeploymentStatus],
-        to: DeploymentStatus,
-        at: DateTime<Utc>,
-    ) -> StoreResult<bool>;
-
-    async fn append_deployment_event(
-        &self,
-        deployment_id: Uuid,
-        at: DateTime<Utc>,
-        kind: &str,
-        body: &serde_json::Value,
-    ) -> StoreResult<i64>;
-
-    /// Events of a deployment after `after_seq`, oldest first.
-    async fn deployment_events(
-        &self,
-        deployment_id: Uuid,
-        after_seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<DeploymentEvent>>;
-
-    /// The hash of a deployment's bootstrap token.
-    async fn deployment_token_hash(&self, deployment_id: Uuid) -> StoreResult<Option<String>>;
-
-    /// Makes a deployment's unused bootstrap token unusable.
-    async fn expire_deployment_token(
-        &self,
-        deployment_id: Uuid,
-        at: DateTime<Utc>,
-    ) -> StoreResult<()>;
-
-    /// The live server that enrolled with a deployment's token, and whether
-    /// it has reported metrics.
-    async fn deployment_server(&self, deployment_id: Uuid) -> StoreResult<Option<(Server, bool)>>;
-
-    async fn terraform_state(
-        &self,
-        deployment_id: Uuid,
-    ) -> StoreResult<Option<TerraformStateRecord>>;
-
-    /// Writes (`Some`) or empties (`None`) a state, refused while another
-    /// holder's lock is on it (`lock_id` is the writer's lock, if any).
-    async fn write_terraform_state(
-        &self,
-        deployment_id: Uuid,
-        state_sealed: Option<&str>,
-        lock_id: Option<&str>,
-        at: DateTime<Utc>,
-    ) -> StoreResult<LockOutcome>;
-
-    /// Takes the state lock unless someone holds it.
-    async fn lock_terraform_state(
-        &self,
-        deployment_id: Uuid,
-        lock_id: &str,
-        info: &serde_json::Value,
-        at: DateTime<Utc>,
-    ) -> StoreResult<LockOutcome>;
-
-    /// Releases the lock if `lock_id` holds it (`None`: whoever holds it).
-    async fn unlock_terraform_state(
-        &self,
-        deployment_id: Uuid,
-        lock_id: Option<&str>,
-        at: DateTime<Utc>,
-    ) -> StoreResult<LockOutcome>;
 }
 
 /// Opens the store named by a database URL and runs its migrations.

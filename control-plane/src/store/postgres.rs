@@ -23,6 +23,7 @@ use sqlx::types::Json;
 use sqlx::{PgPool, QueryBuilder, Row};
 use uuid::Uuid;
 
+pub(crate) use super::row::{organization_from_row, server_from_row};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -37,13 +38,13 @@ pub(crate) const SERVER_COLUMNS: &str =
     "id, organization_id, name, hostname, labels, status, status_reason, \
      agent_version, facts, deployment_id, created_at, last_seen_at";
 
-const ORGANIZATION_COLUMNS: &str =
+pub(crate) const ORGANIZATION_COLUMNS: &str =
     "id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at";
 
-const API_TOKEN_COLUMNS: &str =
+pub(crate) const API_TOKEN_COLUMNS: &str =
     "id, organization_id, name, scopes, created_at, expires_at, revoked_at";
 
-const AUDIT_COLUMNS: &str =
+pub(crate) const AUDIT_COLUMNS: &str =
     "seq, id, at, actor, organization_id, action, target, source_ip, outcome, detail";
 
 /// A live organization and its live descendants, as the CTE `tree (id)`;
@@ -55,45 +56,48 @@ pub(crate) const SUBTREE_CTE: &str = "WITH RECURSIVE tree (id) AS (
          SELECT o.id FROM organizations o JOIN tree t ON o.parent_id = t.id
          WHERE o.deleted_at IS NULL)";
 
-const ENROLLED_REASON: &str = "enrolled; waiting for the agent's first session";
-const REMOVED_REASON: &str = "removed";
-const ORGANIZATION_DELETED_REASON: &str = "organization deleted";
+pub(crate) const ENROLLED_REASON: &str = "enrolled; waiting for the agent's first session";
+pub(crate) const REMOVED_REASON: &str = "removed";
+pub(crate) const ORGANIZATION_DELETED_REASON: &str = "organization deleted";
 
-pub(crate) fn server_from_row(row: &PgRow) -> StoreResult<Server> {
-    let status: String = row.try_get("status")?;
-    let Json(labels): Json<Labels> = row.try_get("labels")?;
-    Ok(Server {
-        id: row.try_get("id")?,
-        organization_id: row.try_get("organization_id")?,
-        name: row.try_get("name")?,
-        hostname: row.try_get("hostname")?,
-        labels,
-        status: ServerStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("invalid status {status:?}")))?,
-        status_reason: row.try_get("status_reason")?,
-        agent_version: row.try_get("agent_version")?,
-        facts: row.try_get("facts")?,
-        deployment_id: row.try_get("deployment_id")?,
-        created_at: row.try_get("created_at")?,
-        last_seen_at: row.try_get("last_seen_at")?,
+/// What a live organization and its live descendants use (servers, and
+/// deployments still provisioning theirs), read on `conn`.
+pub(crate) async fn usage_on(conn: &mut sqlx::PgConnection, id: Uuid) -> StoreResult<Usage> {
+    // Facts are what agents reported; values that are not JSON numbers
+    // count as nothing rather than failing the whole sum.
+    let row = sqlx::query(&format!(
+        "{SUBTREE_CTE}
+         SELECT COUNT(*) AS servers,
+                COALESCE(SUM(CASE WHEN jsonb_typeof(facts -> 'cpu_cores') = 'number'
+                                  THEN (facts ->> 'cpu_cores')::numeric END), 0)::bigint AS cpu_cores,
+                COALESCE(SUM(CASE WHEN jsonb_typeof(facts -> 'memory_bytes') = 'number'
+                                  THEN CEIL((facts ->> 'memory_bytes')::numeric / 1073741824) END), 0)::bigint
+                    AS memory_gb
+         FROM servers
+         WHERE deleted_at IS NULL AND organization_id IN (SELECT id FROM tree)"
+    ))
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let active = active_statuses_sql();
+    let provisioning: i64 = sqlx::query_scalar(&format!(
+        "{SUBTREE_CTE}
+         SELECT COUNT(*) FROM deployments d
+         WHERE d.deleted_at IS NULL AND d.status IN ({active})
+           AND d.organization_id IN (SELECT id FROM tree)
+           AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.deployment_id = d.id)"
+    ))
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Usage {
+        servers: row.try_get::<i64, _>("servers")? + provisioning,
+        cpu_cores: row.try_get("cpu_cores")?,
+        memory_gb: row.try_get("memory_gb")?,
     })
 }
 
-fn organization_from_row(row: &PgRow) -> StoreResult<Organization> {
-    Ok(Organization {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        parent_id: row.try_get("parent_id")?,
-        quotas: Quotas {
-            max_servers: row.try_get("max_servers")?,
-            max_cpu_cores: row.try_get("max_cpu_cores")?,
-            max_memory_gb: row.try_get("max_memory_gb")?,
-        },
-        created_at: row.try_get("created_at")?,
-    })
-}
-
-fn api_token_from_row(row: &PgRow) -> StoreResult<ApiToken> {
+pub(crate) fn api_token_from_row(row: &PgRow) -> StoreResult<ApiToken> {
     Ok(ApiToken {
         id: row.try_get("id")?,
         organization_id: row.try_get("organization_id")?,
@@ -105,7 +109,7 @@ fn api_token_from_row(row: &PgRow) -> StoreResult<ApiToken> {
     })
 }
 
-fn audit_from_row(row: &PgRow) -> StoreResult<AuditRecord> {
+pub(crate) fn audit_from_row(row: &PgRow) -> StoreResult<AuditRecord> {
     Ok(AuditRecord {
         seq: row.try_get("seq")?,
         entry: AuditEntry {
@@ -122,48 +126,15 @@ fn audit_from_row(row: &PgRow) -> StoreResult<AuditRecord> {
     })
 }
 
-const CREDENTIAL_COLUMNS: &str = "id, organization_id, name, provider, default_region, \
+pub(crate) const CREDENTIAL_COLUMNS: &str = "id, organization_id, name, provider, default_region, \
      credentials_sealed, is_validated, created_at, last_used_at";
 
-fn credential_from_row(row: &PgRow) -> StoreResult<CloudCredential> {
-    Ok(CloudCredential {
-        id: row.try_get("id")?,
-        organization_id: row.try_get("organization_id")?,
-        name: row.try_get("name")?,
-        provider: row.try_get("provider")?,
-        default_region: row.try_get("default_region")?,
-        credentials_sealed: row.try_get("credentials_sealed")?,
-        is_validated: row.try_get("is_validated")?,
-        created_at: row.try_get("created_at")?,
-        last_used_at: row.try_get("last_used_at")?,
-    })
-}
-
-const DEPLOYMENT_COLUMNS: &str =
+pub(crate) const DEPLOYMENT_COLUMNS: &str =
     "id, organization_id, provider, credential_id, status, server_id, \
      record, bootstrap_token_sealed, created_at, updated_at, completed_at";
 
-fn deployment_from_row(row: &PgRow) -> StoreResult<Deployment> {
-    let status: String = row.try_get("status")?;
-    let Json(record): Json<DeploymentRecord> = row.try_get("record")?;
-    Ok(Deployment {
-        id: row.try_get("id")?,
-        organization_id: row.try_get("organization_id")?,
-        provider: row.try_get("provider")?,
-        credential_id: row.try_get("credential_id")?,
-        status: DeploymentStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("invalid deployment status {status:?}")))?,
-        server_id: row.try_get("server_id")?,
-        record,
-        bootstrap_token_sealed: row.try_get("bootstrap_token_sealed")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        completed_at: row.try_get("completed_at")?,
-    })
-}
-
 /// Inserts a one-time enrollment token (hash only).
-async fn insert_enrollment_token<'e>(
+pub(crate) async fn insert_enrollment_token<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     token: &NewEnrollmentToken,
 ) -> StoreResult<()> {
@@ -187,7 +158,7 @@ async fn insert_enrollment_token<'e>(
 
 /// The state row of a deployment (created empty if missing), locked for
 /// this transaction: its lock id and the holder's LockInfo.
-async fn locked_state_row(
+pub(crate) async fn locked_state_row(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     deployment_id: Uuid,
     at: DateTime<Utc>,
@@ -355,6 +326,54 @@ impl Store for PostgresStore {
 
     async fn enroll(&self, e: &Enrollment) -> StoreResult<Result<Server, EnrollmentRefusal>> {
         let mut tx = self.pool.begin().await?;
+        // The token's organization (a token never changes organization),
+        // locked with every ancestor that sets a limit, in id order, before
+        // the token is claimed: a deletion of the organization finishes
+        // first (and this enrollment sees it) or waits for this one, and
+        // racing enrollments into a limited tree count one another.
+        let organization_id: Option<Uuid> = sqlx::query_scalar(
+            "SELECT organization_id FROM enrollment_tokens WHERE token_hash = $1",
+        )
+        .bind(&e.token_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let mut limited = Vec::new();
+        if let Some(organization_id) = organization_id {
+            let rows = sqlx::query(&format!(
+                "WITH RECURSIVE chain (id, parent_id) AS (
+                     SELECT id, parent_id FROM organizations WHERE id = $1
+                     UNION
+                     SELECT o.id, o.parent_id FROM organizations o JOIN chain c ON o.id = c.parent_id)
+                 SELECT {ORGANIZATION_COLUMNS}, deleted_at IS NOT NULL AS deleted FROM organizations
+                 WHERE id IN (SELECT id FROM chain)
+                   AND (id = $1 OR max_servers IS NOT NULL OR max_cpu_cores IS NOT NULL
+                        OR max_memory_gb IS NOT NULL)
+                 ORDER BY id FOR UPDATE"
+            ))
+            .bind(organization_id)
+            .fetch_all(&mut *tx)
+            .await?;
+            let own_live = rows.iter().any(|row| {
+                row.try_get::<Uuid, _>("id").ok() == Some(organization_id)
+                    && row.try_get::<bool, _>("deleted").ok() == Some(false)
+            });
+            if !own_live {
+                tx.rollback().await?;
+                return Ok(Err(EnrollmentRefusal::OrganizationDeleted));
+            }
+            for row in &rows {
+                let org = organization_from_row(row)?;
+                let q = &org.quotas;
+                if q.max_servers.is_some() || q.max_cpu_cores.is_some() || q.max_memory_gb.is_some()
+                {
+                    limited.push(org);
+                }
+            }
+        }
+        let mut before = Vec::with_capacity(limited.len());
+        for org in &limited {
+            before.push(usage_on(&mut tx, org.id).await?);
+        }
         // One statement claims the token and creates the server. Racing
         // enrollments with the same token queue on the token's row lock; once
         // the winner commits, the others re-check `used_at IS NULL` against
@@ -394,15 +413,78 @@ impl Store for PostgresStore {
                 Some(_) => EnrollmentRefusal::ExpiredToken,
             }));
         };
+        for (org, before) in limited.iter().zip(before) {
+            let after = usage_on(&mut tx, org.id).await?;
+            if let Some(q) = super::quota::exceeded_by_growth(org, before, after) {
+                tx.rollback().await?;
+                return Ok(Err(EnrollmentRefusal::QuotaExceeded {
+                    organization_id: q.organization_id,
+                    resource: q.resource,
+                    limit: q.limit,
+                    usage: q.usage,
+                }));
+            }
+        }
         let server = server_from_row(&server)?;
         insert_certificate(&mut tx, &e.certificate).await?;
         tx.commit().await?;
         Ok(Ok(server))
     }
 
+    async fn enrollment_token_refusal(
+        &self,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<EnrollmentRefusal>> {
+        let row = sqlx::query(
+            "SELECT t.used_at IS NOT NULL AS used, t.expires_at <= $2 AS expired,
+                    o.deleted_at IS NOT NULL AS organization_deleted
+             FROM enrollment_tokens t JOIN organizations o ON o.id = t.organization_id
+             WHERE t.token_hash = $1",
+        )
+        .bind(token_hash)
+        .bind(at)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => Some(EnrollmentRefusal::UnknownToken),
+            Some(row) if row.try_get::<bool, _>("used")? => {
+                Some(EnrollmentRefusal::TokenAlreadyUsed)
+            }
+            // Deleting an organization also expires its tokens: say why.
+            Some(row) if row.try_get::<bool, _>("organization_deleted")? => {
+                Some(EnrollmentRefusal::OrganizationDeleted)
+            }
+            Some(row) if row.try_get::<bool, _>("expired")? => {
+                Some(EnrollmentRefusal::ExpiredToken)
+            }
+            Some(_) => None,
+        })
+    }
+
     async fn record_certificate(&self, certificate: &CertificateRecord) -> StoreResult<()> {
         let mut conn = self.pool.acquire().await?;
         insert_certificate(&mut conn, certificate).await
+    }
+
+    async fn revoke_certificates_older_than(
+        &self,
+        server_id: Uuid,
+        serial: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let revoked = sqlx::query(
+            "UPDATE certificates o SET revoked_at = $1
+             FROM certificates c
+             WHERE c.serial = $3 AND c.server_id = $2
+               AND o.server_id = $2 AND o.revoked_at IS NULL AND o.issued_at < c.issued_at",
+        )
+        .bind(at)
+        .bind(server_id)
+        .bind(serial)
+        .execute(&self.pool)
+        .await?;
+        Ok(revoked.rows_affected())
     }
 
     async fn admit_session(&self, server_id: Uuid, serial: &str) -> StoreResult<SessionAdmission> {
@@ -739,9 +821,15 @@ impl Store for PostgresStore {
              removed_organizations AS (
                  UPDATE organizations SET deleted_at = $2
                  WHERE id = ANY($1) AND deleted_at IS NULL
-                 RETURNING id)
+                 RETURNING id),
+             revoked_tokens AS (
+                 UPDATE api_tokens SET revoked_at = $2
+                 WHERE organization_id = ANY($1) AND revoked_at IS NULL),
+             expired_enrollment_tokens AS (
+                 UPDATE enrollment_tokens SET expires_at = $2
+                 WHERE organization_id = ANY($1) AND used_at IS NULL AND expires_at > $2)
              SELECT (SELECT COUNT(*) FROM removed_organizations) AS organizations,
-                    (SELECT COUNT(*) FROM removed_servers) AS servers",
+                    ARRAY(SELECT id FROM removed_servers ORDER BY id) AS server_ids",
         )
         .bind(subtree.as_slice())
         .bind(at)
@@ -749,11 +837,12 @@ impl Store for PostgresStore {
         .fetch_one(&mut *tx)
         .await?;
         let organizations = count(row.try_get("organizations")?);
-        let servers = count(row.try_get("servers")?);
+        let server_ids: Vec<Uuid> = row.try_get("server_ids")?;
         tx.commit().await?;
         Ok(OrganizationDeletion::Deleted {
             organizations,
-            servers,
+            servers: server_ids.len() as u64,
+            server_ids,
         })
     }
 
@@ -776,38 +865,8 @@ impl Store for PostgresStore {
     }
 
     async fn organization_usage(&self, id: Uuid) -> StoreResult<Usage> {
-        // Facts are what agents reported; values that are not JSON numbers
-        // count as nothing rather than failing the whole sum.
-        let row = sqlx::query(&format!(
-            "{SUBTREE_CTE}
-             SELECT COUNT(*) AS servers,
-                    COALESCE(SUM(CASE WHEN jsonb_typeof(facts -> 'cpu_cores') = 'number'
-                                      THEN (facts ->> 'cpu_cores')::numeric END), 0)::bigint AS cpu_cores,
-                    COALESCE(SUM(CASE WHEN jsonb_typeof(facts -> 'memory_bytes') = 'number'
-                                      THEN CEIL((facts ->> 'memory_bytes')::numeric / 1073741824) END), 0)::bigint
-                        AS memory_gb
-             FROM servers
-             WHERE deleted_at IS NULL AND organization_id IN (SELECT id FROM tree)"
-        ))
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await?;
-        let active = active_statuses_sql();
-        let provisioning: i64 = sqlx::query_scalar(&format!(
-            "{SUBTREE_CTE}
-             SELECT COUNT(*) FROM deployments d
-             WHERE d.deleted_at IS NULL AND d.status IN ({active})
-               AND d.organization_id IN (SELECT id FROM tree)
-               AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.deployment_id = d.id)"
-        ))
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Usage {
-            servers: row.try_get::<i64, _>("servers")? + provisioning,
-            cpu_cores: row.try_get("cpu_cores")?,
-            memory_gb: row.try_get("memory_gb")?,
-        })
+        let mut conn = self.pool.acquire().await?;
+        usage_on(&mut conn, id).await
     }
 
     async fn create_api_token(&self, token: &ApiToken) -> StoreResult<()> {
@@ -912,6 +971,7 @@ impl Store for PostgresStore {
             | SealedKind::BootstrapToken
             | SealedKind::WebhookSecret
             | SealedKind::CommandEnv
+            | SealedKind::CommandStdin
             | SealedKind::BranchClientKey
             | SealedKind::FederationSigningKey) => {
                 let (Some((table, column, key)), Ok(id)) =
@@ -932,630 +992,9 @@ impl Store for PostgresStore {
         };
         Ok(replaced == 1)
     }
-
-    /// Two: while one transaction runs in PostgreSQL, the next one's
-    /// records are encoded and sent. Both write rows in `(server_id, seq)`
-    /// order, so they wait on each other's rows rather than deadlock.
-    fn metrics_writers(&self) -> usize {
-        2
-    }
-
-    async fn ingest_metrics(&self, ingest: &MetricsIngest) -> StoreResult<()> {
-        if ingest.metrics.is_empty() && ingest.containers.is_empty() {
-            return Ok(());
-        }
-        let mut attempt = 1;
-        loop {
-            match self.ingest_metrics_once(ingest).await {
-                Err(e) if attempt < INGEST_ATTEMPTS && is_aborted_by_a_conflict(&e) => {
-                    tracing::warn!(error = %e, attempt, batches = ingest.metrics.len(), "metrics write aborted by PostgreSQL; writing it again");
-                    attempt += 1;
-                }
-                result => return result,
-            }
-        }
-    }
-
-    async fn metrics_points(
-        &self,
-        server_id: Uuid,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<MetricsRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {METRICS_COLUMNS} FROM metrics
-             WHERE server_id = $1 AND ts >= $2 AND ts < $3
-             ORDER BY ts, seq
-             LIMIT $4"
-        ))
-        .bind(server_id)
-        .bind(from)
-        .bind(to)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(metrics_from_row).collect()
-    }
-
-    async fn metrics_rollups(
-        &self,
-        server_id: Uuid,
-        step_seconds: i64,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<RollupRecord>> {
-        let rows = sqlx::query(
-            "SELECT server_id, step_seconds, bucket_start, samples, cpu_percent_avg, cpu_percent_max,
-                    load_1_avg, memory_used_bytes_avg, memory_total_bytes, swap_used_bytes_avg
-             FROM metric_rollups
-             WHERE server_id = $1 AND step_seconds = $2 AND bucket_start >= $3 AND bucket_start < $4
-             ORDER BY bucket_start
-             LIMIT $5",
-        )
-        .bind(server_id)
-        .bind(step_seconds)
-        .bind(from)
-        .bind(to)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RollupRecord {
-                    server_id: row.try_get("server_id")?,
-                    step_seconds: row.try_get("step_seconds")?,
-                    bucket_start: row.try_get("bucket_start")?,
-                    samples: row.try_get("samples")?,
-                    cpu_percent_avg: row.try_get("cpu_percent_avg")?,
-                    cpu_percent_max: row.try_get("cpu_percent_max")?,
-                    load_1_avg: row.try_get("load_1_avg")?,
-                    memory_used_bytes_avg: row.try_get("memory_used_bytes_avg")?,
-                    memory_total_bytes: row.try_get("memory_total_bytes")?,
-                    swap_used_bytes_avg: row.try_get("swap_used_bytes_avg")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn compute_rollups(&self, step_seconds: i64, now: DateTime<Utc>) -> StoreResult<u64> {
-        let job = format!("rollup:{step_seconds}");
-        // Buckets are `step_seconds` wide (at least one second), aligned on
-        // the Unix epoch like SQLite's `(ts / step) * step`.
-        let step = chrono::Duration::seconds(step_seconds.max(1));
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO job_state (name, watermark) VALUES ($1, 'epoch')
-             ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(&job)
-        .execute(&mut *tx)
-        .await?;
-        // Replicas running the same job queue here; the next one reads the
-        // watermark the previous one committed.
-        let watermark: DateTime<Utc> =
-            sqlx::query_scalar("SELECT watermark FROM job_state WHERE name = $1 FOR UPDATE")
-                .bind(&job)
-                .fetch_one(&mut *tx)
-                .await?;
-        // Every bucket holding a point received in [watermark, now) is
-        // recomputed from all of its points, late ones included.
-        let written = sqlx::query(
-            "WITH touched AS (
-                 SELECT DISTINCT server_id, date_bin($2, ts, timestamptz 'epoch') AS bucket_start
-                 FROM metrics
-                 WHERE received_at >= $3 AND received_at < $4)
-             INSERT INTO metric_rollups (server_id, step_seconds, bucket_start, samples, cpu_percent_avg,
-                 cpu_percent_max, load_1_avg, memory_used_bytes_avg, memory_total_bytes, swap_used_bytes_avg)
-             SELECT t.server_id, $1, t.bucket_start, COUNT(*), AVG(m.cpu_percent), MAX(m.cpu_percent),
-                    AVG(m.load_1), AVG(m.memory_used_bytes)::double precision, MAX(m.memory_total_bytes),
-                    AVG(m.swap_used_bytes)::double precision
-             FROM touched t
-             JOIN metrics m
-               ON m.server_id = t.server_id AND m.ts >= t.bucket_start AND m.ts < t.bucket_start + $2
-             GROUP BY t.server_id, t.bucket_start
-             ORDER BY t.server_id, t.bucket_start
-             ON CONFLICT (server_id, step_seconds, bucket_start) DO UPDATE SET
-                 samples = excluded.samples,
-                 cpu_percent_avg = excluded.cpu_percent_avg,
-                 cpu_percent_max = excluded.cpu_percent_max,
-                 load_1_avg = excluded.load_1_avg,
-                 memory_used_bytes_avg = excluded.memory_used_bytes_avg,
-                 memory_total_bytes = excluded.memory_total_bytes,
-                 swap_used_bytes_avg = excluded.swap_used_bytes_avg",
-        )
-        .bind(step_seconds)
-        .bind(step)
-        .bind(watermark)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        // Never backwards: a replica whose clock lags must not make the next
-        // run recompute buckets that are already up to date.
-        sqlx::query("UPDATE job_state SET watermark = GREATEST(watermark, $2) WHERE name = $1")
-            .bind(&job)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(written)
-    }
-
-    async fn prune_metrics(
-        &self,
-        raw_before: DateTime<Utc>,
-        rollups_before: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        let raw = sqlx::query("DELETE FROM metrics WHERE ts < $1")
-            .bind(raw_before)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        let rollups = sqlx::query("DELETE FROM metric_rollups WHERE bucket_start < $1")
-            .bind(rollups_before)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(raw + rollups)
-    }
-
-    async fn container_set(&self, server_id: Uuid) -> StoreResult<Option<ContainerSet>> {
-        let rows = sqlx::query(&format!(
-            "{CONTAINER_SETS_SELECT} WHERE s.deleted_at IS NULL AND r.server_id = $1
-             ORDER BY r.server_id, c.name, c.container_id"
-        ))
-        .bind(server_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(container_sets_from_rows(&rows)?.into_iter().next())
-    }
-
-    async fn latest_metrics(&self, scope: &[Uuid]) -> StoreResult<Vec<MetricsRecord>> {
-        // One index probe per live server: the newest entry of its
-        // (server_id, seq) primary key.
-        let rows = sqlx::query(&format!(
-            "SELECT latest.* FROM servers s
-             CROSS JOIN LATERAL (
-                 SELECT {METRICS_COLUMNS} FROM metrics
-                 WHERE server_id = s.id
-                 ORDER BY seq DESC
-                 LIMIT 1) latest
-             WHERE s.deleted_at IS NULL AND s.organization_id = ANY($1)
-             ORDER BY s.id"
-        ))
-        .bind(scope)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(metrics_from_row).collect()
-    }
-
-    async fn latest_container_sets(&self, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>> {
-        let rows = sqlx::query(&format!(
-            "{CONTAINER_SETS_SELECT} WHERE s.deleted_at IS NULL AND s.organization_id = ANY($1)
-             ORDER BY r.server_id, c.name, c.container_id"
-        ))
-        .bind(scope)
-        .fetch_all(&self.pool)
-        .await?;
-        container_sets_from_rows(&rows)
-    }
-
-    // --- provisioning -------------------------------------------------
-
-    async fn create_cloud_credential(&self, c: &CloudCredential) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO cloud_credentials (id, organization_id, name, provider, default_region,
-               credentials_sealed, is_validated, created_at, last_used_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(c.id)
-        .bind(c.organization_id)
-        .bind(&c.name)
-        .bind(&c.provider)
-        .bind(&c.default_region)
-        .bind(&c.credentials_sealed)
-        .bind(c.is_validated)
-        .bind(c.created_at)
-        .bind(c.last_used_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn cloud_credential(
-        &self,
-        scope: &[Uuid],
-        id: Uuid,
-    ) -> StoreResult<Option<CloudCredential>> {
-        let row = sqlx::query(&format!(
-            "SELECT {CREDENTIAL_COLUMNS} FROM cloud_credentials
-             WHERE deleted_at IS NULL AND id = $1 AND organization_id = ANY($2)"
-        ))
-        .bind(id)
-        .bind(scope)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(credential_from_row).transpose()
-    }
-
-    async fn list_cloud_credentials(&self, scope: &[Uuid]) -> StoreResult<Vec<CloudCredential>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {CREDENTIAL_COLUMNS} FROM cloud_credentials
-             WHERE deleted_at IS NULL AND organization_id = ANY($1) ORDER BY created_at, id"
-        ))
-        .bind(scope)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(credential_from_row).collect()
-    }
-
-    async fn mark_cloud_credential(
-        &self,
-        id: Uuid,
-        validated: Option<bool>,
-        at: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE cloud_credentials SET is_validated = COALESCE($1, is_validated), last_used_at = $2
-             WHERE id = $3",
-        )
-        .bind(validated)
-        .bind(at)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn delete_cloud_credential(
-        &self,
-        scope: &[Uuid],
-        id: Uuid,
-        at: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        let result = sqlx::query(
-            "UPDATE cloud_credentials SET deleted_at = $1, credentials_sealed = ''
-             WHERE deleted_at IS NULL AND id = $2 AND organization_id = ANY($3)",
-        )
-        .bind(at)
-        .bind(id)
-        .bind(scope)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    async fn create_deployment(
-        &self,
-        d: &Deployment,
-        token: &NewEnrollmentToken,
-    ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO deployments (id, organization_id, provider, credential_id, status, server_id,
-               record, bootstrap_token_sealed, created_at, updated_at, completed_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(d.id)
-        .bind(d.organization_id)
-        .bind(&d.provider)
-        .bind(d.credential_id)
-        .bind(d.status.as_str())
-        .bind(d.server_id)
-        .bind(Json(&d.record))
-        .bind(&d.bootstrap_token_sealed)
-        .bind(d.created_at)
-        .bind(d.updated_at)
-        .bind(d.completed_at)
-        .execute(&mut *tx)
-        .await?;
-        insert_enrollment_token(&mut *tx, token).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn deployment(
-        &self,
-        scope: Option<&[Uuid]>,
-        id: Uuid,
-    ) -> StoreResult<Option<Deployment>> {
-        let row = sqlx::query(&format!(
-            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
-             WHERE deleted_at IS NULL AND id = $1 AND ($2::uuid[] IS NULL OR organization_id = ANY($2))"
-        ))
-        .bind(id)
-        .bind(scope)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(deployment_from_row).transpose()
-    }
-
-    async fn list_deployments(
-        &self,
-        scope: &[Uuid],
-        limit: u32,
-        cursor: Option<Uuid>,
-    ) -> StoreResult<Vec<Deployment>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
-             WHERE deleted_at IS NULL AND organization_id = ANY($1) AND ($2::uuid IS NULL OR id < $2)
-             ORDER BY id DESC LIMIT $3"
-        ))
-        .bind(scope)
-        .bind(cursor)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(deployment_from_row).collect()
-    }
-
-    async fn claim_deployment(
-        &self,
-        worker: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-    ) -> StoreResult<Option<Deployment>> {
-        // Replicas claim concurrently: SKIP LOCKED hands each a different row.
-        let active = active_statuses_sql();
-        let row = sqlx::query(&format!(
-            "UPDATE deployments SET claimed_by = $1, lease_until = $2
-             WHERE id = (SELECT id FROM deployments
-                         WHERE deleted_at IS NULL AND status IN ({active})
-                           AND (lease_until IS NULL OR lease_until < $3)
-                         ORDER BY created_at, id LIMIT 1
-                         FOR UPDATE SKIP LOCKED)
-             RETURNING {DEPLOYMENT_COLUMNS}"
-        ))
-        .bind(worker)
-        .bind(lease_until)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(deployment_from_row).transpose()
-    }
-
-    async fn save_deployment(
-        &self,
-        d: &Deployment,
-        worker: &str,
-        lease_until: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        let lease = d.status.is_active().then_some(lease_until);
-        let claimed_by = d.status.is_active().then_some(worker);
-        let result = sqlx::query(
-            "UPDATE deployments SET status = $1, server_id = $2, record = $3, bootstrap_token_sealed = $4,
-               updated_at = $5, completed_at = $6, lease_until = $7, claimed_by = $8
-             WHERE id = $9 AND claimed_by = $10",
-        )
-        .bind(d.status.as_str())
-        .bind(d.server_id)
-        .bind(Json(&d.record))
-        .bind(&d.bootstrap_token_sealed)
-        .bind(d.updated_at)
-        .bind(d.completed_at)
-        .bind(lease)
-        .bind(claimed_by)
-        .bind(d.id)
-        .bind(worker)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    async fn transition_deployment(
-        &self,
-        scope: &[Uuid],
-        id: Uuid,
-        from: &[DeploymentStatus],
-        to: DeploymentStatus,
-        at: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
-        let result = sqlx::query(
-            "UPDATE deployments SET status = $1, updated_at = $2
-             WHERE deleted_at IS NULL AND id = $3 AND organization_id = ANY($4) AND status = ANY($5)",
-        )
-        .bind(to.as_str())
-        .bind(at)
-        .bind(id)
-        .bind(scope)
-        .bind(&from)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    async fn append_deployment_event(
-        &self,
-        deployment_id: Uuid,
-        at: DateTime<Utc>,
-        kind: &str,
-        body: &serde_json::Value,
-    ) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO deployment_events (deployment_id, at, kind, body) VALUES ($1, $2, $3, $4)
-             RETURNING seq",
-        )
-        .bind(deployment_id)
-        .bind(at)
-        .bind(kind)
-        .bind(body)
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn deployment_events(
-        &self,
-        deployment_id: Uuid,
-        after_seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<DeploymentEvent>> {
-        let rows = sqlx::query(
-            "SELECT seq, deployment_id, at, kind, body FROM deployment_events
-             WHERE deployment_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
-        .bind(deployment_id)
-        .bind(after_seq)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(DeploymentEvent {
-                    seq: row.try_get("seq")?,
-                    deployment_id: row.try_get("deployment_id")?,
-                    at: row.try_get("at")?,
-                    kind: row.try_get("kind")?,
-                    body: row.try_get("body")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn deployment_token_hash(&self, deployment_id: Uuid) -> StoreResult<Option<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT token_hash FROM enrollment_tokens WHERE deployment_id = $1 ORDER BY created_at LIMIT 1",
-        )
-        .bind(deployment_id)
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    async fn expire_deployment_token(
-        &self,
-        deployment_id: Uuid,
-        at: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE enrollment_tokens SET expires_at = LEAST(expires_at, $1)
-             WHERE deployment_id = $2 AND used_at IS NULL",
-        )
-        .bind(at)
-        .bind(deployment_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn deployment_server(&self, deployment_id: Uuid) -> StoreResult<Option<(Server, bool)>> {
-        let row = sqlx::query(&format!(
-            "SELECT {SERVER_COLUMNS}, EXISTS (SELECT 1 FROM metrics m WHERE m.server_id = servers.id) AS reported
-             FROM servers WHERE deleted_at IS NULL AND deployment_id = $1 ORDER BY created_at LIMIT 1"
-        ))
-        .bind(deployment_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| Ok((server_from_row(&row)?, row.try_get("reported")?)))
-            .transpose()
-    }
-
-    async fn terraform_state(
-        &self,
-        deployment_id: Uuid,
-    ) -> StoreResult<Option<TerraformStateRecord>> {
-        let row = sqlx::query(
-            "SELECT state_sealed, lock_id, lock_info FROM terraform_states WHERE deployment_id = $1",
-        )
-        .bind(deployment_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| {
-            Ok(TerraformStateRecord {
-                state_sealed: row.try_get("state_sealed")?,
-                lock_id: row.try_get("lock_id")?,
-                lock_info: row.try_get("lock_info")?,
-            })
-        })
-        .transpose()
-    }
-
-    async fn write_terraform_state(
-        &self,
-        deployment_id: Uuid,
-        state_sealed: Option<&str>,
-        lock_id: Option<&str>,
-        at: DateTime<Utc>,
-    ) -> StoreResult<LockOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let (held, info) = locked_state_row(&mut tx, deployment_id, at).await?;
-        if let Some(held) = held {
-            if Some(held.as_str()) != lock_id {
-                return Ok(LockOutcome::HeldBy(info.unwrap_or_default()));
-            }
-        }
-        sqlx::query(
-            "UPDATE terraform_states SET state_sealed = $1, updated_at = $2 WHERE deployment_id = $3",
-        )
-        .bind(state_sealed)
-        .bind(at)
-        .bind(deployment_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(LockOutcome::Done)
-    }
-
-    async fn lock_terraform_state(
-        &self,
-        deployment_id: Uuid,
-        lock_id: &str,
-        info: &serde_json::Value,
-        at: DateTime<Utc>,
-    ) -> StoreResult<LockOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let (held, holder) = locked_state_row(&mut tx, deployment_id, at).await?;
-        let outcome = if held.is_some() {
-            LockOutcome::HeldBy(holder.unwrap_or_default())
-        } else {
-            sqlx::query(
-                "UPDATE terraform_states SET lock_id = $1, lock_info = $2, updated_at = $3
-                 WHERE deployment_id = $4",
-            )
-            .bind(lock_id)
-            .bind(info)
-            .bind(at)
-            .bind(deployment_id)
-            .execute(&mut *tx)
-            .await?;
-            LockOutcome::Done
-        };
-        tx.commit().await?;
-        Ok(outcome)
-    }
-
-    async fn unlock_terraform_state(
-        &self,
-        deployment_id: Uuid,
-        lock_id: Option<&str>,
-        at: DateTime<Utc>,
-    ) -> StoreResult<LockOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let released = sqlx::query(
-            "UPDATE terraform_states SET lock_id = NULL, lock_info = NULL, updated_at = $1
-             WHERE deployment_id = $2 AND ($3::text IS NULL OR lock_id IS NULL OR lock_id = $3)",
-        )
-        .bind(at)
-        .bind(deployment_id)
-        .bind(lock_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let held: Option<Option<serde_json::Value>> =
-            sqlx::query_scalar("SELECT lock_info FROM terraform_states WHERE deployment_id = $1")
-                .bind(deployment_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        Ok(match (released, held) {
-            (0, Some(info)) => LockOutcome::HeldBy(info.unwrap_or_default()),
-            _ => LockOutcome::Done,
-        })
-    }
 }
 
-async fn insert_certificate(
+pub(crate) async fn insert_certificate(
     conn: &mut sqlx::PgConnection,
     c: &CertificateRecord,
 ) -> StoreResult<()> {
@@ -1574,41 +1013,20 @@ async fn insert_certificate(
 }
 
 /// The JSON lists come back as the text they were stored as (`json` keeps it).
-const METRICS_COLUMNS: &str = "server_id, seq, ts, cpu_percent, load_1, load_5, load_15, \
+pub(crate) const METRICS_COLUMNS: &str =
+    "server_id, seq, ts, cpu_percent, load_1, load_5, load_15, \
      memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes, \
      cpu_per_core::text AS cpu_per_core, disks::text AS disks, networks::text AS networks, \
      uptime_seconds, process_count, dropped_batches";
 
-fn metrics_from_row(row: &PgRow) -> StoreResult<MetricsRecord> {
-    Ok(MetricsRecord {
-        server_id: row.try_get("server_id")?,
-        seq: row.try_get("seq")?,
-        ts: row.try_get("ts")?,
-        cpu_percent: row.try_get("cpu_percent")?,
-        load_1: row.try_get("load_1")?,
-        load_5: row.try_get("load_5")?,
-        load_15: row.try_get("load_15")?,
-        memory_used_bytes: row.try_get("memory_used_bytes")?,
-        memory_total_bytes: row.try_get("memory_total_bytes")?,
-        swap_used_bytes: row.try_get("swap_used_bytes")?,
-        swap_total_bytes: row.try_get("swap_total_bytes")?,
-        cpu_per_core: JsonText::stored(row.try_get("cpu_per_core")?),
-        disks: JsonText::stored(row.try_get("disks")?),
-        networks: JsonText::stored(row.try_get("networks")?),
-        uptime_seconds: row.try_get("uptime_seconds")?,
-        process_count: row.try_get("process_count")?,
-        dropped_batches: row.try_get("dropped_batches")?,
-    })
-}
-
 /// Times one metrics write is tried when PostgreSQL aborts it to break a
 /// deadlock or a serialization conflict (each try is a new transaction).
-const INGEST_ATTEMPTS: u32 = 3;
+pub(crate) const INGEST_ATTEMPTS: u32 = 3;
 
 /// Whether PostgreSQL aborted the transaction to let a concurrent one
 /// through (`40P01` deadlock detected, `40001` serialization failure): the
 /// same transaction can succeed when tried again.
-fn is_aborted_by_a_conflict(e: &StoreError) -> bool {
+pub(crate) fn is_aborted_by_a_conflict(e: &StoreError) -> bool {
     match e {
         StoreError::Database(sqlx::Error::Database(db)) => {
             matches!(db.code().as_deref(), Some("40P01" | "40001"))
@@ -1618,8 +1036,8 @@ fn is_aborted_by_a_conflict(e: &StoreError) -> bool {
 }
 
 impl PostgresStore {
-    /// One try of [`Store::ingest_metrics`], in one transaction.
-    async fn ingest_metrics_once(&self, ingest: &MetricsIngest) -> StoreResult<()> {
+    /// One try of [`TelemetryStore::ingest_metrics`], in one transaction.
+    pub(crate) async fn ingest_metrics_once(&self, ingest: &MetricsIngest) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         if !ingest.metrics.is_empty() {
             insert_metrics(&mut tx, ingest).await?;
@@ -1633,7 +1051,7 @@ impl PostgresStore {
 }
 
 /// One column of a bulk insert: `f` of every row.
-fn column<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
+pub(crate) fn column<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
     rows.iter().map(f).collect()
 }
 
@@ -1641,7 +1059,10 @@ fn column<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
 /// so no bind limit however many points); a `(server_id, seq)` already
 /// stored, or seen earlier in the same ingest, is skipped. Rows go in key
 /// order so replicas inserting the same replayed batches cannot deadlock.
-async fn insert_metrics(conn: &mut sqlx::PgConnection, ingest: &MetricsIngest) -> StoreResult<()> {
+pub(crate) async fn insert_metrics(
+    conn: &mut sqlx::PgConnection,
+    ingest: &MetricsIngest,
+) -> StoreResult<()> {
     let m = ingest.metrics.as_slice();
     // The lists go in as the text they were serialized to, which the `json`
     // columns check and keep (serde_json writes a NUL as `\u0000`).
@@ -1694,7 +1115,7 @@ async fn insert_metrics(conn: &mut sqlx::PgConnection, ingest: &MetricsIngest) -
 /// statement never touches a row twice; reports are upserted in server
 /// order, and the report row lock serialises writers of one server's
 /// containers.
-async fn replace_container_sets(
+pub(crate) async fn replace_container_sets(
     conn: &mut sqlx::PgConnection,
     sets: &[ContainerSet],
 ) -> StoreResult<()> {
@@ -1778,7 +1199,7 @@ async fn replace_container_sets(
 /// Container reports of live servers with their containers, one row per
 /// container (or one row with NULL container columns for an empty report).
 /// One statement, so a report and its containers come from one snapshot.
-const CONTAINER_SETS_SELECT: &str = "SELECT r.server_id, r.seq, r.docker_version, r.error, \
+pub(crate) const CONTAINER_SETS_SELECT: &str = "SELECT r.server_id, r.seq, r.docker_version, r.error, \
      r.updated_at, c.container_id, c.name, c.image, c.state, c.health, c.restart_count, c.started_at, \
      c.cpu_percent, c.memory_usage_bytes, c.memory_limit_bytes, c.net_rx_bytes, c.net_tx_bytes, \
      c.block_read_bytes, c.block_write_bytes
@@ -1787,7 +1208,7 @@ const CONTAINER_SETS_SELECT: &str = "SELECT r.server_id, r.seq, r.docker_version
      LEFT JOIN containers c ON c.server_id = r.server_id";
 
 /// Groups rows of [`CONTAINER_SETS_SELECT`] (ordered by server) into sets.
-fn container_sets_from_rows(rows: &[PgRow]) -> StoreResult<Vec<ContainerSet>> {
+pub(crate) fn container_sets_from_rows(rows: &[PgRow]) -> StoreResult<Vec<ContainerSet>> {
     let mut sets: Vec<ContainerSet> = Vec::new();
     for row in rows {
         let server_id: Uuid = row.try_get("server_id")?;

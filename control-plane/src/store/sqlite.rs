@@ -12,12 +12,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlitePool};
 use uuid::Uuid;
 
+pub(crate) use super::row::{organization_from_row, server_from_row};
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -48,11 +47,11 @@ pub(crate) fn opt_uuid(s: Option<String>) -> StoreResult<Option<Uuid>> {
     s.as_deref().map(uuid).transpose()
 }
 
-fn json<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
+pub(crate) fn json<T: serde::de::DeserializeOwned>(s: &str) -> StoreResult<T> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("invalid json: {e}")))
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
 }
 
@@ -60,66 +59,15 @@ pub(crate) const SERVER_COLUMNS: &str =
     "id, organization_id, name, hostname, labels, status, status_reason, \
      agent_version, facts, deployment_id, created_at, last_seen_at";
 
-pub(crate) fn server_from_row(row: &SqliteRow) -> StoreResult<Server> {
-    let status: String = row.try_get("status")?;
-    Ok(Server {
-        id: uuid(row.try_get("id")?)?,
-        organization_id: uuid(row.try_get("organization_id")?)?,
-        name: row.try_get("name")?,
-        hostname: row.try_get("hostname")?,
-        labels: json(row.try_get("labels")?)?,
-        status: ServerStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("invalid status {status:?}")))?,
-        status_reason: row.try_get("status_reason")?,
-        agent_version: row.try_get("agent_version")?,
-        facts: json(row.try_get("facts")?)?,
-        deployment_id: opt_uuid(row.try_get("deployment_id")?)?,
-        created_at: from_ms(row.try_get("created_at")?),
-        last_seen_at: opt_ms(row.try_get("last_seen_at")?),
-    })
-}
-
-const CREDENTIAL_COLUMNS: &str = "id, organization_id, name, provider, default_region, \
+pub(crate) const CREDENTIAL_COLUMNS: &str = "id, organization_id, name, provider, default_region, \
      credentials_sealed, is_validated, created_at, last_used_at";
 
-fn credential_from_row(row: &SqliteRow) -> StoreResult<CloudCredential> {
-    Ok(CloudCredential {
-        id: uuid(row.try_get("id")?)?,
-        organization_id: uuid(row.try_get("organization_id")?)?,
-        name: row.try_get("name")?,
-        provider: row.try_get("provider")?,
-        default_region: row.try_get("default_region")?,
-        credentials_sealed: row.try_get("credentials_sealed")?,
-        is_validated: row.try_get("is_validated")?,
-        created_at: from_ms(row.try_get("created_at")?),
-        last_used_at: opt_ms(row.try_get("last_used_at")?),
-    })
-}
-
-const DEPLOYMENT_COLUMNS: &str =
+pub(crate) const DEPLOYMENT_COLUMNS: &str =
     "id, organization_id, provider, credential_id, status, server_id, \
      record, bootstrap_token_sealed, created_at, updated_at, completed_at";
 
-fn deployment_from_row(row: &SqliteRow) -> StoreResult<Deployment> {
-    let status: String = row.try_get("status")?;
-    Ok(Deployment {
-        id: uuid(row.try_get("id")?)?,
-        organization_id: uuid(row.try_get("organization_id")?)?,
-        provider: row.try_get("provider")?,
-        credential_id: opt_uuid(row.try_get("credential_id")?)?,
-        status: DeploymentStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("invalid deployment status {status:?}")))?,
-        server_id: opt_uuid(row.try_get("server_id")?)?,
-        record: json(row.try_get("record")?)?,
-        bootstrap_token_sealed: row.try_get("bootstrap_token_sealed")?,
-        created_at: from_ms(row.try_get("created_at")?),
-        updated_at: from_ms(row.try_get("updated_at")?),
-        completed_at: opt_ms(row.try_get("completed_at")?),
-    })
-}
-
 /// Inserts a one-time enrollment token (hash only).
-async fn insert_enrollment_token<'e>(
+pub(crate) async fn insert_enrollment_token<'e>(
     executor: impl sqlx::SqliteExecutor<'e>,
     token: &NewEnrollmentToken,
 ) -> StoreResult<()> {
@@ -143,7 +91,7 @@ async fn insert_enrollment_token<'e>(
 
 /// Creates a deployment's (empty) state row if missing. Being a write, it
 /// also takes SQLite's write lock for the rest of the transaction.
-async fn ensure_state_row(
+pub(crate) async fn ensure_state_row(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     deployment_id: Uuid,
     at: DateTime<Utc>,
@@ -177,20 +125,20 @@ pub(crate) fn push_scope(
 }
 
 /// How often the WAL is checkpointed into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Frames (pages) the WAL may hold after a checkpoint before the next one
 /// makes it start over (~16 MiB at 4 KiB pages).
-const WAL_RESTART_FRAMES: i64 = 4096;
+pub(crate) const WAL_RESTART_FRAMES: i64 = 4096;
 /// Page cache per connection, in KiB (negative: SQLite's unit for KiB).
-const SQLITE_CACHE_KIB: &str = "-16384";
+pub(crate) const SQLITE_CACHE_KIB: &str = "-16384";
 /// Size the WAL file is cut back to when it starts over.
-const WAL_SIZE_LIMIT_BYTES: &str = "67108864";
+pub(crate) const WAL_SIZE_LIMIT_BYTES: &str = "67108864";
 /// Longest a `RESTART` checkpoint waits for readers of older snapshots (and
 /// so holds writers back); past it the next round tries again.
-const WAL_RESTART_WAIT_MS: i64 = 250;
+pub(crate) const WAL_RESTART_WAIT_MS: i64 = 250;
 /// The pool's busy timeout (see [`SqliteStore::connect`]), restored on the
 /// connection a `RESTART` checkpoint ran on.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Copies the write-ahead log into the database file every
 /// [`CHECKPOINT_EVERY`] (`PASSIVE`: never waits for readers or writers), so
@@ -205,7 +153,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// writers back for that moment (at most [`WAL_RESTART_WAIT_MS`] while
 /// readers of older snapshots finish), and the next write starts the log
 /// over.
-async fn checkpoint_loop(pool: SqlitePool) {
+pub(crate) async fn checkpoint_loop(pool: SqlitePool) {
     let mut every = tokio::time::interval(CHECKPOINT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -221,7 +169,7 @@ async fn checkpoint_loop(pool: SqlitePool) {
 
 /// One round of [`checkpoint_loop`]: a passive checkpoint, then a restarting
 /// one when more than `restart_frames` are left in the log.
-async fn checkpoint(pool: &SqlitePool, restart_frames: i64) -> Result<(), sqlx::Error> {
+pub(crate) async fn checkpoint(pool: &SqlitePool, restart_frames: i64) -> Result<(), sqlx::Error> {
     // (busy, frames in the log, frames copied)
     let (_, frames, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
         .fetch_one(pool)
@@ -278,7 +226,7 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
-    async fn server_by_id(&self, id: Uuid) -> StoreResult<Option<Server>> {
+    pub(crate) async fn server_by_id(&self, id: Uuid) -> StoreResult<Option<Server>> {
         let row = sqlx::query(&format!(
             "SELECT {SERVER_COLUMNS} FROM servers WHERE id = ? AND deleted_at IS NULL"
         ))
@@ -432,10 +380,12 @@ impl Store for SqliteStore {
     async fn enroll(&self, e: &Enrollment) -> StoreResult<Result<Server, EnrollmentRefusal>> {
         let mut tx = self.pool.begin().await?;
         // The first statement writes, so this transaction holds the write
-        // lock from here on: a racing enrollment waits, then finds the token used.
+        // lock from here on: a racing enrollment (or an organization's
+        // deletion) waits, then finds the token used (or sees this server).
         let claimed = sqlx::query(
             "UPDATE enrollment_tokens SET used_at = ?, server_id = ?
              WHERE token_hash = ? AND used_at IS NULL AND expires_at > ?
+               AND organization_id IN (SELECT id FROM organizations WHERE deleted_at IS NULL)
              RETURNING organization_id, server_name, labels, deployment_id",
         )
         .bind(ms(e.at))
@@ -446,7 +396,9 @@ impl Store for SqliteStore {
         .await?;
         let Some(claimed) = claimed else {
             let row = sqlx::query(
-                "SELECT used_at, expires_at FROM enrollment_tokens WHERE token_hash = ?",
+                "SELECT t.used_at, t.expires_at, o.id IS NULL OR o.deleted_at IS NOT NULL AS org_gone
+                 FROM enrollment_tokens t LEFT JOIN organizations o ON o.id = t.organization_id
+                 WHERE t.token_hash = ?",
             )
             .bind(&e.token_hash)
             .fetch_optional(&mut *tx)
@@ -454,6 +406,9 @@ impl Store for SqliteStore {
             tx.rollback().await?;
             return Ok(Err(match row {
                 None => EnrollmentRefusal::UnknownToken,
+                Some(row) if row.try_get::<bool, _>("org_gone")? => {
+                    EnrollmentRefusal::OrganizationDeleted
+                }
                 Some(row) if row.try_get::<Option<i64>, _>("used_at")?.is_some() => {
                     EnrollmentRefusal::TokenAlreadyUsed
                 }
@@ -464,6 +419,13 @@ impl Store for SqliteStore {
         let name: Option<String> = claimed.try_get("server_name")?;
         let labels: String = claimed.try_get("labels")?;
         let deployment_id: Option<String> = claimed.try_get("deployment_id")?;
+        // Quotas: what every limited ancestor uses before and after the new
+        // server, under the write lock, so racing enrollments cannot both fit.
+        let limited = limited_ancestors(&mut tx, &organization_id).await?;
+        let mut before = Vec::with_capacity(limited.len());
+        for org in &limited {
+            before.push(usage_on(&mut tx, org.id).await?);
+        }
         sqlx::query(
             "INSERT INTO servers (id, organization_id, name, hostname, labels, status, status_reason,
                                   agent_version, facts, deployment_id, created_at)
@@ -480,6 +442,18 @@ impl Store for SqliteStore {
         .bind(ms(e.at))
         .execute(&mut *tx)
         .await?;
+        for (org, before) in limited.iter().zip(before) {
+            let after = usage_on(&mut tx, org.id).await?;
+            if let Some(q) = super::quota::exceeded_by_growth(org, before, after) {
+                tx.rollback().await?;
+                return Ok(Err(EnrollmentRefusal::QuotaExceeded {
+                    organization_id: q.organization_id,
+                    resource: q.resource,
+                    limit: q.limit,
+                    usage: q.usage,
+                }));
+            }
+        }
         insert_certificate(&mut tx, &e.certificate).await?;
         tx.commit().await?;
         let server = self
@@ -489,11 +463,73 @@ impl Store for SqliteStore {
         Ok(Ok(server))
     }
 
+    async fn enrollment_token_refusal(
+        &self,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<EnrollmentRefusal>> {
+        let row = sqlx::query(
+            "SELECT t.used_at, t.expires_at, o.deleted_at IS NOT NULL AS organization_deleted
+             FROM enrollment_tokens t JOIN organizations o ON o.id = t.organization_id
+             WHERE t.token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => Some(EnrollmentRefusal::UnknownToken),
+            Some(row) if row.try_get::<Option<i64>, _>("used_at")?.is_some() => {
+                Some(EnrollmentRefusal::TokenAlreadyUsed)
+            }
+            // Deleting an organization also expires its tokens: say why.
+            Some(row) if row.try_get::<bool, _>("organization_deleted")? => {
+                Some(EnrollmentRefusal::OrganizationDeleted)
+            }
+            Some(row) if row.try_get::<i64, _>("expires_at")? <= ms(at) => {
+                Some(EnrollmentRefusal::ExpiredToken)
+            }
+            Some(_) => None,
+        })
+    }
+
     async fn record_certificate(&self, certificate: &CertificateRecord) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         insert_certificate(&mut tx, certificate).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn revoke_certificates_older_than(
+        &self,
+        server_id: Uuid,
+        serial: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        // Called at every session admission: a read first, so that the
+        // usual case (nothing to revoke) never takes the write lock.
+        let older = "FROM certificates o
+             JOIN certificates c ON c.server_id = o.server_id AND c.serial = ?
+             WHERE o.server_id = ? AND o.revoked_at IS NULL AND o.issued_at < c.issued_at";
+        let pending: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) {older}"))
+            .bind(serial)
+            .bind(server_id.to_string())
+            .fetch_one(&self.pool)
+            .await?;
+        if pending == 0 {
+            return Ok(0);
+        }
+        let revoked = sqlx::query(
+            "UPDATE certificates SET revoked_at = ?
+             WHERE server_id = ? AND revoked_at IS NULL
+               AND issued_at < (SELECT issued_at FROM certificates WHERE serial = ? AND server_id = ?)",
+        )
+        .bind(ms(at))
+        .bind(server_id.to_string())
+        .bind(serial)
+        .bind(server_id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(revoked.rows_affected())
     }
 
     async fn admit_session(&self, server_id: Uuid, serial: &str) -> StoreResult<SessionAdmission> {
@@ -838,7 +874,25 @@ impl Store for SqliteStore {
         builder.push_bind(ms(at));
         builder.push(" WHERE deleted_at IS NULL");
         push_scope(&mut builder, "organization_id", &ids);
-        let servers = builder.build().execute(&mut *tx).await?.rows_affected();
+        builder.push(" RETURNING id");
+        let removed: Vec<String> = builder.build_query_scalar().fetch_all(&mut *tx).await?;
+        let mut server_ids = parse_ids(&removed)?;
+        server_ids.sort();
+        let servers = server_ids.len() as u64;
+        // Its tokens go with it: API tokens revoked, unused enrollment
+        // tokens expired (an enrollment with one is refused as
+        // `OrganizationDeleted`).
+        let mut builder = QueryBuilder::new("UPDATE api_tokens SET revoked_at = ");
+        builder.push_bind(ms(at));
+        builder.push(" WHERE revoked_at IS NULL");
+        push_scope(&mut builder, "organization_id", &ids);
+        builder.build().execute(&mut *tx).await?;
+        let mut builder = QueryBuilder::new("UPDATE enrollment_tokens SET expires_at = ");
+        builder.push_bind(ms(at));
+        builder.push(" WHERE used_at IS NULL AND expires_at > ");
+        builder.push_bind(ms(at));
+        push_scope(&mut builder, "organization_id", &ids);
+        builder.build().execute(&mut *tx).await?;
         let mut builder = QueryBuilder::new("UPDATE organizations SET deleted_at = ");
         builder.push_bind(ms(at));
         builder.push(" WHERE deleted_at IS NULL");
@@ -848,6 +902,7 @@ impl Store for SqliteStore {
         Ok(OrganizationDeletion::Deleted {
             organizations,
             servers,
+            server_ids,
         })
     }
 
@@ -868,30 +923,8 @@ impl Store for SqliteStore {
     }
 
     async fn organization_usage(&self, id: Uuid) -> StoreResult<Usage> {
-        let row = sqlx::query(&format!(
-            "SELECT COUNT(*) AS servers,
-                    COALESCE(SUM(COALESCE(json_extract(facts, '$.cpu_cores'), 0)), 0) AS cpu_cores,
-                    COALESCE(SUM((COALESCE(json_extract(facts, '$.memory_bytes'), 0) + 1073741823) / 1073741824), 0) AS memory_gb
-             FROM servers WHERE deleted_at IS NULL AND organization_id IN ({SUBTREE_SQL})"
-        ))
-        .bind(id.to_string())
-        .fetch_one(&self.pool)
-        .await?;
-        let active = active_statuses_sql();
-        let provisioning: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM deployments d
-             WHERE d.deleted_at IS NULL AND d.status IN ({active})
-               AND d.organization_id IN ({SUBTREE_SQL})
-               AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.deployment_id = d.id)"
-        ))
-        .bind(id.to_string())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Usage {
-            servers: row.try_get::<i64, _>("servers")? + provisioning,
-            cpu_cores: row.try_get("cpu_cores")?,
-            memory_gb: row.try_get("memory_gb")?,
-        })
+        let mut conn = self.pool.acquire().await?;
+        usage_on(&mut conn, id).await
     }
 
     async fn create_api_token(&self, token: &ApiToken) -> StoreResult<()> {
@@ -993,6 +1026,7 @@ impl Store for SqliteStore {
             | SealedKind::BootstrapToken
             | SealedKind::WebhookSecret
             | SealedKind::CommandEnv
+            | SealedKind::CommandStdin
             | SealedKind::BranchClientKey
             | SealedKind::FederationSigningKey) => {
                 let Some((table, column, key)) = kind.row_location() else {
@@ -1010,626 +1044,11 @@ impl Store for SqliteStore {
         };
         Ok(result.rows_affected() == 1)
     }
-    async fn ingest_metrics(&self, ingest: &MetricsIngest) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        let received_at = ms(ingest.received_at);
-        for chunk in ingest.metrics.chunks(ROWS_PER_STATEMENT) {
-            let mut builder = QueryBuilder::new(
-                "INSERT INTO metrics (server_id, seq, ts, received_at, cpu_percent, load_1, load_5, load_15,
-                 memory_used_bytes, memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core,
-                 disks, networks, uptime_seconds, process_count, dropped_batches) ",
-            );
-            builder.push_values(chunk, |mut row, m| {
-                row.push_bind(m.server_id.to_string())
-                    .push_bind(m.seq)
-                    .push_bind(ms(m.ts))
-                    .push_bind(received_at)
-                    .push_bind(m.cpu_percent)
-                    .push_bind(m.load_1)
-                    .push_bind(m.load_5)
-                    .push_bind(m.load_15)
-                    .push_bind(m.memory_used_bytes)
-                    .push_bind(m.memory_total_bytes)
-                    .push_bind(m.swap_used_bytes)
-                    .push_bind(m.swap_total_bytes)
-                    .push_bind(m.cpu_per_core.as_str())
-                    .push_bind(m.disks.as_str())
-                    .push_bind(m.networks.as_str())
-                    .push_bind(m.uptime_seconds)
-                    .push_bind(m.process_count)
-                    .push_bind(m.dropped_batches);
-            });
-            builder.push(" ON CONFLICT (server_id, seq) DO NOTHING");
-            builder
-                .build()
-                .persistent(cacheable(chunk))
-                .execute(&mut *tx)
-                .await?;
-        }
-        replace_container_sets(&mut tx, &ingest.containers).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn metrics_points(
-        &self,
-        server_id: Uuid,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<MetricsRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {METRICS_COLUMNS} FROM metrics WHERE server_id = ? AND ts >= ? AND ts < ? ORDER BY ts, seq LIMIT ?"
-        ))
-        .bind(server_id.to_string())
-        .bind(ms(from))
-        .bind(ms(to))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(metrics_from_row).collect()
-    }
-
-    async fn metrics_rollups(
-        &self,
-        server_id: Uuid,
-        step_seconds: i64,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<RollupRecord>> {
-        let rows = sqlx::query(
-            "SELECT server_id, step_seconds, bucket_start, samples, cpu_percent_avg, cpu_percent_max, load_1_avg,
-                    memory_used_bytes_avg, memory_total_bytes, swap_used_bytes_avg
-             FROM metric_rollups WHERE server_id = ? AND step_seconds = ? AND bucket_start >= ? AND bucket_start < ?
-             ORDER BY bucket_start LIMIT ?",
-        )
-        .bind(server_id.to_string())
-        .bind(step_seconds)
-        .bind(ms(from))
-        .bind(ms(to))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RollupRecord {
-                    server_id: uuid(row.try_get("server_id")?)?,
-                    step_seconds: row.try_get("step_seconds")?,
-                    bucket_start: from_ms(row.try_get("bucket_start")?),
-                    samples: row.try_get("samples")?,
-                    cpu_percent_avg: row.try_get("cpu_percent_avg")?,
-                    cpu_percent_max: row.try_get("cpu_percent_max")?,
-                    load_1_avg: row.try_get("load_1_avg")?,
-                    memory_used_bytes_avg: row.try_get("memory_used_bytes_avg")?,
-                    memory_total_bytes: row.try_get("memory_total_bytes")?,
-                    swap_used_bytes_avg: row.try_get("swap_used_bytes_avg")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn compute_rollups(&self, step_seconds: i64, now: DateTime<Utc>) -> StoreResult<u64> {
-        let step_ms = step_seconds.max(1) * 1000;
-        let job = format!("rollup:{step_seconds}");
-        let mut tx = self.pool.begin().await?;
-        // Write first: take the write lock before reading the watermark.
-        sqlx::query(
-            "INSERT INTO job_state (name, value) VALUES (?, 0) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(&job)
-        .execute(&mut *tx)
-        .await?;
-        let watermark: i64 = sqlx::query_scalar("SELECT value FROM job_state WHERE name = ?")
-            .bind(&job)
-            .fetch_one(&mut *tx)
-            .await?;
-        let until = ms(now);
-        let written = sqlx::query(
-            "INSERT INTO metric_rollups (server_id, step_seconds, bucket_start, samples, cpu_percent_avg,
-                 cpu_percent_max, load_1_avg, memory_used_bytes_avg, memory_total_bytes, swap_used_bytes_avg)
-             SELECT m.server_id, ?1, (m.ts / ?2) * ?2, COUNT(*), AVG(m.cpu_percent), MAX(m.cpu_percent),
-                    AVG(m.load_1), AVG(m.memory_used_bytes), MAX(m.memory_total_bytes), AVG(m.swap_used_bytes)
-             FROM metrics m
-             JOIN (SELECT DISTINCT server_id, (ts / ?2) * ?2 AS bucket FROM metrics
-                   WHERE received_at >= ?3 AND received_at < ?4) t
-               ON m.server_id = t.server_id AND m.ts >= t.bucket AND m.ts < t.bucket + ?2
-             WHERE 1
-             GROUP BY m.server_id, (m.ts / ?2) * ?2
-             ON CONFLICT (server_id, step_seconds, bucket_start) DO UPDATE SET
-                 samples = excluded.samples, cpu_percent_avg = excluded.cpu_percent_avg,
-                 cpu_percent_max = excluded.cpu_percent_max, load_1_avg = excluded.load_1_avg,
-                 memory_used_bytes_avg = excluded.memory_used_bytes_avg,
-                 memory_total_bytes = excluded.memory_total_bytes, swap_used_bytes_avg = excluded.swap_used_bytes_avg",
-        )
-        .bind(step_seconds)
-        .bind(step_ms)
-        .bind(watermark)
-        .bind(until)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query("UPDATE job_state SET value = MAX(value, ?) WHERE name = ?")
-            .bind(until)
-            .bind(&job)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(written)
-    }
-
-    async fn prune_metrics(
-        &self,
-        raw_before: DateTime<Utc>,
-        rollups_before: DateTime<Utc>,
-    ) -> StoreResult<u64> {
-        let raw = sqlx::query("DELETE FROM metrics WHERE ts < ?")
-            .bind(ms(raw_before))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        let rollups = sqlx::query("DELETE FROM metric_rollups WHERE bucket_start < ?")
-            .bind(ms(rollups_before))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(raw + rollups)
-    }
-
-    async fn container_set(&self, server_id: Uuid) -> StoreResult<Option<ContainerSet>> {
-        let sets = self.container_sets(Some(server_id), &[]).await?;
-        Ok(sets.into_iter().next())
-    }
-
-    async fn latest_metrics(&self, scope: &[Uuid]) -> StoreResult<Vec<MetricsRecord>> {
-        let mut builder = QueryBuilder::new(format!(
-            "SELECT {METRICS_COLUMNS_QUALIFIED} FROM metrics m
-             JOIN (SELECT l.server_id, MAX(l.seq) AS seq FROM metrics l
-                   JOIN servers s ON s.id = l.server_id WHERE s.deleted_at IS NULL"
-        ));
-        push_scope(&mut builder, "s.organization_id", scope);
-        builder.push(
-            " GROUP BY l.server_id) latest ON m.server_id = latest.server_id AND m.seq = latest.seq ORDER BY m.server_id",
-        );
-        let rows = builder.build().fetch_all(&self.pool).await?;
-        rows.iter().map(metrics_from_row).collect()
-    }
-
-    async fn latest_container_sets(&self, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>> {
-        self.container_sets(None, scope).await
-    }
-
-    // --- provisioning -------------------------------------------------
-
-    async fn create_cloud_credential(&self, c: &CloudCredential) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO cloud_credentials (id, organization_id, name, provider, default_region,
-               credentials_sealed, is_validated, created_at, last_used_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(c.id.to_string())
-        .bind(c.organization_id.to_string())
-        .bind(&c.name)
-        .bind(&c.provider)
-        .bind(&c.default_region)
-        .bind(&c.credentials_sealed)
-        .bind(c.is_validated)
-        .bind(ms(c.created_at))
-        .bind(c.last_used_at.map(ms))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn cloud_credential(
-        &self,
-        scope: &[Uuid],
-        id: Uuid,
-    ) -> StoreResult<Option<CloudCredential>> {
-        let mut builder = QueryBuilder::new(format!(
-            "SELECT {CREDENTIAL_COLUMNS} FROM cloud_credentials WHERE deleted_at IS NULL AND id = "
-        ));
-        builder.push_bind(id.to_string());
-        push_scope(&mut builder, "organization_id", scope);
-        let row = builder.build().fetch_optional(&self.pool).await?;
-        row.as_ref().map(credential_from_row).transpose()
-    }
-
-    async fn list_cloud_credentials(&self, scope: &[Uuid]) -> StoreResult<Vec<CloudCredential>> {
-        let mut builder = QueryBuilder::new(format!(
-            "SELECT {CREDENTIAL_COLUMNS} FROM cloud_credentials WHERE deleted_at IS NULL"
-        ));
-        push_scope(&mut builder, "organization_id", scope);
-        builder.push(" ORDER BY created_at, id");
-        let rows = builder.build().fetch_all(&self.pool).await?;
-        rows.iter().map(credential_from_row).collect()
-    }
-
-    async fn mark_cloud_credential(
-        &self,
-        id: Uuid,
-        validated: Option<bool>,
-        at: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE cloud_credentials SET is_validated = COALESCE(?, is_validated), last_used_at = ?
-             WHERE id = ?",
-        )
-        .bind(validated)
-        .bind(ms(at))
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn delete_cloud_credential(
-        &self,
-        scope: &[Uuid],
-        id: Uuid,
-        at: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        let mut builder = QueryBuilder::new("UPDATE cloud_credentials SET deleted_at = ");
-        builder.push_bind(ms(at));
-        builder.push(", credentials_sealed = '' WHERE deleted_at IS NULL AND id = ");
-        builder.push_bind(id.to_string());
-        push_scope(&mut builder, "organization_id", scope);
-        Ok(builder.build().execute(&self.pool).await?.rows_affected() == 1)
-    }
-
-    async fn create_deployment(
-        &self,
-        d: &Deployment,
-        token: &NewEnrollmentToken,
-    ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO deployments (id, organization_id, provider, credential_id, status, server_id,
-               record, bootstrap_token_sealed, created_at, updated_at, completed_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(d.id.to_string())
-        .bind(d.organization_id.to_string())
-        .bind(&d.provider)
-        .bind(d.credential_id.map(|c| c.to_string()))
-        .bind(d.status.as_str())
-        .bind(d.server_id.map(|s| s.to_string()))
-        .bind(to_json(&d.record))
-        .bind(&d.bootstrap_token_sealed)
-        .bind(ms(d.created_at))
-        .bind(ms(d.updated_at))
-        .bind(d.completed_at.map(ms))
-        .execute(&mut *tx)
-        .await?;
-        insert_enrollment_token(&mut *tx, token).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn deployment(
-        &self,
-        scope: Option<&[Uuid]>,
-        id: Uuid,
-    ) -> StoreResult<Option<Deployment>> {
-        let mut builder = QueryBuilder::new(format!(
-            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE deleted_at IS NULL AND id = "
-        ));
-        builder.push_bind(id.to_string());
-        if let Some(scope) = scope {
-            push_scope(&mut builder, "organization_id", scope);
-        }
-        let row = builder.build().fetch_optional(&self.pool).await?;
-        row.as_ref().map(deployment_from_row).transpose()
-    }
-
-    async fn list_deployments(
-        &self,
-        scope: &[Uuid],
-        limit: u32,
-        cursor: Option<Uuid>,
-    ) -> StoreResult<Vec<Deployment>> {
-        let mut builder = QueryBuilder::new(format!(
-            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE deleted_at IS NULL"
-        ));
-        push_scope(&mut builder, "organization_id", scope);
-        if let Some(cursor) = cursor {
-            builder.push(" AND id < ");
-            builder.push_bind(cursor.to_string());
-        }
-        builder.push(" ORDER BY id DESC LIMIT ");
-        builder.push_bind(i64::from(limit));
-        let rows = builder.build().fetch_all(&self.pool).await?;
-        rows.iter().map(deployment_from_row).collect()
-    }
-
-    async fn claim_deployment(
-        &self,
-        worker: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-    ) -> StoreResult<Option<Deployment>> {
-        // One statement: SQLite serialises writers, so two workers never
-        // claim the same row.
-        let active = active_statuses_sql();
-        let row = sqlx::query(&format!(
-            "UPDATE deployments SET claimed_by = ?, lease_until = ?
-             WHERE id = (SELECT id FROM deployments
-                         WHERE deleted_at IS NULL AND status IN ({active})
-                           AND (lease_until IS NULL OR lease_until < ?)
-                         ORDER BY created_at, id LIMIT 1)
-             RETURNING {DEPLOYMENT_COLUMNS}"
-        ))
-        .bind(worker)
-        .bind(ms(lease_until))
-        .bind(ms(now))
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(deployment_from_row).transpose()
-    }
-
-    async fn save_deployment(
-        &self,
-        d: &Deployment,
-        worker: &str,
-        lease_until: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        let lease = d.status.is_active().then(|| ms(lease_until));
-        let claimed_by = d.status.is_active().then_some(worker);
-        let result = sqlx::query(
-            "UPDATE deployments SET status = ?, server_id = ?, record = ?, bootstrap_token_sealed = ?,
-               updated_at = ?, completed_at = ?, lease_until = ?, claimed_by = ?
-             WHERE id = ? AND claimed_by = ?",
-        )
-        .bind(d.status.as_str())
-        .bind(d.server_id.map(|s| s.to_string()))
-        .bind(to_json(&d.record))
-        .bind(&d.bootstrap_token_sealed)
-        .bind(ms(d.updated_at))
-        .bind(d.completed_at.map(ms))
-        .bind(lease)
-        .bind(claimed_by)
-        .bind(d.id.to_string())
-        .bind(worker)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected() == 1)
-    }
-
-    async fn transition_deployment(
-        &self,
-        scope: &[Uuid],
-        id: Uuid,
-        from: &[DeploymentStatus],
-        to: DeploymentStatus,
-        at: DateTime<Utc>,
-    ) -> StoreResult<bool> {
-        let mut builder = QueryBuilder::new("UPDATE deployments SET status = ");
-        builder.push_bind(to.as_str());
-        builder.push(", updated_at = ");
-        builder.push_bind(ms(at));
-        builder.push(" WHERE deleted_at IS NULL AND id = ");
-        builder.push_bind(id.to_string());
-        push_scope(&mut builder, "organization_id", scope);
-        builder.push(" AND status IN (");
-        let mut list = builder.separated(", ");
-        for status in from {
-            list.push_bind(status.as_str());
-        }
-        list.push_unseparated(")");
-        Ok(builder.build().execute(&self.pool).await?.rows_affected() == 1)
-    }
-
-    async fn append_deployment_event(
-        &self,
-        deployment_id: Uuid,
-        at: DateTime<Utc>,
-        kind: &str,
-        body: &serde_json::Value,
-    ) -> StoreResult<i64> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO deployment_events (deployment_id, at, kind, body) VALUES (?, ?, ?, ?)
-             RETURNING seq",
-        )
-        .bind(deployment_id.to_string())
-        .bind(ms(at))
-        .bind(kind)
-        .bind(body.to_string())
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
-    async fn deployment_events(
-        &self,
-        deployment_id: Uuid,
-        after_seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<DeploymentEvent>> {
-        let rows = sqlx::query(
-            "SELECT seq, deployment_id, at, kind, body FROM deployment_events
-             WHERE deployment_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(deployment_id.to_string())
-        .bind(after_seq)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(DeploymentEvent {
-                    seq: row.try_get("seq")?,
-                    deployment_id: uuid(row.try_get("deployment_id")?)?,
-                    at: from_ms(row.try_get("at")?),
-                    kind: row.try_get("kind")?,
-                    body: json(row.try_get("body")?)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn deployment_token_hash(&self, deployment_id: Uuid) -> StoreResult<Option<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT token_hash FROM enrollment_tokens WHERE deployment_id = ? ORDER BY created_at LIMIT 1",
-        )
-        .bind(deployment_id.to_string())
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    async fn expire_deployment_token(
-        &self,
-        deployment_id: Uuid,
-        at: DateTime<Utc>,
-    ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE enrollment_tokens SET expires_at = MIN(expires_at, ?)
-             WHERE deployment_id = ? AND used_at IS NULL",
-        )
-        .bind(ms(at))
-        .bind(deployment_id.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn deployment_server(&self, deployment_id: Uuid) -> StoreResult<Option<(Server, bool)>> {
-        let row = sqlx::query(&format!(
-            "SELECT {SERVER_COLUMNS}, EXISTS (SELECT 1 FROM metrics m WHERE m.server_id = servers.id) AS reported
-             FROM servers WHERE deleted_at IS NULL AND deployment_id = ? ORDER BY created_at LIMIT 1"
-        ))
-        .bind(deployment_id.to_string())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| Ok((server_from_row(&row)?, row.try_get("reported")?)))
-            .transpose()
-    }
-
-    async fn terraform_state(
-        &self,
-        deployment_id: Uuid,
-    ) -> StoreResult<Option<TerraformStateRecord>> {
-        let row = sqlx::query(
-            "SELECT state_sealed, lock_id, lock_info FROM terraform_states WHERE deployment_id = ?",
-        )
-        .bind(deployment_id.to_string())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| {
-            let info: Option<String> = row.try_get("lock_info")?;
-            Ok(TerraformStateRecord {
-                state_sealed: row.try_get("state_sealed")?,
-                lock_id: row.try_get("lock_id")?,
-                lock_info: info.as_deref().map(json).transpose()?,
-            })
-        })
-        .transpose()
-    }
-
-    async fn write_terraform_state(
-        &self,
-        deployment_id: Uuid,
-        state_sealed: Option<&str>,
-        lock_id: Option<&str>,
-        at: DateTime<Utc>,
-    ) -> StoreResult<LockOutcome> {
-        let mut tx = self.pool.begin().await?;
-        // Writing first takes SQLite's write lock for the whole check-and-set.
-        ensure_state_row(&mut tx, deployment_id, at).await?;
-        let (held, info): (Option<String>, Option<String>) = sqlx::query_as(
-            "SELECT lock_id, lock_info FROM terraform_states WHERE deployment_id = ?",
-        )
-        .bind(deployment_id.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
-        if let Some(held) = held {
-            if Some(held.as_str()) != lock_id {
-                let info = info.as_deref().map(json).transpose()?;
-                return Ok(LockOutcome::HeldBy(info.unwrap_or_default()));
-            }
-        }
-        sqlx::query(
-            "UPDATE terraform_states SET state_sealed = ?, updated_at = ? WHERE deployment_id = ?",
-        )
-        .bind(state_sealed)
-        .bind(ms(at))
-        .bind(deployment_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(LockOutcome::Done)
-    }
-
-    async fn lock_terraform_state(
-        &self,
-        deployment_id: Uuid,
-        lock_id: &str,
-        info: &serde_json::Value,
-        at: DateTime<Utc>,
-    ) -> StoreResult<LockOutcome> {
-        let mut tx = self.pool.begin().await?;
-        ensure_state_row(&mut tx, deployment_id, at).await?;
-        let taken = sqlx::query(
-            "UPDATE terraform_states SET lock_id = ?, lock_info = ?, updated_at = ?
-             WHERE deployment_id = ? AND lock_id IS NULL",
-        )
-        .bind(lock_id)
-        .bind(info.to_string())
-        .bind(ms(at))
-        .bind(deployment_id.to_string())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        let outcome = if taken {
-            LockOutcome::Done
-        } else {
-            let holder: Option<String> = sqlx::query_scalar(
-                "SELECT lock_info FROM terraform_states WHERE deployment_id = ?",
-            )
-            .bind(deployment_id.to_string())
-            .fetch_one(&mut *tx)
-            .await?;
-            LockOutcome::HeldBy(holder.as_deref().map(json).transpose()?.unwrap_or_default())
-        };
-        tx.commit().await?;
-        Ok(outcome)
-    }
-
-    async fn unlock_terraform_state(
-        &self,
-        deployment_id: Uuid,
-        lock_id: Option<&str>,
-        at: DateTime<Utc>,
-    ) -> StoreResult<LockOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let released = sqlx::query(
-            "UPDATE terraform_states SET lock_id = NULL, lock_info = NULL, updated_at = ?
-             WHERE deployment_id = ? AND (? IS NULL OR lock_id IS NULL OR lock_id = ?)",
-        )
-        .bind(ms(at))
-        .bind(deployment_id.to_string())
-        .bind(lock_id)
-        .bind(lock_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let held: Option<Option<String>> =
-            sqlx::query_scalar("SELECT lock_info FROM terraform_states WHERE deployment_id = ?")
-                .bind(deployment_id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        Ok(match (released, held) {
-            (0, Some(info)) => {
-                LockOutcome::HeldBy(info.as_deref().map(json).transpose()?.unwrap_or_default())
-            }
-            _ => LockOutcome::Done,
-        })
-    }
 }
 
-const ORGANIZATION_COLUMNS: &str =
+pub(crate) const ORGANIZATION_COLUMNS: &str =
     "id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at";
-const ORGANIZATION_COLUMNS_QUALIFIED: &str =
+pub(crate) const ORGANIZATION_COLUMNS_QUALIFIED: &str =
     "o.id, o.name, o.parent_id, o.max_servers, o.max_cpu_cores, o.max_memory_gb, o.created_at";
 /// Ids of a live organization and its live descendants (one `?`: the root).
 pub(crate) const SUBTREE_SQL: &str = "WITH RECURSIVE tree (id) AS (
@@ -1638,25 +1057,62 @@ pub(crate) const SUBTREE_SQL: &str = "WITH RECURSIVE tree (id) AS (
          SELECT o.id FROM organizations o JOIN tree t ON o.parent_id = t.id WHERE o.deleted_at IS NULL)
      SELECT id FROM tree";
 
-fn organization_from_row(row: &SqliteRow) -> StoreResult<Organization> {
-    Ok(Organization {
-        id: uuid(row.try_get("id")?)?,
-        name: row.try_get("name")?,
-        parent_id: opt_uuid(row.try_get("parent_id")?)?,
-        quotas: Quotas {
-            max_servers: row.try_get("max_servers")?,
-            max_cpu_cores: row.try_get("max_cpu_cores")?,
-            max_memory_gb: row.try_get("max_memory_gb")?,
-        },
-        created_at: from_ms(row.try_get("created_at")?),
+/// What a live organization and its live descendants use (servers, and
+/// deployments still provisioning theirs), read on `conn`.
+pub(crate) async fn usage_on(conn: &mut sqlx::SqliteConnection, id: Uuid) -> StoreResult<Usage> {
+    let row = sqlx::query(&format!(
+        "SELECT COUNT(*) AS servers,
+                COALESCE(SUM(COALESCE(json_extract(facts, '$.cpu_cores'), 0)), 0) AS cpu_cores,
+                COALESCE(SUM((COALESCE(json_extract(facts, '$.memory_bytes'), 0) + 1073741823) / 1073741824), 0) AS memory_gb
+         FROM servers WHERE deleted_at IS NULL AND organization_id IN ({SUBTREE_SQL})"
+    ))
+    .bind(id.to_string())
+    .fetch_one(&mut *conn)
+    .await?;
+    let active = active_statuses_sql();
+    let provisioning: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM deployments d
+         WHERE d.deleted_at IS NULL AND d.status IN ({active})
+           AND d.organization_id IN ({SUBTREE_SQL})
+           AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.deployment_id = d.id)"
+    ))
+    .bind(id.to_string())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Usage {
+        servers: row.try_get::<i64, _>("servers")? + provisioning,
+        cpu_cores: row.try_get("cpu_cores")?,
+        memory_gb: row.try_get("memory_gb")?,
     })
 }
 
-fn parse_ids(ids: &[String]) -> StoreResult<Vec<Uuid>> {
+/// The organization `organization_id` and its ancestors that set a limit,
+/// read on `conn`.
+pub(crate) async fn limited_ancestors(
+    conn: &mut sqlx::SqliteConnection,
+    organization_id: &str,
+) -> StoreResult<Vec<Organization>> {
+    let rows = sqlx::query(&format!(
+        "WITH RECURSIVE chain (id, depth) AS (
+             SELECT id, 0 FROM organizations WHERE id = ?
+             UNION ALL
+             SELECT o.parent_id, c.depth + 1 FROM organizations o JOIN chain c ON o.id = c.id
+             WHERE o.parent_id IS NOT NULL)
+         SELECT {ORGANIZATION_COLUMNS_QUALIFIED} FROM chain JOIN organizations o ON o.id = chain.id
+         WHERE o.max_servers IS NOT NULL OR o.max_cpu_cores IS NOT NULL OR o.max_memory_gb IS NOT NULL
+         ORDER BY chain.depth"
+    ))
+    .bind(organization_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(organization_from_row).collect()
+}
+
+pub(crate) fn parse_ids(ids: &[String]) -> StoreResult<Vec<Uuid>> {
     ids.iter().map(|s| uuid(s)).collect()
 }
 
-async fn insert_certificate(
+pub(crate) async fn insert_certificate(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     c: &CertificateRecord,
 ) -> StoreResult<()> {
@@ -1673,38 +1129,16 @@ async fn insert_certificate(
     Ok(())
 }
 
-const METRICS_COLUMNS: &str = "server_id, seq, ts, cpu_percent, load_1, load_5, load_15, memory_used_bytes, \
+pub(crate) const METRICS_COLUMNS: &str = "server_id, seq, ts, cpu_percent, load_1, load_5, load_15, memory_used_bytes, \
      memory_total_bytes, swap_used_bytes, swap_total_bytes, cpu_per_core, disks, networks, uptime_seconds, \
      process_count, dropped_batches";
-const METRICS_COLUMNS_QUALIFIED: &str = "m.server_id, m.seq, m.ts, m.cpu_percent, m.load_1, m.load_5, m.load_15, \
+pub(crate) const METRICS_COLUMNS_QUALIFIED: &str = "m.server_id, m.seq, m.ts, m.cpu_percent, m.load_1, m.load_5, m.load_15, \
      m.memory_used_bytes, m.memory_total_bytes, m.swap_used_bytes, m.swap_total_bytes, m.cpu_per_core, m.disks, \
      m.networks, m.uptime_seconds, m.process_count, m.dropped_batches";
 
-fn metrics_from_row(row: &SqliteRow) -> StoreResult<MetricsRecord> {
-    Ok(MetricsRecord {
-        server_id: uuid(row.try_get("server_id")?)?,
-        seq: row.try_get("seq")?,
-        ts: from_ms(row.try_get("ts")?),
-        cpu_percent: row.try_get("cpu_percent")?,
-        load_1: row.try_get("load_1")?,
-        load_5: row.try_get("load_5")?,
-        load_15: row.try_get("load_15")?,
-        memory_used_bytes: row.try_get("memory_used_bytes")?,
-        memory_total_bytes: row.try_get("memory_total_bytes")?,
-        swap_used_bytes: row.try_get("swap_used_bytes")?,
-        swap_total_bytes: row.try_get("swap_total_bytes")?,
-        cpu_per_core: JsonText::stored(row.try_get("cpu_per_core")?),
-        disks: JsonText::stored(row.try_get("disks")?),
-        networks: JsonText::stored(row.try_get("networks")?),
-        uptime_seconds: row.try_get("uptime_seconds")?,
-        process_count: row.try_get("process_count")?,
-        dropped_batches: row.try_get("dropped_batches")?,
-    })
-}
-
 impl SqliteStore {
     /// Container reports of one server, or of every live server in `scope`.
-    async fn container_sets(
+    pub(crate) async fn container_sets(
         &self,
         server_id: Option<Uuid>,
         scope: &[Uuid],
@@ -1780,13 +1214,13 @@ impl SqliteStore {
 /// so their prepared statement is cached and reused; only the last, shorter
 /// chunk of a transaction is prepared for one use and not cached (a cache
 /// of every row count would hold ~50 KB per statement).
-const ROWS_PER_STATEMENT: usize = 64;
+pub(crate) const ROWS_PER_STATEMENT: usize = 64;
 
-fn cacheable<T>(chunk: &[T]) -> bool {
+pub(crate) fn cacheable<T>(chunk: &[T]) -> bool {
     chunk.len() == ROWS_PER_STATEMENT
 }
 
-async fn replace_container_sets(
+pub(crate) async fn replace_container_sets(
     conn: &mut sqlx::SqliteConnection,
     sets: &[ContainerSet],
 ) -> StoreResult<()> {

@@ -405,3 +405,51 @@ pub fn audit_entry(
         detail: json!({ "note": action }),
     }
 }
+
+/// A metrics point with every field set.
+pub fn point(server_id: Uuid, seq: i64, ts: DateTime<Utc>) -> MetricsRecord {
+    MetricsRecord {
+        server_id,
+        seq,
+        ts,
+        cpu_percent: 12.5,
+        load_1: 0.5,
+        load_5: 0.25,
+        load_15: 0.125,
+        memory_used_bytes: 1 << 30,
+        memory_total_bytes: 4 << 30,
+        swap_used_bytes: 1 << 20,
+        swap_total_bytes: 1 << 30,
+        cpu_per_core: json!([10.0, 15.0]).into(),
+        disks: json!([{
+            "mount_point": "/", "device": "/dev/sda1", "filesystem": "ext4",
+            "total_bytes": 100_000_000_000u64, "used_bytes": 50_000_000_000u64,
+            "inodes_total": 6_000_000, "inodes_used": 300_000,
+        }])
+        .into(),
+        networks: json!([{
+            "interface": "eth0", "rx_bytes": 1_000_000, "tx_bytes": 2_000_000,
+            "rx_packets": 3_000, "tx_packets": 4_000, "rx_errors": 0, "tx_errors": 1,
+        }])
+        .into(),
+        uptime_seconds: 86_400,
+        process_count: 120,
+        dropped_batches: 0,
+    }
+}
+
+pub async fn ingest(
+    store: &dyn Store,
+    received_at: DateTime<Utc>,
+    metrics: Vec<MetricsRecord>,
+    containers: Vec<ContainerSet>,
+) {
+    store
+        .ingest_metrics(&MetricsIngest {
+            received_at,
+            metrics,
+            containers,
+        })
+        .await
+        .expect("ingest_metrics");
+}

@@ -259,6 +259,7 @@ impl Endpoint {
         // Update connection socket references
         for sender in inner.recv_state.connections.senders.values() {
             // Ignoring errors from dropped connections
+            // Tether: events go to the connection boxed (see `ConnectionEvent`).
             let _ = sender.send(Box::new(ConnectionEvent::Rebind(inner.socket.clone())));
         }
         if let Some(driver) = inner.driver.take() {
@@ -302,6 +303,7 @@ impl Endpoint {
         endpoint.recv_state.connections.close = Some((error_code, reason.clone()));
         for sender in endpoint.recv_state.connections.senders.values() {
             // Ignoring errors from dropped connections
+            // Tether: events go to the connection boxed (see `ConnectionEvent`).
             let _ = sender.send(Box::new(ConnectionEvent::Close {
                 error_code,
                 reason: reason.clone(),
@@ -539,6 +541,7 @@ impl State {
                 continue;
             };
             // Ignoring errors from dropped connections that haven't yet been cleaned up
+            // Tether: events go to the connection boxed (see `ConnectionEvent`).
             let _ = self
                 .recv_state
                 .connections
@@ -596,6 +599,7 @@ fn proto_ecn(ecn: udp::EcnCodepoint) -> proto::EcnCodepoint {
 #[derive(Debug)]
 struct ConnectionSet {
     /// Senders for communicating with the endpoint's connections
+    // Tether: the channel carries `Box<ConnectionEvent>` (see `ConnectionEvent`).
     senders: FxHashMap<ConnectionHandle, mpsc::UnboundedSender<Box<ConnectionEvent>>>,
     /// Stored to give out clones to new ConnectionInners
     sender: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
@@ -613,6 +617,7 @@ impl ConnectionSet {
     ) -> Connecting {
         let (send, recv) = mpsc::unbounded_channel();
         if let Some((error_code, ref reason)) = self.close {
+            // Tether: events go to the connection boxed (see `ConnectionEvent`).
             send.send(Box::new(ConnectionEvent::Close {
                 error_code,
                 reason: reason.clone(),
@@ -819,6 +824,7 @@ impl RecvState {
                                 Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                                     // Ignoring errors from dropped connections that haven't yet been cleaned up
                                     received_connection_packet = true;
+                                    // Tether: events go to the connection boxed (see `ConnectionEvent`).
                                     let _ = self
                                         .connections
                                         .senders

@@ -90,8 +90,9 @@ pub use crate::runtime::TokioRuntime;
 pub use crate::runtime::{AsyncTimer, AsyncUdpSocket, Runtime, UdpPoller, default_runtime};
 pub use crate::send_stream::{SendStream, StoppedError, WriteError};
 
-// (Tether) quinn's unit tests (`src/tests.rs`) are left out with its other tests.
+// Tether: quinn's unit tests (`src/tests.rs`) are left out with its other tests.
 
+// Tether: boxed events, change 1 of vendor/quinn/TETHER.md.
 /// Sent to a connection boxed (Tether): the endpoint's channel to each
 /// connection allocates its slots 32 at a time and keeps up to two such
 /// blocks for the connection's life; inline, a slot is the size of a

@@ -189,8 +189,13 @@ pub trait FederationStore: Send + Sync {
         now: DateTime<Utc>,
     ) -> StoreResult<Option<BranchInvite>>;
 
-    /// Creates the peering, or replaces it (same peer branch id).
-    async fn upsert_branch_peer(&self, peer: &BranchPeer) -> StoreResult<()>;
+    /// Creates the peering, or replaces it when a peering with the same
+    /// branch id exists in the same organization under the same CA (a
+    /// re-peer); its `created_at` and remote inventory stay. In one
+    /// statement. False (and nothing changed) when a peering with that id
+    /// belongs to another organization or has another CA: a branch id that
+    /// is known here cannot be taken over.
+    async fn upsert_branch_peer(&self, peer: &BranchPeer) -> StoreResult<bool>;
 
     /// One peering; `scope` limits it to those organizations (`None`: any,
     /// for the federation machinery itself).

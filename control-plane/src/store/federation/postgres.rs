@@ -170,15 +170,13 @@ impl FederationStore for PostgresStore {
         row.as_ref().map(invite_from_row).transpose()
     }
 
-    async fn upsert_branch_peer(&self, peer: &BranchPeer) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM branch_peers WHERE id = $1")
-            .bind(peer.id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
+    async fn upsert_branch_peer(&self, peer: &BranchPeer) -> StoreResult<bool> {
+        let stored = sqlx::query(&format!(
             "INSERT INTO branch_peers ({PEER_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+             ON CONFLICT (id) DO UPDATE SET organization_id = excluded.organization_id, name = excluded.name, address = excluded.address, ca_cert_pem = excluded.ca_cert_pem, client_chain = excluded.client_chain, client_key_sealed = excluded.client_key_sealed, peer_keys = excluded.peer_keys, granted_scopes = excluded.granted_scopes, remote_scopes = excluded.remote_scopes, remote_organization_id = excluded.remote_organization_id, status = excluded.status, last_seen_at = excluded.last_seen_at, latency_ms = excluded.latency_ms, server_count = excluded.server_count
+             WHERE branch_peers.organization_id = excluded.organization_id
+               AND branch_peers.ca_cert_pem = excluded.ca_cert_pem"
         ))
         .bind(peer.id)
         .bind(peer.organization_id)
@@ -196,10 +194,10 @@ impl FederationStore for PostgresStore {
         .bind(peer.latency_ms)
         .bind(peer.server_count)
         .bind(peer.created_at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(stored == 1)
     }
 
     async fn branch_peer(

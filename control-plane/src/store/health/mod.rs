@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Labels, Server, StoreResult};
+use super::row::StoreRow;
+use super::{Labels, Server, ServerSelector, StoreResult};
 
 mod postgres;
 mod sqlite;
@@ -65,6 +66,9 @@ pub struct HealthCheckSpecFields {
     pub argv: Option<Vec<String>>,
 }
 
+// The API's and the database's JSON shape of a check's selector (absent
+// fields stay absent; `"server_ids": []` selects none); what it selects is
+// `ServerSelector`'s.
 /// Which servers of the check's organization tree run a check: all of them
 /// when empty; otherwise those having every label and (when given) being
 /// one of `server_ids`.
@@ -78,19 +82,12 @@ pub struct HealthSelector {
     pub server_ids: Option<Vec<Uuid>>,
 }
 
-impl HealthSelector {
-    /// Whether `server` is selected (its organization is not checked here).
-    pub fn matches(&self, server: &Server) -> bool {
-        let labels_match = self.labels.as_ref().is_none_or(|labels| {
-            labels
-                .iter()
-                .all(|(k, v)| server.labels.get(k).is_some_and(|have| have == v))
-        });
-        let id_match = self
-            .server_ids
-            .as_ref()
-            .is_none_or(|ids| ids.contains(&server.id));
-        labels_match && id_match
+impl From<&HealthSelector> for ServerSelector {
+    fn from(selector: &HealthSelector) -> Self {
+        Self {
+            labels: selector.labels.clone().unwrap_or_default(),
+            server_ids: selector.server_ids.clone(),
+        }
     }
 }
 
@@ -115,7 +112,8 @@ impl HealthCheck {
     /// Whether this check runs on `server`, given the organizations the
     /// check's organization covers (`scope`: it and its descendants).
     pub fn applies_to(&self, scope: &[Uuid], server: &Server) -> bool {
-        scope.contains(&server.organization_id) && self.selector.matches(server)
+        scope.contains(&server.organization_id)
+            && ServerSelector::from(&self.selector).matches(server)
     }
 }
 
@@ -242,4 +240,33 @@ pub(crate) fn transition(previous: Option<&str>, current: &str) -> Option<bool> 
         (Some("failing"), "passing") => Some(false),
         _ => None,
     }
+}
+
+/// A `health_results` row.
+pub(crate) fn result_from_row(row: &impl StoreRow) -> StoreResult<HealthResultRecord> {
+    Ok(HealthResultRecord {
+        server_id: row.id("server_id")?,
+        check_id: row.text("check_id")?,
+        name: row.text("name")?,
+        status: row.text("status")?,
+        message: row.text("message")?,
+        consecutive_failures: row.int("consecutive_failures")?,
+        checked_at: row.time("checked_at")?,
+        duration_ms: row.int("duration_ms")?,
+        seq: row.int("seq")?,
+        received_at: row.time("received_at")?,
+    })
+}
+
+/// The servers (`id, organization_id, name`) a connection-state change hit.
+pub(crate) fn server_refs(rows: &[impl StoreRow]) -> StoreResult<Vec<ServerRef>> {
+    rows.iter()
+        .map(|row| {
+            Ok(ServerRef {
+                id: row.id("id")?,
+                organization_id: row.id("organization_id")?,
+                name: row.text("name")?,
+            })
+        })
+        .collect()
 }

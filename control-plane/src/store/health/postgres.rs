@@ -13,8 +13,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    transition, HealthCheck, HealthCheckKind, HealthCheckSpecFields, HealthResultRecord,
-    HealthSelector, HealthStore, HealthTransition, ServerRef,
+    result_from_row, server_refs, transition, HealthCheck, HealthCheckKind, HealthCheckSpecFields,
+    HealthResultRecord, HealthSelector, HealthStore, HealthTransition, ServerRef,
 };
 use crate::store::postgres::PostgresStore;
 use crate::store::{StoreError, StoreResult};
@@ -54,33 +54,6 @@ fn check_from_row(row: &PgRow) -> StoreResult<HealthCheck> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
-}
-
-fn result_from_row(row: &PgRow) -> StoreResult<HealthResultRecord> {
-    Ok(HealthResultRecord {
-        server_id: row.try_get("server_id")?,
-        check_id: row.try_get("check_id")?,
-        name: row.try_get("name")?,
-        status: row.try_get("status")?,
-        message: row.try_get("message")?,
-        consecutive_failures: row.try_get("consecutive_failures")?,
-        checked_at: row.try_get("checked_at")?,
-        duration_ms: row.try_get("duration_ms")?,
-        seq: row.try_get("seq")?,
-        received_at: row.try_get("received_at")?,
-    })
-}
-
-fn server_refs(rows: &[PgRow]) -> StoreResult<Vec<ServerRef>> {
-    rows.iter()
-        .map(|row| {
-            Ok(ServerRef {
-                id: row.try_get("id")?,
-                organization_id: row.try_get("organization_id")?,
-                name: row.try_get("name")?,
-            })
-        })
-        .collect()
 }
 
 #[async_trait::async_trait]

@@ -6,8 +6,8 @@ use sqlx::{QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::{
-    transition, HealthCheck, HealthCheckKind, HealthResultRecord, HealthStore, HealthTransition,
-    ServerRef,
+    result_from_row, server_refs, transition, HealthCheck, HealthCheckKind, HealthResultRecord,
+    HealthStore, HealthTransition, ServerRef,
 };
 use crate::store::sqlite::{from_ms, ms, push_scope, uuid, SqliteStore};
 use crate::store::{StoreError, StoreResult};
@@ -43,36 +43,6 @@ fn check_from_row(row: &SqliteRow) -> StoreResult<HealthCheck> {
         created_at: from_ms(row.try_get("created_at")?),
         updated_at: from_ms(row.try_get("updated_at")?),
     })
-}
-
-fn result_from_row(row: &SqliteRow) -> StoreResult<HealthResultRecord> {
-    let server_id: String = row.try_get("server_id")?;
-    Ok(HealthResultRecord {
-        server_id: uuid(&server_id)?,
-        check_id: row.try_get("check_id")?,
-        name: row.try_get("name")?,
-        status: row.try_get("status")?,
-        message: row.try_get("message")?,
-        consecutive_failures: row.try_get("consecutive_failures")?,
-        checked_at: from_ms(row.try_get("checked_at")?),
-        duration_ms: row.try_get("duration_ms")?,
-        seq: row.try_get("seq")?,
-        received_at: from_ms(row.try_get("received_at")?),
-    })
-}
-
-fn server_refs(rows: &[SqliteRow]) -> StoreResult<Vec<ServerRef>> {
-    rows.iter()
-        .map(|row| {
-            let id: String = row.try_get("id")?;
-            let organization_id: String = row.try_get("organization_id")?;
-            Ok(ServerRef {
-                id: uuid(&id)?,
-                organization_id: uuid(&organization_id)?,
-                name: row.try_get("name")?,
-            })
-        })
-        .collect()
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {

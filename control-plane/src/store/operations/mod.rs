@@ -1,12 +1,17 @@
 //! Commands sent to agents: requests, per-server status and bounded output.
 //!
+//! What a submission runs is stored once, in a request
+//! ([`NewCommandRequest`]) every per-server command of it refers to: a
+//! fan-out over 10,000 servers keeps one argv, one environment and one
+//! stdin. The environment and stdin are sealed (contexts
+//! [`command_env_context`] and [`command_stdin_context`] of the request id)
+//! and cleared once no command of the request is queued or running.
+//!
 //! One row per (command, server). Status moves only forward:
 //! `queued -> running -> <terminal>` or `queued -> cancelled|undeliverable`;
 //! every write is a conditional `UPDATE` on the status it expects, so a late
 //! output chunk or outcome never changes a finished command, and of several
-//! replicas claiming a queued command exactly one wins. The environment is
-//! sealed (context [`command_env_context`]); it and stdin are cleared when the
-//! command ends.
+//! replicas claiming a queued command exactly one wins.
 //!
 //! The trait is part of [`super::Store`]; each database implements it in its
 //! own file (`sqlite.rs`, `postgres.rs`), covered by the shared store suite.
@@ -22,9 +27,14 @@ use uuid::Uuid;
 
 use super::StoreResult;
 
-/// Sealing context of a command's environment.
+/// Sealing context of the environment of the command request `id`.
 pub fn command_env_context(id: Uuid) -> String {
     format!("command/{id}/env")
+}
+
+/// Sealing context of the stdin of the command request `id`.
+pub fn command_stdin_context(id: Uuid) -> String {
+    format!("command/{id}/stdin")
 }
 
 /// The PostgreSQL channel replicas route commands on.
@@ -80,16 +90,27 @@ impl CommandState {
     }
 }
 
-/// A command to store.
+/// What a submission (one server, or every target of a fan-out) runs,
+/// stored once.
+#[derive(Debug, Clone)]
+pub struct NewCommandRequest {
+    pub id: Uuid,
+    pub argv: Vec<String>,
+    /// The environment (JSON pairs) sealed under [`command_env_context`].
+    pub env_sealed: Option<String>,
+    /// stdin sealed under [`command_stdin_context`].
+    pub stdin_sealed: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A command to store: one server's share of a request.
 #[derive(Debug, Clone)]
 pub struct NewCommand {
     pub id: Uuid,
+    /// The [`NewCommandRequest`] it runs.
+    pub request_id: Uuid,
     pub organization_id: Uuid,
     pub server_id: Uuid,
-    pub argv: Vec<String>,
-    /// The environment sealed under [`command_env_context`], if any.
-    pub env_sealed: Option<String>,
-    pub stdin: Option<Vec<u8>>,
     pub timeout_ms: i64,
     pub max_output_bytes: i64,
     pub created_by: String,
@@ -129,11 +150,15 @@ pub struct CommandRecord {
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClaimedCommand {
     pub id: Uuid,
+    /// Its request: the context of the sealed values below.
+    pub request_id: Uuid,
     pub organization_id: Uuid,
     pub server_id: Uuid,
     pub argv: Vec<String>,
+    /// Sealed under [`command_env_context`] of `request_id`.
     pub env_sealed: Option<String>,
-    pub stdin: Option<Vec<u8>>,
+    /// Sealed under [`command_stdin_context`] of `request_id`.
+    pub stdin_sealed: Option<String>,
     pub timeout_ms: i64,
     pub max_output_bytes: i64,
     pub cancel_requested: bool,
@@ -144,8 +169,8 @@ impl std::fmt::Debug for ClaimedCommand {
         f.debug_struct("ClaimedCommand")
             .field("id", &self.id)
             .field("server_id", &self.server_id)
-            .field("argv", &self.argv)
-            .field("stdin_len", &self.stdin.as_ref().map(Vec::len))
+            .field("request_id", &self.request_id)
+            .field("argc", &self.argv.len())
             .field("timeout_ms", &self.timeout_ms)
             .finish_non_exhaustive()
     }
@@ -183,8 +208,13 @@ pub type CommandNotifications = Pin<Box<dyn futures::Stream<Item = String> + Sen
 /// Storage of this area. See the module doc.
 #[async_trait::async_trait]
 pub trait OperationsStore: Send + Sync {
-    /// Stores commands in one transaction.
-    async fn create_commands(&self, commands: &[NewCommand]) -> StoreResult<()>;
+    /// Stores a request and its commands (which all refer to it) in one
+    /// transaction.
+    async fn create_commands(
+        &self,
+        request: &NewCommandRequest,
+        commands: &[NewCommand],
+    ) -> StoreResult<()>;
 
     /// A command of an organization in `scope` (`None` scope: the control
     /// plane's own view).
@@ -219,8 +249,10 @@ pub trait OperationsStore: Send + Sync {
         truncated: bool,
     ) -> StoreResult<bool>;
 
-    /// Ends a running command; `false` when it was not running. Clears its
-    /// environment and stdin.
+    /// Ends a running command; `false` when it was not running. Clears the
+    /// environment and stdin of its request once no command of it is
+    /// queued or running (as cancelling a queued command and the
+    /// undeliverable sweep do).
     async fn finish_command(&self, id: Uuid, finish: &CommandFinish) -> StoreResult<bool>;
 
     /// Cancels a queued command, or records a cancel request on a running one.

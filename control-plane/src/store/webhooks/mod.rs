@@ -158,6 +158,9 @@ impl AlertRuleKind {
     }
 }
 
+// The API's and the database's JSON shape of a rule's selector (an empty
+// list is no filter); what it selects is `ServerSelector`'s (the conversion
+// is in `store/selector.rs`).
 /// Which servers a rule applies to (all of the rule's organization tree
 /// when empty; both filters must match when both are given).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

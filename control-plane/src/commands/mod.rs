@@ -1,20 +1,24 @@
 //! Commands run on agents: submission (one server or a fan-out over a
 //! selector), routing to the replica holding the server's session, dispatch
-//! over QUIC ([`crate::gateway::commands`]), bounded output, statuses and
+//! over QUIC ([`dispatch`]), bounded output, statuses and
 //! cancellation.
 //!
 //! Routing. A command for a server whose session is on this replica is stored
 //! already claimed (`running`) and dispatched at once. Otherwise it is stored
-//! `queued`: on PostgreSQL every replica is told (`NOTIFY tether_commands`,
-//! `run <id> <server>`) and the one holding the session claims it (a
+//! `queued`: on PostgreSQL every replica is told (`NOTIFY tether_commands`
+//! with a [`ReplicaNotice`], `run <id> <server>` on the wire; received by
+//! [`notice_loop`]) and the one holding the session claims it (a
 //! conditional `UPDATE queued -> running`, so exactly one wins) and
 //! dispatches it; a server that connects later gets its queued commands at
-//! session start ([`on_session_start`]) and from the periodic sweep, which
-//! also turns commands still queued past their delivery deadline into
-//! `undeliverable`. Cancels of running commands go to the replica running
-//! them the same way (`cancel <id>`).
+//! session start ([`on_session_start`]) and from the periodic sweep
+//! ([`sweep_loop`]), which also turns commands still queued past their
+//! delivery deadline into `undeliverable`. Cancels of running commands go to the replica running
+//! them the same way ([`ReplicaNotice::Cancel`], `cancel <id>`). Both loops
+//! are started with the others by `crate::app`.
 //!
-//! Fan-out. Targets are stored queued in one transaction, then dispatched
+//! Fan-out. What runs (argv, the sealed environment and the sealed stdin)
+//! is stored once, as the request every target's command refers to. Targets
+//! are stored queued in the same transaction, then dispatched
 //! with at most `--command-concurrency` of them in flight on this replica
 //! (targets connected to other replicas are handed to them at once).
 //!
@@ -22,28 +26,35 @@
 //! of new chunks are kept in memory ([`CommandRelay::follow`]) so SSE
 //! followers see chunks as they arrive; the store receives output in batches
 //! (at most every [`OUTPUT_FLUSH`]) and with the outcome.
+//!
+//! Where a command lives. [`lookup`] reads, cancels and follows a command
+//! wherever it is (this replica, another one, or a peer branch for the
+//! mirror of a relayed command); the API only maps its errors and events.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+pub mod dispatch;
+pub mod live;
+pub mod lookup;
+pub mod notice;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::app::ControlPlane;
+use crate::context::ControlPlane;
 use crate::store::{
-    command_env_context, CancelOutcome, ClaimedCommand, CommandState, NewCommand, StoreError,
+    command_env_context, command_stdin_context, CancelOutcome, ClaimedCommand, NewCommand,
+    NewCommandRequest, StoreError,
 };
+pub use notice::{NoticeError, ReplicaNotice};
 
 /// Output stored per command unless the request asks for less.
 pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 1 << 20;
 /// How long a command may wait for its server to connect, by default.
 pub const DEFAULT_DELIVER_WITHIN: Duration = Duration::from_secs(60);
-/// Output reaches the store at most this long after it arrived.
-pub const OUTPUT_FLUSH: Duration = Duration::from_millis(250);
 /// How often queued commands are looked at (delivery, deadlines).
 pub const SWEEP_PERIOD: Duration = Duration::from_millis(500);
 /// Targets of one fan-out, at most.
@@ -91,96 +102,9 @@ pub struct Target {
     pub organization_id: Uuid,
 }
 
-/// Something a follower of a running command sees.
-#[derive(Debug, Clone)]
-pub enum LiveEvent {
-    /// Output kept (within the bound).
-    Output(Arc<[u8]>),
-    /// The command ended (and its row says so).
-    Finished(CommandState),
-}
-
-/// A command running on this replica.
-pub(crate) struct LiveCommand {
-    pub(crate) cancel: CancellationToken,
-    output: Mutex<Vec<u8>>,
-    events: broadcast::Sender<LiveEvent>,
-}
-
-impl LiveCommand {
-    /// Records kept output and tells followers.
-    pub(crate) fn push_output(&self, chunk: &[u8]) {
-        let mut output = lock(&self.output);
-        output.extend_from_slice(chunk);
-        let _ = self.events.send(LiveEvent::Output(Arc::from(chunk)));
-    }
-
-    pub(crate) fn finished(&self, state: CommandState) {
-        let _output = lock(&self.output);
-        let _ = self.events.send(LiveEvent::Finished(state));
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section is a single collection operation.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Commands running on this replica and fan-out targets waiting for a slot.
-#[derive(Default)]
-pub struct CommandRelay {
-    live: Mutex<HashMap<Uuid, Arc<LiveCommand>>>,
-    /// Queued commands a fan-out of this replica will dispatch itself.
-    reserved: Mutex<HashSet<Uuid>>,
-}
-
-impl CommandRelay {
-    /// Makes `id` followable here (live output and the end); the caller
-    /// [`unregister`](Self::unregister)s it once the outcome is stored.
-    pub(crate) fn register(&self, id: Uuid) -> Arc<LiveCommand> {
-        let (events, _) = broadcast::channel(256);
-        let live = Arc::new(LiveCommand {
-            cancel: CancellationToken::new(),
-            output: Mutex::new(Vec::new()),
-            events,
-        });
-        lock(&self.live).insert(id, live.clone());
-        live
-    }
-
-    pub(crate) fn unregister(&self, id: Uuid) {
-        lock(&self.live).remove(&id);
-    }
-
-    /// Output so far and the live events after it, if the command runs here.
-    pub fn follow(&self, id: Uuid) -> Option<(Vec<u8>, broadcast::Receiver<LiveEvent>)> {
-        let live = lock(&self.live).get(&id).cloned()?;
-        let output = lock(&live.output);
-        Some((output.clone(), live.events.subscribe()))
-    }
-
-    /// Asks a command running here to stop; `false` when it does not run here.
-    pub fn cancel_local(&self, id: Uuid) -> bool {
-        match lock(&self.live).get(&id) {
-            Some(live) => {
-                live.cancel.cancel();
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Commands running on this replica.
-    pub fn running_here(&self) -> usize {
-        lock(&self.live).len()
-    }
-
-    fn is_reserved(&self, id: Uuid) -> bool {
-        lock(&self.reserved).contains(&id)
-    }
-}
+use live::lock;
+pub(crate) use live::LiveCommand;
+pub use live::{CommandRelay, LiveEvent, OUTPUT_FLUSH};
 
 /// Stores a command for each target and starts delivering them; returns the
 /// command ids in the order of `targets`.
@@ -193,33 +117,37 @@ pub async fn submit(
     let now = Utc::now();
     let deliver_by = now
         + chrono::Duration::from_std(spec.deliver_within).unwrap_or(chrono::Duration::seconds(60));
-    let env_plain = if spec.env.is_empty() {
-        None
-    } else {
-        Some(serde_json::to_vec(&spec.env)?)
+    let request_id = Uuid::now_v7();
+    let request = NewCommandRequest {
+        id: request_id,
+        argv: spec.argv.clone(),
+        env_sealed: if spec.env.is_empty() {
+            None
+        } else {
+            let plain = serde_json::to_vec(&spec.env)?;
+            Some(cp.sealer.seal(&plain, &command_env_context(request_id)))
+        },
+        stdin_sealed: spec
+            .stdin
+            .as_ref()
+            .map(|stdin| cp.sealer.seal(stdin, &command_stdin_context(request_id))),
+        created_at: now,
     };
     // One target connected here: store it claimed and dispatch at once.
     let direct = targets.len() == 1 && cp.sessions.connection(targets[0].server_id).is_some();
     let commands: Vec<NewCommand> = targets
         .iter()
-        .map(|target| {
-            let id = Uuid::now_v7();
-            NewCommand {
-                id,
-                organization_id: target.organization_id,
-                server_id: target.server_id,
-                argv: spec.argv.clone(),
-                env_sealed: env_plain
-                    .as_ref()
-                    .map(|env| cp.sealer.seal(env, &command_env_context(id))),
-                stdin: spec.stdin.clone(),
-                timeout_ms: i64::try_from(spec.timeout.as_millis()).unwrap_or(i64::MAX),
-                max_output_bytes: i64::try_from(spec.max_output_bytes).unwrap_or(i64::MAX),
-                created_by: created_by.to_string(),
-                created_at: now,
-                deliver_by,
-                claimed_by: direct.then(|| cp.worker_id.clone()),
-            }
+        .map(|target| NewCommand {
+            id: Uuid::now_v7(),
+            request_id,
+            organization_id: target.organization_id,
+            server_id: target.server_id,
+            timeout_ms: i64::try_from(spec.timeout.as_millis()).unwrap_or(i64::MAX),
+            max_output_bytes: i64::try_from(spec.max_output_bytes).unwrap_or(i64::MAX),
+            created_by: created_by.to_string(),
+            created_at: now,
+            deliver_by,
+            claimed_by: direct.then(|| cp.worker_id.clone()),
         })
         .collect();
     let ids: Vec<Uuid> = commands.iter().map(|c| c.id).collect();
@@ -231,7 +159,7 @@ pub async fn submit(
                 .map(|c| c.id),
         );
     }
-    if let Err(e) = cp.store.create_commands(&commands).await {
+    if let Err(e) = cp.store.create_commands(&request, &commands).await {
         let mut reserved = lock(&cp.commands.reserved);
         for id in &ids {
             reserved.remove(id);
@@ -244,11 +172,12 @@ pub async fn submit(
             cp,
             ClaimedCommand {
                 id: command.id,
+                request_id,
                 organization_id: command.organization_id,
                 server_id: command.server_id,
-                argv: command.argv.clone(),
-                env_sealed: command.env_sealed.clone(),
-                stdin: command.stdin.clone(),
+                argv: request.argv,
+                env_sealed: request.env_sealed,
+                stdin_sealed: request.stdin_sealed,
                 timeout_ms: command.timeout_ms,
                 max_output_bytes: command.max_output_bytes,
                 cancel_requested: false,
@@ -264,7 +193,13 @@ pub async fn submit(
     for (id, server_id) in remote {
         if let Err(e) = cp
             .store
-            .notify_commands(&format!("run {id} {server_id}"))
+            .notify_commands(
+                &ReplicaNotice::Run {
+                    command_id: id,
+                    server_id,
+                }
+                .to_payload(),
+            )
             .await
         {
             tracing::warn!(command_id = %id, %server_id, error = %e, "could not notify replicas of a command");
@@ -308,7 +243,7 @@ fn start(cp: &Arc<ControlPlane>, claimed: ClaimedCommand, permit: Option<OwnedSe
     let cp = cp.clone();
     tokio::spawn(
         async move {
-            crate::gateway::commands::run(&cp, claimed, live).await;
+            dispatch::run(&cp, claimed, live).await;
             drop(permit);
         }
         .instrument(span),
@@ -324,7 +259,9 @@ pub async fn cancel(
 ) -> Result<CancelOutcome, CommandError> {
     let outcome = cp.store.cancel_command(scope, id, Utc::now()).await?;
     if outcome == CancelOutcome::Requested && !cp.commands.cancel_local(id) {
-        cp.store.notify_commands(&format!("cancel {id}")).await?;
+        cp.store
+            .notify_commands(&ReplicaNotice::Cancel { command_id: id }.to_payload())
+            .await?;
     }
     Ok(outcome)
 }
@@ -352,10 +289,10 @@ pub fn on_session_start(cp: Arc<ControlPlane>, server_id: Uuid) {
     });
 }
 
-/// Background work for the life of the control plane: notifications from
-/// other replicas, delivery of queued commands to sessions held here, and
-/// delivery deadlines.
-pub async fn relay_loop(cp: Arc<ControlPlane>) {
+/// Receives the notices other replicas send ([`ReplicaNotice`]) for the
+/// life of the control plane; returns at once on a single-process database
+/// (no notices) or when it cannot listen (the sweep then finds the work).
+pub async fn notice_loop(cp: Arc<ControlPlane>) {
     let notifications = match cp.store.command_notifications().await {
         Ok(notifications) => notifications,
         Err(e) => {
@@ -363,22 +300,26 @@ pub async fn relay_loop(cp: Arc<ControlPlane>) {
             None
         }
     };
-    if let Some(mut notifications) = notifications {
-        let cp = cp.clone();
-        tokio::spawn(async move {
-            use futures::StreamExt;
-            loop {
-                let payload = tokio::select! {
-                    _ = cp.shutdown.cancelled() => return,
-                    payload = notifications.next() => match payload {
-                        Some(payload) => payload,
-                        None => return,
-                    },
-                };
-                handle_notification(&cp, &payload).await;
-            }
-        });
+    let Some(mut notifications) = notifications else {
+        return;
+    };
+    use futures::StreamExt;
+    loop {
+        let payload = tokio::select! {
+            _ = cp.shutdown.cancelled() => return,
+            payload = notifications.next() => match payload {
+                Some(payload) => payload,
+                None => return,
+            },
+        };
+        handle_notification(&cp, &payload).await;
     }
+}
+
+/// Delivers queued commands to sessions held here and turns commands queued
+/// past their delivery deadline `undeliverable`, every [`SWEEP_PERIOD`]
+/// until shutdown.
+pub async fn sweep_loop(cp: Arc<ControlPlane>) {
     let mut tick = tokio::time::interval(SWEEP_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -391,24 +332,21 @@ pub async fn relay_loop(cp: Arc<ControlPlane>) {
 }
 
 async fn handle_notification(cp: &Arc<ControlPlane>, payload: &str) {
-    let mut words = payload.split(' ');
-    match (
-        words.next(),
-        words.next().map(Uuid::parse_str),
-        words.next(),
-    ) {
-        (Some("run"), Some(Ok(id)), Some(server)) => {
-            let Ok(server_id) = Uuid::parse_str(server) else {
-                return;
-            };
-            if cp.sessions.connection(server_id).is_some() && !cp.commands.is_reserved(id) {
-                claim_and_start(cp, id, None).await;
+    match ReplicaNotice::parse(payload) {
+        Ok(ReplicaNotice::Run {
+            command_id,
+            server_id,
+        }) => {
+            if cp.sessions.connection(server_id).is_some() && !cp.commands.is_reserved(command_id) {
+                claim_and_start(cp, command_id, None).await;
             }
         }
-        (Some("cancel"), Some(Ok(id)), None) => {
-            cp.commands.cancel_local(id);
+        Ok(ReplicaNotice::Cancel { command_id }) => {
+            cp.commands.cancel_local(command_id);
         }
-        _ => tracing::debug!(%payload, "ignored a malformed command notification"),
+        Err(e) => {
+            tracing::debug!(%payload, error = %e, "ignored a malformed command notification")
+        }
     }
 }
 

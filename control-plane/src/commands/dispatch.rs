@@ -13,9 +13,11 @@ use tether_protocol::{
 };
 use tether_transport::ControlStream;
 
-use crate::app::ControlPlane;
-use crate::commands::{LiveCommand, OUTPUT_FLUSH};
-use crate::store::{command_env_context, ClaimedCommand, CommandFinish, CommandState};
+use super::live::{LiveCommand, OUTPUT_FLUSH};
+use crate::context::ControlPlane;
+use crate::store::{
+    command_env_context, command_stdin_context, ClaimedCommand, CommandFinish, CommandState,
+};
 
 /// After the command's own timeout, how long the agent has to report the
 /// outcome before the command is failed here.
@@ -148,7 +150,7 @@ async fn drive(
         Some(sealed) => {
             let opened = cp
                 .sealer
-                .open(sealed, &command_env_context(claimed.id))
+                .open(sealed, &command_env_context(claimed.request_id))
                 .ok()
                 .and_then(|plain| serde_json::from_slice(&plain).ok());
             match opened {
@@ -157,12 +159,22 @@ async fn drive(
             }
         }
     };
+    let stdin = match &claimed.stdin_sealed {
+        None => None,
+        Some(sealed) => match cp
+            .sealer
+            .open(sealed, &command_stdin_context(claimed.request_id))
+        {
+            Ok(stdin) => Some(stdin),
+            Err(_) => return Ending::failed("the command's stdin could not be opened"),
+        },
+    };
     let timeout_ms = u64::try_from(claimed.timeout_ms).unwrap_or(1).max(1);
     let request = CommandRequest {
         command_id: claimed.id.to_string(),
         argv: claimed.argv.clone(),
         env,
-        stdin: claimed.stdin.clone(),
+        stdin,
         timeout_ms,
         max_output_bytes: u64::try_from(claimed.max_output_bytes).unwrap_or(0),
     };

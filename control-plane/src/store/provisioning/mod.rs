@@ -1,12 +1,22 @@
 //! Domain types of provisioning as the store keeps them: cloud credentials
 //! (sealed), deployments (each one a persisted job with a lease), their
 //! event log, and Terraform state behind the HTTP backend with its lock.
+//!
+//! The trait is part of [`super::Store`]; each database implements it in its
+//! own file (`sqlite.rs`, `postgres.rs`), covered by the shared store suite
+//! (`control-plane/tests/store_provisioning.rs`).
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use super::row::StoreRow;
+use super::{NewEnrollmentToken, Server, StoreError, StoreResult};
+
+mod postgres;
+mod sqlite;
 
 /// A cloud account's credentials; the secret part is sealed and never leaves
 /// the control plane except as environment variables of a terraform process.
@@ -213,4 +223,182 @@ pub enum LockOutcome {
     Done,
     /// Someone else holds the lock: here is their LockInfo.
     HeldBy(serde_json::Value),
+}
+
+/// Storage of this area. See the module doc.
+#[async_trait::async_trait]
+pub trait ProvisioningStore: Send + Sync {
+    async fn create_cloud_credential(&self, credential: &CloudCredential) -> StoreResult<()>;
+
+    /// A live credential of an organization in `scope`.
+    async fn cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+    ) -> StoreResult<Option<CloudCredential>>;
+
+    /// Live credentials of the organizations in `scope`, oldest first.
+    async fn list_cloud_credentials(&self, scope: &[Uuid]) -> StoreResult<Vec<CloudCredential>>;
+
+    /// Records the outcome of a validation (and `at` as last use).
+    async fn mark_cloud_credential(
+        &self,
+        id: Uuid,
+        validated: Option<bool>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// Soft-deletes a credential; `false` when there was none in `scope`.
+    async fn delete_cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    /// Stores a new deployment and its bootstrap token in one transaction.
+    async fn create_deployment(
+        &self,
+        deployment: &Deployment,
+        token: &NewEnrollmentToken,
+    ) -> StoreResult<()>;
+
+    /// A deployment; `scope` `None` is the control plane's own view.
+    async fn deployment(&self, scope: Option<&[Uuid]>, id: Uuid)
+        -> StoreResult<Option<Deployment>>;
+
+    /// Deployments of `scope`, newest first, after `cursor` (an id).
+    async fn list_deployments(
+        &self,
+        scope: &[Uuid],
+        limit: u32,
+        cursor: Option<Uuid>,
+    ) -> StoreResult<Vec<Deployment>>;
+
+    /// Claims one active deployment whose lease is free or expired: the
+    /// worker holds it until `lease_until` (renewed by
+    /// [`ProvisioningStore::save_deployment`]). Oldest first.
+    async fn claim_deployment(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<Deployment>>;
+
+    /// Writes a claimed deployment back and extends the lease (released when
+    /// the status is no longer active). `false` when `worker` lost the lease.
+    async fn save_deployment(
+        &self,
+        deployment: &Deployment,
+        worker: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    /// Moves a deployment in `scope` from one of `from` to `to` (API
+    /// transitions such as a destroy request). `false` when it was not in
+    /// one of `from`.
+    async fn transition_deployment(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        from: &[DeploymentStatus],
+        to: DeploymentStatus,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    async fn append_deployment_event(
+        &self,
+        deployment_id: Uuid,
+        at: DateTime<Utc>,
+        kind: &str,
+        body: &serde_json::Value,
+    ) -> StoreResult<i64>;
+
+    /// Events of a deployment after `after_seq`, oldest first.
+    async fn deployment_events(
+        &self,
+        deployment_id: Uuid,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<DeploymentEvent>>;
+
+    /// The hash of a deployment's bootstrap token.
+    async fn deployment_token_hash(&self, deployment_id: Uuid) -> StoreResult<Option<String>>;
+
+    /// Makes a deployment's unused bootstrap token unusable.
+    async fn expire_deployment_token(
+        &self,
+        deployment_id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// The live server that enrolled with a deployment's token, and whether
+    /// it has reported metrics.
+    async fn deployment_server(&self, deployment_id: Uuid) -> StoreResult<Option<(Server, bool)>>;
+
+    async fn terraform_state(
+        &self,
+        deployment_id: Uuid,
+    ) -> StoreResult<Option<TerraformStateRecord>>;
+
+    /// Writes (`Some`) or empties (`None`) a state, refused while another
+    /// holder's lock is on it (`lock_id` is the writer's lock, if any).
+    async fn write_terraform_state(
+        &self,
+        deployment_id: Uuid,
+        state_sealed: Option<&str>,
+        lock_id: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome>;
+
+    /// Takes the state lock unless someone holds it.
+    async fn lock_terraform_state(
+        &self,
+        deployment_id: Uuid,
+        lock_id: &str,
+        info: &serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome>;
+
+    /// Releases the lock if `lock_id` holds it (`None`: whoever holds it).
+    async fn unlock_terraform_state(
+        &self,
+        deployment_id: Uuid,
+        lock_id: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome>;
+}
+
+/// A `cloud_credentials` row.
+pub(crate) fn credential_from_row(row: &impl StoreRow) -> StoreResult<CloudCredential> {
+    Ok(CloudCredential {
+        id: row.id("id")?,
+        organization_id: row.id("organization_id")?,
+        name: row.text("name")?,
+        provider: row.text("provider")?,
+        default_region: row.opt_text("default_region")?,
+        credentials_sealed: row.text("credentials_sealed")?,
+        is_validated: row.flag("is_validated")?,
+        created_at: row.time("created_at")?,
+        last_used_at: row.opt_time("last_used_at")?,
+    })
+}
+
+/// A `deployments` row.
+pub(crate) fn deployment_from_row(row: &impl StoreRow) -> StoreResult<Deployment> {
+    let status = row.text("status")?;
+    Ok(Deployment {
+        id: row.id("id")?,
+        organization_id: row.id("organization_id")?,
+        provider: row.text("provider")?,
+        credential_id: row.opt_id("credential_id")?,
+        status: DeploymentStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("invalid deployment status {status:?}")))?,
+        server_id: row.opt_id("server_id")?,
+        record: row.json("record")?,
+        bootstrap_token_sealed: row.opt_text("bootstrap_token_sealed")?,
+        created_at: row.time("created_at")?,
+        updated_at: row.time("updated_at")?,
+        completed_at: row.opt_time("completed_at")?,
+    })
 }

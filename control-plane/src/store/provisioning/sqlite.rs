@@ -1,0 +1,437 @@
+//! [`super::ProvisioningStore`] on SQLite.
+
+use chrono::{DateTime, Utc};
+use sqlx::{QueryBuilder, Row};
+use uuid::Uuid;
+
+use super::*;
+use crate::store::sqlite::*;
+use crate::store::*;
+
+#[async_trait::async_trait]
+impl ProvisioningStore for SqliteStore {
+    async fn create_cloud_credential(&self, c: &CloudCredential) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO cloud_credentials (id, organization_id, name, provider, default_region,
+               credentials_sealed, is_validated, created_at, last_used_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(c.id.to_string())
+        .bind(c.organization_id.to_string())
+        .bind(&c.name)
+        .bind(&c.provider)
+        .bind(&c.default_region)
+        .bind(&c.credentials_sealed)
+        .bind(c.is_validated)
+        .bind(ms(c.created_at))
+        .bind(c.last_used_at.map(ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+    ) -> StoreResult<Option<CloudCredential>> {
+        let mut builder = QueryBuilder::new(format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM cloud_credentials WHERE deleted_at IS NULL AND id = "
+        ));
+        builder.push_bind(id.to_string());
+        push_scope(&mut builder, "organization_id", scope);
+        let row = builder.build().fetch_optional(&self.pool).await?;
+        row.as_ref().map(credential_from_row).transpose()
+    }
+
+    async fn list_cloud_credentials(&self, scope: &[Uuid]) -> StoreResult<Vec<CloudCredential>> {
+        let mut builder = QueryBuilder::new(format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM cloud_credentials WHERE deleted_at IS NULL"
+        ));
+        push_scope(&mut builder, "organization_id", scope);
+        builder.push(" ORDER BY created_at, id");
+        let rows = builder.build().fetch_all(&self.pool).await?;
+        rows.iter().map(credential_from_row).collect()
+    }
+
+    async fn mark_cloud_credential(
+        &self,
+        id: Uuid,
+        validated: Option<bool>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE cloud_credentials SET is_validated = COALESCE(?, is_validated), last_used_at = ?
+             WHERE id = ?",
+        )
+        .bind(validated)
+        .bind(ms(at))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut builder = QueryBuilder::new("UPDATE cloud_credentials SET deleted_at = ");
+        builder.push_bind(ms(at));
+        builder.push(", credentials_sealed = '' WHERE deleted_at IS NULL AND id = ");
+        builder.push_bind(id.to_string());
+        push_scope(&mut builder, "organization_id", scope);
+        Ok(builder.build().execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    async fn create_deployment(
+        &self,
+        d: &Deployment,
+        token: &NewEnrollmentToken,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO deployments (id, organization_id, provider, credential_id, status, server_id,
+               record, bootstrap_token_sealed, created_at, updated_at, completed_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(d.id.to_string())
+        .bind(d.organization_id.to_string())
+        .bind(&d.provider)
+        .bind(d.credential_id.map(|c| c.to_string()))
+        .bind(d.status.as_str())
+        .bind(d.server_id.map(|s| s.to_string()))
+        .bind(to_json(&d.record))
+        .bind(&d.bootstrap_token_sealed)
+        .bind(ms(d.created_at))
+        .bind(ms(d.updated_at))
+        .bind(d.completed_at.map(ms))
+        .execute(&mut *tx)
+        .await?;
+        insert_enrollment_token(&mut *tx, token).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn deployment(
+        &self,
+        scope: Option<&[Uuid]>,
+        id: Uuid,
+    ) -> StoreResult<Option<Deployment>> {
+        let mut builder = QueryBuilder::new(format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE deleted_at IS NULL AND id = "
+        ));
+        builder.push_bind(id.to_string());
+        if let Some(scope) = scope {
+            push_scope(&mut builder, "organization_id", scope);
+        }
+        let row = builder.build().fetch_optional(&self.pool).await?;
+        row.as_ref().map(deployment_from_row).transpose()
+    }
+
+    async fn list_deployments(
+        &self,
+        scope: &[Uuid],
+        limit: u32,
+        cursor: Option<Uuid>,
+    ) -> StoreResult<Vec<Deployment>> {
+        let mut builder = QueryBuilder::new(format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE deleted_at IS NULL"
+        ));
+        push_scope(&mut builder, "organization_id", scope);
+        if let Some(cursor) = cursor {
+            builder.push(" AND id < ");
+            builder.push_bind(cursor.to_string());
+        }
+        builder.push(" ORDER BY id DESC LIMIT ");
+        builder.push_bind(i64::from(limit));
+        let rows = builder.build().fetch_all(&self.pool).await?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    async fn claim_deployment(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<Option<Deployment>> {
+        // One statement: SQLite serialises writers, so two workers never
+        // claim the same row.
+        let active = active_statuses_sql();
+        let row = sqlx::query(&format!(
+            "UPDATE deployments SET claimed_by = ?, lease_until = ?
+             WHERE id = (SELECT id FROM deployments
+                         WHERE deleted_at IS NULL AND status IN ({active})
+                           AND (lease_until IS NULL OR lease_until < ?)
+                         ORDER BY created_at, id LIMIT 1)
+             RETURNING {DEPLOYMENT_COLUMNS}"
+        ))
+        .bind(worker)
+        .bind(ms(lease_until))
+        .bind(ms(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(deployment_from_row).transpose()
+    }
+
+    async fn save_deployment(
+        &self,
+        d: &Deployment,
+        worker: &str,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let lease = d.status.is_active().then(|| ms(lease_until));
+        let claimed_by = d.status.is_active().then_some(worker);
+        let result = sqlx::query(
+            "UPDATE deployments SET status = ?, server_id = ?, record = ?, bootstrap_token_sealed = ?,
+               updated_at = ?, completed_at = ?, lease_until = ?, claimed_by = ?
+             WHERE id = ? AND claimed_by = ?",
+        )
+        .bind(d.status.as_str())
+        .bind(d.server_id.map(|s| s.to_string()))
+        .bind(to_json(&d.record))
+        .bind(&d.bootstrap_token_sealed)
+        .bind(ms(d.updated_at))
+        .bind(d.completed_at.map(ms))
+        .bind(lease)
+        .bind(claimed_by)
+        .bind(d.id.to_string())
+        .bind(worker)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn transition_deployment(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        from: &[DeploymentStatus],
+        to: DeploymentStatus,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut builder = QueryBuilder::new("UPDATE deployments SET status = ");
+        builder.push_bind(to.as_str());
+        builder.push(", updated_at = ");
+        builder.push_bind(ms(at));
+        builder.push(" WHERE deleted_at IS NULL AND id = ");
+        builder.push_bind(id.to_string());
+        push_scope(&mut builder, "organization_id", scope);
+        builder.push(" AND status IN (");
+        let mut list = builder.separated(", ");
+        for status in from {
+            list.push_bind(status.as_str());
+        }
+        list.push_unseparated(")");
+        Ok(builder.build().execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    async fn append_deployment_event(
+        &self,
+        deployment_id: Uuid,
+        at: DateTime<Utc>,
+        kind: &str,
+        body: &serde_json::Value,
+    ) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO deployment_events (deployment_id, at, kind, body) VALUES (?, ?, ?, ?)
+             RETURNING seq",
+        )
+        .bind(deployment_id.to_string())
+        .bind(ms(at))
+        .bind(kind)
+        .bind(body.to_string())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn deployment_events(
+        &self,
+        deployment_id: Uuid,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<DeploymentEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, deployment_id, at, kind, body FROM deployment_events
+             WHERE deployment_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(deployment_id.to_string())
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeploymentEvent {
+                    seq: row.try_get("seq")?,
+                    deployment_id: uuid(row.try_get("deployment_id")?)?,
+                    at: from_ms(row.try_get("at")?),
+                    kind: row.try_get("kind")?,
+                    body: json(row.try_get("body")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn deployment_token_hash(&self, deployment_id: Uuid) -> StoreResult<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT token_hash FROM enrollment_tokens WHERE deployment_id = ? ORDER BY created_at LIMIT 1",
+        )
+        .bind(deployment_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn expire_deployment_token(
+        &self,
+        deployment_id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE enrollment_tokens SET expires_at = MIN(expires_at, ?)
+             WHERE deployment_id = ? AND used_at IS NULL",
+        )
+        .bind(ms(at))
+        .bind(deployment_id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn deployment_server(&self, deployment_id: Uuid) -> StoreResult<Option<(Server, bool)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SERVER_COLUMNS}, EXISTS (SELECT 1 FROM metrics m WHERE m.server_id = servers.id) AS reported
+             FROM servers WHERE deleted_at IS NULL AND deployment_id = ? ORDER BY created_at LIMIT 1"
+        ))
+        .bind(deployment_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok((server_from_row(&row)?, row.try_get("reported")?)))
+            .transpose()
+    }
+
+    async fn terraform_state(
+        &self,
+        deployment_id: Uuid,
+    ) -> StoreResult<Option<TerraformStateRecord>> {
+        let row = sqlx::query(
+            "SELECT state_sealed, lock_id, lock_info FROM terraform_states WHERE deployment_id = ?",
+        )
+        .bind(deployment_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            let info: Option<String> = row.try_get("lock_info")?;
+            Ok(TerraformStateRecord {
+                state_sealed: row.try_get("state_sealed")?,
+                lock_id: row.try_get("lock_id")?,
+                lock_info: info.as_deref().map(json).transpose()?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn write_terraform_state(
+        &self,
+        deployment_id: Uuid,
+        state_sealed: Option<&str>,
+        lock_id: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome> {
+        let mut tx = self.pool.begin().await?;
+        // Writing first takes SQLite's write lock for the whole check-and-set.
+        ensure_state_row(&mut tx, deployment_id, at).await?;
+        let (held, info): (Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT lock_id, lock_info FROM terraform_states WHERE deployment_id = ?",
+        )
+        .bind(deployment_id.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(held) = held {
+            if Some(held.as_str()) != lock_id {
+                let info = info.as_deref().map(json).transpose()?;
+                return Ok(LockOutcome::HeldBy(info.unwrap_or_default()));
+            }
+        }
+        sqlx::query(
+            "UPDATE terraform_states SET state_sealed = ?, updated_at = ? WHERE deployment_id = ?",
+        )
+        .bind(state_sealed)
+        .bind(ms(at))
+        .bind(deployment_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(LockOutcome::Done)
+    }
+
+    async fn lock_terraform_state(
+        &self,
+        deployment_id: Uuid,
+        lock_id: &str,
+        info: &serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome> {
+        let mut tx = self.pool.begin().await?;
+        ensure_state_row(&mut tx, deployment_id, at).await?;
+        let taken = sqlx::query(
+            "UPDATE terraform_states SET lock_id = ?, lock_info = ?, updated_at = ?
+             WHERE deployment_id = ? AND lock_id IS NULL",
+        )
+        .bind(lock_id)
+        .bind(info.to_string())
+        .bind(ms(at))
+        .bind(deployment_id.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let outcome = if taken {
+            LockOutcome::Done
+        } else {
+            let holder: Option<String> = sqlx::query_scalar(
+                "SELECT lock_info FROM terraform_states WHERE deployment_id = ?",
+            )
+            .bind(deployment_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+            LockOutcome::HeldBy(holder.as_deref().map(json).transpose()?.unwrap_or_default())
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn unlock_terraform_state(
+        &self,
+        deployment_id: Uuid,
+        lock_id: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let released = sqlx::query(
+            "UPDATE terraform_states SET lock_id = NULL, lock_info = NULL, updated_at = ?
+             WHERE deployment_id = ? AND (? IS NULL OR lock_id IS NULL OR lock_id = ?)",
+        )
+        .bind(ms(at))
+        .bind(deployment_id.to_string())
+        .bind(lock_id)
+        .bind(lock_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let held: Option<Option<String>> =
+            sqlx::query_scalar("SELECT lock_info FROM terraform_states WHERE deployment_id = ?")
+                .bind(deployment_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(match (released, held) {
+            (0, Some(info)) => {
+                LockOutcome::HeldBy(info.as_deref().map(json).transpose()?.unwrap_or_default())
+            }
+            _ => LockOutcome::Done,
+        })
+    }
+}
