@@ -115,6 +115,14 @@ pub struct DeploymentView {
     pub boot_stages: Vec<BootStage>,
     /// Resources a rollback or destroy could not remove.
     pub leftover_resources: Vec<String>,
+    /// Retries of transient Terraform failures (rate limits, timeouts,
+    /// connection errors, 5xx from the provider's API, a held state lock)
+    /// so far; each is also a `retry` event.
+    pub retry_count: u32,
+    /// When the next retry is due, while the job waits for one.
+    pub next_retry_at: Option<DateTime<Utc>>,
+    /// Whether the server's user-data installs Docker Engine.
+    pub install_docker: bool,
     /// Whether the control plane holds a Terraform state for it.
     pub state_present: bool,
     /// Who holds the state lock (terraform's LockInfo), if anyone.
@@ -139,6 +147,9 @@ impl From<Deployment> for DeploymentView {
             error_message,
             leftover_resources,
             boot_stages,
+            retry_count,
+            next_retry_at,
+            install_docker,
             ..
         } = d.record;
         Self {
@@ -159,6 +170,9 @@ impl From<Deployment> for DeploymentView {
             error_message,
             boot_stages,
             leftover_resources,
+            retry_count,
+            next_retry_at,
+            install_docker,
             state_present: false,
             state_lock: None,
             created_at: d.created_at,

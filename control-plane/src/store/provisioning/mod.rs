@@ -176,6 +176,21 @@ pub struct DeploymentRecord {
     /// How many times a worker started on this deployment (resumes count).
     #[serde(default)]
     pub attempts: u32,
+    /// Retries of transient Terraform failures over the deployment's life
+    /// (provisioning, rollback and destroy).
+    #[serde(default)]
+    pub retry_count: u32,
+    /// Retries of the step failing now (reset when it succeeds); kept so a
+    /// resumed job does not start its budget again.
+    #[serde(default)]
+    pub step_retries: u32,
+    /// When the next retry is due, while the job waits for it (a resumed job
+    /// waits until then).
+    #[serde(default)]
+    pub next_retry_at: Option<DateTime<Utc>>,
+    /// Whether the server's user-data installs Docker Engine.
+    #[serde(default)]
+    pub install_docker: bool,
 }
 
 /// A deployment row.
