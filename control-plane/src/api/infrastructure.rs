@@ -59,6 +59,11 @@ pub struct ProvisionRequest {
     pub terraform_variables: Map<String, Value>,
     /// Organization the server joins (default: the caller's).
     pub organization_id: Option<Uuid>,
+    /// Install Docker Engine from the distribution's packages before the
+    /// agent starts (boot stage `docker_installed`). Default: on for the
+    /// cloud targets; `local` and `docker` run on the control-plane host
+    /// and refuse it (422, `reason: install_docker_not_supported`).
+    pub install_docker: Option<bool>,
 }
 
 /// A queued deployment.
@@ -251,7 +256,7 @@ fn host_target_allowed(
         (status = 403, description = "`forbidden`: missing scope or provider not allowed, or a host target (`local`, `docker`) that is off (`reason: host_targets_disabled`) or asked for by or for an organization other than the root (`reason: host_targets_root_only`); `quota_exceeded`: no room for another server.", body = ErrorBody),
         (status = 404, description = "`not_found`: no such organization or credential.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: body over 1 MiB.", body = ErrorBody),
-        (status = 422, description = "`validation_error`: unknown provider, credential of another provider or of another organization (`reason: credential_of_another_organization`), invalid name or tags, a variable the target does not let callers set (`reason: variable_not_settable`, `variable` names it) or an invalid one.", body = ErrorBody),
+        (status = 422, description = "`validation_error`: unknown provider, credential of another provider or of another organization (`reason: credential_of_another_organization`), invalid name or tags, a variable the target does not let callers set (`reason: variable_not_settable`, `variable` names it) or an invalid one, `install_docker` for `local` or `docker` (`reason: install_docker_not_supported`).", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
         (status = 500, description = "`internal_error`.", body = ErrorBody),
     )
@@ -322,6 +327,17 @@ pub async fn provision(
             .with_detail("variable", name.as_str()));
         }
     }
+    let install_docker = body
+        .install_docker
+        .unwrap_or(!provider.runs_on_this_machine());
+    if install_docker && provider.runs_on_this_machine() {
+        return Err(ApiError::validation(format!(
+            "install_docker is not available for the {} target: its servers run on the control-plane host, whose software the operator manages",
+            provider.as_str()
+        ))
+        .with_detail("reason", "install_docker_not_supported")
+        .with_detail("provider", provider.as_str()));
+    }
     if provider == Provider::Docker
         && (cp.config.api_listen.ip().is_loopback() || cp.config.quic_listen.ip().is_loopback())
     {
@@ -387,6 +403,7 @@ pub async fn provision(
             server_name: body.server_name.clone(),
             tags: body.tags.clone(),
             variables: body.terraform_variables.clone(),
+            install_docker,
             ..DeploymentRecord::default()
         },
     )
@@ -403,6 +420,7 @@ pub async fn provision(
                 "region": body.region,
                 "instance_type": body.instance_type,
                 "server_name": body.server_name,
+                "install_docker": install_docker,
             }),
         )
         .await;
@@ -782,7 +800,7 @@ fn sse_events(
     path = "/infrastructure/boot-stages",
     operation_id = "report_boot_stage",
     tag = "provisioning",
-    request_body(content = Object, content_type = "application/json", description = "`{deployment_id, token, stage: downloaded|installed|started|failed, step?, detail?}`"),
+    request_body(content = Object, content_type = "application/json", description = "`{deployment_id, token, stage: downloaded|installed|docker_installed|started|failed, step?, detail?}`"),
     responses(
         (status = 204, description = "Recorded."),
         (status = 400, description = "`invalid_request`: malformed JSON.", body = ErrorBody),

@@ -531,6 +531,7 @@ impl Job {
             deployment_id: d.id.to_string(),
             agent_checksums,
             agent_user: self.cp.config.provision_agent_user.clone(),
+            install_docker: d.record.install_docker,
         })
         .map_err(|e| JobError::Bootstrap(e.to_string()))
     }
