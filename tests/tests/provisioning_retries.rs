@@ -112,6 +112,15 @@ fn runs_of(file: &Path) -> usize {
 }
 
 async fn start(dir: &Path, templates: &Path, retries: &str) -> ControlPlane {
+    start_with_delay(dir, templates, retries, "200ms").await
+}
+
+async fn start_with_delay(
+    dir: &Path,
+    templates: &Path,
+    retries: &str,
+    delay: &str,
+) -> ControlPlane {
     let found = std::process::Command::new("terraform")
         .arg("version")
         .output()
@@ -134,7 +143,7 @@ async fn start(dir: &Path, templates: &Path, retries: &str) -> ControlPlane {
             "--provision-retries",
             retries,
             "--provision-retry-delay",
-            "200ms",
+            delay,
         ],
     )
     .await
@@ -365,4 +374,64 @@ async fn a_transient_failure_that_never_clears_fails_after_the_retry_limit() {
         .filter_map(|(_, data)| data["retry"].as_i64())
         .collect();
     assert_eq!(retries, [1, 2], "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_scheduled_before_a_restart_is_kept_by_the_restarted_control_plane() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (templates, runs) = templates_dir(dir.path(), Flaky::RateLimitedOnce);
+    // The retry is due 20-40 s after the failure: later than the lease of
+    // the job the restart interrupts.
+    let mut cp = start_with_delay(dir.path(), &templates, "3", "40s").await;
+    let id = provision(&cp, "flaky-restart").await;
+
+    let started = Instant::now();
+    let waiting = loop {
+        let d = deployment(&cp, &id).await;
+        if d["retry_count"] == 1 && !d["next_retry_at"].is_null() {
+            break d;
+        }
+        assert!(
+            started.elapsed() < SETTLE_TIMEOUT,
+            "no retry scheduled: {d:#}\n{}",
+            cp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let due: chrono::DateTime<chrono::Utc> = waiting["next_retry_at"]
+        .as_str()
+        .expect("next_retry_at")
+        .parse()
+        .expect("a time");
+    assert_eq!(runs_of(&runs), 1);
+
+    cp.stop(false);
+    cp.restart().await.expect("restart");
+    let done = wait_for(&cp, &id, &["completed", "failed"]).await;
+    assert_eq!(done["status"], "completed", "{done:#}\n{}", cp.log());
+    assert_eq!(done["retry_count"], 1, "the count survived: {done:#}");
+    assert!(done["next_retry_at"].is_null(), "{done:#}");
+    assert_eq!(runs_of(&runs), 2, "the flaky resource ran once more");
+    // The resumed job ran nothing before the retry was due.
+    let resumed_init = done["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter(|s| s["name"] == "init")
+        .nth(1)
+        .expect("a second init, by the resumed job");
+    let resumed_at: chrono::DateTime<chrono::Utc> = resumed_init["started_at"]
+        .as_str()
+        .expect("started_at")
+        .parse()
+        .expect("a time");
+    assert!(
+        resumed_at >= due - chrono::Duration::milliseconds(50),
+        "resumed at {resumed_at}, retry due at {due}"
+    );
+    let server_id = done["server_id"].as_str().expect("server id").to_string();
+    cp.wait_for_status(&server_id, "online", Duration::from_secs(20))
+        .await
+        .expect("online");
+    destroy(&cp, &id).await;
 }
