@@ -792,7 +792,7 @@ fn sse_events(
 }
 
 /// Records a boot stage a server's bootstrap reached (`downloaded`,
-/// `installed`, `started`) or where it failed. Authenticated by the
+/// `installed`, `docker_installed`, `started`) or where it failed. Authenticated by the
 /// deployment's bootstrap token in the body (never in a URL or header a
 /// proxy might log).
 #[utoipa::path(

@@ -136,7 +136,7 @@ pub struct DeploymentStep {
 }
 
 /// A boot stage the server's bootstrap reported (`downloaded`, `installed`,
-/// `started`, or `failed` with the failing step).
+/// `docker_installed`, `started`, or `failed` with the failing step).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BootStage {
     pub stage: String,
