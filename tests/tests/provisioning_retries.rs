@@ -24,6 +24,8 @@ enum Flaky {
     AlwaysRateLimited,
     /// A 403 on every run.
     Forbidden,
+    /// Created fine; its destroy answers a 503 once.
+    UnavailableOnceAtDestroy,
 }
 
 fn repo_root() -> PathBuf {
@@ -68,11 +70,19 @@ fn templates_dir(dir: &Path, flaky: Flaky) -> (PathBuf, PathBuf) {
             "true".to_string(),
             "Error: creating server: POST https://api.example.com/v1/servers: 403 Forbidden: the API token was refused",
         ),
+        Flaky::UnavailableOnceAtDestroy => (
+            format!("[ ! -e '{}' ]", marker.display()),
+            "Error: deleting server: DELETE https://api.example.com/v1/servers/1: 503 Service Unavailable",
+        ),
+    };
+    let when = match flaky {
+        Flaky::UnavailableOnceAtDestroy => "\n    when        = destroy",
+        _ => "",
     };
     let flaky_tf = format!(
         r#"# Test only: fails like a cloud API before the server is made.
 resource "terraform_data" "flaky" {{
-  provisioner "local-exec" {{
+  provisioner "local-exec" {{{when}
     interpreter = ["/bin/sh", "-c"]
     command     = <<-EOT
       echo run >> '{runs}'
@@ -434,4 +444,31 @@ async fn a_retry_scheduled_before_a_restart_is_kept_by_the_restarted_control_pla
         .await
         .expect("online");
     destroy(&cp, &id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_that_fails_transiently_once_is_retried_and_removes_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (templates, runs) = templates_dir(dir.path(), Flaky::UnavailableOnceAtDestroy);
+    let cp = start(dir.path(), &templates, "3").await;
+    let id = provision(&cp, "flaky-destroy").await;
+    let done = wait_for(&cp, &id, &["completed", "failed"]).await;
+    assert_eq!(done["status"], "completed", "{done:#}\n{}", cp.log());
+    assert_eq!(done["retry_count"], 0);
+    assert_eq!(runs_of(&runs), 0, "nothing ran at create");
+
+    destroy(&cp, &id).await;
+    let gone = deployment(&cp, &id).await;
+    assert_eq!(gone["retry_count"], 1, "{gone:#}");
+    assert_eq!(gone["leftover_resources"], json!([]), "{gone:#}");
+    assert_eq!(gone["state_present"], false, "{gone:#}");
+    assert_eq!(runs_of(&runs), 2, "the destroy ran twice");
+    let events = sse_events(&cp, &id).await;
+    let retry = events
+        .iter()
+        .find(|(name, _)| name == "retry")
+        .map(|(_, data)| data)
+        .expect("a retry event");
+    assert_eq!(retry["step"], "destroy");
+    assert_eq!(retry["reason"], "server_error");
 }

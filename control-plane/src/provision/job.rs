@@ -638,8 +638,16 @@ impl Job {
                     }
                     return Ok(());
                 }
-                Err(JobError::Terraform(error)) => error,
-                Err(other) => return Err(other),
+                Err(JobError::Terraform(error)) if error.failure_kind().is_transient() => error,
+                Err(JobError::LeaseLost) => return Err(JobError::LeaseLost),
+                Err(other) => {
+                    // A permanent failure ends this step's retries: the
+                    // next step (a rollback's destroy) gets its own budget.
+                    let mut d = self.deployment.lock().await;
+                    d.record.step_retries = 0;
+                    d.record.next_retry_at = None;
+                    return Err(other);
+                }
             };
             let FailureKind::Transient(reason) = error.failure_kind() else {
                 return Err(JobError::Terraform(error));
