@@ -167,7 +167,12 @@ fn standalone(haystack: &str, needle: &str) -> bool {
 /// The kind of one error diagnostic (its summary and detail, or one block
 /// of plain error output).
 pub fn classify_text(text: &str) -> FailureKind {
-    let lower = text.to_ascii_lowercase();
+    // Terraform wraps plain output at 78 columns: a phrase may span lines.
+    let lower = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_ascii_lowercase();
     let mut without_rate_limit = lower.clone();
     for phrase in RATE_LIMIT_PHRASES {
         without_rate_limit = without_rate_limit.replace(phrase, "");
@@ -335,6 +340,16 @@ mod tests {
         );
         assert_eq!(
             classify_text("Error: Module not installed"),
+            FailureKind::Permanent
+        );
+        // Wrapped at 78 columns, as terraform prints without -json.
+        assert_eq!(
+            classify_text("Error: Failed to install provider\n\nread tcp 10.0.0.2:40112->1.2.3.4:443: read: connection\nreset by peer"),
+            FailureKind::Transient(TransientReason::Connection)
+        );
+        // What an offline init says: not worth retrying.
+        assert_eq!(
+            classify_text("could not connect to registry.terraform.io: failed to\nrequest discovery document: Get\n\"https://registry.terraform.io/.well-known/terraform.json\": dial tcp: lookup\nregistry.terraform.io on 10.255.255.53:53: no such host"),
             FailureKind::Permanent
         );
     }
