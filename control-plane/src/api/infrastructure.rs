@@ -690,7 +690,7 @@ const SSE_POLL: Duration = Duration::from_millis(200);
     params(("id" = Uuid, Path, description = "Deployment id.")),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "An SSE stream (`text/event-stream`) of `status`, `step`, `log` and `boot_stage` events.", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An SSE stream (`text/event-stream`) of `status`, `step`, `log`, `boot_stage` and `retry` (`{step, retry, max_retries, reason, error, delay_seconds}`) events.", content_type = "text/event-stream", body = String),
         (status = 400, description = "`invalid_request`: the id is not a UUID.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 403, description = "`forbidden`.", body = ErrorBody),

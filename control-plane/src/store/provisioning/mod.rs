@@ -217,7 +217,7 @@ pub struct DeploymentEvent {
     pub seq: i64,
     pub deployment_id: Uuid,
     pub at: DateTime<Utc>,
-    /// `status`, `step`, `log` or `boot_stage`.
+    /// `status`, `step`, `log`, `boot_stage` or `retry`.
     pub kind: String,
     pub body: serde_json::Value,
 }
