@@ -67,6 +67,9 @@ pub enum StartError {
     /// The QUIC endpoint could not be created.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// `--templates-dir` cannot be used.
+    #[error(transparent)]
+    TemplatesDir(#[from] crate::provision::templates::TemplatesDirError),
     /// The HTTP API could not listen.
     #[error("binding the API on {addr}")]
     BindApi {
@@ -141,6 +144,14 @@ impl RunningControlPlane {
 /// listeners, spawns the gateway, API and background tasks.
 pub async fn start(config: ServeConfig) -> Result<RunningControlPlane, StartError> {
     tether_certs::install_crypto_provider();
+    if let Some(dir) = &config.templates_dir {
+        let targets = crate::provision::templates::overridden_targets(dir)?;
+        tracing::warn!(
+            dir = %dir.display(),
+            targets = %targets.join(","),
+            "the operator's templates replace the embedded modules of these targets"
+        );
+    }
     crate::fsutil::create_private_dir(&config.data_dir)
         .map_err(StartError::data_dir("creating data dir", &config.data_dir))?;
     let sealer = crate::rotate::load_sealer(&config.master_key_file)?;

@@ -120,6 +120,20 @@ pub struct ServeArgs {
     /// the `docker` group, instead of root [default: root].
     #[arg(long, env = "TETHER_PROVISION_AGENT_USER")]
     pub provision_agent_user: Option<String>,
+    /// Transient Terraform failures (rate limits, timeouts, connection
+    /// resets, 5xx from a provider API, a held state lock) of one step are
+    /// retried this many times before the deployment fails [default: 3].
+    #[arg(long, env = "TETHER_PROVISION_RETRIES")]
+    pub provision_retries: Option<u32>,
+    /// Delay before the first retry; each further retry doubles it (with
+    /// jitter, at most 5 min) [default: 10s].
+    #[arg(long, env = "TETHER_PROVISION_RETRY_DELAY", value_parser = parse_duration)]
+    pub provision_retry_delay: Option<Duration>,
+    /// Operator-trusted Terraform modules: `DIR/<target>/` replaces the
+    /// embedded module of that target (an existing one only). Never set
+    /// through the API [default: the embedded modules].
+    #[arg(long, env = "TETHER_TEMPLATES_DIR")]
+    pub templates_dir: Option<PathBuf>,
     /// An HTTP client must send a request's headers within this long after
     /// connecting (or after its previous response); otherwise the
     /// connection is closed [default: 10s].
@@ -183,6 +197,9 @@ struct FileConfig {
     provision_workers: Option<u32>,
     command_concurrency: Option<u32>,
     provision_agent_user: Option<String>,
+    provision_retries: Option<u32>,
+    provision_retry_delay: Option<String>,
+    templates_dir: Option<PathBuf>,
     http_header_timeout: Option<String>,
     http_body_timeout: Option<String>,
     http_max_connections: Option<u32>,
@@ -224,6 +241,12 @@ pub struct ServeConfig {
     pub command_concurrency: u32,
     /// `None`: provisioned agents run as root.
     pub provision_agent_user: Option<String>,
+    /// Retries of a step's transient Terraform failures.
+    pub provision_retries: u32,
+    /// Delay before the first retry (doubled for each further one).
+    pub provision_retry_delay: Duration,
+    /// `None`: the embedded modules only.
+    pub templates_dir: Option<PathBuf>,
     pub http_header_timeout: Duration,
     pub http_body_timeout: Duration,
     pub http_max_connections: u32,
@@ -347,6 +370,14 @@ impl ServeArgs {
             )?)
             .unwrap_or(Duration::from_secs(600))
             .max(Duration::from_secs(1));
+        let provision_retry_delay = self
+            .provision_retry_delay
+            .or(file_duration(
+                "provision_retry_delay",
+                file.provision_retry_delay,
+            )?)
+            .unwrap_or(Duration::from_secs(10))
+            .clamp(Duration::from_millis(10), Duration::from_secs(300));
         let http_header_timeout = self
             .http_header_timeout
             .or(file_duration(
@@ -402,6 +433,13 @@ impl ServeArgs {
                 .unwrap_or(4)
                 .clamp(1, 64),
             provision_agent_user,
+            provision_retries: self
+                .provision_retries
+                .or(file.provision_retries)
+                .unwrap_or(3)
+                .min(20),
+            provision_retry_delay,
+            templates_dir: self.templates_dir.or(file.templates_dir),
             command_concurrency: self
                 .command_concurrency
                 .or(file.command_concurrency)

@@ -29,6 +29,7 @@ store_tests! {
     organization_usage_counts_deployments_still_waiting_for_their_server,
     terraform_state_lock_is_exclusive_and_writes_need_the_holder,
     sealed_secrets_include_credentials_states_and_bootstrap_tokens,
+    a_scheduled_retry_is_kept_with_the_deployment_and_handed_to_the_next_worker,
 }
 
 fn credential(organization_id: Uuid, name: &str) -> CloudCredential {
@@ -621,4 +622,46 @@ async fn sealed_secrets_include_credentials_states_and_bootstrap_tokens(store: A
         .expect("cloud_credential")
         .expect("exists");
     assert_eq!(stored.credentials_sealed, "v1:resealed");
+}
+
+async fn a_scheduled_retry_is_kept_with_the_deployment_and_handed_to_the_next_worker(
+    store: Arc<dyn Store>,
+) {
+    let instance = init(&*store).await;
+    let (created, _) = create_deployment(&*store, instance.root_organization_id).await;
+    assert_eq!(created.record.retry_count, 0);
+    assert!(!created.record.install_docker);
+    let at = now();
+    let mut job = store
+        .claim_deployment("a", at, at + Duration::seconds(15))
+        .await
+        .expect("claim_deployment")
+        .expect("pending job");
+    job.status = DeploymentStatus::Provisioning;
+    job.record.retry_count = 2;
+    job.record.step_retries = 1;
+    job.record.next_retry_at = Some(at + Duration::seconds(40));
+    job.record.install_docker = true;
+    assert!(store
+        .save_deployment(&job, "a", at + Duration::seconds(15))
+        .await
+        .expect("save_deployment"));
+
+    // Worker a dies; once its lease ran out, b takes the job over with the
+    // retry as a scheduled it.
+    let later = at + Duration::seconds(16);
+    let resumed = store
+        .claim_deployment("b", later, later + Duration::seconds(15))
+        .await
+        .expect("claim_deployment")
+        .expect("the interrupted job");
+    assert_eq!(resumed.id, created.id);
+    assert_eq!(resumed.status, DeploymentStatus::Provisioning);
+    assert_eq!(resumed.record.retry_count, 2);
+    assert_eq!(resumed.record.step_retries, 1);
+    assert_eq!(
+        resumed.record.next_retry_at,
+        Some(at + Duration::seconds(40))
+    );
+    assert!(resumed.record.install_docker);
 }

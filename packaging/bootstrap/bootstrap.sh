@@ -15,7 +15,11 @@
 # Its settings come from $ROOT/var/lib/tether/bootstrap.env (0600, written by
 # cloud-init): TETHER_API_URL, TETHER_AGENT_SHA256 ("os/arch=hex ..."),
 # TETHER_REPORT_FIELDS (the JSON members naming the deployment and carrying
-# the bootstrap token), and optionally TETHER_AGENT_USER: in systemd mode the
+# the bootstrap token), optionally TETHER_INSTALL_DOCKER=1: in systemd mode,
+# Docker Engine is installed from the distribution's packages (apt-get:
+# docker.io; dnf/yum: docker, else moby-engine) and started before the agent
+# is, reported as the stage `docker_installed` (an engine already there is
+# kept), and optionally TETHER_AGENT_USER: in systemd mode the
 # agent then runs as that system user (created if missing, added to the
 # `docker` group, which is created if missing) through the unit drop-in
 # tether-agent.service.d/10-user.conf, and owns its state dir and
@@ -50,7 +54,7 @@ if [ ! -r "$ENV_FILE" ]; then
     log "missing $ENV_FILE"
     exit 1
 fi
-TETHER_API_URL='' TETHER_AGENT_SHA256='' TETHER_REPORT_FIELDS='' TETHER_AGENT_USER=''
+TETHER_API_URL='' TETHER_AGENT_SHA256='' TETHER_REPORT_FIELDS='' TETHER_AGENT_USER='' TETHER_INSTALL_DOCKER=''
 # shellcheck source=/dev/null
 . "$ENV_FILE"
 API=${TETHER_API_URL%/}
@@ -159,7 +163,33 @@ mkdir -p "${BIN%/*}" 2>"$WORK/install.err" &&
 chmod 0700 "$STATE" 2>/dev/null
 report installed "" "$BIN"
 
-# 3. A dedicated user (systemd mode): in the docker group, owns the state
+# 3. Docker Engine from the distribution's packages, when asked (systemd
+# mode only: a `process` server shares its host). Before the agent user, so
+# the package's docker group exists when the user joins it.
+if [ "$TETHER_INSTALL_DOCKER" = 1 ]; then
+    [ "$MODE" = systemd ] || fail docker "installing Docker needs systemd mode"
+    if have docker; then
+        log "Docker is already installed"
+    elif have apt-get; then
+        { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -q &&
+            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q docker.io; } \
+            >"$WORK/docker.err" 2>&1 || fail docker "apt-get error: $(tail -n 1 "$WORK/docker.err" 2>/dev/null)"
+    elif have dnf || have yum; then
+        if have dnf; then PKG=dnf; else PKG=yum; fi
+        { "$PKG" install -y -q docker || "$PKG" install -y -q moby-engine; } \
+            >"$WORK/docker.err" 2>&1 || fail docker "$PKG error: $(tail -n 1 "$WORK/docker.err" 2>/dev/null)"
+    else
+        fail docker "no apt-get, dnf or yum to install Docker with"
+    fi
+    have docker || fail docker "docker is not installed after the package install"
+    if have systemctl; then
+        systemctl enable --now docker.service >"$WORK/docker.err" 2>&1 ||
+            fail docker "systemctl error: $(tail -n 1 "$WORK/docker.err" 2>/dev/null)"
+    fi
+    report docker_installed "" "$(docker --version 2>/dev/null)"
+fi
+
+# 4. A dedicated user (systemd mode): in the docker group, owns the state
 # dir and agent.toml; the unit runs as it through a drop-in.
 AGENT_USER=$TETHER_AGENT_USER
 if [ -n "$AGENT_USER" ] && [ "$MODE" = systemd ]; then
@@ -182,7 +212,7 @@ if [ -n "$AGENT_USER" ] && [ "$MODE" = systemd ]; then
     log "the agent runs as $AGENT_USER (group docker)"
 fi
 
-# 4. Start.
+# 5. Start.
 if [ "$MODE" = systemd ]; then
     have systemctl || fail start "systemctl is not installed"
     { systemctl daemon-reload && systemctl enable --now tether-agent.service; } >"$WORK/start.err" 2>&1 ||

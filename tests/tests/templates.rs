@@ -139,6 +139,7 @@ fn params(api_url: &str, deployment_id: &str, checksums: Vec<AgentChecksum>) -> 
         deployment_id: deployment_id.to_string(),
         agent_checksums: checksums,
         agent_user: None,
+        install_docker: false,
     }
 }
 
@@ -168,26 +169,37 @@ fn terraform_fmt_accepts_every_template() {
 fn rendered_user_data_passes_cloud_init_schema_for_every_target() {
     let cloud_init = tool("cloud-init", "apt-get install -y cloud-init");
     let dir = tempfile::tempdir().expect("tempdir");
+    // Every target, with Docker installed at boot and without.
     for provider in PROVIDERS {
-        let user_data = render_user_data(&params(
-            "https://tether.example.com:8443/",
-            &format!("0b7c2d4e-{provider}-#1"),
-            sample_checksums(),
-        ))
-        .expect("render user-data");
-        assert!(user_data.starts_with("#cloud-config\n"));
-        assert!(user_data.len() <= USER_DATA_MAX_BYTES);
-        let file = dir.path().join(format!("{provider}.yaml"));
-        std::fs::write(&file, &user_data).expect("write user-data");
-        let mut command = Command::new(&cloud_init);
-        command.args(["schema", "--config-file"]).arg(&file);
-        let output = run(command, Duration::from_secs(120));
-        let report = text(&output);
-        assert!(
-            output.status.success() && report.contains("Valid cloud-config"),
-            "cloud-init schema refused the {provider} user-data:\n{report}"
-        );
-        assert!(!report.contains(MARKER), "cloud-init printed the token");
+        for install_docker in [false, true] {
+            let mut p = params(
+                "https://tether.example.com:8443/",
+                &format!("0b7c2d4e-{provider}-#1"),
+                sample_checksums(),
+            );
+            p.install_docker = install_docker;
+            let user_data = render_user_data(&p).expect("render user-data");
+            assert!(user_data.starts_with("#cloud-config\n"));
+            assert!(user_data.len() <= USER_DATA_MAX_BYTES);
+            assert_eq!(
+                user_data.contains("TETHER_INSTALL_DOCKER='1'"),
+                install_docker,
+                "{provider}"
+            );
+            let file = dir
+                .path()
+                .join(format!("{provider}-docker-{install_docker}.yaml"));
+            std::fs::write(&file, &user_data).expect("write user-data");
+            let mut command = Command::new(&cloud_init);
+            command.args(["schema", "--config-file"]).arg(&file);
+            let output = run(command, Duration::from_secs(120));
+            let report = text(&output);
+            assert!(
+                output.status.success() && report.contains("Valid cloud-config"),
+                "cloud-init schema refused the {provider} user-data (install_docker {install_docker}):\n{report}"
+            );
+            assert!(!report.contains(MARKER), "cloud-init printed the token");
+        }
     }
     // With a dedicated agent user too.
     let mut with_user = params(
@@ -1063,5 +1075,235 @@ fn bootstrap_installs_the_agent_under_a_dedicated_user_in_the_docker_group() {
     assert_eq!(
         stage_names(&api.stages()),
         ["downloaded", "installed", "started"]
+    );
+}
+
+/// A scratch server for `bootstrap.sh --mode systemd` with
+/// `TETHER_INSTALL_DOCKER=1`: a root with agent.toml and bootstrap.env, and
+/// a PATH of this machine's tools without any Docker, package manager or
+/// `systemctl` (those are the recording stand-ins in `fake_bin`).
+struct DockerServer {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    fake_bin: PathBuf,
+    calls: PathBuf,
+    path: String,
+    api: FakeApi,
+}
+
+impl DockerServer {
+    fn new(agent_user: Option<&str>) -> Self {
+        let api = FakeApi::start(FAKE_AGENT.as_bytes().to_vec());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        let state = root.join("var/lib/tether");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::create_dir_all(root.join("etc/tether")).unwrap();
+        std::fs::write(root.join("etc/tether/agent.toml"), "# test\n").unwrap();
+        let sum = AgentChecksum::of_binary("linux", "amd64", FAKE_AGENT.as_bytes()).sha256_hex;
+        let user_line = agent_user
+            .map(|user| format!("TETHER_AGENT_USER='{user}'\n"))
+            .unwrap_or_default();
+        std::fs::write(
+            state.join("bootstrap.env"),
+            format!(
+                "TETHER_API_URL='{}'\nTETHER_AGENT_SHA256='linux/amd64={sum} linux/arm64={sum}'\nTETHER_REPORT_FIELDS='\"deployment_id\":\"d-docker\",\"token\":\"t\"'\n{user_line}TETHER_INSTALL_DOCKER='1'\n",
+                api.url
+            ),
+        )
+        .unwrap();
+        // This machine's tools, less what a fresh cloud image lacks or what
+        // the test records instead.
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        let hidden = [
+            "docker",
+            "dockerd",
+            "apt-get",
+            "apt",
+            "dnf",
+            "yum",
+            "systemctl",
+        ];
+        for system_dir in [
+            "/usr/local/sbin",
+            "/usr/local/bin",
+            "/usr/sbin",
+            "/usr/bin",
+            "/sbin",
+            "/bin",
+        ] {
+            let Ok(entries) = std::fs::read_dir(system_dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let link = tools.join(&name);
+                if hidden.contains(&name.to_string_lossy().as_ref()) || link.exists() {
+                    continue;
+                }
+                let _ = std::os::unix::fs::symlink(entry.path(), link);
+            }
+        }
+        let fake_bin = dir.path().join("bin");
+        std::fs::create_dir_all(&fake_bin).unwrap();
+        let calls = dir.path().join("calls");
+        let path = format!("{}:{}", fake_bin.display(), tools.display());
+        let server = Self {
+            _dir: dir,
+            root,
+            fake_bin,
+            calls,
+            path,
+            api,
+        };
+        server.fake(
+            "systemctl",
+            &format!("echo \"systemctl $*\" >>'{}'\n", server.calls.display()),
+        );
+        server
+    }
+
+    /// Puts an executable `name` running `body` first on the PATH.
+    fn fake(&self, name: &str, body: &str) {
+        let path = self.fake_bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+
+    /// An `apt-get` that records its arguments (and DEBIAN_FRONTEND) and,
+    /// on `install`, puts a `docker` on the PATH as the package would.
+    fn with_apt_get(&self) {
+        self.fake(
+            "apt-get",
+            &format!(
+                "echo \"apt-get $DEBIAN_FRONTEND $*\" >>'{calls}'\ncase \" $* \" in *' install '*)\n  printf '#!/bin/sh\\necho \"Docker version 26.1.5+dfsg1, build a72d7cd\"\\n' >'{bin}/docker'\n  chmod 755 '{bin}/docker' ;;\nesac\n",
+                calls = self.calls.display(),
+                bin = self.fake_bin.display(),
+            ),
+        );
+    }
+
+    fn bootstrap(&self) -> Output {
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg(repo_root().join("packaging/bootstrap/bootstrap.sh"))
+            .arg("--root")
+            .arg(&self.root)
+            .args(["--mode", "systemd"])
+            .env_clear()
+            .env("PATH", &self.path);
+        run(command, Duration::from_secs(60))
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.calls)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// `TETHER_INSTALL_DOCKER=1` on a Debian-like server without Docker: the
+/// engine is installed with apt-get (`docker.io`) and started before the
+/// agent, the stage `docker_installed` is reported with its version, and the
+/// dedicated agent user is then in the docker group.
+#[test]
+fn bootstrap_installs_docker_from_the_distribution_packages_before_the_agent_starts() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test creates a user: run it as root (CI does)"
+    );
+    let user = format!("ttd{}", std::process::id());
+    struct Remove(String);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = Command::new("userdel").arg(&self.0).output();
+        }
+    }
+    let _remove = Remove(user.clone());
+    let server = DockerServer::new(Some(&user));
+    server.with_apt_get();
+    let output = server.bootstrap();
+    assert!(output.status.success(), "bootstrap.sh: {}", text(&output));
+
+    assert_eq!(
+        server.calls(),
+        [
+            "apt-get noninteractive -o DPkg::Lock::Timeout=300 update -q",
+            "apt-get noninteractive -o DPkg::Lock::Timeout=300 install -y -q docker.io",
+            "systemctl enable --now docker.service",
+            "systemctl daemon-reload",
+            "systemctl enable --now tether-agent.service",
+        ]
+    );
+    let stages = server.api.stages();
+    assert_eq!(
+        stage_names(&stages),
+        ["downloaded", "installed", "docker_installed", "started"]
+    );
+    assert!(
+        stages[2]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("Docker version 26.1.5")),
+        "{stages:?}"
+    );
+    let groups = Command::new("id").args(["-nG", &user]).output().unwrap();
+    let groups = String::from_utf8_lossy(&groups.stdout).to_string();
+    assert!(
+        groups.split_whitespace().any(|g| g == "docker"),
+        "{user} is in the docker group: {groups}"
+    );
+}
+
+/// A server with Docker already installed keeps it: no package manager runs.
+#[test]
+fn bootstrap_keeps_a_docker_that_is_already_installed() {
+    let server = DockerServer::new(None);
+    server.fake("docker", "echo 'Docker version 27.0.3, build 7d4bcd8'\n");
+    server.with_apt_get();
+    let output = server.bootstrap();
+    assert!(output.status.success(), "bootstrap.sh: {}", text(&output));
+    assert!(
+        !server.calls().iter().any(|c| c.starts_with("apt-get")),
+        "{:?}",
+        server.calls()
+    );
+    let stages = server.api.stages();
+    assert_eq!(
+        stage_names(&stages),
+        ["downloaded", "installed", "docker_installed", "started"]
+    );
+    assert!(stages[2]["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("27.0.3")));
+}
+
+/// Without apt-get, dnf or yum the bootstrap reports the failed `docker`
+/// step with the reason and starts no agent.
+#[test]
+fn bootstrap_without_a_package_manager_fails_the_docker_step_and_starts_nothing() {
+    let server = DockerServer::new(None);
+    let output = server.bootstrap();
+    assert!(!output.status.success(), "bootstrap.sh: {}", text(&output));
+    let stages = server.api.stages();
+    assert_eq!(stage_names(&stages), ["downloaded", "installed", "failed"]);
+    assert_eq!(stages[2]["step"], "docker");
+    assert!(
+        stages[2]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("no apt-get, dnf or yum")),
+        "{stages:?}"
+    );
+    assert!(
+        !server
+            .calls()
+            .iter()
+            .any(|c| c.contains("tether-agent.service")),
+        "{:?}",
+        server.calls()
     );
 }

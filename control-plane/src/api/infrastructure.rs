@@ -59,6 +59,11 @@ pub struct ProvisionRequest {
     pub terraform_variables: Map<String, Value>,
     /// Organization the server joins (default: the caller's).
     pub organization_id: Option<Uuid>,
+    /// Install Docker Engine from the distribution's packages before the
+    /// agent starts (boot stage `docker_installed`). Default: on for the
+    /// cloud targets; `local` and `docker` run on the control-plane host
+    /// and refuse it (422, `reason: install_docker_not_supported`).
+    pub install_docker: Option<bool>,
 }
 
 /// A queued deployment.
@@ -115,6 +120,14 @@ pub struct DeploymentView {
     pub boot_stages: Vec<BootStage>,
     /// Resources a rollback or destroy could not remove.
     pub leftover_resources: Vec<String>,
+    /// Retries of transient Terraform failures (rate limits, timeouts,
+    /// connection errors, 5xx from the provider's API, a held state lock)
+    /// so far; each is also a `retry` event.
+    pub retry_count: u32,
+    /// When the next retry is due, while the job waits for one.
+    pub next_retry_at: Option<DateTime<Utc>>,
+    /// Whether the server's user-data installs Docker Engine.
+    pub install_docker: bool,
     /// Whether the control plane holds a Terraform state for it.
     pub state_present: bool,
     /// Who holds the state lock (terraform's LockInfo), if anyone.
@@ -139,6 +152,9 @@ impl From<Deployment> for DeploymentView {
             error_message,
             leftover_resources,
             boot_stages,
+            retry_count,
+            next_retry_at,
+            install_docker,
             ..
         } = d.record;
         Self {
@@ -159,6 +175,9 @@ impl From<Deployment> for DeploymentView {
             error_message,
             boot_stages,
             leftover_resources,
+            retry_count,
+            next_retry_at,
+            install_docker,
             state_present: false,
             state_lock: None,
             created_at: d.created_at,
@@ -237,7 +256,7 @@ fn host_target_allowed(
         (status = 403, description = "`forbidden`: missing scope or provider not allowed, or a host target (`local`, `docker`) that is off (`reason: host_targets_disabled`) or asked for by or for an organization other than the root (`reason: host_targets_root_only`); `quota_exceeded`: no room for another server.", body = ErrorBody),
         (status = 404, description = "`not_found`: no such organization or credential.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: body over 1 MiB.", body = ErrorBody),
-        (status = 422, description = "`validation_error`: unknown provider, credential of another provider or of another organization (`reason: credential_of_another_organization`), invalid name or tags, a variable the target does not let callers set (`reason: variable_not_settable`, `variable` names it) or an invalid one.", body = ErrorBody),
+        (status = 422, description = "`validation_error`: unknown provider, credential of another provider or of another organization (`reason: credential_of_another_organization`), invalid name or tags, a variable the target does not let callers set (`reason: variable_not_settable`, `variable` names it) or an invalid one, `install_docker` for `local` or `docker` (`reason: install_docker_not_supported`).", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
         (status = 500, description = "`internal_error`.", body = ErrorBody),
     )
@@ -308,6 +327,17 @@ pub async fn provision(
             .with_detail("variable", name.as_str()));
         }
     }
+    let install_docker = body
+        .install_docker
+        .unwrap_or(!provider.runs_on_this_machine());
+    if install_docker && provider.runs_on_this_machine() {
+        return Err(ApiError::validation(format!(
+            "install_docker is not available for the {} target: its servers run on the control-plane host, whose software the operator manages",
+            provider.as_str()
+        ))
+        .with_detail("reason", "install_docker_not_supported")
+        .with_detail("provider", provider.as_str()));
+    }
     if provider == Provider::Docker
         && (cp.config.api_listen.ip().is_loopback() || cp.config.quic_listen.ip().is_loopback())
     {
@@ -373,6 +403,7 @@ pub async fn provision(
             server_name: body.server_name.clone(),
             tags: body.tags.clone(),
             variables: body.terraform_variables.clone(),
+            install_docker,
             ..DeploymentRecord::default()
         },
     )
@@ -389,6 +420,7 @@ pub async fn provision(
                 "region": body.region,
                 "instance_type": body.instance_type,
                 "server_name": body.server_name,
+                "install_docker": install_docker,
             }),
         )
         .await;
@@ -658,7 +690,7 @@ const SSE_POLL: Duration = Duration::from_millis(200);
     params(("id" = Uuid, Path, description = "Deployment id.")),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "An SSE stream (`text/event-stream`) of `status`, `step`, `log` and `boot_stage` events.", content_type = "text/event-stream", body = String),
+        (status = 200, description = "An SSE stream (`text/event-stream`) of `status`, `step`, `log`, `boot_stage` and `retry` (`{step, retry, max_retries, reason, error, delay_seconds}`) events.", content_type = "text/event-stream", body = String),
         (status = 400, description = "`invalid_request`: the id is not a UUID.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 403, description = "`forbidden`.", body = ErrorBody),
@@ -760,7 +792,7 @@ fn sse_events(
 }
 
 /// Records a boot stage a server's bootstrap reached (`downloaded`,
-/// `installed`, `started`) or where it failed. Authenticated by the
+/// `installed`, `docker_installed`, `started`) or where it failed. Authenticated by the
 /// deployment's bootstrap token in the body (never in a URL or header a
 /// proxy might log).
 #[utoipa::path(
@@ -768,7 +800,7 @@ fn sse_events(
     path = "/infrastructure/boot-stages",
     operation_id = "report_boot_stage",
     tag = "provisioning",
-    request_body(content = Object, content_type = "application/json", description = "`{deployment_id, token, stage: downloaded|installed|started|failed, step?, detail?}`"),
+    request_body(content = Object, content_type = "application/json", description = "`{deployment_id, token, stage: downloaded|installed|docker_installed|started|failed, step?, detail?}`"),
     responses(
         (status = 204, description = "Recorded."),
         (status = 400, description = "`invalid_request`: malformed JSON.", body = ErrorBody),

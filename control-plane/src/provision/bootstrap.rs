@@ -89,6 +89,10 @@ pub struct BootstrapParams {
     /// Runs the agent as this dedicated system user, in the `docker` group,
     /// instead of root (a lowercase user name, see [`valid_user_name`]).
     pub agent_user: Option<String>,
+    /// Install Docker Engine from the distribution's packages before the
+    /// agent starts (`TETHER_INSTALL_DOCKER=1` in `bootstrap.env`; reported
+    /// as [`BootStageKind::DockerInstalled`]).
+    pub install_docker: bool,
 }
 
 impl fmt::Debug for BootstrapParams {
@@ -101,6 +105,7 @@ impl fmt::Debug for BootstrapParams {
             .field("deployment_id", &self.deployment_id)
             .field("agent_checksums", &self.agent_checksums)
             .field("agent_user", &self.agent_user)
+            .field("install_docker", &self.install_docker)
             .finish()
     }
 }
@@ -219,7 +224,8 @@ pub struct BootStageReport {
     pub token: String,
     /// What was reached.
     pub stage: BootStageKind,
-    /// With `failed`: the step that failed (`download`, `install`, `start`).
+    /// With `failed`: the step that failed (`download`, `install`,
+    /// `docker`, `start`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
     /// One line: the reason of a failure (`checksum mismatch ...`, `HTTP
@@ -248,6 +254,10 @@ pub enum BootStageKind {
     Downloaded,
     /// The agent is at `/usr/local/bin/tether-agent` (0755).
     Installed,
+    /// Docker Engine is installed and running (only when the deployment
+    /// asked for it: `install_docker`).
+    #[serde(rename = "docker_installed")]
+    DockerInstalled,
     /// The agent runs (systemd unit enabled and started, or detached process).
     Started,
     /// A step failed; `step` and `detail` say which and why.
@@ -260,6 +270,7 @@ impl BootStageKind {
         match self {
             Self::Downloaded => "downloaded",
             Self::Installed => "installed",
+            Self::DockerInstalled => "docker_installed",
             Self::Started => "started",
             Self::Failed => "failed",
         }
@@ -346,6 +357,7 @@ struct Checked<'a> {
     deployment_id: &'a str,
     checksums: Vec<(String, String, String)>,
     agent_user: Option<&'a str>,
+    install_docker: bool,
 }
 
 impl<'a> Checked<'a> {
@@ -432,6 +444,7 @@ impl<'a> Checked<'a> {
             deployment_id,
             checksums,
             agent_user,
+            install_docker: params.install_docker,
         })
     }
 }
@@ -507,6 +520,9 @@ fn render_env(checked: &Checked<'_>) -> Result<String, BootstrapError> {
     );
     if let Some(user) = checked.agent_user {
         let _ = writeln!(env, "TETHER_AGENT_USER={}", shell_quoted(user));
+    }
+    if checked.install_docker {
+        env.push_str("TETHER_INSTALL_DOCKER='1'\n");
     }
     Ok(env)
 }
@@ -593,6 +609,7 @@ mod tests {
                 AgentChecksum::of_binary("linux", "arm64", b"agent-arm64"),
             ],
             agent_user: None,
+            install_docker: false,
         }
     }
 
@@ -845,6 +862,28 @@ mod tests {
             );
         }
         assert!(valid_user_name("_tether-agent2"));
+    }
+
+    #[test]
+    fn install_docker_reaches_the_env_file_only_when_asked() {
+        let mut p = params("t");
+        let checked = Checked::new(&p).unwrap();
+        assert!(!render_env(&checked)
+            .unwrap()
+            .contains("TETHER_INSTALL_DOCKER"));
+        p.install_docker = true;
+        let checked = Checked::new(&p).unwrap();
+        assert!(render_env(&checked)
+            .unwrap()
+            .contains("\nTETHER_INSTALL_DOCKER='1'\n"));
+        let text = render_user_data(&p).unwrap();
+        assert!(text.len() <= USER_DATA_MAX_BYTES, "{} bytes", text.len());
+        let stage: BootStageReport = serde_json::from_str(
+            r#"{"deployment_id":"d","token":"t","stage":"docker_installed","detail":"Docker version 26.1.5"}"#,
+        )
+        .unwrap();
+        assert_eq!(stage.stage, BootStageKind::DockerInstalled);
+        assert_eq!(stage.stage.as_str(), "docker_installed");
     }
 
     #[test]

@@ -5,6 +5,15 @@
 //! enroll with the deployment's bootstrap token and report, and on any
 //! failure rolls back with `terraform destroy`, recording what it could not
 //! remove. `DELETE` requests are driven the same way.
+//!
+//! A step that fails transiently (`provision::failure`: rate limits,
+//! timeouts, connection resets, 5xx, a held state lock) is run again after
+//! an exponential backoff with jitter, at most `--provision-retries` times:
+//! `init`, `plan` with `apply` (a failed apply leaves its saved plan stale,
+//! so both run again), and `destroy` (rollback and `DELETE`). Each retry is
+//! a `retry` event; the counts and the time of the next retry are in the
+//! deployment's record, so a restarted control plane waits for the same
+//! retry and keeps the step's budget.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +30,7 @@ use uuid::Uuid;
 
 use super::bootstrap::{render_user_data, AgentChecksum, BootstrapParams};
 use super::credentials::Provider;
+use super::failure::FailureKind;
 use super::runner::{Terraform, TerraformError, TerraformEvent};
 use crate::context::ControlPlane;
 use crate::store::{
@@ -62,9 +72,28 @@ pub enum JobError {
     Credential(String),
     #[error("{0}")]
     Registration(String),
+    /// A transient failure that was still there after every retry.
+    #[error("{source} (still failing after {retries} retries)")]
+    RetriesExhausted {
+        retries: u32,
+        source: TerraformError,
+    },
     /// Another worker took the job over (this one lost its lease).
     #[error("lease lost")]
     LeaseLost,
+}
+
+/// Longest wait between two retries.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// The wait before retry number `retry` (1 for the first): `base` doubled
+/// for each earlier retry, at most [`MAX_RETRY_DELAY`], times a random
+/// factor in [0.5, 1) so deployments failing together do not retry
+/// together.
+pub fn retry_delay(base: Duration, retry: u32, jitter: f64) -> Duration {
+    let exponent = retry.saturating_sub(1).min(16);
+    let full = base.saturating_mul(1u32 << exponent).min(MAX_RETRY_DELAY);
+    full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
 /// The per-deployment password of the Terraform HTTP backend, derived from
@@ -502,6 +531,7 @@ impl Job {
             deployment_id: d.id.to_string(),
             agent_checksums,
             agent_user: self.cp.config.provision_agent_user.clone(),
+            install_docker: d.record.install_docker,
         })
         .map_err(|e| JobError::Bootstrap(e.to_string()))
     }
@@ -511,7 +541,7 @@ impl Job {
     async fn render(&self) -> Result<(), JobError> {
         let d = self.deployment.lock().await.clone();
         let dir = workdir(&self.cp, d.id);
-        write_workdir(&dir, &d).map_err(JobError::Workdir)
+        write_workdir(&dir, &d, self.cp.config.templates_dir.as_deref()).map_err(JobError::Workdir)
     }
 
     async fn terraform_step(
@@ -578,29 +608,138 @@ impl Job {
         self.event("log", body).await;
     }
 
+    /// Runs `work` (one or more terraform steps) until it succeeds, fails
+    /// permanently, or fails transiently more than `--provision-retries`
+    /// times in a row; waits first for a retry scheduled before a restart.
+    async fn retrying<F, Fut>(&self, mut work: F) -> Result<(), JobError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), JobError>>,
+    {
+        let scheduled = self.deployment.lock().await.record.next_retry_at;
+        if let Some(at) = scheduled {
+            if let Ok(wait) = (at - Utc::now()).to_std() {
+                tracing::info!(?wait, "waiting for a retry scheduled before a restart");
+                self.sleep(wait).await?;
+            }
+        }
+        loop {
+            let error = match work().await {
+                Ok(()) => {
+                    let reset = {
+                        let mut d = self.deployment.lock().await;
+                        let reset = d.record.step_retries != 0 || d.record.next_retry_at.is_some();
+                        d.record.step_retries = 0;
+                        d.record.next_retry_at = None;
+                        reset
+                    };
+                    if reset {
+                        self.save().await?;
+                    }
+                    return Ok(());
+                }
+                Err(JobError::Terraform(error)) if error.failure_kind().is_transient() => error,
+                Err(JobError::LeaseLost) => return Err(JobError::LeaseLost),
+                Err(other) => {
+                    // A permanent failure ends this step's retries: the
+                    // next step (a rollback's destroy) gets its own budget.
+                    let mut d = self.deployment.lock().await;
+                    d.record.step_retries = 0;
+                    d.record.next_retry_at = None;
+                    return Err(other);
+                }
+            };
+            let FailureKind::Transient(reason) = error.failure_kind() else {
+                return Err(JobError::Terraform(error));
+            };
+            let limit = self.cp.config.provision_retries;
+            let retry = {
+                let mut d = self.deployment.lock().await;
+                if d.record.step_retries >= limit {
+                    let retries = d.record.step_retries;
+                    d.record.step_retries = 0;
+                    d.record.next_retry_at = None;
+                    drop(d);
+                    return Err(if retries == 0 {
+                        JobError::Terraform(error)
+                    } else {
+                        JobError::RetriesExhausted {
+                            retries,
+                            source: error,
+                        }
+                    });
+                }
+                d.record.step_retries += 1;
+                d.record.retry_count += 1;
+                d.record.step_retries
+            };
+            let delay = retry_delay(
+                self.cp.config.provision_retry_delay,
+                retry,
+                rand::random::<f64>(),
+            );
+            let step = match &error {
+                TerraformError::Failed { command, .. } => command.clone(),
+                _ => "terraform".into(),
+            };
+            self.deployment.lock().await.record.next_retry_at =
+                Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
+            self.save().await?;
+            tracing::warn!(%step, retry, limit, reason = reason.as_str(), ?delay, "transient terraform failure; retrying");
+            self.event(
+                "retry",
+                json!({
+                    "step": step,
+                    "retry": retry,
+                    "max_retries": limit,
+                    "reason": reason,
+                    "error": error.to_string(),
+                    "delay_seconds": delay.as_secs_f64(),
+                }),
+            )
+            .await;
+            self.sleep(delay).await?;
+        }
+    }
+
+    /// Sleeps, or ends the job (to be resumed) when the control plane stops.
+    async fn sleep(&self, duration: Duration) -> Result<(), JobError> {
+        tokio::select! {
+            _ = self.cp.shutdown.cancelled() => Err(JobError::LeaseLost),
+            _ = tokio::time::sleep(duration) => Ok(()),
+        }
+    }
+
     async fn provision(&self) -> Result<(), JobError> {
         self.step("render", 5, 10, self.render()).await?;
         let terraform = self.terraform(false).await?;
-        self.terraform_step(
-            &terraform,
-            "init",
-            &["init", "-input=false", "-no-color"],
-            (10, 25),
-        )
+        let terraform = &terraform;
+        self.retrying(|| {
+            self.terraform_step(
+                terraform,
+                "init",
+                &["init", "-input=false", "-no-color"],
+                (10, 25),
+            )
+        })
         .await?;
-        self.terraform_step(
-            &terraform,
-            "plan",
-            &["plan", "-json", "-input=false", "-out=tfplan"],
-            (25, 40),
-        )
-        .await?;
-        self.terraform_step(
-            &terraform,
-            "apply",
-            &["apply", "-json", "-input=false", "-auto-approve", "tfplan"],
-            (40, 80),
-        )
+        // A failed apply leaves its saved plan stale: plan again, then apply.
+        self.retrying(|| async move {
+            self.terraform_step(
+                terraform,
+                "plan",
+                &["plan", "-json", "-input=false", "-out=tfplan"],
+                (25, 40),
+            )
+            .await?;
+            self.terraform_step(
+                terraform,
+                "apply",
+                &["apply", "-json", "-input=false", "-auto-approve", "tfplan"],
+                (40, 80),
+            )
+            .await
+        })
         .await?;
         let outputs = terraform.outputs().await?;
         {
@@ -810,22 +949,27 @@ impl Job {
             // A fresh working dir if the old one is gone (another replica).
             self.render().await?;
             let terraform = self.terraform(true).await?;
+            let terraform_ref = &terraform;
             let init = self
-                .terraform_step(
-                    &terraform,
-                    "init",
-                    &["init", "-input=false", "-no-color"],
-                    (0, 0),
-                )
+                .retrying(|| {
+                    self.terraform_step(
+                        terraform_ref,
+                        "init",
+                        &["init", "-input=false", "-no-color"],
+                        (0, 0),
+                    )
+                })
                 .await;
             let result = match init {
                 Ok(()) => {
-                    self.terraform_step(
-                        &terraform,
-                        step_name,
-                        &["destroy", "-json", "-input=false", "-auto-approve"],
-                        (0, 0),
-                    )
+                    self.retrying(|| {
+                        self.terraform_step(
+                            terraform_ref,
+                            step_name,
+                            &["destroy", "-json", "-input=false", "-auto-approve"],
+                            (0, 0),
+                        )
+                    })
                     .await
                 }
                 Err(e) => Err(e),
@@ -1000,9 +1144,9 @@ pub fn bridge_gateway(subnet: &str) -> Option<std::net::Ipv4Addr> {
     Some(std::net::Ipv4Addr::from((u32::from(address) & mask) + 1))
 }
 
-fn write_workdir(dir: &Path, d: &Deployment) -> std::io::Result<()> {
+fn write_workdir(dir: &Path, d: &Deployment, templates_dir: Option<&Path>) -> std::io::Result<()> {
     crate::fsutil::create_private_dir(dir)?;
-    super::templates::write_module(&d.provider, &dir.join("module"))?;
+    super::templates::write_module_for(&d.provider, &dir.join("module"), templates_dir)?;
     std::fs::write(dir.join("main.tf"), root_module(&d.record.variables))?;
     let mut vars = d.record.variables.clone();
     vars.insert("server_name".into(), json!(d.record.server_name));
@@ -1060,6 +1204,19 @@ mod tests {
             .map(|(_, text)| *text)
             .expect("variables.tf");
         assert!(variables.contains(&format!("default     = \"{DOCKER_DEFAULT_SUBNET}\"")));
+    }
+
+    #[test]
+    fn retry_delays_double_with_jitter_and_stop_at_five_minutes() {
+        let base = Duration::from_secs(10);
+        assert_eq!(retry_delay(base, 1, 1.0), Duration::from_secs(10));
+        assert_eq!(retry_delay(base, 1, 0.0), Duration::from_secs(5));
+        assert_eq!(retry_delay(base, 2, 1.0), Duration::from_secs(20));
+        assert_eq!(retry_delay(base, 3, 1.0), Duration::from_secs(40));
+        assert_eq!(retry_delay(base, 30, 1.0), MAX_RETRY_DELAY);
+        assert_eq!(retry_delay(base, 30, 0.0), MAX_RETRY_DELAY / 2);
+        let jittered = retry_delay(base, 2, 0.3);
+        assert!(jittered > Duration::from_secs(10) && jittered < Duration::from_secs(20));
     }
 
     #[test]

@@ -11,6 +11,8 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
+use super::failure::{classify, classify_text, FailureKind};
+
 /// Failures of a terraform command.
 #[derive(Debug, thiserror::Error)]
 pub enum TerraformError {
@@ -20,11 +22,13 @@ pub enum TerraformError {
         binary: String,
         source: std::io::Error,
     },
-    /// Terraform ran and failed; `diagnostics` is what it said was wrong.
+    /// Terraform ran and failed; `diagnostics` is what it said was wrong,
+    /// `kind` whether running it again may help.
     #[error("terraform {command} failed: {diagnostics}")]
     Failed {
         command: String,
         diagnostics: String,
+        kind: FailureKind,
     },
     /// Reading its output failed.
     #[error("reading terraform output: {0}")]
@@ -54,6 +58,17 @@ pub enum TerraformEvent {
     },
     /// A resource operation failed (`apply_errored`).
     ResourceFailed { address: String, action: String },
+}
+
+impl TerraformError {
+    /// Whether running the command again may help (never for a binary that
+    /// does not start or output that cannot be read).
+    pub fn failure_kind(&self) -> FailureKind {
+        match self {
+            Self::Failed { kind, .. } => *kind,
+            Self::Spawn { .. } | Self::Io(_) => FailureKind::Permanent,
+        }
+    }
 }
 
 impl TerraformEvent {
@@ -252,6 +267,11 @@ impl Terraform {
         if status.success() {
             return Ok(());
         }
+        let kind = if diagnostics.is_empty() {
+            classify_text(&stderr_text.join("\n"))
+        } else {
+            classify(diagnostics.iter().map(String::as_str))
+        };
         let mut text = if diagnostics.is_empty() {
             stderr_text.join("\n")
         } else {
@@ -271,6 +291,7 @@ impl Terraform {
         Err(TerraformError::Failed {
             command: command_name,
             diagnostics: text,
+            kind,
         })
     }
 
@@ -285,9 +306,11 @@ impl Terraform {
                 source,
             })?;
         if !output.status.success() {
+            let diagnostics = strip_ansi(&String::from_utf8_lossy(&output.stderr));
             return Err(TerraformError::Failed {
                 command: "output".into(),
-                diagnostics: strip_ansi(&String::from_utf8_lossy(&output.stderr)),
+                kind: classify_text(&diagnostics),
+                diagnostics,
             });
         }
         let all: serde_json::Map<String, Value> =
@@ -310,9 +333,11 @@ impl Terraform {
                 source,
             })?;
         if !output.status.success() {
+            let diagnostics = strip_ansi(&String::from_utf8_lossy(&output.stderr));
             return Err(TerraformError::Failed {
                 command: "state list".into(),
-                diagnostics: strip_ansi(&String::from_utf8_lossy(&output.stderr)),
+                kind: classify_text(&diagnostics),
+                diagnostics,
             });
         }
         Ok(String::from_utf8_lossy(&output.stdout)

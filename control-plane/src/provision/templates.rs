@@ -15,6 +15,13 @@
 //! defaults. Inputs that name paths, images, networks, addresses or binaries
 //! on the control-plane host (`local_root`, `container_image`,
 //! `docker_network`, `busybox_path`, ...) are never among them.
+//!
+//! The operator may replace a target's module with their own
+//! (`tether serve --templates-dir DIR`: `DIR/<target>/`, operator-trusted,
+//! never set through the API): [`overridden_targets`] checks such a
+//! directory at start, and [`write_module_for`] copies the replacement
+//! instead of the embedded files. The target's settable inputs stay the
+//! target's ([`api_variables`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -163,6 +170,102 @@ pub fn write_module(provider: &str, dir: &Path) -> io::Result<Vec<PathBuf>> {
         written.push(path);
     }
     Ok(written)
+}
+
+/// Why a `--templates-dir` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplatesDirError {
+    /// The directory (or one of its entries) cannot be read.
+    #[error("reading the templates dir {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A subdirectory that names no target.
+    #[error("the templates dir has {name}/, which is not a target (targets: {})", PROVIDERS.join(", "))]
+    UnknownTarget { name: String },
+    /// A target's directory without a `.tf` file.
+    #[error("the templates dir's {name}/ holds no .tf file")]
+    NoTerraform { name: String },
+}
+
+/// The targets whose module `dir` replaces (its subdirectories, each named
+/// after a target and holding at least one `.tf` file), sorted. Anything
+/// else in it is an error, so a misspelt target does not pass unnoticed.
+pub fn overridden_targets(dir: &Path) -> Result<Vec<String>, TemplatesDirError> {
+    let read = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| TemplatesDirError::Read { path, source }
+    };
+    let mut targets = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read(dir))? {
+        let entry = entry.map_err(read(dir))?;
+        if !entry.file_type().map_err(read(&entry.path()))?.is_dir() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !PROVIDERS.contains(&name.as_str()) {
+            return Err(TemplatesDirError::UnknownTarget { name });
+        }
+        let has_tf = std::fs::read_dir(entry.path())
+            .map_err(read(&entry.path()))?
+            .filter_map(Result::ok)
+            .any(|file| file.file_name().to_string_lossy().ends_with(".tf"));
+        if !has_tf {
+            return Err(TemplatesDirError::NoTerraform { name });
+        }
+        targets.push(name);
+    }
+    targets.sort();
+    Ok(targets)
+}
+
+/// Writes the module of `provider` into `dir`: a copy of
+/// `templates_dir/<provider>/` when the operator gave one with that target,
+/// otherwise the embedded module ([`write_module`]).
+pub fn write_module_for(
+    provider: &str,
+    dir: &Path,
+    templates_dir: Option<&Path>,
+) -> io::Result<Vec<PathBuf>> {
+    if module_files(provider).is_none() {
+        return write_module(provider, dir);
+    }
+    match templates_dir.map(|root| root.join(provider)) {
+        Some(source) if source.is_dir() => {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+            let mut written = Vec::new();
+            copy_module(&source, dir, &mut written)?;
+            Ok(written)
+        }
+        _ => write_module(provider, dir),
+    }
+}
+
+/// Copies a module directory (files keep their mode; terraform's own
+/// droppings and symbolic links are left out).
+fn copy_module(from: &Path, to: &Path, written: &mut Vec<PathBuf>) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let text = name.to_string_lossy();
+        if text.starts_with(".terraform") || text.starts_with("terraform.tfstate") {
+            continue;
+        }
+        let kind = entry.file_type()?;
+        let target = to.join(&name);
+        if kind.is_dir() {
+            copy_module(&entry.path(), &target, written)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+            written.push(target);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -321,6 +424,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_templates_dir_replaces_only_the_targets_it_holds() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("local/scripts")).unwrap();
+        std::fs::write(root.path().join("local/main.tf"), "# mine\n").unwrap();
+        std::fs::write(root.path().join("local/scripts/x.sh"), "#!/bin/sh\n").unwrap();
+        std::fs::write(root.path().join("README"), "not a target\n").unwrap();
+        assert_eq!(overridden_targets(root.path()).unwrap(), ["local"]);
+
+        let out = tempfile::tempdir().unwrap();
+        let local = out.path().join("local");
+        write_module_for("local", &local, Some(root.path())).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(local.join("main.tf")).unwrap(),
+            "# mine\n"
+        );
+        assert!(local.join("scripts/x.sh").is_file());
+        assert!(
+            !local.join("variables.tf").exists(),
+            "only the operator's files"
+        );
+        let docker = out.path().join("docker");
+        write_module_for("docker", &docker, Some(root.path())).unwrap();
+        assert!(docker.join("scripts/up.sh").is_file(), "embedded module");
+
+        std::fs::create_dir_all(root.path().join("aws2")).unwrap();
+        assert!(matches!(
+            overridden_targets(root.path()),
+            Err(TemplatesDirError::UnknownTarget { name }) if name == "aws2"
+        ));
+        std::fs::remove_dir(root.path().join("aws2")).unwrap();
+        std::fs::create_dir_all(root.path().join("gcp")).unwrap();
+        assert!(matches!(
+            overridden_targets(root.path()),
+            Err(TemplatesDirError::NoTerraform { name }) if name == "gcp"
+        ));
+        assert!(matches!(
+            overridden_targets(&root.path().join("missing")),
+            Err(TemplatesDirError::Read { .. })
+        ));
     }
 
     #[test]

@@ -136,7 +136,7 @@ pub struct DeploymentStep {
 }
 
 /// A boot stage the server's bootstrap reported (`downloaded`, `installed`,
-/// `started`, or `failed` with the failing step).
+/// `docker_installed`, `started`, or `failed` with the failing step).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BootStage {
     pub stage: String,
@@ -176,6 +176,21 @@ pub struct DeploymentRecord {
     /// How many times a worker started on this deployment (resumes count).
     #[serde(default)]
     pub attempts: u32,
+    /// Retries of transient Terraform failures over the deployment's life
+    /// (provisioning, rollback and destroy).
+    #[serde(default)]
+    pub retry_count: u32,
+    /// Retries of the step failing now (reset when it succeeds); kept so a
+    /// resumed job does not start its budget again.
+    #[serde(default)]
+    pub step_retries: u32,
+    /// When the next retry is due, while the job waits for it (a resumed job
+    /// waits until then).
+    #[serde(default)]
+    pub next_retry_at: Option<DateTime<Utc>>,
+    /// Whether the server's user-data installs Docker Engine.
+    #[serde(default)]
+    pub install_docker: bool,
 }
 
 /// A deployment row.
@@ -202,7 +217,7 @@ pub struct DeploymentEvent {
     pub seq: i64,
     pub deployment_id: Uuid,
     pub at: DateTime<Utc>,
-    /// `status`, `step`, `log` or `boot_stage`.
+    /// `status`, `step`, `log`, `boot_stage` or `retry`.
     pub kind: String,
     pub body: serde_json::Value,
 }
