@@ -14,7 +14,8 @@
 //!   credential in its environment;
 //! * every state terraform writes is a version: listed after a provision,
 //!   and a restored version becomes the current state (checksum) that the
-//!   next run (the destroy) works from;
+//!   next run (the destroy) works from; none is restored into a destroyed
+//!   deployment;
 //! * a destroy with `{"delete_server_data": true}` is accepted and, once
 //!   destroyed, the server's metrics are gone from the database, while a
 //!   destroy without it keeps them.
@@ -96,10 +97,13 @@ async fn start(dir: &Path, extra: &[&str]) -> ControlPlane {
 }
 
 async fn call(cp: &ControlPlane, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let response = cp
-        .call(&cp.admin_token(), method, path, body.as_ref())
+    let response = match cp
+        .call(&cp.admin_token(), method.clone(), path, body.as_ref())
         .await
-        .expect("API call");
+    {
+        Ok(response) => response,
+        Err(e) => panic!("{method} {path}: {e:#}\n--- log ---\n{}", cp.log()),
+    };
     (response.status.as_u16(), response.body)
 }
 
@@ -561,6 +565,21 @@ async fn state_versions_are_listed_a_restored_one_becomes_current_and_delete_ser
         !agents.contains(&purged_root.display().to_string()),
         "the agent of the restored deployment still runs"
     );
+
+    // A destroyed deployment keeps its versions, but none is restored into it.
+    let (status, refused) = call(
+        &cp,
+        Method::POST,
+        &format!(
+            "/api/v1/infrastructure/deployments/{purged}/state/versions/{}/restore",
+            oldest["version"]
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["status"], "destroyed", "{refused}");
+    assert!(!state_versions(&cp, &purged).await.is_empty());
 
     // The purged server's metrics are gone; the other's stay.
     assert_eq!(metrics_rows(&cp, &servers[1]).await, 0, "purged");

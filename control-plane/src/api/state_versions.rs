@@ -2,8 +2,8 @@
 //! versions of a deployment's Terraform state (the last 10 writes, each
 //! sealed, with checksum, size and serial; `api/terraform_state` keeps them)
 //! and restoring one as the current state. A listing never carries state
-//! content; a restore is itself recorded as a new version, refused while the
-//! state is locked or a job drives the deployment, and audited.
+//! content; a restore is itself recorded as a new version, made only into a
+//! completed or failed deployment whose state is not locked, and audited.
 
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use super::extract::{ApiPath, Page};
 use super::infrastructure::{visible_deployment, StateVersionView};
 use crate::auth::Scope;
 use crate::context::ControlPlane;
-use crate::store::{terraform_state_version_context, LockOutcome};
+use crate::store::{terraform_state_version_context, DeploymentStatus, LockOutcome};
 
 /// Lists the kept versions of a deployment's state, newest first (never
 /// their content). Needs `servers:read`.
@@ -55,8 +55,8 @@ pub async fn list(
 }
 
 /// Makes a kept version the deployment's current state (recorded as a new
-/// version with `restored_from`). Refused while the state is locked or a
-/// job drives the deployment. Needs `infrastructure:destroy`.
+/// version with `restored_from`). Only for a completed or failed deployment
+/// whose state is not locked. Needs `infrastructure:destroy`.
 #[utoipa::path(
     post,
     path = "/infrastructure/deployments/{id}/state/versions/{version}/restore",
@@ -73,7 +73,7 @@ pub async fn list(
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 403, description = "`forbidden`: the token lacks `infrastructure:destroy`.", body = ErrorBody),
         (status = 404, description = "`not_found`: no such deployment, or no such kept version.", body = ErrorBody),
-        (status = 409, description = "`conflict`: the state is locked (`state_lock`: the holder's LockInfo), or a job drives the deployment (`status`).", body = ErrorBody),
+        (status = 409, description = "`conflict`: the state is locked (`state_lock`: the holder's LockInfo), or the deployment is neither completed nor failed (`status`).", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
         (status = 500, description = "`internal_error`.", body = ErrorBody),
     )
@@ -85,9 +85,15 @@ pub async fn restore(
 ) -> Result<Json<StateVersionView>, ApiError> {
     caller.require(Scope::InfrastructureDestroy)?;
     let deployment = visible_deployment(&cp, &caller, id).await?;
-    if deployment.status.is_active() {
+    // A job reads and writes the state while it drives the deployment, and
+    // a destroyed deployment is not destroyed again: a state restored into
+    // it would name resources nothing removes.
+    if !matches!(
+        deployment.status,
+        DeploymentStatus::Completed | DeploymentStatus::Failed
+    ) {
         return Err(ApiError::conflict(format!(
-            "the deployment is {}: restore its state once no job drives it",
+            "the deployment is {}: a state is restored only into a completed or failed deployment",
             deployment.status.as_str()
         ))
         .with_detail("status", deployment.status.as_str()));

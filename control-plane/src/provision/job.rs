@@ -398,7 +398,15 @@ impl Job {
             "TF_HTTP_PASSWORD".into(),
             backend_password(&self.cp.backend_key, d.id),
         ));
-        env.push(("TF_VAR_user_data".into(), self.user_data(&d, for_destroy)?));
+        let agent_checksums = if for_destroy {
+            Vec::new()
+        } else {
+            self.agent_checksums().await?
+        };
+        env.push((
+            "TF_VAR_user_data".into(),
+            self.user_data(&d, for_destroy, agent_checksums)?,
+        ));
         if let Some(credential_id) = d.credential_id {
             // The API's rule, checked again: the credential may have been
             // deleted since, or the deployment predates the rule.
@@ -454,7 +462,32 @@ impl Job {
 
     /// The cloud-init user-data of this deployment. A destroy needs the
     /// variable set, not the token (spent or expired by then).
-    fn user_data(&self, d: &Deployment, for_destroy: bool) -> Result<String, JobError> {
+    /// The checksums of the served agent binaries. The first look hashes
+    /// each binary (a debug build is over 100 MiB): on a blocking thread, so
+    /// jobs starting together never hold the runtime's workers (and with
+    /// them the API) while it runs.
+    async fn agent_checksums(&self) -> Result<Vec<AgentChecksum>, JobError> {
+        let cp = self.cp.clone();
+        let binaries = tokio::task::spawn_blocking(move || cp.agent_binaries.all())
+            .await
+            .map_err(|e| JobError::Bootstrap(format!("reading the agent binaries: {e}")))?
+            .map_err(|e| JobError::Bootstrap(format!("reading the agent binaries: {e}")))?;
+        Ok(binaries
+            .into_iter()
+            .map(|b| AgentChecksum {
+                os: b.os,
+                arch: b.arch,
+                sha256_hex: b.sha256_hex,
+            })
+            .collect())
+    }
+
+    fn user_data(
+        &self,
+        d: &Deployment,
+        for_destroy: bool,
+        agent_checksums: Vec<AgentChecksum>,
+    ) -> Result<String, JobError> {
         if for_destroy {
             return Ok(super::bootstrap::DESTROY_USER_DATA.to_string());
         }
@@ -476,18 +509,6 @@ impl Job {
                 ))
             }
         };
-        let agent_checksums = self
-            .cp
-            .agent_binaries
-            .all()
-            .map_err(|e| JobError::Bootstrap(format!("reading the agent binaries: {e}")))?
-            .into_iter()
-            .map(|b| AgentChecksum {
-                os: b.os,
-                arch: b.arch,
-                sha256_hex: b.sha256_hex,
-            })
-            .collect::<Vec<_>>();
         if agent_checksums.is_empty() {
             return Err(JobError::Bootstrap(
                 "no agent binary to serve: put tether-agent next to the tether executable or set --agent-dir".into(),
