@@ -14,8 +14,9 @@
 //!   credential in its environment;
 //! * every state terraform writes is a version: listed after a provision,
 //!   and a restored version becomes the current state (checksum) that the
-//!   next run (the destroy) works from; none is restored into a destroyed
-//!   deployment;
+//!   next run (the destroy) works from; a rolled-back deployment's apply
+//!   state, restored, is what its destroy then removes with terraform; none
+//!   is restored into a destroyed deployment;
 //! * a destroy with `{"delete_server_data": true}` is accepted and, once
 //!   destroyed, the server's metrics are gone from the database, while a
 //!   destroy without it keeps them.
@@ -592,4 +593,98 @@ async fn state_versions_are_listed_a_restored_one_becomes_current_and_delete_ser
     )
     .await;
     assert_eq!(events["delete_server_data"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_state_version_is_what_the_next_destroy_removes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Agents are told a QUIC address nobody listens on: the server boots
+    // (apply succeeds) but never enrolls, so the deployment rolls back.
+    real_terraform();
+    let cp = ControlPlane::start(
+        dir.path(),
+        &[
+            "--metrics-interval",
+            "1s",
+            "--public-quic-addr",
+            "127.0.0.1:9",
+            "--registration-timeout",
+            "3s",
+        ],
+    )
+    .await
+    .expect("control plane starts");
+    let id = provision(&cp, local("never-enrolls")).await;
+    let failed = wait_for(&cp, &id, &["failed"]).await;
+    assert!(
+        failed["error_message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("never enrolled"),
+        "{failed:#}"
+    );
+    assert!(!failed["state_present"].as_bool().expect("state_present"));
+
+    // The apply's state (with the server) and the rollback's (empty) are kept.
+    let versions = state_versions(&cp, &id).await;
+    assert!(versions.len() >= 2, "{versions:#?}");
+    let applied = versions.last().expect("oldest").clone();
+    assert_ne!(applied["sha256"], versions[0]["sha256"], "{versions:#?}");
+    assert!(
+        applied["size_bytes"].as_i64() > versions[0]["size_bytes"].as_i64(),
+        "the apply's state holds the resource: {versions:#?}"
+    );
+
+    let (status, restored) = call(
+        &cp,
+        Method::POST,
+        &format!(
+            "/api/v1/infrastructure/deployments/{id}/state/versions/{}/restore",
+            applied["version"]
+        ),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{restored}");
+    let d = deployment(&cp, &id).await;
+    assert!(
+        d["state_present"].as_bool().expect("state_present"),
+        "{d:#}"
+    );
+    assert_eq!(d["state_version"]["sha256"], applied["sha256"], "{d:#}");
+
+    // The destroy now has a state: terraform runs and removes its resource.
+    let (status, body) = destroy(&cp, &id, None).await;
+    assert_eq!(status, 202, "{body}");
+    let destroyed = wait_for(&cp, &id, &["destroyed", "failed"]).await;
+    assert_eq!(
+        destroyed["status"],
+        "destroyed",
+        "{destroyed:#}\n{}",
+        cp.log()
+    );
+    let steps: Vec<(&str, &str)> = destroyed["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or_default(),
+                s["status"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps.last(),
+        Some(&("destroy", "succeeded")),
+        "terraform destroy ran on the restored state: {steps:?}"
+    );
+    assert!(!destroyed["state_present"].as_bool().expect("state_present"));
+    let after = state_versions(&cp, &id).await;
+    assert_eq!(
+        after[0]["version"].as_i64(),
+        restored["version"].as_i64().map(|v| v + 1),
+        "the destroy wrote the state after the restore: {after:#?}"
+    );
+    assert!(after[0]["restored_from"].is_null());
 }
