@@ -769,6 +769,13 @@ async fn a_rotated_credential_is_sealed_anew_unvalidated_and_a_stale_rotation_is
         .expect("cloud_credential")
         .expect("still there");
     assert_eq!(stored.credentials_sealed, "v1:rotated");
+    // What a deployment job looks up before each terraform run (provision,
+    // rollback, destroy) is the rotated value.
+    deployment_on(&*store, root, original.id, DeploymentStatus::Completed).await;
+    let for_job = credential_for_deployment(&*store, root, original.id, &[root])
+        .await
+        .expect("the job's lookup");
+    assert_eq!(for_job.credentials_sealed, "v1:rotated");
 
     // A rotation computed from the fields before the last one is refused
     // and changes nothing.
@@ -935,6 +942,11 @@ async fn a_credential_used_by_live_deployments_is_deleted_only_when_forced(store
         .await
         .expect("cloud_credential")
         .is_none());
+    // The orphaned deployments' next run finds no credential.
+    assert!(matches!(
+        credential_for_deployment(&*store, root, c.id, &[root, other]).await,
+        Err(CredentialUseError::Missing { .. })
+    ));
 
     // Once nothing live uses one, no force is needed.
     let unused = credential(root, "unused");
