@@ -3,7 +3,9 @@
 //!
 //! * a credential that deployments which are not destroyed use refuses
 //!   `DELETE` with 409 `credential_in_use` listing them, and `force=true`
-//!   deletes it;
+//!   deletes it, at the cost the docs state: a later destroy of a deployment
+//!   with resources ends `failed` listing them, and the server keeps
+//!   running;
 //! * `PATCH` rotates a credential's fields and the next terraform run gets
 //!   the new value. What terraform's environment received is observed by
 //!   the operator's own `--terraform-bin`: a wrapper that records, per run,
@@ -687,4 +689,112 @@ async fn a_restored_state_version_is_what_the_next_destroy_removes() {
         "the destroy wrote the state after the restore: {after:#?}"
     );
     assert!(after[0]["restored_from"].is_null());
+}
+
+/// Pids of processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmdline.contains(needle) && cmdline.contains("tether-agent") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_deleting_a_credential_in_use_leaves_its_server_running_and_its_destroy_failed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = start(dir.path(), &[]).await;
+    // The local target takes a credential of its own provider (no fields).
+    let (status, created) = call(
+        &cp,
+        Method::POST,
+        "/api/v1/cloud-providers",
+        Some(json!({ "name": "local", "provider": "local", "credentials": {} })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let credential_id = created["id"].as_str().expect("id").to_string();
+    let mut request = local("orphan");
+    request["cloud_provider_credential_id"] = json!(credential_id);
+    let id = provision(&cp, request).await;
+    let done = wait_for(&cp, &id, &["completed", "failed"]).await;
+    assert_eq!(done["status"], "completed", "{done:#}\n{}", cp.log());
+    let root = cp
+        .data_dir
+        .join("deployments")
+        .join(&id)
+        .join("local-server")
+        .display()
+        .to_string();
+    assert_eq!(processes_mentioning(&root).len(), 1, "its agent runs");
+
+    let (status, refused) = call(
+        &cp,
+        Method::DELETE,
+        &format!("/api/v1/cloud-providers/{credential_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["deployment_ids"], json!([id]), "{refused}");
+    let (status, body) = call(
+        &cp,
+        Method::DELETE,
+        &format!("/api/v1/cloud-providers/{credential_id}?force=true"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+
+    // What force costs: terraform cannot run for it any more. The destroy
+    // ends failed, lists what the state still holds, keeps the state, and
+    // the server keeps running.
+    let (status, body) = destroy(&cp, &id, None).await;
+    assert_eq!(status, 202, "{body}");
+    let failed = wait_for(&cp, &id, &["failed", "destroyed"]).await;
+    assert_eq!(failed["status"], "failed", "{failed:#}");
+    assert_eq!(
+        failed["error_message"],
+        format!(
+            "destroy failed: cloud credential: the cloud credential {credential_id} does not \
+             exist or was deleted"
+        ),
+        "{failed:#}"
+    );
+    assert_eq!(
+        failed["leftover_resources"],
+        json!(["module.server.terraform_data.server"]),
+        "{failed:#}"
+    );
+    assert!(failed["state_present"].as_bool().expect("state_present"));
+    let server_id = done["server_id"].as_str().expect("server id");
+    let (status, gone) = call(
+        &cp,
+        Method::GET,
+        &format!("/api/v1/servers/{server_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "its server is revoked and removed: {gone}");
+    let running = processes_mentioning(&root);
+    assert_eq!(running.len(), 1, "the server was left running");
+    // Removed by hand, as the docs say.
+    for pid in running {
+        // SAFETY: kill(2) on a pid this test found; no memory is involved.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
 }
