@@ -16,7 +16,10 @@ mod common;
 
 use common::*;
 use tether_control_plane::provision::credentials::{credential_for_deployment, CredentialUseError};
-use tether_control_plane::store::CloudCredential;
+use tether_control_plane::store::{
+    CloudCredential, CredentialDeletion, CredentialUpdate, CredentialUpdateOutcome,
+    CredentialValidation, StateWrite, ValidationStatus,
+};
 
 store_tests! {
     a_deployment_may_use_only_a_live_credential_of_its_own_organization,
@@ -30,6 +33,12 @@ store_tests! {
     terraform_state_lock_is_exclusive_and_writes_need_the_holder,
     sealed_secrets_include_credentials_states_and_bootstrap_tokens,
     a_scheduled_retry_is_kept_with_the_deployment_and_handed_to_the_next_worker,
+    a_rotated_credential_is_sealed_anew_unvalidated_and_a_stale_rotation_is_refused,
+    validation_outcomes_are_kept_with_their_time_and_error,
+    a_credential_used_by_live_deployments_is_deleted_only_when_forced,
+    every_state_write_is_a_version_and_only_the_last_ten_are_kept,
+    a_destroy_request_records_whether_the_server_data_goes_too,
+    deleting_server_data_empties_its_reports_and_keeps_the_server_row,
 }
 
 fn credential(organization_id: Uuid, name: &str) -> CloudCredential {
@@ -43,6 +52,8 @@ fn credential(organization_id: Uuid, name: &str) -> CloudCredential {
         is_validated: false,
         created_at: now(),
         last_used_at: None,
+        validation: CredentialValidation::default(),
+        updated_at: None,
     }
 }
 
@@ -664,4 +675,539 @@ async fn a_scheduled_retry_is_kept_with_the_deployment_and_handed_to_the_next_wo
         Some(at + Duration::seconds(40))
     );
     assert!(resumed.record.install_docker);
+/// A deployment of `organization_id` on `credential_id`, moved to `status`.
+async fn deployment_on(
+    store: &dyn Store,
+    organization_id: Uuid,
+    credential_id: Uuid,
+    status: DeploymentStatus,
+) -> Uuid {
+    let at = now();
+    let deployment = Deployment {
+        id: Uuid::now_v7(),
+        organization_id,
+        provider: "hetzner".into(),
+        credential_id: Some(credential_id),
+        status: DeploymentStatus::Pending,
+        server_id: None,
+        record: DeploymentRecord {
+            server_name: "web-1".into(),
+            region: "fsn1".into(),
+            instance_type: "cx22".into(),
+            ..DeploymentRecord::default()
+        },
+        bootstrap_token_sealed: None,
+        created_at: at,
+        updated_at: at,
+        completed_at: None,
+    };
+    let token = NewEnrollmentToken {
+        id: Uuid::now_v7(),
+        token_hash: format!("sha256:{}", Uuid::new_v4().simple()),
+        organization_id,
+        server_name: Some("web-1".into()),
+        labels: Labels::new(),
+        deployment_id: Some(deployment.id),
+        created_at: at,
+        expires_at: at + Duration::hours(1),
+    };
+    store
+        .create_deployment(&deployment, &token)
+        .await
+        .expect("create_deployment");
+    if status != DeploymentStatus::Pending {
+        assert!(store
+            .transition_deployment(
+                &[organization_id],
+                deployment.id,
+                &[DeploymentStatus::Pending],
+                status,
+                now()
+            )
+            .await
+            .expect("transition_deployment"));
+    }
+    deployment.id
+}
+
+async fn a_rotated_credential_is_sealed_anew_unvalidated_and_a_stale_rotation_is_refused(
+    store: Arc<dyn Store>,
+) {
+    let instance = init(&*store).await;
+    let root = instance.root_organization_id;
+    let other = create_org(&*store, root, "other").await;
+    let original = credential(root, "hetzner");
+    store
+        .create_cloud_credential(&original)
+        .await
+        .expect("create_cloud_credential");
+    store
+        .record_cloud_credential_validation(
+            original.id,
+            &CredentialValidation {
+                status: ValidationStatus::Valid,
+                at: Some(now()),
+                error: None,
+            },
+        )
+        .await
+        .expect("record validation");
+
+    // A rename keeps the fields and the validation.
+    let at = now();
+    let renamed = match store
+        .update_cloud_credential(
+            &[root],
+            original.id,
+            &CredentialUpdate {
+                name: Some("renamed".into()),
+                default_region: Some("nbg1".into()),
+                credentials_sealed: None,
+                at,
+            },
+        )
+        .await
+        .expect("update")
+    {
+        CredentialUpdateOutcome::Updated(c) => c,
+        other => panic!("rename: {other:?}"),
+    };
+    assert_eq!(renamed.name, "renamed");
+    assert_eq!(renamed.default_region.as_deref(), Some("nbg1"));
+    assert_eq!(renamed.credentials_sealed, original.credentials_sealed);
+    assert_eq!(renamed.validation.status, ValidationStatus::Valid);
+    assert!(renamed.is_validated);
+    assert_eq!(renamed.updated_at, Some(at));
+
+    // New fields: sealed anew, validation reset.
+    let rotated = match store
+        .update_cloud_credential(
+            &[root],
+            original.id,
+            &CredentialUpdate {
+                name: None,
+                default_region: None,
+                credentials_sealed: Some((
+                    "v1:rotated".into(),
+                    original.credentials_sealed.clone(),
+                )),
+                at: now(),
+            },
+        )
+        .await
+        .expect("update")
+    {
+        CredentialUpdateOutcome::Updated(c) => c,
+        other => panic!("rotation: {other:?}"),
+    };
+    assert_eq!(rotated.credentials_sealed, "v1:rotated");
+    assert_eq!(rotated.name, "renamed");
+    assert_eq!(rotated.validation, CredentialValidation::default());
+    assert!(!rotated.is_validated);
+    let stored = store
+        .cloud_credential(&[root], original.id)
+        .await
+        .expect("cloud_credential")
+        .expect("still there");
+    assert_eq!(stored.credentials_sealed, "v1:rotated");
+    // What a deployment job looks up before each terraform run (provision,
+    // rollback, destroy) is the rotated value.
+    deployment_on(&*store, root, original.id, DeploymentStatus::Completed).await;
+    let for_job = credential_for_deployment(&*store, root, original.id, &[root])
+        .await
+        .expect("the job's lookup");
+    assert_eq!(for_job.credentials_sealed, "v1:rotated");
+
+    // A rotation computed from the fields before the last one is refused
+    // and changes nothing.
+    let stale = store
+        .update_cloud_credential(
+            &[root],
+            original.id,
+            &CredentialUpdate {
+                name: Some("lost".into()),
+                default_region: None,
+                credentials_sealed: Some(("v1:stale".into(), original.credentials_sealed.clone())),
+                at: now(),
+            },
+        )
+        .await
+        .expect("update");
+    assert!(
+        matches!(stale, CredentialUpdateOutcome::Changed),
+        "{stale:?}"
+    );
+    let stored = store
+        .cloud_credential(&[root], original.id)
+        .await
+        .expect("cloud_credential")
+        .expect("still there");
+    assert_eq!(stored.credentials_sealed, "v1:rotated");
+    assert_eq!(stored.name, "renamed");
+
+    // Outside the caller's scope, or deleted: not found.
+    let outside = store
+        .update_cloud_credential(
+            &[other],
+            original.id,
+            &CredentialUpdate {
+                name: Some("x".into()),
+                default_region: None,
+                credentials_sealed: None,
+                at: now(),
+            },
+        )
+        .await
+        .expect("update");
+    assert!(
+        matches!(outside, CredentialUpdateOutcome::NotFound),
+        "{outside:?}"
+    );
+}
+
+async fn validation_outcomes_are_kept_with_their_time_and_error(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let root = instance.root_organization_id;
+    let c = credential(root, "hetzner");
+    store
+        .create_cloud_credential(&c)
+        .await
+        .expect("create_cloud_credential");
+    let fresh = store
+        .cloud_credential(&[root], c.id)
+        .await
+        .expect("cloud_credential")
+        .expect("exists");
+    assert_eq!(fresh.validation.status, ValidationStatus::Unvalidated);
+    assert_eq!(fresh.validation.at, None);
+
+    let at = now();
+    let invalid = CredentialValidation {
+        status: ValidationStatus::Invalid,
+        at: Some(at),
+        error: Some("credentials for hetzner need a non-empty string field \"token\"".into()),
+    };
+    store
+        .record_cloud_credential_validation(c.id, &invalid)
+        .await
+        .expect("record validation");
+    let stored = store
+        .cloud_credential(&[root], c.id)
+        .await
+        .expect("cloud_credential")
+        .expect("exists");
+    assert_eq!(stored.validation, invalid);
+    assert!(!stored.is_validated);
+    assert_eq!(stored.last_used_at, Some(at));
+
+    let later = at + Duration::seconds(5);
+    let valid = CredentialValidation {
+        status: ValidationStatus::Valid,
+        at: Some(later),
+        error: None,
+    };
+    store
+        .record_cloud_credential_validation(c.id, &valid)
+        .await
+        .expect("record validation");
+    let listed = store
+        .list_cloud_credentials(&[root])
+        .await
+        .expect("list_cloud_credentials");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].validation, valid);
+    assert!(listed[0].is_validated);
+}
+
+async fn a_credential_used_by_live_deployments_is_deleted_only_when_forced(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let root = instance.root_organization_id;
+    let other = create_org(&*store, root, "other").await;
+    let c = credential(root, "hetzner");
+    store
+        .create_cloud_credential(&c)
+        .await
+        .expect("create_cloud_credential");
+    let failed = deployment_on(&*store, root, c.id, DeploymentStatus::Failed).await;
+    let destroyed = deployment_on(&*store, root, c.id, DeploymentStatus::Destroyed).await;
+    let completed = deployment_on(&*store, root, c.id, DeploymentStatus::Completed).await;
+
+    assert_eq!(
+        store
+            .deployments_using_credential(c.id, 10)
+            .await
+            .expect("deployments_using_credential"),
+        (vec![failed, completed], 2),
+        "every deployment but the destroyed one uses it"
+    );
+    let _ = destroyed;
+
+    assert_eq!(
+        store
+            .delete_unused_cloud_credential(&[root], c.id, false, 1, now())
+            .await
+            .expect("delete"),
+        CredentialDeletion::InUse {
+            deployment_ids: vec![failed],
+            count: 2
+        },
+        "the list is bounded, the count is not"
+    );
+    assert!(
+        store
+            .cloud_credential(&[root], c.id)
+            .await
+            .expect("cloud_credential")
+            .is_some_and(|kept| kept.credentials_sealed == c.credentials_sealed),
+        "a refused delete leaves the credential whole"
+    );
+    assert_eq!(
+        store
+            .delete_unused_cloud_credential(&[other], c.id, true, 10, now())
+            .await
+            .expect("delete"),
+        CredentialDeletion::NotFound
+    );
+    assert_eq!(
+        store
+            .delete_unused_cloud_credential(&[root], c.id, true, 10, now())
+            .await
+            .expect("delete"),
+        CredentialDeletion::Deleted {
+            orphaned: vec![failed, completed],
+            orphaned_count: 2
+        }
+    );
+    assert!(store
+        .cloud_credential(&[root], c.id)
+        .await
+        .expect("cloud_credential")
+        .is_none());
+    // The orphaned deployments' next run finds no credential.
+    assert!(matches!(
+        credential_for_deployment(&*store, root, c.id, &[root, other]).await,
+        Err(CredentialUseError::Missing { .. })
+    ));
+
+    // Once nothing live uses one, no force is needed.
+    let unused = credential(root, "unused");
+    store
+        .create_cloud_credential(&unused)
+        .await
+        .expect("create_cloud_credential");
+    deployment_on(&*store, root, unused.id, DeploymentStatus::Destroyed).await;
+    assert_eq!(
+        store
+            .delete_unused_cloud_credential(&[root], unused.id, false, 10, now())
+            .await
+            .expect("delete"),
+        CredentialDeletion::Deleted {
+            orphaned: vec![],
+            orphaned_count: 0
+        }
+    );
+}
+
+fn state_write(n: i64, restored_from: Option<i64>) -> StateWrite {
+    StateWrite {
+        state_sealed: format!("v1:state-{n}"),
+        version_id: Uuid::now_v7(),
+        version_sealed: format!("v1:version-{n}"),
+        sha256: format!("{n:064x}"),
+        size_bytes: 100 + n,
+        serial: Some(n),
+        restored_from,
+    }
+}
+
+async fn every_state_write_is_a_version_and_only_the_last_ten_are_kept(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let (deployment, _) = create_deployment(&*store, instance.root_organization_id).await;
+    let id = deployment.id;
+    let mut writes = Vec::new();
+    for n in 1..=12 {
+        let write = state_write(n, None);
+        assert_eq!(
+            store
+                .write_terraform_state_version(id, &write, None, now())
+                .await
+                .expect("write"),
+            LockOutcome::Done
+        );
+        writes.push(write);
+    }
+    let versions = store
+        .terraform_state_versions(id)
+        .await
+        .expect("terraform_state_versions");
+    assert_eq!(
+        versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+        (3..=12).rev().collect::<Vec<i64>>(),
+        "newest first, the last ten"
+    );
+    let newest = &versions[0];
+    assert_eq!(newest.id, writes[11].version_id);
+    assert_eq!(newest.sha256, writes[11].sha256);
+    assert_eq!(newest.size_bytes, 112);
+    assert_eq!(newest.serial, Some(12));
+    assert_eq!(newest.restored_from, None);
+    let current = store
+        .terraform_state(id)
+        .await
+        .expect("terraform_state")
+        .expect("exists");
+    assert_eq!(current.state_sealed.as_deref(), Some("v1:state-12"));
+
+    let (kept, sealed) = store
+        .terraform_state_version(id, 3)
+        .await
+        .expect("terraform_state_version")
+        .expect("version 3 is kept");
+    assert_eq!(kept.id, writes[2].version_id);
+    assert_eq!(sealed, "v1:version-3");
+    assert!(store
+        .terraform_state_version(id, 2)
+        .await
+        .expect("terraform_state_version")
+        .is_none());
+
+    // While another run holds the lock, nothing is written or kept.
+    let info = json!({ "ID": "lock-a" });
+    store
+        .lock_terraform_state(id, "lock-a", &info, now())
+        .await
+        .expect("lock");
+    assert_eq!(
+        store
+            .write_terraform_state_version(id, &state_write(13, Some(3)), None, now())
+            .await
+            .expect("write"),
+        LockOutcome::HeldBy(info)
+    );
+    assert_eq!(
+        store
+            .terraform_state_versions(id)
+            .await
+            .expect("versions")
+            .len(),
+        10
+    );
+    store
+        .unlock_terraform_state(id, None, now())
+        .await
+        .expect("unlock");
+    let restore = state_write(3, Some(3));
+    store
+        .write_terraform_state_version(id, &restore, None, now())
+        .await
+        .expect("write");
+    let versions = store.terraform_state_versions(id).await.expect("versions");
+    assert_eq!(versions[0].version, 13);
+    assert_eq!(versions[0].restored_from, Some(3));
+    assert_eq!(versions.last().map(|v| v.version), Some(4));
+
+    // Versions are sealed values the key rotation re-seals.
+    let secrets = store.sealed_secrets().await.expect("sealed_secrets");
+    let listed = secrets
+        .iter()
+        .find(|s| {
+            s.kind == SealedKind::TerraformStateVersion && s.id == restore.version_id.to_string()
+        })
+        .expect("the version is listed");
+    assert_eq!(
+        listed.context,
+        store::terraform_state_version_context(restore.version_id)
+    );
+    assert!(store
+        .replace_sealed_secret(listed, "v1:resealed")
+        .await
+        .expect("replace_sealed_secret"));
+    let (_, sealed) = store
+        .terraform_state_version(id, 13)
+        .await
+        .expect("version")
+        .expect("kept");
+    assert_eq!(sealed, "v1:resealed");
+}
+
+async fn a_destroy_request_records_whether_the_server_data_goes_too(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let root = instance.root_organization_id;
+    let c = credential(root, "hetzner");
+    store
+        .create_cloud_credential(&c)
+        .await
+        .expect("create_cloud_credential");
+    let pending = deployment_on(&*store, root, c.id, DeploymentStatus::Pending).await;
+    let completed = deployment_on(&*store, root, c.id, DeploymentStatus::Completed).await;
+    let from = [DeploymentStatus::Completed, DeploymentStatus::Failed];
+    assert!(!store
+        .request_destroy(&[root], pending, &from, true, now())
+        .await
+        .expect("request_destroy"));
+    assert!(store
+        .request_destroy(&[root], completed, &from, true, now())
+        .await
+        .expect("request_destroy"));
+    let d = store
+        .deployment(None, completed)
+        .await
+        .expect("deployment")
+        .expect("exists");
+    assert_eq!(d.status, DeploymentStatus::Destroying);
+    assert!(d.record.delete_server_data);
+    assert_eq!(
+        d.record.server_name, "web-1",
+        "the rest of the record is kept"
+    );
+    let p = store
+        .deployment(None, pending)
+        .await
+        .expect("deployment")
+        .expect("exists");
+    assert_eq!(p.status, DeploymentStatus::Pending);
+    assert!(!p.record.delete_server_data);
+}
+
+async fn deleting_server_data_empties_its_reports_and_keeps_the_server_row(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let root = instance.root_organization_id;
+    let (gone, _) = enroll_server(&*store, root, "gone", Labels::new()).await;
+    let (kept, _) = enroll_server(&*store, root, "kept", Labels::new()).await;
+    let t0 = now() - Duration::minutes(5);
+    ingest(
+        &*store,
+        now(),
+        (1..=3)
+            .flat_map(|seq| {
+                [
+                    point(gone.id, seq, t0 + Duration::seconds(seq)),
+                    point(kept.id, seq, t0 + Duration::seconds(seq)),
+                ]
+            })
+            .collect(),
+        vec![],
+    )
+    .await;
+    let deleted = store
+        .delete_server_data(gone.id)
+        .await
+        .expect("delete_server_data");
+    assert!(deleted >= 3, "{deleted} rows deleted");
+    let window = (t0 - Duration::hours(1), now() + Duration::hours(1));
+    assert!(store
+        .metrics_points(gone.id, window.0, window.1, 100)
+        .await
+        .expect("metrics_points")
+        .is_empty());
+    assert_eq!(
+        store
+            .metrics_points(kept.id, window.0, window.1, 100)
+            .await
+            .expect("metrics_points")
+            .len(),
+        3,
+        "another server's data stays"
+    );
+    assert_eq!(server_by_id(&*store, &[root], gone.id).await.id, gone.id);
 }

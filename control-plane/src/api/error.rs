@@ -40,6 +40,9 @@ pub enum ErrorCode {
     NotFound,
     /// 409: the resource's state forbids the action.
     Conflict,
+    /// 409: a cloud credential that live deployments use cannot be deleted
+    /// without `force` (`deployment_ids`, `deployment_count`).
+    CredentialInUse,
     /// 422: well-formed but invalid input.
     ValidationError,
     /// 422: the organization would be deeper than the tree allows
@@ -63,6 +66,7 @@ impl ErrorCode {
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::CredentialInUse => "credential_in_use",
             ErrorCode::ValidationError => "validation_error",
             ErrorCode::OrganizationDepthExceeded => "organization_depth_exceeded",
             ErrorCode::RateLimitExceeded => "rate_limit_exceeded",
@@ -80,7 +84,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden | ErrorCode::QuotaExceeded => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::Conflict | ErrorCode::CredentialInUse => StatusCode::CONFLICT,
             ErrorCode::ValidationError | ErrorCode::OrganizationDepthExceeded => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -266,6 +270,7 @@ mod tests {
             ErrorCode::QuotaExceeded,
             ErrorCode::NotFound,
             ErrorCode::Conflict,
+            ErrorCode::CredentialInUse,
             ErrorCode::ValidationError,
             ErrorCode::OrganizationDepthExceeded,
             ErrorCode::RateLimitExceeded,

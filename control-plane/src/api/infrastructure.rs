@@ -133,8 +133,43 @@ pub struct DeploymentView {
     /// Who holds the state lock (terraform's LockInfo), if anyone.
     #[schema(value_type = Option<Object>)]
     pub state_lock: Option<Value>,
+    /// The newest kept version of the Terraform state (the current state
+    /// while `state_present`): its number and checksum, never its content.
+    pub state_version: Option<StateVersionView>,
+    /// The cloud credential its terraform runs use (read at each run).
+    pub cloud_provider_credential_id: Option<Uuid>,
+    /// Whether the destroy asked for deletes the server's data once done.
+    pub delete_server_data: bool,
     pub created_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// A kept version of a deployment's Terraform state (never its content).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StateVersionView {
+    /// 1, 2, ... per deployment.
+    pub version: i64,
+    /// Terraform's `serial` in that state.
+    pub serial: Option<i64>,
+    /// Lowercase hex SHA-256 of the state document.
+    pub sha256: String,
+    pub size_bytes: i64,
+    /// The version this one restored, when it was made by a restore.
+    pub restored_from: Option<i64>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<crate::store::TerraformStateVersion> for StateVersionView {
+    fn from(v: crate::store::TerraformStateVersion) -> Self {
+        Self {
+            version: v.version,
+            serial: v.serial,
+            sha256: v.sha256,
+            size_bytes: v.size_bytes,
+            restored_from: v.restored_from,
+            created_at: v.created_at,
+        }
+    }
 }
 
 impl From<Deployment> for DeploymentView {
@@ -155,6 +190,7 @@ impl From<Deployment> for DeploymentView {
             retry_count,
             next_retry_at,
             install_docker,
+            delete_server_data,
             ..
         } = d.record;
         Self {
@@ -180,6 +216,9 @@ impl From<Deployment> for DeploymentView {
             install_docker,
             state_present: false,
             state_lock: None,
+            state_version: None,
+            cloud_provider_credential_id: d.credential_id,
+            delete_server_data,
             created_at: d.created_at,
             completed_at: d.completed_at,
         }
@@ -188,11 +227,18 @@ impl From<Deployment> for DeploymentView {
 
 impl DeploymentView {
     /// The view with what the state backend holds.
-    async fn with_state(mut self, cp: &ControlPlane) -> Result<Self, ApiError> {
+    pub(crate) async fn with_state(mut self, cp: &ControlPlane) -> Result<Self, ApiError> {
         if let Some(state) = cp.store.terraform_state(self.deployment_id).await? {
             self.state_present = state.state_sealed.is_some();
             self.state_lock = state.lock_id.map(|_| state.lock_info.unwrap_or_default());
         }
+        self.state_version = cp
+            .store
+            .terraform_state_versions(self.deployment_id)
+            .await?
+            .into_iter()
+            .next()
+            .map(Into::into);
         Ok(self)
     }
 }
@@ -486,7 +532,7 @@ pub async fn list(
     }))
 }
 
-async fn visible_deployment(
+pub(crate) async fn visible_deployment(
     cp: &ControlPlane,
     caller: &Caller,
     id: Uuid,
@@ -533,17 +579,24 @@ pub struct DestroyOptions {
     /// Destroy even while commands run on the server.
     #[serde(default)]
     pub force: bool,
+    /// Once destroyed, also delete what the server reported: its metrics,
+    /// rollups, container reports, health results and alert conditions
+    /// (default: kept, readable as history of a removed server).
+    #[serde(default)]
+    pub delete_server_data: bool,
 }
 
 /// Destroys a deployment's server: `terraform destroy`, certificate revoked,
-/// session closed, server removed (soft). Needs `infrastructure:destroy`.
+/// session closed, server removed (soft); with `delete_server_data`, the
+/// server's reported data is deleted once the destroy succeeded. Needs
+/// `infrastructure:destroy`.
 #[utoipa::path(
     delete,
     path = "/infrastructure/deployments/{id}",
     operation_id = "destroy_deployment",
     tag = "provisioning",
     params(("id" = Uuid, Path, description = "Deployment id."), DestroyOptions),
-    request_body(content = Option<DestroyOptions>, content_type = "application/json", description = "`{force?}` (also accepted as a query parameter)."),
+    request_body(content = Option<DestroyOptions>, content_type = "application/json", description = "`{force?, delete_server_data?}` (also accepted as query parameters)."),
     security(("bearer" = [])),
     responses(
         (status = 202, description = "Destroy queued (or already under way / done).", body = DeploymentView),
@@ -553,7 +606,7 @@ pub struct DestroyOptions {
         (status = 404, description = "`not_found`.", body = ErrorBody),
         (status = 409, description = "`conflict`: the deployment is still being provisioned or rolled back, or commands are queued or running on its server (without `force`).", body = ErrorBody),
         (status = 413, description = "`invalid_request`: body over 1 MiB.", body = ErrorBody),
-        (status = 422, description = "`validation_error`: `force` is not a boolean, or an unknown field.", body = ErrorBody),
+        (status = 422, description = "`validation_error`: `force` or `delete_server_data` is not a boolean, or an unknown field.", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
         (status = 500, description = "`internal_error`.", body = ErrorBody),
     )
@@ -575,6 +628,7 @@ pub async fn destroy(
         })?
     };
     let force = options.force || query.force;
+    let delete_server_data = options.delete_server_data || query.delete_server_data;
     let deployment = visible_deployment(&cp, &caller, id).await?;
     match deployment.status {
         DeploymentStatus::Destroying | DeploymentStatus::Destroyed => {
@@ -603,11 +657,11 @@ pub async fn destroy(
     }
     let moved = cp
         .store
-        .transition_deployment(
+        .request_destroy(
             &caller.visible_organizations,
             id,
             &[DeploymentStatus::Completed, DeploymentStatus::Failed],
-            DeploymentStatus::Destroying,
+            delete_server_data,
             Utc::now(),
         )
         .await?;
@@ -623,7 +677,11 @@ pub async fn destroy(
             deployment.organization_id,
             "infrastructure.destroy",
             id.to_string(),
-            serde_json::json!({ "force": force, "server_id": deployment.server_id }),
+            serde_json::json!({
+                "force": force,
+                "delete_server_data": delete_server_data,
+                "server_id": deployment.server_id,
+            }),
         )
         .await;
     let view = DeploymentView::from(visible_deployment(&cp, &caller, id).await?);

@@ -34,6 +34,7 @@ pub mod organizations;
 pub mod rate_limit;
 pub mod serve;
 pub mod servers;
+pub mod state_versions;
 pub mod terraform_state;
 pub mod tokens;
 pub mod webhooks;
@@ -132,12 +133,14 @@ fn documented() -> Documented {
         .routes(routes!(metrics::server_metrics))
         .routes(routes!(metrics::server_containers))
         .routes(routes!(cloud_providers::list, cloud_providers::create))
-        .routes(routes!(cloud_providers::delete))
+        .routes(routes!(cloud_providers::delete, cloud_providers::update))
         .routes(routes!(cloud_providers::validate))
         .routes(routes!(infrastructure::provision))
         .routes(routes!(infrastructure::list))
         .routes(routes!(infrastructure::get, infrastructure::destroy))
         .routes(routes!(infrastructure::force_unlock))
+        .routes(routes!(state_versions::list))
+        .routes(routes!(state_versions::restore))
         .routes(routes!(infrastructure::events))
         .routes(routes!(infrastructure::boot_stage))
         .routes(routes!(branches::create_invite))

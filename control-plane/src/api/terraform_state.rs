@@ -8,6 +8,11 @@
 //! byte of the body is read: a caller without them costs no more than its
 //! headers. This is terraform's protocol, not the admin API, so it is
 //! outside `/api/v1` and its OpenAPI document.
+//!
+//! Every state written is also kept as a version (the last
+//! `STATE_VERSIONS_KEPT`, sealed under their own context, with the SHA-256
+//! of the plaintext, its size and terraform's serial); `api/state_versions`
+//! lists and restores them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +28,9 @@ use uuid::Uuid;
 use super::error::ApiError;
 use crate::context::ControlPlane;
 use crate::provision::job::backend_password;
-use crate::store::{terraform_state_context, LockOutcome};
+use crate::store::{
+    terraform_state_context, terraform_state_version_context, LockOutcome, StateWrite,
+};
 
 /// Largest state accepted.
 pub const MAX_STATE_BYTES: usize = 32 << 20;
@@ -71,6 +78,32 @@ async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
         }
     }
     Ok(buffer.freeze())
+}
+
+/// A state to store as the current one and as a new version: sealed twice
+/// (current state, version), with its checksum, size and serial.
+pub(crate) fn state_write(
+    cp: &ControlPlane,
+    deployment_id: Uuid,
+    plain: &[u8],
+    serial: Option<i64>,
+    restored_from: Option<i64>,
+) -> StateWrite {
+    use sha2::Digest;
+    let version_id = Uuid::now_v7();
+    StateWrite {
+        state_sealed: cp
+            .sealer
+            .seal(plain, &terraform_state_context(deployment_id)),
+        version_id,
+        version_sealed: cp
+            .sealer
+            .seal(plain, &terraform_state_version_context(version_id)),
+        sha256: hex::encode(sha2::Sha256::digest(plain)),
+        size_bytes: i64::try_from(plain.len()).unwrap_or(i64::MAX),
+        serial,
+        restored_from,
+    }
 }
 
 fn locked(holder: serde_json::Value) -> Response {
@@ -146,14 +179,15 @@ async fn serve(
             }
         }
         "POST" => {
-            if serde_json::from_slice::<serde_json::Value>(&body).is_err() {
+            let Ok(document) = serde_json::from_slice::<serde_json::Value>(&body) else {
                 return Err(ApiError::invalid_request("state is not JSON"));
-            }
-            let sealed = cp.sealer.seal(&body, &terraform_state_context(id));
+            };
+            let serial = document.get("serial").and_then(serde_json::Value::as_i64);
+            let write = state_write(cp, id, &body, serial, None);
             let lock_id = params.get("ID").map(String::as_str);
             match cp
                 .store
-                .write_terraform_state(id, Some(&sealed), lock_id, now)
+                .write_terraform_state_version(id, &write, lock_id, now)
                 .await?
             {
                 LockOutcome::Done => Ok(StatusCode::OK.into_response()),

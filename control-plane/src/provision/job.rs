@@ -427,7 +427,15 @@ impl Job {
             "TF_HTTP_PASSWORD".into(),
             backend_password(&self.cp.backend_key, d.id),
         ));
-        env.push(("TF_VAR_user_data".into(), self.user_data(&d, for_destroy)?));
+        let agent_checksums = if for_destroy {
+            Vec::new()
+        } else {
+            self.agent_checksums().await?
+        };
+        env.push((
+            "TF_VAR_user_data".into(),
+            self.user_data(&d, for_destroy, agent_checksums)?,
+        ));
         if let Some(credential_id) = d.credential_id {
             // The API's rule, checked again: the credential may have been
             // deleted since, or the deployment predates the rule.
@@ -483,7 +491,32 @@ impl Job {
 
     /// The cloud-init user-data of this deployment. A destroy needs the
     /// variable set, not the token (spent or expired by then).
-    fn user_data(&self, d: &Deployment, for_destroy: bool) -> Result<String, JobError> {
+    /// The checksums of the served agent binaries. The first look hashes
+    /// each binary (a debug build is over 100 MiB): on a blocking thread, so
+    /// jobs starting together never hold the runtime's workers (and with
+    /// them the API) while it runs.
+    async fn agent_checksums(&self) -> Result<Vec<AgentChecksum>, JobError> {
+        let cp = self.cp.clone();
+        let binaries = tokio::task::spawn_blocking(move || cp.agent_binaries.all())
+            .await
+            .map_err(|e| JobError::Bootstrap(format!("reading the agent binaries: {e}")))?
+            .map_err(|e| JobError::Bootstrap(format!("reading the agent binaries: {e}")))?;
+        Ok(binaries
+            .into_iter()
+            .map(|b| AgentChecksum {
+                os: b.os,
+                arch: b.arch,
+                sha256_hex: b.sha256_hex,
+            })
+            .collect())
+    }
+
+    fn user_data(
+        &self,
+        d: &Deployment,
+        for_destroy: bool,
+        agent_checksums: Vec<AgentChecksum>,
+    ) -> Result<String, JobError> {
         if for_destroy {
             return Ok(super::bootstrap::DESTROY_USER_DATA.to_string());
         }
@@ -505,18 +538,6 @@ impl Job {
                 ))
             }
         };
-        let agent_checksums = self
-            .cp
-            .agent_binaries
-            .all()
-            .map_err(|e| JobError::Bootstrap(format!("reading the agent binaries: {e}")))?
-            .into_iter()
-            .map(|b| AgentChecksum {
-                os: b.os,
-                arch: b.arch,
-                sha256_hex: b.sha256_hex,
-            })
-            .collect::<Vec<_>>();
         if agent_checksums.is_empty() {
             return Err(JobError::Bootstrap(
                 "no agent binary to serve: put tether-agent next to the tether executable or set --agent-dir".into(),
@@ -923,6 +944,7 @@ impl Job {
             self.set_status(DeploymentStatus::Failed).await?;
             return Ok(());
         }
+        self.delete_server_data().await?;
         self.set_status(DeploymentStatus::Destroyed).await?;
         crate::events::emit_deployment(
             &self.cp,
@@ -930,6 +952,28 @@ impl Job {
             "infrastructure.destroying.completed",
         )
         .await;
+        Ok(())
+    }
+
+    /// After a successful destroy asked with `delete_server_data`: the
+    /// server's metrics, rollups, container reports, health results and
+    /// alert conditions are deleted (idempotent, so a resumed job does it
+    /// again harmlessly).
+    async fn delete_server_data(&self) -> Result<(), JobError> {
+        let (wanted, server_id) = {
+            let d = self.deployment.lock().await;
+            (d.record.delete_server_data, d.server_id)
+        };
+        let Some(server_id) = server_id.filter(|_| wanted) else {
+            return Ok(());
+        };
+        let rows = self.cp.store.delete_server_data(server_id).await?;
+        self.event(
+            "log",
+            json!({ "level": "info", "message": format!("server data deleted: {rows} rows of server {server_id} (metrics, rollups, containers, health results, alert conditions)") }),
+        )
+        .await;
+        tracing::info!(%server_id, rows, "server data deleted after destroy");
         Ok(())
     }
 
@@ -948,7 +992,16 @@ impl Job {
         if has_state {
             // A fresh working dir if the old one is gone (another replica).
             self.render().await?;
-            let terraform = self.terraform(true).await?;
+            let terraform = match self.terraform(true).await {
+                Ok(terraform) => terraform,
+                Err(JobError::Credential(why)) => {
+                    // The credential was deleted (forced) or cannot be read:
+                    // terraform cannot run. What the state still holds stays
+                    // in the cloud and is listed; the state is kept.
+                    return self.tear_down_impossible(step_name, &why).await;
+                }
+                Err(e) => return Err(e),
+            };
             let terraform_ref = &terraform;
             let init = self
                 .retrying(|| {
@@ -1008,6 +1061,52 @@ impl Job {
         }
         self.remove_server().await?;
         self.save().await
+    }
+
+    /// A teardown terraform cannot run for (no usable credential): the
+    /// resources the state holds are recorded as left over (the state is
+    /// kept so a later destroy can still remove them), the server removed.
+    async fn tear_down_impossible(&self, step_name: &str, why: &str) -> Result<(), JobError> {
+        let leftovers = self.state_resources().await?;
+        let message = format!("{step_name} failed: cloud credential: {why}");
+        self.event("log", json!({ "level": "error", "message": message }))
+            .await;
+        if leftovers.is_empty() {
+            // Nothing was created: there is nothing to destroy.
+            self.cp
+                .store
+                .write_terraform_state(self.id, None, None, Utc::now())
+                .await?;
+        } else {
+            let mut d = self.deployment.lock().await;
+            d.record.error_message = Some(match d.record.error_message.take() {
+                Some(first) if step_name == "rollback" => format!("{first}; {message}"),
+                _ => message,
+            });
+            d.record.leftover_resources = leftovers;
+        }
+        self.remove_server().await?;
+        self.save().await
+    }
+
+    /// The addresses of the resources in the deployment's current state,
+    /// read from the state the control plane holds.
+    async fn state_resources(&self) -> Result<Vec<String>, JobError> {
+        let Some(sealed) = self
+            .cp
+            .store
+            .terraform_state(self.id)
+            .await?
+            .and_then(|s| s.state_sealed)
+        else {
+            return Ok(Vec::new());
+        };
+        let plain = self
+            .cp
+            .sealer
+            .open(&sealed, &crate::store::terraform_state_context(self.id))
+            .map_err(|e| JobError::Bootstrap(format!("opening the state: {e}")))?;
+        Ok(resource_addresses(&plain))
     }
 
     /// Revokes and removes the server the deployment made, if it enrolled.
@@ -1074,6 +1173,32 @@ fn root_module(variables: &Map<String, Value>) -> String {
         ));
     }
     out
+}
+
+/// The addresses (`module.server.terraform_data.server`, `data.x.y`, ...) of
+/// the resources in a Terraform state document; none when it does not parse.
+pub fn resource_addresses(state: &[u8]) -> Vec<String> {
+    let Ok(state) = serde_json::from_slice::<Value>(state) else {
+        return Vec::new();
+    };
+    let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_string);
+    state
+        .get("resources")
+        .and_then(Value::as_array)
+        .map(|resources| {
+            resources
+                .iter()
+                .filter_map(|r| {
+                    let (kind, name) = (text(r, "type")?, text(r, "name")?);
+                    let mut address = text(r, "module").map(|m| m + ".").unwrap_or_default();
+                    if text(r, "mode").as_deref() == Some("data") {
+                        address.push_str("data.");
+                    }
+                    Some(format!("{address}{kind}.{name}"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Whether a `terraform_variables` name can be a module input.
@@ -1217,6 +1342,25 @@ mod tests {
         assert_eq!(retry_delay(base, 30, 0.0), MAX_RETRY_DELAY / 2);
         let jittered = retry_delay(base, 2, 0.3);
         assert!(jittered > Duration::from_secs(10) && jittered < Duration::from_secs(20));
+    }
+
+    #[test]
+    fn resource_addresses_name_module_data_and_managed_resources() {
+        let state = json!({
+            "version": 4,
+            "resources": [
+                { "module": "module.server", "mode": "managed", "type": "terraform_data", "name": "server" },
+                { "mode": "data", "type": "hcloud_image", "name": "debian" },
+            ]
+        });
+        assert_eq!(
+            resource_addresses(state.to_string().as_bytes()),
+            vec![
+                "module.server.terraform_data.server".to_string(),
+                "data.hcloud_image.debian".to_string()
+            ]
+        );
+        assert!(resource_addresses(b"not json").is_empty());
     }
 
     #[test]

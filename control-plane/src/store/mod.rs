@@ -334,6 +334,7 @@ pub(crate) fn sealed_secret_list(
         context: match kind {
             SealedKind::CloudCredential => cloud_credential_context(id),
             SealedKind::TerraformState => terraform_state_context(id),
+            SealedKind::TerraformStateVersion => terraform_state_version_context(id),
             SealedKind::BootstrapToken => bootstrap_token_context(id),
             SealedKind::WebhookSecret => webhooks::webhook_secret_context(id),
             SealedKind::CommandEnv => command_env_context(id),
@@ -369,6 +370,8 @@ pub enum SealedKind {
     CloudCredential,
     /// A deployment's Terraform state (id: the deployment's).
     TerraformState,
+    /// A kept version of a deployment's Terraform state (id: the version's).
+    TerraformStateVersion,
     /// A deployment's bootstrap token, kept while it may be rendered again.
     BootstrapToken,
     /// A webhook's signing secret (id: the webhook's).
@@ -392,6 +395,7 @@ impl SealedKind {
         match self {
             Self::CloudCredential => Some(("cloud_credentials", "credentials_sealed", "id")),
             Self::TerraformState => Some(("terraform_states", "state_sealed", "deployment_id")),
+            Self::TerraformStateVersion => Some(("terraform_state_versions", "state_sealed", "id")),
             Self::BootstrapToken => Some(("deployments", "bootstrap_token_sealed", "id")),
             Self::WebhookSecret => Some(("webhooks", "secret_sealed", "id")),
             Self::CommandEnv => Some(("command_requests", "env_sealed", "id")),
@@ -403,9 +407,10 @@ impl SealedKind {
     }
 
     /// The kinds stored in rows.
-    pub(crate) const ROW_KINDS: [Self; 8] = [
+    pub(crate) const ROW_KINDS: [Self; 9] = [
         Self::CloudCredential,
         Self::TerraformState,
+        Self::TerraformStateVersion,
         Self::BootstrapToken,
         Self::WebhookSecret,
         Self::CommandEnv,

@@ -127,7 +127,11 @@ pub(crate) fn audit_from_row(row: &PgRow) -> StoreResult<AuditRecord> {
 }
 
 pub(crate) const CREDENTIAL_COLUMNS: &str = "id, organization_id, name, provider, default_region, \
-     credentials_sealed, is_validated, created_at, last_used_at";
+     credentials_sealed, is_validated, created_at, last_used_at, validation_status, validated_at, \
+     validation_error, updated_at";
+
+pub(crate) const STATE_VERSION_COLUMNS: &str =
+    "id, deployment_id, version, sha256, size_bytes, serial, restored_from, created_at";
 
 pub(crate) const DEPLOYMENT_COLUMNS: &str =
     "id, organization_id, provider, credential_id, status, server_id, \
@@ -968,6 +972,7 @@ impl Store for PostgresStore {
             .rows_affected(),
             kind @ (SealedKind::CloudCredential
             | SealedKind::TerraformState
+            | SealedKind::TerraformStateVersion
             | SealedKind::BootstrapToken
             | SealedKind::WebhookSecret
             | SealedKind::CommandEnv

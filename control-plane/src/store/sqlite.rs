@@ -60,7 +60,11 @@ pub(crate) const SERVER_COLUMNS: &str =
      agent_version, facts, deployment_id, created_at, last_seen_at";
 
 pub(crate) const CREDENTIAL_COLUMNS: &str = "id, organization_id, name, provider, default_region, \
-     credentials_sealed, is_validated, created_at, last_used_at";
+     credentials_sealed, is_validated, created_at, last_used_at, validation_status, validated_at, \
+     validation_error, updated_at";
+
+pub(crate) const STATE_VERSION_COLUMNS: &str =
+    "id, deployment_id, version, sha256, size_bytes, serial, restored_from, created_at";
 
 pub(crate) const DEPLOYMENT_COLUMNS: &str =
     "id, organization_id, provider, credential_id, status, server_id, \
@@ -1023,6 +1027,7 @@ impl Store for SqliteStore {
             }
             kind @ (SealedKind::CloudCredential
             | SealedKind::TerraformState
+            | SealedKind::TerraformStateVersion
             | SealedKind::BootstrapToken
             | SealedKind::WebhookSecret
             | SealedKind::CommandEnv

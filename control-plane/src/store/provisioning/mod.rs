@@ -33,6 +33,132 @@ pub struct CloudCredential {
     pub is_validated: bool,
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
+    /// The outcome of the last validation since the fields last changed.
+    pub validation: CredentialValidation,
+    /// When the credential was last changed (`PATCH`), if ever.
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// What the last validation of a credential found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ValidationStatus {
+    /// Never validated since created or since its fields last changed.
+    #[default]
+    Unvalidated,
+    Valid,
+    Invalid,
+}
+
+impl ValidationStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unvalidated => "unvalidated",
+            Self::Valid => "valid",
+            Self::Invalid => "invalid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Unvalidated, Self::Valid, Self::Invalid]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+}
+
+/// The stored outcome of a credential's validation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CredentialValidation {
+    pub status: ValidationStatus,
+    /// When it was validated (`None` while unvalidated).
+    pub at: Option<DateTime<Utc>>,
+    /// What was wrong (at most [`MAX_VALIDATION_ERROR`] characters, never a
+    /// credential value).
+    pub error: Option<String>,
+}
+
+/// Longest `validation_error` kept.
+pub const MAX_VALIDATION_ERROR: usize = 500;
+
+/// A change of a credential (`PATCH`): what is `Some` is replaced. New
+/// fields reset the validation to unvalidated.
+#[derive(Debug, Clone)]
+pub struct CredentialUpdate {
+    pub name: Option<String>,
+    pub default_region: Option<String>,
+    /// The merged fields sealed again, and the sealed value they replace
+    /// (the update is refused when the stored value changed meanwhile).
+    pub credentials_sealed: Option<(String, String)>,
+    pub at: DateTime<Utc>,
+}
+
+/// The outcome of an update.
+#[derive(Debug, Clone)]
+pub enum CredentialUpdateOutcome {
+    Updated(Box<CloudCredential>),
+    /// No live credential with that id in scope.
+    NotFound,
+    /// Its fields changed since they were read.
+    Changed,
+}
+
+/// The outcome of a delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialDeletion {
+    /// Deleted (its sealed fields erased); the live deployments that used it
+    /// (only when forced), at most `limit` ids, and how many there were.
+    Deleted {
+        orphaned: Vec<Uuid>,
+        orphaned_count: u64,
+    },
+    /// No live credential with that id in scope.
+    NotFound,
+    /// Not forced and live deployments use it: at most `limit` of their ids
+    /// (oldest first) and how many there are.
+    InUse {
+        deployment_ids: Vec<Uuid>,
+        count: u64,
+    },
+}
+
+/// A state to write, with what is kept about it as a version.
+#[derive(Debug, Clone)]
+pub struct StateWrite {
+    /// The state sealed with [`terraform_state_context`] (the current state).
+    pub state_sealed: String,
+    /// Id of the version row, and the state sealed with
+    /// [`terraform_state_version_context`] of that id.
+    pub version_id: Uuid,
+    pub version_sealed: String,
+    /// Lowercase hex SHA-256 of the plaintext.
+    pub sha256: String,
+    pub size_bytes: i64,
+    /// Terraform's `serial` in the state, when it has one.
+    pub serial: Option<i64>,
+    /// Set when the write restores that version.
+    pub restored_from: Option<i64>,
+}
+
+/// One kept version of a deployment's state (its content stays sealed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TerraformStateVersion {
+    pub id: Uuid,
+    pub deployment_id: Uuid,
+    /// 1, 2, ... per deployment.
+    pub version: i64,
+    pub sha256: String,
+    pub size_bytes: i64,
+    pub serial: Option<i64>,
+    pub restored_from: Option<i64>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// How many versions of a state are kept.
+pub const STATE_VERSIONS_KEPT: i64 = 10;
+
+/// Sealing context of a kept version of a Terraform state.
+pub fn terraform_state_version_context(version_id: Uuid) -> String {
+    format!("terraform-state-version/{version_id}")
 }
 
 /// Sealing context of a cloud credential.
@@ -114,6 +240,12 @@ impl DeploymentStatus {
     pub fn is_active(self) -> bool {
         Self::ACTIVE.contains(&self)
     }
+
+    /// Whether the deployment may still hold cloud resources and so needs
+    /// its credential (every status but `destroyed`).
+    pub fn uses_credential(self) -> bool {
+        self != Self::Destroyed
+    }
 }
 
 /// The state of one step of a deployment.
@@ -191,6 +323,11 @@ pub struct DeploymentRecord {
     /// Whether the server's user-data installs Docker Engine.
     #[serde(default)]
     pub install_docker: bool,
+    /// Set by a destroy asked with `delete_server_data`: once destroyed, the
+    /// server's metrics, rollups, container reports, health results and alert
+    /// conditions are deleted.
+    #[serde(default)]
+    pub delete_server_data: bool,
 }
 
 /// A deployment row.
@@ -268,6 +405,53 @@ pub trait ProvisioningStore: Send + Sync {
         &self,
         scope: &[Uuid],
         id: Uuid,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool>;
+
+    /// Changes a live credential of `scope` (see [`CredentialUpdate`]).
+    async fn update_cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        update: &CredentialUpdate,
+    ) -> StoreResult<CredentialUpdateOutcome>;
+
+    /// Stores the outcome of a validation (and `validation.at` as last use).
+    async fn record_cloud_credential_validation(
+        &self,
+        id: Uuid,
+        validation: &CredentialValidation,
+    ) -> StoreResult<()>;
+
+    /// Live deployments (every status but `destroyed`) that use a
+    /// credential: at most `limit` ids, oldest first, and their count.
+    async fn deployments_using_credential(
+        &self,
+        credential_id: Uuid,
+        limit: u32,
+    ) -> StoreResult<(Vec<Uuid>, u64)>;
+
+    /// Soft-deletes a credential of `scope` unless live deployments use it
+    /// (checked in the same statement), or whatever uses it when `force`.
+    /// Listed ids are at most `limit`.
+    async fn delete_unused_cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        force: bool,
+        limit: u32,
+        at: DateTime<Utc>,
+    ) -> StoreResult<CredentialDeletion>;
+
+    /// Moves a deployment of `scope` from one of `from` to `destroying`,
+    /// recording whether the server's data goes too. `false` when it was not
+    /// in one of `from`.
+    async fn request_destroy(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        from: &[DeploymentStatus],
+        delete_server_data: bool,
         at: DateTime<Utc>,
     ) -> StoreResult<bool>;
 
@@ -366,6 +550,31 @@ pub trait ProvisioningStore: Send + Sync {
         at: DateTime<Utc>,
     ) -> StoreResult<LockOutcome>;
 
+    /// Writes a state terraform sent and keeps it as the deployment's next
+    /// version (the last [`STATE_VERSIONS_KEPT`] are kept), refused while
+    /// another holder's lock is on it.
+    async fn write_terraform_state_version(
+        &self,
+        deployment_id: Uuid,
+        state: &StateWrite,
+        lock_id: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome>;
+
+    /// The kept versions of a deployment's state, newest first.
+    async fn terraform_state_versions(
+        &self,
+        deployment_id: Uuid,
+    ) -> StoreResult<Vec<TerraformStateVersion>>;
+
+    /// One kept version and its content, sealed with
+    /// [`terraform_state_version_context`] of its id.
+    async fn terraform_state_version(
+        &self,
+        deployment_id: Uuid,
+        version: i64,
+    ) -> StoreResult<Option<(TerraformStateVersion, String)>>;
+
     /// Takes the state lock unless someone holds it.
     async fn lock_terraform_state(
         &self,
@@ -396,6 +605,28 @@ pub(crate) fn credential_from_row(row: &impl StoreRow) -> StoreResult<CloudCrede
         is_validated: row.flag("is_validated")?,
         created_at: row.time("created_at")?,
         last_used_at: row.opt_time("last_used_at")?,
+        validation: CredentialValidation {
+            status: ValidationStatus::parse(&row.text("validation_status")?).ok_or_else(|| {
+                StoreError::Corrupt("invalid credential validation status".into())
+            })?,
+            at: row.opt_time("validated_at")?,
+            error: row.opt_text("validation_error")?,
+        },
+        updated_at: row.opt_time("updated_at")?,
+    })
+}
+
+/// A `terraform_state_versions` row (without its content).
+pub(crate) fn state_version_from_row(row: &impl StoreRow) -> StoreResult<TerraformStateVersion> {
+    Ok(TerraformStateVersion {
+        id: row.id("id")?,
+        deployment_id: row.id("deployment_id")?,
+        version: row.int("version")?,
+        sha256: row.text("sha256")?,
+        size_bytes: row.int("size_bytes")?,
+        serial: row.opt_int("serial")?,
+        restored_from: row.opt_int("restored_from")?,
+        created_at: row.time("created_at")?,
     })
 }
 

@@ -6,6 +6,10 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::*;
+
+fn count_of(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
 use crate::store::postgres::*;
 use crate::store::*;
 
@@ -14,8 +18,9 @@ impl ProvisioningStore for PostgresStore {
     async fn create_cloud_credential(&self, c: &CloudCredential) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO cloud_credentials (id, organization_id, name, provider, default_region,
-               credentials_sealed, is_validated, created_at, last_used_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+               credentials_sealed, is_validated, created_at, last_used_at, validation_status,
+               validated_at, validation_error, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(c.id)
         .bind(c.organization_id)
@@ -26,6 +31,10 @@ impl ProvisioningStore for PostgresStore {
         .bind(c.is_validated)
         .bind(c.created_at)
         .bind(c.last_used_at)
+        .bind(c.validation.status.as_str())
+        .bind(c.validation.at)
+        .bind(&c.validation.error)
+        .bind(c.updated_at)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -89,6 +98,173 @@ impl ProvisioningStore for PostgresStore {
         .bind(at)
         .bind(id)
         .bind(scope)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn update_cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        update: &CredentialUpdate,
+    ) -> StoreResult<CredentialUpdateOutcome> {
+        let (sealed, previous) = match &update.credentials_sealed {
+            Some((sealed, previous)) => (Some(sealed.as_str()), Some(previous.as_str())),
+            None => (None, None),
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE cloud_credentials SET updated_at = $1,
+               name = COALESCE($2, name),
+               default_region = COALESCE($3, default_region),
+               credentials_sealed = COALESCE($4, credentials_sealed),
+               is_validated = CASE WHEN $4::text IS NULL THEN is_validated ELSE false END,
+               validation_status = CASE WHEN $4::text IS NULL THEN validation_status ELSE 'unvalidated' END,
+               validated_at = CASE WHEN $4::text IS NULL THEN validated_at ELSE NULL END,
+               validation_error = CASE WHEN $4::text IS NULL THEN validation_error ELSE NULL END
+             WHERE deleted_at IS NULL AND id = $5 AND organization_id = ANY($6)
+               AND ($7::text IS NULL OR credentials_sealed = $7)
+             RETURNING {CREDENTIAL_COLUMNS}"
+        ))
+        .bind(update.at)
+        .bind(&update.name)
+        .bind(&update.default_region)
+        .bind(sealed)
+        .bind(id)
+        .bind(scope)
+        .bind(previous)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = row {
+            return Ok(CredentialUpdateOutcome::Updated(Box::new(
+                credential_from_row(&row)?,
+            )));
+        }
+        Ok(match self.cloud_credential(scope, id).await? {
+            Some(_) => CredentialUpdateOutcome::Changed,
+            None => CredentialUpdateOutcome::NotFound,
+        })
+    }
+
+    async fn record_cloud_credential_validation(
+        &self,
+        id: Uuid,
+        validation: &CredentialValidation,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE cloud_credentials SET is_validated = $1, validation_status = $2, validated_at = $3,
+               validation_error = $4, last_used_at = COALESCE($3, last_used_at)
+             WHERE id = $5 AND deleted_at IS NULL",
+        )
+        .bind(validation.status == ValidationStatus::Valid)
+        .bind(validation.status.as_str())
+        .bind(validation.at)
+        .bind(&validation.error)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn deployments_using_credential(
+        &self,
+        credential_id: Uuid,
+        limit: u32,
+    ) -> StoreResult<(Vec<Uuid>, u64)> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM deployments
+             WHERE credential_id = $1 AND status <> 'destroyed' AND deleted_at IS NULL
+             ORDER BY created_at, id LIMIT $2",
+        )
+        .bind(credential_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deployments
+             WHERE credential_id = $1 AND status <> 'destroyed' AND deleted_at IS NULL",
+        )
+        .bind(credential_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((ids, count_of(count)))
+    }
+
+    async fn delete_unused_cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        force: bool,
+        limit: u32,
+        at: DateTime<Utc>,
+    ) -> StoreResult<CredentialDeletion> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query(
+            "UPDATE cloud_credentials SET deleted_at = $1, credentials_sealed = ''
+             WHERE deleted_at IS NULL AND id = $2 AND organization_id = ANY($3)",
+        )
+        .bind(at)
+        .bind(id)
+        .bind(scope)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !deleted {
+            return Ok(CredentialDeletion::NotFound);
+        }
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM deployments
+             WHERE credential_id = $1 AND status <> 'destroyed' AND deleted_at IS NULL
+             ORDER BY created_at, id LIMIT $2",
+        )
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deployments
+             WHERE credential_id = $1 AND status <> 'destroyed' AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let count = count_of(count);
+        if count > 0 && !force {
+            tx.rollback().await?;
+            return Ok(CredentialDeletion::InUse {
+                deployment_ids: ids,
+                count,
+            });
+        }
+        tx.commit().await?;
+        Ok(CredentialDeletion::Deleted {
+            orphaned: ids,
+            orphaned_count: count,
+        })
+    }
+
+    async fn request_destroy(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        from: &[DeploymentStatus],
+        delete_server_data: bool,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let result = sqlx::query(
+            "UPDATE deployments SET status = $1,
+               record = jsonb_set(record, '{delete_server_data}', to_jsonb($2::boolean)),
+               updated_at = $3
+             WHERE deleted_at IS NULL AND id = $4 AND organization_id = ANY($5) AND status = ANY($6)",
+        )
+        .bind(DeploymentStatus::Destroying.as_str())
+        .bind(delete_server_data)
+        .bind(at)
+        .bind(id)
+        .bind(scope)
+        .bind(&from)
         .execute(&self.pool)
         .await?;
         Ok(result.rows_affected() == 1)
@@ -362,6 +538,93 @@ impl ProvisioningStore for PostgresStore {
         .await?;
         tx.commit().await?;
         Ok(LockOutcome::Done)
+    }
+
+    async fn write_terraform_state_version(
+        &self,
+        deployment_id: Uuid,
+        state: &StateWrite,
+        lock_id: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome> {
+        let mut tx = self.pool.begin().await?;
+        // The state row stays locked to the end: versions are numbered in turn.
+        let (held, info) = locked_state_row(&mut tx, deployment_id, at).await?;
+        if let Some(held) = held {
+            if Some(held.as_str()) != lock_id {
+                return Ok(LockOutcome::HeldBy(info.unwrap_or_default()));
+            }
+        }
+        sqlx::query(
+            "UPDATE terraform_states SET state_sealed = $1, updated_at = $2 WHERE deployment_id = $3",
+        )
+        .bind(&state.state_sealed)
+        .bind(at)
+        .bind(deployment_id)
+        .execute(&mut *tx)
+        .await?;
+        let version: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM terraform_state_versions WHERE deployment_id = $1",
+        )
+        .bind(deployment_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO terraform_state_versions (id, deployment_id, version, state_sealed, sha256,
+               size_bytes, serial, restored_from, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(state.version_id)
+        .bind(deployment_id)
+        .bind(version)
+        .bind(&state.version_sealed)
+        .bind(&state.sha256)
+        .bind(state.size_bytes)
+        .bind(state.serial)
+        .bind(state.restored_from)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM terraform_state_versions WHERE deployment_id = $1 AND version <= $2",
+        )
+        .bind(deployment_id)
+        .bind(version - STATE_VERSIONS_KEPT)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(LockOutcome::Done)
+    }
+
+    async fn terraform_state_versions(
+        &self,
+        deployment_id: Uuid,
+    ) -> StoreResult<Vec<TerraformStateVersion>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {STATE_VERSION_COLUMNS} FROM terraform_state_versions
+             WHERE deployment_id = $1 ORDER BY version DESC"
+        ))
+        .bind(deployment_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(state_version_from_row).collect()
+    }
+
+    async fn terraform_state_version(
+        &self,
+        deployment_id: Uuid,
+        version: i64,
+    ) -> StoreResult<Option<(TerraformStateVersion, String)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {STATE_VERSION_COLUMNS}, state_sealed FROM terraform_state_versions
+             WHERE deployment_id = $1 AND version = $2"
+        ))
+        .bind(deployment_id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok((state_version_from_row(&row)?, row.try_get("state_sealed")?)))
+            .transpose()
     }
 
     async fn lock_terraform_state(

@@ -13,8 +13,9 @@ impl ProvisioningStore for SqliteStore {
     async fn create_cloud_credential(&self, c: &CloudCredential) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO cloud_credentials (id, organization_id, name, provider, default_region,
-               credentials_sealed, is_validated, created_at, last_used_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               credentials_sealed, is_validated, created_at, last_used_at, validation_status,
+               validated_at, validation_error, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(c.id.to_string())
         .bind(c.organization_id.to_string())
@@ -25,6 +26,10 @@ impl ProvisioningStore for SqliteStore {
         .bind(c.is_validated)
         .bind(ms(c.created_at))
         .bind(c.last_used_at.map(ms))
+        .bind(c.validation.status.as_str())
+        .bind(c.validation.at.map(ms))
+        .bind(&c.validation.error)
+        .bind(c.updated_at.map(ms))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -83,6 +88,179 @@ impl ProvisioningStore for SqliteStore {
         builder.push(", credentials_sealed = '' WHERE deleted_at IS NULL AND id = ");
         builder.push_bind(id.to_string());
         push_scope(&mut builder, "organization_id", scope);
+        Ok(builder.build().execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    async fn update_cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        update: &CredentialUpdate,
+    ) -> StoreResult<CredentialUpdateOutcome> {
+        let mut builder = QueryBuilder::new("UPDATE cloud_credentials SET updated_at = ");
+        builder.push_bind(ms(update.at));
+        if let Some(name) = &update.name {
+            builder.push(", name = ");
+            builder.push_bind(name.clone());
+        }
+        if let Some(region) = &update.default_region {
+            builder.push(", default_region = ");
+            builder.push_bind(region.clone());
+        }
+        if let Some((sealed, _)) = &update.credentials_sealed {
+            builder.push(", credentials_sealed = ");
+            builder.push_bind(sealed.clone());
+            builder.push(
+                ", is_validated = 0, validation_status = 'unvalidated', validated_at = NULL, \
+                 validation_error = NULL",
+            );
+        }
+        builder.push(" WHERE deleted_at IS NULL AND id = ");
+        builder.push_bind(id.to_string());
+        push_scope(&mut builder, "organization_id", scope);
+        if let Some((_, previous)) = &update.credentials_sealed {
+            builder.push(" AND credentials_sealed = ");
+            builder.push_bind(previous.clone());
+        }
+        builder.push(format!(" RETURNING {CREDENTIAL_COLUMNS}"));
+        if let Some(row) = builder.build().fetch_optional(&self.pool).await? {
+            return Ok(CredentialUpdateOutcome::Updated(Box::new(
+                credential_from_row(&row)?,
+            )));
+        }
+        Ok(match self.cloud_credential(scope, id).await? {
+            Some(_) => CredentialUpdateOutcome::Changed,
+            None => CredentialUpdateOutcome::NotFound,
+        })
+    }
+
+    async fn record_cloud_credential_validation(
+        &self,
+        id: Uuid,
+        validation: &CredentialValidation,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE cloud_credentials SET is_validated = ?, validation_status = ?, validated_at = ?,
+               validation_error = ?, last_used_at = COALESCE(?, last_used_at)
+             WHERE id = ? AND deleted_at IS NULL",
+        )
+        .bind(validation.status == ValidationStatus::Valid)
+        .bind(validation.status.as_str())
+        .bind(validation.at.map(ms))
+        .bind(&validation.error)
+        .bind(validation.at.map(ms))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn deployments_using_credential(
+        &self,
+        credential_id: Uuid,
+        limit: u32,
+    ) -> StoreResult<(Vec<Uuid>, u64)> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM deployments
+             WHERE credential_id = ? AND status <> 'destroyed' AND deleted_at IS NULL
+             ORDER BY created_at, id LIMIT ?",
+        )
+        .bind(credential_id.to_string())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deployments
+             WHERE credential_id = ? AND status <> 'destroyed' AND deleted_at IS NULL",
+        )
+        .bind(credential_id.to_string())
+        .fetch_one(&self.pool)
+        .await?;
+        let ids = ids
+            .iter()
+            .map(|id| uuid(id))
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok((ids, u64::try_from(count).unwrap_or(0)))
+    }
+
+    async fn delete_unused_cloud_credential(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        force: bool,
+        limit: u32,
+        at: DateTime<Utc>,
+    ) -> StoreResult<CredentialDeletion> {
+        // One transaction: SQLite serialises writers, so no deployment is
+        // created for the credential between the look and the delete.
+        let mut tx = self.pool.begin().await?;
+        let mut builder = QueryBuilder::new("UPDATE cloud_credentials SET deleted_at = ");
+        builder.push_bind(ms(at));
+        builder.push(", credentials_sealed = '' WHERE deleted_at IS NULL AND id = ");
+        builder.push_bind(id.to_string());
+        push_scope(&mut builder, "organization_id", scope);
+        let deleted = builder.build().execute(&mut *tx).await?.rows_affected() == 1;
+        if !deleted {
+            return Ok(CredentialDeletion::NotFound);
+        }
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM deployments
+             WHERE credential_id = ? AND status <> 'destroyed' AND deleted_at IS NULL
+             ORDER BY created_at, id LIMIT ?",
+        )
+        .bind(id.to_string())
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deployments
+             WHERE credential_id = ? AND status <> 'destroyed' AND deleted_at IS NULL",
+        )
+        .bind(id.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        let ids = ids
+            .iter()
+            .map(|id| uuid(id))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let count = u64::try_from(count).unwrap_or(0);
+        if count > 0 && !force {
+            tx.rollback().await?;
+            return Ok(CredentialDeletion::InUse {
+                deployment_ids: ids,
+                count,
+            });
+        }
+        tx.commit().await?;
+        Ok(CredentialDeletion::Deleted {
+            orphaned: ids,
+            orphaned_count: count,
+        })
+    }
+
+    async fn request_destroy(
+        &self,
+        scope: &[Uuid],
+        id: Uuid,
+        from: &[DeploymentStatus],
+        delete_server_data: bool,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut builder = QueryBuilder::new("UPDATE deployments SET status = ");
+        builder.push_bind(DeploymentStatus::Destroying.as_str());
+        builder.push(", record = json_set(record, '$.delete_server_data', json(");
+        builder.push_bind(if delete_server_data { "true" } else { "false" });
+        builder.push(")), updated_at = ");
+        builder.push_bind(ms(at));
+        builder.push(" WHERE deleted_at IS NULL AND id = ");
+        builder.push_bind(id.to_string());
+        push_scope(&mut builder, "organization_id", scope);
+        builder.push(" AND status IN (");
+        let mut list = builder.separated(", ");
+        for status in from {
+            list.push_bind(status.as_str());
+        }
+        list.push_unseparated(")");
         Ok(builder.build().execute(&self.pool).await?.rows_affected() == 1)
     }
 
@@ -365,6 +543,99 @@ impl ProvisioningStore for SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(LockOutcome::Done)
+    }
+
+    async fn write_terraform_state_version(
+        &self,
+        deployment_id: Uuid,
+        state: &StateWrite,
+        lock_id: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> StoreResult<LockOutcome> {
+        let mut tx = self.pool.begin().await?;
+        ensure_state_row(&mut tx, deployment_id, at).await?;
+        let (held, info): (Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT lock_id, lock_info FROM terraform_states WHERE deployment_id = ?",
+        )
+        .bind(deployment_id.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(held) = held {
+            if Some(held.as_str()) != lock_id {
+                let info = info.as_deref().map(json).transpose()?;
+                return Ok(LockOutcome::HeldBy(info.unwrap_or_default()));
+            }
+        }
+        sqlx::query(
+            "UPDATE terraform_states SET state_sealed = ?, updated_at = ? WHERE deployment_id = ?",
+        )
+        .bind(&state.state_sealed)
+        .bind(ms(at))
+        .bind(deployment_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        let version: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM terraform_state_versions WHERE deployment_id = ?",
+        )
+        .bind(deployment_id.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO terraform_state_versions (id, deployment_id, version, state_sealed, sha256,
+               size_bytes, serial, restored_from, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(state.version_id.to_string())
+        .bind(deployment_id.to_string())
+        .bind(version)
+        .bind(&state.version_sealed)
+        .bind(&state.sha256)
+        .bind(state.size_bytes)
+        .bind(state.serial)
+        .bind(state.restored_from)
+        .bind(ms(at))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "DELETE FROM terraform_state_versions WHERE deployment_id = ? AND version <= ?",
+        )
+        .bind(deployment_id.to_string())
+        .bind(version - STATE_VERSIONS_KEPT)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(LockOutcome::Done)
+    }
+
+    async fn terraform_state_versions(
+        &self,
+        deployment_id: Uuid,
+    ) -> StoreResult<Vec<TerraformStateVersion>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {STATE_VERSION_COLUMNS} FROM terraform_state_versions
+             WHERE deployment_id = ? ORDER BY version DESC"
+        ))
+        .bind(deployment_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(state_version_from_row).collect()
+    }
+
+    async fn terraform_state_version(
+        &self,
+        deployment_id: Uuid,
+        version: i64,
+    ) -> StoreResult<Option<(TerraformStateVersion, String)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {STATE_VERSION_COLUMNS}, state_sealed FROM terraform_state_versions
+             WHERE deployment_id = ? AND version = ?"
+        ))
+        .bind(deployment_id.to_string())
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok((state_version_from_row(&row)?, row.try_get("state_sealed")?)))
+            .transpose()
     }
 
     async fn lock_terraform_state(

@@ -167,7 +167,23 @@ pub trait TelemetryStore: Send + Sync {
 
     /// The latest container reports of every live server in `scope`, by server id.
     async fn latest_container_sets(&self, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>>;
+
+    /// Deletes what a server reported and what was derived from it, in one
+    /// transaction: raw metrics, rollups, container reports, latest health
+    /// results and alert conditions (its row, certificates, commands,
+    /// alerts and audit entries stay). The number of rows deleted.
+    async fn delete_server_data(&self, server_id: Uuid) -> StoreResult<u64>;
 }
+
+/// The tables [`TelemetryStore::delete_server_data`] empties of a server.
+pub(crate) const SERVER_DATA_TABLES: [&str; 6] = [
+    "metrics",
+    "metric_rollups",
+    "containers",
+    "container_reports",
+    "health_results",
+    "alert_conditions",
+];
 
 /// A `metrics` row.
 pub(crate) fn metrics_from_row(row: &impl StoreRow) -> StoreResult<MetricsRecord> {

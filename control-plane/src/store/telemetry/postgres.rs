@@ -217,4 +217,18 @@ impl TelemetryStore for PostgresStore {
         .await?;
         container_sets_from_rows(&rows)
     }
+
+    async fn delete_server_data(&self, server_id: Uuid) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut deleted = 0;
+        for table in SERVER_DATA_TABLES {
+            deleted += sqlx::query(&format!("DELETE FROM {table} WHERE server_id = $1"))
+                .bind(server_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
 }

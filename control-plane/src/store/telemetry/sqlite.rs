@@ -197,4 +197,18 @@ impl TelemetryStore for SqliteStore {
     async fn latest_container_sets(&self, scope: &[Uuid]) -> StoreResult<Vec<ContainerSet>> {
         self.container_sets(None, scope).await
     }
+
+    async fn delete_server_data(&self, server_id: Uuid) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut deleted = 0;
+        for table in SERVER_DATA_TABLES {
+            deleted += sqlx::query(&format!("DELETE FROM {table} WHERE server_id = ?"))
+                .bind(server_id.to_string())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
 }
