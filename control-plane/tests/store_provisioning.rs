@@ -675,6 +675,8 @@ async fn a_scheduled_retry_is_kept_with_the_deployment_and_handed_to_the_next_wo
         Some(at + Duration::seconds(40))
     );
     assert!(resumed.record.install_docker);
+}
+
 /// A deployment of `organization_id` on `credential_id`, moved to `status`.
 async fn deployment_on(
     store: &dyn Store,
