@@ -35,6 +35,7 @@ pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod catalog;
 pub mod commands;
 pub mod config;
 pub mod context;

@@ -274,14 +274,15 @@ impl Store for SqliteStore {
             return Ok((existing, false));
         }
         sqlx::query(
-            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at)
-             VALUES (?, ?, NULL, ?, ?, ?, ?)",
+            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, max_monthly_cost_usd, created_at)
+             VALUES (?, ?, NULL, ?, ?, ?, ?, ?)",
         )
         .bind(root.id.to_string())
         .bind(&root.name)
         .bind(root.quotas.max_servers)
         .bind(root.quotas.max_cpu_cores)
         .bind(root.quotas.max_memory_gb)
+        .bind(root.quotas.max_monthly_cost_usd)
         .bind(ms(root.created_at))
         .execute(&mut *tx)
         .await?;
@@ -754,8 +755,8 @@ impl Store for SqliteStore {
 
     async fn create_organization(&self, org: &Organization) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, max_monthly_cost_usd, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(org.id.to_string())
         .bind(&org.name)
@@ -763,6 +764,7 @@ impl Store for SqliteStore {
         .bind(org.quotas.max_servers)
         .bind(org.quotas.max_cpu_cores)
         .bind(org.quotas.max_memory_gb)
+        .bind(org.quotas.max_monthly_cost_usd)
         .bind(ms(org.created_at))
         .execute(&self.pool)
         .await?;
@@ -818,6 +820,9 @@ impl Store for SqliteStore {
             builder
                 .push(", max_memory_gb = ")
                 .push_bind(quotas.max_memory_gb);
+            builder
+                .push(", max_monthly_cost_usd = ")
+                .push_bind(quotas.max_monthly_cost_usd);
         }
         builder
             .push(" WHERE deleted_at IS NULL AND id = ")
@@ -1047,9 +1052,9 @@ impl Store for SqliteStore {
 }
 
 pub(crate) const ORGANIZATION_COLUMNS: &str =
-    "id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at";
+    "id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, max_monthly_cost_usd, created_at";
 pub(crate) const ORGANIZATION_COLUMNS_QUALIFIED: &str =
-    "o.id, o.name, o.parent_id, o.max_servers, o.max_cpu_cores, o.max_memory_gb, o.created_at";
+    "o.id, o.name, o.parent_id, o.max_servers, o.max_cpu_cores, o.max_memory_gb, o.max_monthly_cost_usd, o.created_at";
 /// Ids of a live organization and its live descendants (one `?`: the root).
 pub(crate) const SUBTREE_SQL: &str = "WITH RECURSIVE tree (id) AS (
          SELECT id FROM organizations WHERE id = ? AND deleted_at IS NULL
@@ -1079,11 +1084,74 @@ pub(crate) async fn usage_on(conn: &mut sqlx::SqliteConnection, id: Uuid) -> Sto
     .bind(id.to_string())
     .fetch_one(&mut *conn)
     .await?;
+    let committed = super::quota::committed_of(&committed_records_on(conn, id).await?);
     Ok(Usage {
         servers: row.try_get::<i64, _>("servers")? + provisioning,
         cpu_cores: row.try_get("cpu_cores")?,
         memory_gb: row.try_get("memory_gb")?,
+        committed_monthly_cost_usd: (committed.monthly_cost_usd * 100.0).round() / 100.0,
     })
+}
+
+/// Records of the committed deployments (their server runs or is on its
+/// way) of a live organization and its live descendants, read on `conn`.
+pub(crate) async fn committed_records_on(
+    conn: &mut sqlx::SqliteConnection,
+    id: Uuid,
+) -> StoreResult<Vec<DeploymentRecord>> {
+    let committed = super::quota::committed_statuses_sql();
+    let records: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT record FROM deployments
+         WHERE deleted_at IS NULL AND status IN ({committed}) AND organization_id IN ({SUBTREE_SQL})"
+    ))
+    .bind(id.to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    records
+        .iter()
+        .map(|r| {
+            serde_json::from_str(r)
+                .map_err(|e| StoreError::Corrupt(format!("deployment record: {e}")))
+        })
+        .collect()
+}
+
+/// What a live organization and its descendants use as quotas count it at
+/// provision time: servers as [`usage_on`] counts them, CPU, memory and
+/// monthly cost from the catalog sizes of committed deployments.
+pub(crate) async fn committed_on(
+    conn: &mut sqlx::SqliteConnection,
+    id: Uuid,
+) -> StoreResult<super::Demand> {
+    let servers = usage_on(conn, id).await?.servers;
+    let mut used = super::quota::committed_of(&committed_records_on(conn, id).await?);
+    used.servers = servers;
+    Ok(used)
+}
+
+/// The organization `organization_id` and its ancestors that set any limit
+/// (the monthly cost included), read on `conn`.
+pub(crate) async fn any_limited_ancestors(
+    conn: &mut sqlx::SqliteConnection,
+    organization_id: &str,
+) -> StoreResult<Vec<Organization>> {
+    let rows = sqlx::query(&format!(
+        "WITH RECURSIVE chain (id, depth) AS (
+             SELECT id, 0 FROM organizations WHERE id = ?
+             UNION ALL
+             SELECT o.parent_id, c.depth + 1 FROM organizations o JOIN chain c ON o.id = c.id
+             WHERE o.parent_id IS NOT NULL)
+         SELECT {ORGANIZATION_COLUMNS_QUALIFIED} FROM chain JOIN organizations o ON o.id = chain.id
+         ORDER BY chain.depth"
+    ))
+    .bind(organization_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let orgs: StoreResult<Vec<Organization>> = rows.iter().map(organization_from_row).collect();
+    Ok(orgs?
+        .into_iter()
+        .filter(super::quota::has_any_limit)
+        .collect())
 }
 
 /// The organization `organization_id` and its ancestors that set a limit,
