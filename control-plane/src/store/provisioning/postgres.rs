@@ -170,6 +170,16 @@ impl ProvisioningStore for PostgresStore {
             tx.rollback().await?;
             return Ok(Ok(false));
         };
+        let status: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM deployments WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+        )
+        .bind(d.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if status.as_deref() != Some(DeploymentStatus::PendingApproval.as_str()) {
+            tx.rollback().await?;
+            return Ok(Ok(false));
+        }
         for org in &limited {
             let used = committed_on(&mut tx, org.id).await?;
             if let Some(q) = crate::store::quota::exceeded_by_demand(org, &used, demand) {
