@@ -496,6 +496,28 @@ mod tests {
     }
 
     #[test]
+    fn approvals_expire_after_72_hours_unless_the_operator_says_otherwise() {
+        let config = ServeArgs::default().resolve().unwrap();
+        assert_eq!(config.approval_ttl, Duration::from_secs(72 * 3600));
+        assert!(config.catalog_dir.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.toml");
+        std::fs::write(
+            &path,
+            "approval_ttl = \"2h\"\ncatalog_dir = \"/etc/tether/catalog\"\n",
+        )
+        .unwrap();
+        let file = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(file.approval_ttl, Duration::from_secs(7200));
+        assert_eq!(file.catalog_dir, Some(PathBuf::from("/etc/tether/catalog")));
+    }
+
+    #[test]
     fn flags_override_file_and_file_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tether.toml");

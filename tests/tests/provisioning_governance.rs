@@ -80,6 +80,10 @@ async fn call(
         Ok(response) => (response.status.as_u16(), response.body),
         Err(e) => {
             let log = cp.log();
+            let _ = std::fs::write(
+                format!("/tmp/i20flow-fail-{}.log", std::process::id()),
+                &log,
+            );
             let tail: String = log
                 .lines()
                 .rev()
@@ -811,4 +815,38 @@ async fn an_unknown_instance_type_is_refused_with_the_nearest_matches_and_the_ca
         .expect("a malformed catalog stops the start")
         .to_string();
     assert!(error.contains("aws.toml"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_nobody_decides_expires_after_the_approval_ttl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = start(dir.path(), &["--approval-ttl", "2s"]).await;
+    let admin = cp.admin_token();
+    let root = root_id(&cp).await;
+    set_root_policy(&cp, json!({ "require": "always" })).await;
+    let (status, accepted) = provision(&cp, &admin, local_request("late-1")).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["status"], "pending_approval");
+    let id = accepted["deployment_id"].as_str().expect("id").to_string();
+    let expired = wait_for(&cp, &id, &["expired"]).await;
+    assert_eq!(expired["approval"]["decision"], "expired");
+    assert_eq!(expired["steps"], json!([]));
+    assert!(!workdir(&cp, &id).exists(), "terraform never ran");
+    let (_, approver) = cp
+        .create_token(&admin, &root, &["infrastructure:approve", "servers:read"])
+        .await
+        .expect("approver token");
+    let (status, late) = call(
+        &cp,
+        &approver,
+        Method::POST,
+        &format!("/api/v1/infrastructure/deployments/{id}/approve"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "{late}");
+    assert!(audit_actions(&cp)
+        .await
+        .iter()
+        .any(|a| a == "infrastructure.approval.expire"));
 }

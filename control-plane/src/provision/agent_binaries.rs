@@ -79,14 +79,31 @@ impl AgentBinaries {
     fn checksum(&self, path: &Path) -> std::io::Result<String> {
         let meta = std::fs::metadata(path)?;
         let modified = meta.modified()?;
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, len, sum)) = cache.get(path) {
-            if *at == modified && *len == meta.len() {
-                return Ok(sum.clone());
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, len, sum)) = cache.get(path) {
+                if *at == modified && *len == meta.len() {
+                    return Ok(sum.clone());
+                }
             }
         }
-        let sum = hex::encode(Sha256::digest(std::fs::read(path)?));
-        cache.insert(path.to_path_buf(), (modified, meta.len(), sum.clone()));
+        // Reading and hashing a binary (a debug build is over 100 MiB) takes
+        // seconds: never on a runtime worker (deployments started together
+        // would hold every worker and stall the API), and never under the
+        // cache's lock.
+        let hash =
+            || -> std::io::Result<String> { Ok(hex::encode(Sha256::digest(std::fs::read(path)?))) };
+        let on_multi_thread_runtime = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let sum = if on_multi_thread_runtime {
+            tokio::task::block_in_place(hash)?
+        } else {
+            hash()?
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_path_buf(), (modified, meta.len(), sum.clone()));
         Ok(sum)
     }
 
