@@ -38,6 +38,7 @@ store_tests! {
     a_waiting_deployment_is_closed_once_and_leaves_the_pending_list,
     approval_policies_are_kept_per_organization_and_replaced,
     a_batch_is_listed_within_the_callers_scope_only,
+    racing_requests_for_the_last_room_never_exceed_the_quota,
 }
 
 fn credential(organization_id: Uuid, name: &str) -> CloudCredential {
@@ -1109,4 +1110,50 @@ async fn a_batch_is_listed_within_the_callers_scope_only(store: Arc<dyn Store>) 
         .await
         .expect("deployments_created_before")
         .is_empty());
+}
+
+async fn racing_requests_for_the_last_room_never_exceed_the_quota(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let parent = create_org(&*store, instance.root_organization_id, "parent").await;
+    let children = [
+        create_org(&*store, parent, "left").await,
+        create_org(&*store, parent, "right").await,
+    ];
+    set_quotas(
+        &*store,
+        parent,
+        Quotas {
+            max_servers: Some(3),
+            max_cpu_cores: Some(6),
+            ..Quotas::default()
+        },
+    )
+    .await;
+    // Ten requests at once, from two sibling organizations under the
+    // limited parent: exactly three fit.
+    let mut racing = Vec::new();
+    let start = Arc::new(tokio::sync::Barrier::new(10));
+    for i in 0..10 {
+        let store = store.clone();
+        let org = children[i % 2];
+        let start = start.clone();
+        racing.push(tokio::spawn(async move {
+            let one = [sized(org, &format!("race-{i}"), TWO_CPUS, false, None)];
+            start.wait().await;
+            store
+                .create_deployments_within_quota(&one, &demand_of(TWO_CPUS, 1))
+                .await
+                .expect("store")
+                .is_ok()
+        }));
+    }
+    let mut fitted = 0;
+    for handle in racing {
+        if handle.await.expect("task") {
+            fitted += 1;
+        }
+    }
+    assert_eq!(fitted, 3, "three of ten fit");
+    let usage = store.organization_usage(parent).await.expect("usage");
+    assert_eq!(usage.servers, 3);
 }

@@ -127,7 +127,8 @@ impl ProvisioningStore for SqliteStore {
         let mut tx = self.pool.begin().await?;
         // A write first: SQLite's one writer is ours from here to the commit,
         // so racing requests into a limited tree count one another.
-        sqlx::query("UPDATE organizations SET id = id WHERE id = ?")
+        // (`name = name`, not the key: no foreign-key checks.)
+        sqlx::query("UPDATE organizations SET name = name WHERE id = ?")
             .bind(&organization_id)
             .execute(&mut *tx)
             .await?;
