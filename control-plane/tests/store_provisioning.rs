@@ -39,6 +39,7 @@ store_tests! {
     approval_policies_are_kept_per_organization_and_replaced,
     a_batch_is_listed_within_the_callers_scope_only,
     racing_requests_for_the_last_room_never_exceed_the_quota,
+    a_deployments_server_counts_its_catalog_size_not_what_its_agent_reports,
 }
 
 fn credential(organization_id: Uuid, name: &str) -> CloudCredential {
@@ -1156,4 +1157,43 @@ async fn racing_requests_for_the_last_room_never_exceed_the_quota(store: Arc<dyn
     assert_eq!(fitted, 3, "three of ten fit");
     let usage = store.organization_usage(parent).await.expect("usage");
     assert_eq!(usage.servers, 3);
+}
+
+async fn a_deployments_server_counts_its_catalog_size_not_what_its_agent_reports(
+    store: Arc<dyn Store>,
+) {
+    let instance = init(&*store).await;
+    let team = create_org(&*store, instance.root_organization_id, "team").await;
+    set_quotas(
+        &*store,
+        team,
+        Quotas {
+            max_cpu_cores: Some(3),
+            ..Quotas::default()
+        },
+    )
+    .await;
+    let one_cpu = DeploymentSize {
+        vcpus: 1,
+        memory_gb: 1.0,
+        hourly_usd: 0.0,
+    };
+    let (deployment, token) = sized(team, "web-1", one_cpu, false, None);
+    let token_hash = token.as_ref().map(|t| t.token_hash.clone()).expect("token");
+    store
+        .create_deployments_within_quota(&[(deployment, token)], &demand_of(one_cpu, 1))
+        .await
+        .expect("store")
+        .expect("fits");
+    // Its agent reports 16 cores: the enrollment is not refused by them,
+    // and the usage stays the catalog's.
+    let mut e = enrollment(&token_hash, "web-1");
+    e.facts = json!({ "hostname": "web-1", "cpu_cores": 16, "memory_bytes": 68_719_476_736u64 });
+    try_enroll(&*store, &e).await.expect("enrolls within quota");
+    let usage = store.organization_usage(team).await.expect("usage");
+    assert_eq!((usage.servers, usage.cpu_cores, usage.memory_gb), (1, 1, 1));
+    // A server enrolled by hand counts what it reports.
+    enroll_server(&*store, team, "by-hand", Labels::new()).await;
+    let usage = store.organization_usage(team).await.expect("usage");
+    assert_eq!((usage.servers, usage.cpu_cores, usage.memory_gb), (2, 3, 3));
 }

@@ -277,8 +277,10 @@ pub enum OrganizationDeletion {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub servers: i64,
+    /// vCPUs: catalog sizes of running deployments, plus the reported cores
+    /// of servers enrolled without a deployment.
     pub cpu_cores: i64,
-    /// Memory in GiB, rounded up per server.
+    /// Memory in GiB, rounded up per server, counted the same way.
     pub memory_gb: i64,
     /// Monthly list price (USD, hourly × 730) of the running deployments
     /// (neither destroyed, failed, nor waiting for approval).

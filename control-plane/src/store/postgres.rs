@@ -61,16 +61,21 @@ pub(crate) const REMOVED_REASON: &str = "removed";
 pub(crate) const ORGANIZATION_DELETED_REASON: &str = "organization deleted";
 
 /// What a live organization and its live descendants use (servers, and
-/// deployments still provisioning theirs), read on `conn`.
+/// deployments still provisioning theirs), read on `conn`. CPU and memory:
+/// the catalog sizes of committed deployments, and the reported facts of
+/// servers enrolled without a deployment (a deployment's server adds nothing
+/// when it enrolls: its size was counted when it was requested).
 pub(crate) async fn usage_on(conn: &mut sqlx::PgConnection, id: Uuid) -> StoreResult<Usage> {
     // Facts are what agents reported; values that are not JSON numbers
     // count as nothing rather than failing the whole sum.
     let row = sqlx::query(&format!(
         "{SUBTREE_CTE}
          SELECT COUNT(*) AS servers,
-                COALESCE(SUM(CASE WHEN jsonb_typeof(facts -> 'cpu_cores') = 'number'
+                COALESCE(SUM(CASE WHEN deployment_id IS NULL
+                                       AND jsonb_typeof(facts -> 'cpu_cores') = 'number'
                                   THEN (facts ->> 'cpu_cores')::numeric END), 0)::bigint AS cpu_cores,
-                COALESCE(SUM(CASE WHEN jsonb_typeof(facts -> 'memory_bytes') = 'number'
+                COALESCE(SUM(CASE WHEN deployment_id IS NULL
+                                       AND jsonb_typeof(facts -> 'memory_bytes') = 'number'
                                   THEN CEIL((facts ->> 'memory_bytes')::numeric / 1073741824) END), 0)::bigint
                     AS memory_gb
          FROM servers
@@ -93,8 +98,8 @@ pub(crate) async fn usage_on(conn: &mut sqlx::PgConnection, id: Uuid) -> StoreRe
     let committed = super::quota::committed_of(&committed_records_on(conn, id).await?);
     Ok(Usage {
         servers: row.try_get::<i64, _>("servers")? + provisioning,
-        cpu_cores: row.try_get("cpu_cores")?,
-        memory_gb: row.try_get("memory_gb")?,
+        cpu_cores: row.try_get::<i64, _>("cpu_cores")? + committed.cpu_cores,
+        memory_gb: row.try_get::<i64, _>("memory_gb")? + committed.memory_gb,
         committed_monthly_cost_usd: (committed.monthly_cost_usd * 100.0).round() / 100.0,
     })
 }
@@ -124,10 +129,14 @@ pub(crate) async fn committed_on(
     conn: &mut sqlx::PgConnection,
     id: Uuid,
 ) -> StoreResult<super::Demand> {
-    let servers = usage_on(conn, id).await?.servers;
-    let mut used = super::quota::committed_of(&committed_records_on(conn, id).await?);
-    used.servers = servers;
-    Ok(used)
+    let usage = usage_on(conn, id).await?;
+    Ok(super::Demand {
+        servers: usage.servers,
+        cpu_cores: usage.cpu_cores,
+        memory_gb: usage.memory_gb,
+        monthly_cost_usd: super::quota::committed_of(&committed_records_on(conn, id).await?)
+            .monthly_cost_usd,
+    })
 }
 
 /// Locks `organization_id` and its ancestors (in id order, like the

@@ -1063,12 +1063,17 @@ pub(crate) const SUBTREE_SQL: &str = "WITH RECURSIVE tree (id) AS (
      SELECT id FROM tree";
 
 /// What a live organization and its live descendants use (servers, and
-/// deployments still provisioning theirs), read on `conn`.
+/// deployments still provisioning theirs), read on `conn`. CPU and memory:
+/// the catalog sizes of committed deployments, and the reported facts of
+/// servers enrolled without a deployment (a deployment's server adds nothing
+/// when it enrolls: its size was counted when it was requested).
 pub(crate) async fn usage_on(conn: &mut sqlx::SqliteConnection, id: Uuid) -> StoreResult<Usage> {
     let row = sqlx::query(&format!(
         "SELECT COUNT(*) AS servers,
-                COALESCE(SUM(COALESCE(json_extract(facts, '$.cpu_cores'), 0)), 0) AS cpu_cores,
-                COALESCE(SUM((COALESCE(json_extract(facts, '$.memory_bytes'), 0) + 1073741823) / 1073741824), 0) AS memory_gb
+                COALESCE(SUM(CASE WHEN deployment_id IS NULL
+                                  THEN COALESCE(json_extract(facts, '$.cpu_cores'), 0) END), 0) AS cpu_cores,
+                COALESCE(SUM(CASE WHEN deployment_id IS NULL
+                                  THEN (COALESCE(json_extract(facts, '$.memory_bytes'), 0) + 1073741823) / 1073741824 END), 0) AS memory_gb
          FROM servers WHERE deleted_at IS NULL AND organization_id IN ({SUBTREE_SQL})"
     ))
     .bind(id.to_string())
@@ -1087,8 +1092,8 @@ pub(crate) async fn usage_on(conn: &mut sqlx::SqliteConnection, id: Uuid) -> Sto
     let committed = super::quota::committed_of(&committed_records_on(conn, id).await?);
     Ok(Usage {
         servers: row.try_get::<i64, _>("servers")? + provisioning,
-        cpu_cores: row.try_get("cpu_cores")?,
-        memory_gb: row.try_get("memory_gb")?,
+        cpu_cores: row.try_get::<i64, _>("cpu_cores")? + committed.cpu_cores,
+        memory_gb: row.try_get::<i64, _>("memory_gb")? + committed.memory_gb,
         committed_monthly_cost_usd: (committed.monthly_cost_usd * 100.0).round() / 100.0,
     })
 }
@@ -1123,10 +1128,14 @@ pub(crate) async fn committed_on(
     conn: &mut sqlx::SqliteConnection,
     id: Uuid,
 ) -> StoreResult<super::Demand> {
-    let servers = usage_on(conn, id).await?.servers;
-    let mut used = super::quota::committed_of(&committed_records_on(conn, id).await?);
-    used.servers = servers;
-    Ok(used)
+    let usage = usage_on(conn, id).await?;
+    Ok(super::Demand {
+        servers: usage.servers,
+        cpu_cores: usage.cpu_cores,
+        memory_gb: usage.memory_gb,
+        monthly_cost_usd: super::quota::committed_of(&committed_records_on(conn, id).await?)
+            .monthly_cost_usd,
+    })
 }
 
 /// The organization `organization_id` and its ancestors that set any limit
