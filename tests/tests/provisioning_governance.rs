@@ -850,3 +850,84 @@ async fn a_request_nobody_decides_expires_after_the_approval_ttl() {
         .iter()
         .any(|a| a == "infrastructure.approval.expire"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_policy_is_inherited_and_set_by_the_parent_or_by_the_root_for_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = start(dir.path(), &[]).await;
+    let admin = cp.admin_token();
+    let root = root_id(&cp).await;
+    let team = cp
+        .create_organization(&admin, json!({ "name": "team" }))
+        .await
+        .expect("team");
+    let team = team["id"].as_str().expect("id").to_string();
+    let policy_path = |org: &str| format!("/api/v1/organizations/{org}/approval-policy");
+
+    set_root_policy(&cp, json!({ "require": "always" })).await;
+    let (status, inherited) = call(&cp, &admin, Method::GET, &policy_path(&team), None).await;
+    assert_eq!(status, 200, "{inherited}");
+    assert!(inherited["policy"].is_null());
+    assert_eq!(inherited["effective"]["require"], "always");
+    assert_eq!(inherited["effective_from"], root.as_str());
+
+    // The team's own admin cannot loosen its own policy; its parent can.
+    let (_, team_admin) = cp
+        .create_token(&admin, &team, &["admin"])
+        .await
+        .expect("team admin");
+    let (status, refused) = call(
+        &cp,
+        &team_admin,
+        Method::PUT,
+        &policy_path(&team),
+        Some(json!({ "require": "never" })),
+    )
+    .await;
+    assert_eq!(status, 403, "{refused}");
+    let (status, own) = call(
+        &cp,
+        &admin,
+        Method::PUT,
+        &policy_path(&team),
+        Some(json!({ "require": "never", "regions": ["fsn1"] })),
+    )
+    .await;
+    assert_eq!(status, 200, "{own}");
+    assert_eq!(own["effective_from"], team.as_str());
+    assert_eq!(own["effective"]["regions"], json!(["fsn1"]));
+    // A token that may read but not administer cannot set it.
+    let (_, reader) = cp
+        .create_token(&admin, &root, &["servers:read"])
+        .await
+        .expect("reader");
+    let (status, _) = call(
+        &cp,
+        &reader,
+        Method::PUT,
+        &policy_path(&team),
+        Some(json!({ "require": "always" })),
+    )
+    .await;
+    assert_eq!(status, 403);
+    for invalid in [
+        json!({ "require": "sometimes" }),
+        json!({ "require": "never", "above_monthly_usd": -1.0 }),
+        json!({ "require": "never", "providers": ["nimbus"] }),
+        json!({ "require": "never", "unknown": true }),
+    ] {
+        let (status, body) = call(
+            &cp,
+            &admin,
+            Method::PUT,
+            &policy_path(&team),
+            Some(invalid.clone()),
+        )
+        .await;
+        assert_eq!(status, 422, "{invalid}: {body}");
+    }
+    // The team's admin sees it but not its siblings' (none) or the root's
+    // settings beyond its tree.
+    let (status, _) = call(&cp, &team_admin, Method::GET, &policy_path(&root), None).await;
+    assert_eq!(status, 404);
+}

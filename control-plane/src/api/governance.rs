@@ -596,7 +596,12 @@ pub async fn cost_report(
     visible_organization(&cp, &caller, id).await?;
     let now = Utc::now();
     let to = query.to.unwrap_or(now);
-    let from = query.from.unwrap_or(to - chrono::Duration::days(30));
+    let from = match query.from {
+        Some(from) => from,
+        None => to
+            .checked_sub_signed(chrono::Duration::days(30))
+            .ok_or_else(|| ApiError::validation("to is too early to report on"))?,
+    };
     if from >= to {
         return Err(ApiError::validation("from must be before to"));
     }
