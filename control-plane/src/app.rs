@@ -70,6 +70,9 @@ pub enum StartError {
     /// `--templates-dir` cannot be used.
     #[error(transparent)]
     TemplatesDir(#[from] crate::provision::templates::TemplatesDirError),
+    /// An instance-catalog file (an operator override) is unusable.
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
     /// The HTTP API could not listen.
     #[error("binding the API on {addr}")]
     BindApi {
@@ -161,6 +164,7 @@ pub async fn start(config: ServeConfig) -> Result<RunningControlPlane, StartErro
             url: crate::store::redact_url(&config.database_url),
             source,
         })?;
+    let catalog = crate::catalog::Catalog::load(config.catalog_dir.as_deref())?;
     let tokens =
         TokenAuthority::new(&instance_secret(&*store, &sealer, "api-token-signing").await?);
     let quic_secret = instance_secret(&*store, &sealer, "quic-keys").await?;
@@ -289,6 +293,7 @@ pub async fn start(config: ServeConfig) -> Result<RunningControlPlane, StartErro
         webhook_wakeup: tokio::sync::Notify::new(),
         commands: Default::default(),
         health_pushes: Default::default(),
+        catalog,
         shutdown: CancellationToken::new(),
     });
 

@@ -30,6 +30,8 @@ pub enum Scope {
     InfrastructureProvision,
     #[serde(rename = "infrastructure:destroy")]
     InfrastructureDestroy,
+    #[serde(rename = "infrastructure:approve")]
+    InfrastructureApprove,
     #[serde(rename = "webhooks:write")]
     WebhooksWrite,
     #[serde(rename = "branches:write")]
@@ -38,13 +40,14 @@ pub enum Scope {
 
 impl Scope {
     /// Every scope, in the order the documentation lists them.
-    pub const ALL: [Scope; 8] = [
+    pub const ALL: [Scope; 9] = [
         Self::Admin,
         Self::ServersRead,
         Self::ServersWrite,
         Self::CommandsRun,
         Self::InfrastructureProvision,
         Self::InfrastructureDestroy,
+        Self::InfrastructureApprove,
         Self::WebhooksWrite,
         Self::BranchesWrite,
     ];
@@ -57,6 +60,7 @@ impl Scope {
             Self::CommandsRun => "commands:run",
             Self::InfrastructureProvision => "infrastructure:provision",
             Self::InfrastructureDestroy => "infrastructure:destroy",
+            Self::InfrastructureApprove => "infrastructure:approve",
             Self::WebhooksWrite => "webhooks:write",
             Self::BranchesWrite => "branches:write",
         }
@@ -214,6 +218,7 @@ mod tests {
             "commands:run",
             "infrastructure:provision",
             "infrastructure:destroy",
+            "infrastructure:approve",
             "webhooks:write",
             "branches:write",
         ] {

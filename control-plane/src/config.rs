@@ -167,6 +167,15 @@ pub struct ServeArgs {
     /// addresses stay refused [default: off].
     #[arg(long, env = "TETHER_ALLOW_PRIVATE_WEBHOOKS")]
     pub allow_private_webhooks: bool,
+    /// Directory of instance-catalog overrides: `DIR/<provider>.toml`
+    /// replaces the embedded file of that provider (docs/provisioning.md,
+    /// *Governance*); a malformed file stops the start [default: none].
+    #[arg(long, env = "TETHER_CATALOG_DIR")]
+    pub catalog_dir: Option<PathBuf>,
+    /// A provision waiting for approval expires (status `expired`) after
+    /// this long [default: 72h].
+    #[arg(long, env = "TETHER_APPROVAL_TTL", value_parser = parse_duration)]
+    pub approval_ttl: Option<Duration>,
 }
 
 /// The TOML file: the same settings as the flags.
@@ -207,6 +216,8 @@ struct FileConfig {
     enroll_failure_limit: Option<u32>,
     enroll_failure_window: Option<String>,
     allow_private_webhooks: Option<bool>,
+    catalog_dir: Option<PathBuf>,
+    approval_ttl: Option<String>,
 }
 
 /// Resolved configuration of a control plane.
@@ -255,6 +266,10 @@ pub struct ServeConfig {
     pub enroll_failure_window: Duration,
     /// Whether webhooks may reach loopback and private addresses.
     pub allow_private_webhooks: bool,
+    /// Instance-catalog overrides (`None`: the embedded files only).
+    pub catalog_dir: Option<PathBuf>,
+    /// How long a provision waits for approval before it expires.
+    pub approval_ttl: Duration,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -399,7 +414,14 @@ impl ServeArgs {
             )?)
             .unwrap_or(Duration::from_secs(60))
             .clamp(Duration::from_secs(1), Duration::from_secs(24 * 3600));
+        let approval_ttl = self
+            .approval_ttl
+            .or(file_duration("approval_ttl", file.approval_ttl)?)
+            .unwrap_or(Duration::from_secs(72 * 3600))
+            .clamp(Duration::from_secs(1), Duration::from_secs(365 * 24 * 3600));
         Ok(ServeConfig {
+            catalog_dir: self.catalog_dir.or(file.catalog_dir),
+            approval_ttl,
             http_header_timeout,
             http_body_timeout,
             http_max_connections: self
@@ -509,6 +531,28 @@ mod tests {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn approvals_expire_after_72_hours_unless_the_operator_says_otherwise() {
+        let config = ServeArgs::default().resolve().unwrap();
+        assert_eq!(config.approval_ttl, Duration::from_secs(72 * 3600));
+        assert!(config.catalog_dir.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.toml");
+        std::fs::write(
+            &path,
+            "approval_ttl = \"2h\"\ncatalog_dir = \"/etc/tether/catalog\"\n",
+        )
+        .unwrap();
+        let file = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(file.approval_ttl, Duration::from_secs(7200));
+        assert_eq!(file.catalog_dir, Some(PathBuf::from("/etc/tether/catalog")));
     }
 
     #[test]

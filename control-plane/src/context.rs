@@ -52,6 +52,8 @@ pub struct ControlPlane {
     /// Health-check pushes in flight here and what was last pushed to each
     /// server (see `health`).
     pub health_pushes: crate::health_pushes::HealthPushes,
+    /// Regions, instance types and list prices per provider (`catalog`).
+    pub catalog: crate::catalog::Catalog,
     pub shutdown: CancellationToken,
 }
 

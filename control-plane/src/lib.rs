@@ -6,6 +6,8 @@
 //! * [`app`] — the wiring: start sequence, every background loop (one list,
 //!   `spawn_loops`), shutdown.
 //! * [`auth`] — API tokens (JWT) and scopes.
+//! * [`catalog`] — the instance catalog: sizes and list prices, cost
+//!   estimates, nearest matches.
 //! * [`commands`] — commands run on agents, and those live on this replica.
 //! * [`config`] — `tether serve` settings.
 //! * [`context`] — `ControlPlane`, the shared state, over leaf state types.
@@ -35,6 +37,7 @@ pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod catalog;
 pub mod commands;
 pub mod config;
 pub mod context;

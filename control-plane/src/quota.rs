@@ -51,8 +51,13 @@ pub async fn check_child_limits(
     quotas: &Quotas,
 ) -> Result<Result<(), String>, StoreError> {
     for ancestor in store.organization_ancestors(parent_id).await? {
-        for ((field, wanted), (_, allowed)) in
-            limits(quotas).into_iter().zip(limits(&ancestor.quotas))
+        let with_cost = |q: &Quotas| {
+            let [a, b, c] = limits(q);
+            [a, b, c, ("max_monthly_cost_usd", q.max_monthly_cost_usd)]
+        };
+        for ((field, wanted), (_, allowed)) in with_cost(quotas)
+            .into_iter()
+            .zip(with_cost(&ancestor.quotas))
         {
             if let (Some(wanted), Some(allowed)) = (wanted, allowed) {
                 if wanted > allowed {

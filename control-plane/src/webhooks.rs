@@ -42,6 +42,9 @@ pub const EVENTS: &[&str] = &[
     "infrastructure.provisioning.failed",
     "infrastructure.destroying.started",
     "infrastructure.destroying.completed",
+    "infrastructure.approval.requested",
+    "infrastructure.approval.approved",
+    "infrastructure.approval.rejected",
     "branch.healthy",
     "branch.unreachable",
 ];

@@ -123,6 +123,7 @@ async fn update_organization_changes_name_and_quotas_of_live_organizations(store
         max_servers: Some(10),
         max_cpu_cores: None,
         max_memory_gb: Some(64),
+        max_monthly_cost_usd: Some(500),
     };
     let limited = store
         .update_organization(
@@ -257,7 +258,8 @@ async fn organization_usage_sums_the_subtree_with_memory_rounded_up_per_server(
         Usage {
             servers: 3,
             cpu_cores: 14,
-            memory_gb: 7
+            memory_gb: 7,
+            committed_monthly_cost_usd: 0.0
         }
     );
     assert_eq!(
@@ -265,7 +267,8 @@ async fn organization_usage_sums_the_subtree_with_memory_rounded_up_per_server(
         Usage {
             servers: 1,
             cpu_cores: 8,
-            memory_gb: 1
+            memory_gb: 1,
+            committed_monthly_cost_usd: 0.0
         }
     );
     assert_eq!(
@@ -273,7 +276,8 @@ async fn organization_usage_sums_the_subtree_with_memory_rounded_up_per_server(
         Usage {
             servers: 4,
             cpu_cores: 30,
-            memory_gb: 39
+            memory_gb: 39,
+            committed_monthly_cost_usd: 0.0
         }
     );
     let empty = create_org(&*store, root, "empty").await;

@@ -17,8 +17,9 @@ mod common;
 use common::*;
 use tether_control_plane::provision::credentials::{credential_for_deployment, CredentialUseError};
 use tether_control_plane::store::{
-    CloudCredential, CredentialDeletion, CredentialUpdate, CredentialUpdateOutcome,
-    CredentialValidation, StateWrite, ValidationStatus,
+    ApprovalPolicy, ApprovalRecord, CloudCredential, CredentialDeletion, CredentialUpdate,
+    CredentialUpdateOutcome, CredentialValidation, Demand, DeploymentSize, OrganizationUpdate,
+    Quotas, StateWrite, ValidationStatus,
 };
 
 store_tests! {
@@ -39,6 +40,14 @@ store_tests! {
     every_state_write_is_a_version_and_only_the_last_ten_are_kept,
     a_destroy_request_records_whether_the_server_data_goes_too,
     deleting_server_data_empties_its_reports_and_keeps_the_server_row,
+    a_batch_over_a_catalog_quota_of_an_ancestor_is_refused_whole_and_creates_nothing,
+    the_monthly_cost_quota_counts_only_committed_deployments,
+    a_deployment_waiting_for_approval_counts_nothing_until_approved_and_is_checked_again,
+    a_waiting_deployment_is_closed_once_and_leaves_the_pending_list,
+    approval_policies_are_kept_per_organization_and_replaced,
+    a_batch_is_listed_within_the_callers_scope_only,
+    racing_requests_for_the_last_room_never_exceed_the_quota,
+    a_deployments_server_counts_its_catalog_size_not_what_its_agent_reports,
 }
 
 fn credential(organization_id: Uuid, name: &str) -> CloudCredential {
@@ -1212,4 +1221,568 @@ async fn deleting_server_data_empties_its_reports_and_keeps_the_server_row(store
         "another server's data stays"
     );
     assert_eq!(server_by_id(&*store, &[root], gone.id).await.id, gone.id);
+}
+
+// ---------------------------------------------------------------------------
+// Governance: catalog quotas checked where deployments are created, approval
+// requests, policies, batches.
+// ---------------------------------------------------------------------------
+
+/// A `local` deployment of `organization_id` with a catalog size, `pending`
+/// with its bootstrap token or `pending_approval` without one.
+fn sized(
+    organization_id: Uuid,
+    name: &str,
+    size: DeploymentSize,
+    waiting: bool,
+    batch_id: Option<Uuid>,
+) -> (Deployment, Option<NewEnrollmentToken>) {
+    let at = now();
+    let id = Uuid::now_v7();
+    let deployment = Deployment {
+        id,
+        organization_id,
+        provider: "local".into(),
+        credential_id: None,
+        status: if waiting {
+            DeploymentStatus::PendingApproval
+        } else {
+            DeploymentStatus::Pending
+        },
+        server_id: None,
+        record: DeploymentRecord {
+            server_name: name.into(),
+            region: "local".into(),
+            instance_type: "process".into(),
+            size: Some(size),
+            batch_id,
+            approval: waiting.then(|| ApprovalRecord {
+                requested_by_token: Uuid::now_v7(),
+                requested_by: "token:x".into(),
+                requested_at: at,
+                expires_at: at + Duration::hours(1),
+                reason: "always".into(),
+                decision: None,
+                decided_by_token: None,
+                decided_at: None,
+                comment: None,
+            }),
+            ..DeploymentRecord::default()
+        },
+        bootstrap_token_sealed: (!waiting).then(|| format!("v1:0000:{}", Uuid::new_v4().simple())),
+        created_at: at,
+        updated_at: at,
+        completed_at: None,
+    };
+    let token = (!waiting).then(|| bootstrap_token(organization_id, id));
+    (deployment, token)
+}
+
+fn bootstrap_token(organization_id: Uuid, deployment_id: Uuid) -> NewEnrollmentToken {
+    NewEnrollmentToken {
+        id: Uuid::now_v7(),
+        token_hash: format!("sha256:{}", Uuid::new_v4().simple()),
+        organization_id,
+        server_name: None,
+        labels: Labels::new(),
+        deployment_id: Some(deployment_id),
+        created_at: now(),
+        expires_at: now() + Duration::hours(1),
+    }
+}
+
+fn demand_of(size: DeploymentSize, n: i64) -> Demand {
+    Demand {
+        servers: n,
+        cpu_cores: size.vcpus * n,
+        memory_gb: size.quota_memory_gb() * n,
+        monthly_cost_usd: size.hourly_usd * 730.0 * n as f64,
+    }
+}
+
+async fn set_quotas(store: &dyn Store, organization_id: Uuid, quotas: Quotas) {
+    store
+        .update_organization(
+            organization_id,
+            &OrganizationUpdate {
+                name: None,
+                quotas: Some(quotas),
+            },
+        )
+        .await
+        .expect("update_organization")
+        .expect("organization");
+}
+
+const TWO_CPUS: DeploymentSize = DeploymentSize {
+    vcpus: 2,
+    memory_gb: 1.5,
+    hourly_usd: 0.0,
+};
+
+async fn a_batch_over_a_catalog_quota_of_an_ancestor_is_refused_whole_and_creates_nothing(
+    store: Arc<dyn Store>,
+) {
+    let instance = init(&*store).await;
+    let parent = create_org(&*store, instance.root_organization_id, "parent").await;
+    let child = create_org(&*store, parent, "child").await;
+    set_quotas(
+        &*store,
+        parent,
+        Quotas {
+            max_cpu_cores: Some(5),
+            ..Quotas::default()
+        },
+    )
+    .await;
+    let batch = Uuid::now_v7();
+    let first: Vec<_> = (1..=2)
+        .map(|i| sized(child, &format!("a-{i}"), TWO_CPUS, false, Some(batch)))
+        .collect();
+    store
+        .create_deployments_within_quota(&first, &demand_of(TWO_CPUS, 2))
+        .await
+        .expect("store")
+        .expect("4 of 5 cores fit");
+    let second: Vec<_> = (1..=2)
+        .map(|i| {
+            sized(
+                child,
+                &format!("b-{i}"),
+                TWO_CPUS,
+                false,
+                Some(Uuid::now_v7()),
+            )
+        })
+        .collect();
+    let refused = store
+        .create_deployments_within_quota(&second, &demand_of(TWO_CPUS, 2))
+        .await
+        .expect("store")
+        .expect_err("4 more cores do not fit in the parent's 5");
+    assert_eq!(refused.resource, "max_cpu_cores");
+    assert_eq!(refused.organization_id, parent, "the ancestor's limit");
+    assert_eq!((refused.limit, refused.usage, refused.requested), (5, 4, 4));
+    let listed = store
+        .list_deployments(&[child], 100, None)
+        .await
+        .expect("list_deployments");
+    assert_eq!(listed.len(), 2, "nothing of the refused batch was created");
+    for (d, _) in &second {
+        assert!(store
+            .deployment(None, d.id)
+            .await
+            .expect("deployment")
+            .is_none());
+    }
+    // Memory is counted in whole GiB rounded up per server: 2 × 2.
+    set_quotas(
+        &*store,
+        parent,
+        Quotas {
+            max_memory_gb: Some(4),
+            ..Quotas::default()
+        },
+    )
+    .await;
+    let one_more = [sized(child, "c-1", TWO_CPUS, false, None)];
+    let refused = store
+        .create_deployments_within_quota(&one_more, &demand_of(TWO_CPUS, 1))
+        .await
+        .expect("store")
+        .expect_err("a fifth and sixth GiB do not fit");
+    assert_eq!((refused.resource, refused.usage), ("max_memory_gb", 4));
+}
+
+async fn the_monthly_cost_quota_counts_only_committed_deployments(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let team = create_org(&*store, instance.root_organization_id, "team").await;
+    set_quotas(
+        &*store,
+        team,
+        Quotas {
+            max_monthly_cost_usd: Some(10),
+            ..Quotas::default()
+        },
+    )
+    .await;
+    // 0.01 USD/h is 7.30 USD a month.
+    let priced = DeploymentSize {
+        vcpus: 1,
+        memory_gb: 1.0,
+        hourly_usd: 0.01,
+    };
+    let first = [sized(team, "one", priced, false, None)];
+    store
+        .create_deployments_within_quota(&first, &demand_of(priced, 1))
+        .await
+        .expect("store")
+        .expect("7.30 of 10 USD");
+    let usage = store.organization_usage(team).await.expect("usage");
+    assert!(
+        (usage.committed_monthly_cost_usd - 7.3).abs() < 1e-9,
+        "{usage:?}"
+    );
+    let second = [sized(team, "two", priced, false, None)];
+    let refused = store
+        .create_deployments_within_quota(&second, &demand_of(priced, 1))
+        .await
+        .expect("store")
+        .expect_err("14.60 USD is over 10");
+    assert_eq!(refused.resource, "max_monthly_cost_usd");
+    assert_eq!(
+        (refused.limit, refused.usage, refused.requested),
+        (10, 8, 8)
+    );
+    // A failed deployment commits nothing: the second fits now.
+    assert!(store
+        .transition_deployment(
+            &[team],
+            first[0].0.id,
+            &[DeploymentStatus::Pending],
+            DeploymentStatus::Failed,
+            now()
+        )
+        .await
+        .expect("transition_deployment"));
+    assert_eq!(
+        store
+            .organization_usage(team)
+            .await
+            .expect("usage")
+            .committed_monthly_cost_usd,
+        0.0
+    );
+    store
+        .create_deployments_within_quota(&second, &demand_of(priced, 1))
+        .await
+        .expect("store")
+        .expect("fits once the first failed");
+}
+
+async fn a_deployment_waiting_for_approval_counts_nothing_until_approved_and_is_checked_again(
+    store: Arc<dyn Store>,
+) {
+    let instance = init(&*store).await;
+    let team = create_org(&*store, instance.root_organization_id, "team").await;
+    set_quotas(
+        &*store,
+        team,
+        Quotas {
+            max_servers: Some(1),
+            ..Quotas::default()
+        },
+    )
+    .await;
+    let waiting: Vec<_> = (1..=2)
+        .map(|i| sized(team, &format!("w-{i}"), TWO_CPUS, true, None))
+        .collect();
+    for one in &waiting {
+        store
+            .create_deployments_within_quota(std::slice::from_ref(one), &demand_of(TWO_CPUS, 1))
+            .await
+            .expect("store")
+            .expect("one server fits");
+    }
+    assert_eq!(
+        store.organization_usage(team).await.expect("usage").servers,
+        0,
+        "requests waiting for approval hold no quota"
+    );
+    assert!(
+        store
+            .deployment_token_hash(waiting[0].0.id)
+            .await
+            .expect("token hash")
+            .is_none(),
+        "no bootstrap token exists before approval"
+    );
+    let mut approved = waiting[0].0.clone();
+    approved.bootstrap_token_sealed = Some("v1:0000:sealed".into());
+    let token = bootstrap_token(team, approved.id);
+    assert!(store
+        .approve_deployment_within_quota(&approved, &token, &demand_of(TWO_CPUS, 1))
+        .await
+        .expect("store")
+        .expect("fits"));
+    let stored = store
+        .deployment(None, approved.id)
+        .await
+        .expect("deployment")
+        .expect("exists");
+    assert_eq!(stored.status, DeploymentStatus::Pending);
+    assert_eq!(
+        store
+            .deployment_token_hash(approved.id)
+            .await
+            .expect("token hash"),
+        Some(token.token_hash.clone())
+    );
+    assert!(
+        !store
+            .approve_deployment_within_quota(
+                &approved,
+                &bootstrap_token(team, approved.id),
+                &demand_of(TWO_CPUS, 1)
+            )
+            .await
+            .expect("store")
+            .expect("no quota question"),
+        "approved once only"
+    );
+    // The second request fitted when asked, but not any more.
+    let mut second = waiting[1].0.clone();
+    second.bootstrap_token_sealed = Some("v1:0000:sealed".into());
+    let refused = store
+        .approve_deployment_within_quota(
+            &second,
+            &bootstrap_token(team, second.id),
+            &demand_of(TWO_CPUS, 1),
+        )
+        .await
+        .expect("store")
+        .expect_err("the server quota is full now");
+    assert_eq!((refused.resource, refused.usage), ("max_servers", 1));
+    let still = store
+        .deployment(None, second.id)
+        .await
+        .expect("deployment")
+        .expect("exists");
+    assert_eq!(still.status, DeploymentStatus::PendingApproval);
+    assert!(store
+        .deployment_token_hash(second.id)
+        .await
+        .expect("token hash")
+        .is_none());
+}
+
+async fn a_waiting_deployment_is_closed_once_and_leaves_the_pending_list(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let team = create_org(&*store, instance.root_organization_id, "team").await;
+    let (waiting, none) = sized(team, "w", TWO_CPUS, true, None);
+    let running = sized(team, "r", TWO_CPUS, false, None);
+    store
+        .create_deployments_within_quota(
+            &[(waiting.clone(), none), running.clone()],
+            &demand_of(TWO_CPUS, 2),
+        )
+        .await
+        .expect("store")
+        .expect("no limits");
+    let pending: Vec<Uuid> = store
+        .pending_approvals()
+        .await
+        .expect("pending_approvals")
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(pending, vec![waiting.id]);
+    let mut rejected = waiting.clone();
+    rejected.completed_at = Some(now());
+    if let Some(a) = rejected.record.approval.as_mut() {
+        a.decision = Some("rejected".into());
+        a.comment = Some("too big".into());
+    }
+    assert!(store
+        .close_pending_deployment(&rejected, DeploymentStatus::Rejected)
+        .await
+        .expect("close"));
+    assert!(
+        !store
+            .close_pending_deployment(&rejected, DeploymentStatus::Expired)
+            .await
+            .expect("close"),
+        "decided once"
+    );
+    assert!(
+        !store
+            .close_pending_deployment(&running.0, DeploymentStatus::Rejected)
+            .await
+            .expect("close"),
+        "a queued deployment is not waiting"
+    );
+    let stored = store
+        .deployment(None, waiting.id)
+        .await
+        .expect("deployment")
+        .expect("exists");
+    assert_eq!(stored.status, DeploymentStatus::Rejected);
+    assert_eq!(
+        stored.record.approval.and_then(|a| a.comment).as_deref(),
+        Some("too big")
+    );
+    assert!(store
+        .pending_approvals()
+        .await
+        .expect("pending_approvals")
+        .is_empty());
+}
+
+async fn approval_policies_are_kept_per_organization_and_replaced(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let root = instance.root_organization_id;
+    let team = create_org(&*store, root, "team").await;
+    assert!(store.approval_policy(team).await.expect("policy").is_none());
+    let at = now();
+    let policy = ApprovalPolicy {
+        require: "never".into(),
+        above_monthly_usd: Some(12.5),
+        providers: vec!["aws".into()],
+        regions: vec!["eu-west-1".into(), "fsn1".into()],
+        updated_at: at,
+    };
+    store
+        .set_approval_policy(team, &policy)
+        .await
+        .expect("set_approval_policy");
+    assert_eq!(
+        store.approval_policy(team).await.expect("policy"),
+        Some(policy)
+    );
+    assert!(store.approval_policy(root).await.expect("policy").is_none());
+    let always = ApprovalPolicy {
+        require: "always".into(),
+        above_monthly_usd: None,
+        providers: vec![],
+        regions: vec![],
+        updated_at: at,
+    };
+    store
+        .set_approval_policy(team, &always)
+        .await
+        .expect("set_approval_policy");
+    assert_eq!(
+        store.approval_policy(team).await.expect("policy"),
+        Some(always)
+    );
+}
+
+async fn a_batch_is_listed_within_the_callers_scope_only(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let root = instance.root_organization_id;
+    let team = create_org(&*store, root, "team").await;
+    let other = create_org(&*store, root, "other").await;
+    let batch = Uuid::now_v7();
+    let members: Vec<_> = (1..=3)
+        .map(|i| sized(team, &format!("web-{i}"), TWO_CPUS, false, Some(batch)))
+        .collect();
+    store
+        .create_deployments_within_quota(&members, &demand_of(TWO_CPUS, 3))
+        .await
+        .expect("store")
+        .expect("no limits");
+    let outsider = [sized(team, "solo", TWO_CPUS, false, None)];
+    store
+        .create_deployments_within_quota(&outsider, &demand_of(TWO_CPUS, 1))
+        .await
+        .expect("store")
+        .expect("no limits");
+    let listed: Vec<String> = store
+        .batch_deployments(&[team], batch)
+        .await
+        .expect("batch_deployments")
+        .into_iter()
+        .map(|d| d.record.server_name)
+        .collect();
+    assert_eq!(listed, vec!["web-1", "web-2", "web-3"]);
+    assert!(store
+        .batch_deployments(&[other], batch)
+        .await
+        .expect("batch_deployments")
+        .is_empty());
+    let before = store
+        .deployments_created_before(&[team], now() + Duration::seconds(1))
+        .await
+        .expect("deployments_created_before");
+    assert_eq!(before.len(), 4);
+    assert!(store
+        .deployments_created_before(&[team], now() - Duration::hours(1))
+        .await
+        .expect("deployments_created_before")
+        .is_empty());
+}
+
+async fn racing_requests_for_the_last_room_never_exceed_the_quota(store: Arc<dyn Store>) {
+    let instance = init(&*store).await;
+    let parent = create_org(&*store, instance.root_organization_id, "parent").await;
+    let children = [
+        create_org(&*store, parent, "left").await,
+        create_org(&*store, parent, "right").await,
+    ];
+    set_quotas(
+        &*store,
+        parent,
+        Quotas {
+            max_servers: Some(3),
+            max_cpu_cores: Some(6),
+            ..Quotas::default()
+        },
+    )
+    .await;
+    // Ten requests at once, from two sibling organizations under the
+    // limited parent: exactly three fit.
+    let mut racing = Vec::new();
+    let start = Arc::new(tokio::sync::Barrier::new(10));
+    for i in 0..10 {
+        let store = store.clone();
+        let org = children[i % 2];
+        let start = start.clone();
+        racing.push(tokio::spawn(async move {
+            let one = [sized(org, &format!("race-{i}"), TWO_CPUS, false, None)];
+            start.wait().await;
+            store
+                .create_deployments_within_quota(&one, &demand_of(TWO_CPUS, 1))
+                .await
+                .expect("store")
+                .is_ok()
+        }));
+    }
+    let mut fitted = 0;
+    for handle in racing {
+        if handle.await.expect("task") {
+            fitted += 1;
+        }
+    }
+    assert_eq!(fitted, 3, "three of ten fit");
+    let usage = store.organization_usage(parent).await.expect("usage");
+    assert_eq!(usage.servers, 3);
+}
+
+async fn a_deployments_server_counts_its_catalog_size_not_what_its_agent_reports(
+    store: Arc<dyn Store>,
+) {
+    let instance = init(&*store).await;
+    let team = create_org(&*store, instance.root_organization_id, "team").await;
+    set_quotas(
+        &*store,
+        team,
+        Quotas {
+            max_cpu_cores: Some(3),
+            ..Quotas::default()
+        },
+    )
+    .await;
+    let one_cpu = DeploymentSize {
+        vcpus: 1,
+        memory_gb: 1.0,
+        hourly_usd: 0.0,
+    };
+    let (deployment, token) = sized(team, "web-1", one_cpu, false, None);
+    let token_hash = token.as_ref().map(|t| t.token_hash.clone()).expect("token");
+    store
+        .create_deployments_within_quota(&[(deployment, token)], &demand_of(one_cpu, 1))
+        .await
+        .expect("store")
+        .expect("fits");
+    // Its agent reports 16 cores: the enrollment is not refused by them,
+    // and the usage stays the catalog's.
+    let mut e = enrollment(&token_hash, "web-1");
+    e.facts = json!({ "hostname": "web-1", "cpu_cores": 16, "memory_bytes": 68_719_476_736u64 });
+    try_enroll(&*store, &e).await.expect("enrolls within quota");
+    let usage = store.organization_usage(team).await.expect("usage");
+    assert_eq!((usage.servers, usage.cpu_cores, usage.memory_gb), (1, 1, 1));
+    // A server enrolled by hand counts what it reports.
+    enroll_server(&*store, team, "by-hand", Labels::new()).await;
+    let usage = store.organization_usage(team).await.expect("usage");
+    assert_eq!((usage.servers, usage.cpu_cores, usage.memory_gb), (2, 3, 3));
 }

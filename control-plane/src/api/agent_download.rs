@@ -36,11 +36,15 @@ pub async fn download(
     State(cp): State<Arc<ControlPlane>>,
     ApiPath((os, arch)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let binary = cp
-        .agent_binaries
-        .find(&os, &arch)
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::not_found(format!("no agent binary for {os}/{arch}")))?;
+    // Hashing a binary not hashed before takes seconds: off the workers.
+    let binaries = cp.clone();
+    let (os_asked, arch_asked) = (os.clone(), arch.clone());
+    let binary =
+        tokio::task::spawn_blocking(move || binaries.agent_binaries.find(&os_asked, &arch_asked))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::internal)?
+            .ok_or_else(|| ApiError::not_found(format!("no agent binary for {os}/{arch}")))?;
     let bytes = tokio::fs::read(&binary.path)
         .await
         .map_err(ApiError::internal)?;

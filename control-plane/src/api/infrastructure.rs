@@ -22,12 +22,16 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Page};
 use crate::auth::Scope;
+use crate::catalog::{CostEstimate, LookupError};
 use crate::context::ControlPlane;
 use crate::enrollment::token_hash;
 use crate::provision::bootstrap::BootStageReport;
 use crate::provision::credentials::Provider;
 use crate::provision::job::valid_variable_name;
-use crate::store::{BootStage, Deployment, DeploymentRecord, DeploymentStatus, DeploymentStep};
+use crate::store::{
+    ApprovalRecord, BootStage, Demand, Deployment, DeploymentRecord, DeploymentSize,
+    DeploymentStatus, DeploymentStep,
+};
 
 /// A provisioning request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -64,15 +68,47 @@ pub struct ProvisionRequest {
     /// cloud targets; `local` and `docker` run on the control-plane host
     /// and refuse it (422, `reason: install_docker_not_supported`).
     pub install_docker: Option<bool>,
+    /// Servers to create, 1-20: `server_name-1` … `server_name-N`, each
+    /// its own deployment of one batch, checked against quotas together
+    /// (all or none). Absent: one server named `server_name`.
+    #[schema(minimum = 1, maximum = 20)]
+    pub count: Option<u32>,
 }
+
+/// Most servers one request creates (`count`).
+pub const MAX_BATCH: u32 = 20;
 
 /// A queued deployment.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ProvisionAccepted {
     pub deployment_id: Uuid,
+    /// `pending`, or `pending_approval` when the approval policy caught it.
     pub status: DeploymentStatus,
     /// SSE stream of the deployment's steps and log lines.
     pub monitor_url: String,
+    /// List price of the server (catalog; monthly = hourly × 730).
+    pub cost_estimate: CostEstimate,
+}
+
+/// A queued batch (`count` on the request).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchAccepted {
+    pub batch_id: Uuid,
+    /// One deployment per server, `server_name-1` first.
+    pub deployment_ids: Vec<Uuid>,
+    /// `pending`, or `pending_approval` when the approval policy caught it.
+    pub status: DeploymentStatus,
+    /// List price of the whole batch (catalog; monthly = hourly × 730).
+    pub cost_estimate: CostEstimate,
+}
+
+/// The answer to a provision: one deployment, or a batch when `count` was
+/// given.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum ProvisionAnswer {
+    One(ProvisionAccepted),
+    Batch(BatchAccepted),
 }
 
 /// A step of a deployment as the API shows it.
@@ -142,6 +178,17 @@ pub struct DeploymentView {
     pub delete_server_data: bool,
     pub created_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// List price of the server from the catalog when it was requested
+    /// (monthly = hourly × 730); absent for deployments from before the
+    /// catalog.
+    pub cost_estimate: Option<CostEstimate>,
+    /// vCPUs and memory (GB) from the catalog: what quotas count.
+    pub vcpus: Option<i64>,
+    pub memory_gb: Option<f64>,
+    /// The batch it belongs to (`count` on the request).
+    pub batch_id: Option<Uuid>,
+    /// Who asked and what was decided, when the approval policy caught it.
+    pub approval: Option<ApprovalRecord>,
 }
 
 /// A kept version of a deployment's Terraform state (never its content).
@@ -191,6 +238,9 @@ impl From<Deployment> for DeploymentView {
             next_retry_at,
             install_docker,
             delete_server_data,
+            size,
+            batch_id,
+            approval,
             ..
         } = d.record;
         Self {
@@ -221,6 +271,11 @@ impl From<Deployment> for DeploymentView {
             delete_server_data,
             created_at: d.created_at,
             completed_at: d.completed_at,
+            cost_estimate: size.map(|s| CostEstimate::of(s.hourly_usd, 1)),
+            vcpus: size.map(|s| s.vcpus),
+            memory_gb: size.map(|s| s.memory_gb),
+            batch_id,
+            approval,
         }
     }
 }
@@ -296,13 +351,13 @@ fn host_target_allowed(
     request_body(content = ProvisionRequest, content_type = "application/json"),
     security(("bearer" = [])),
     responses(
-        (status = 202, description = "Queued; follow `monitor_url` or GET the deployment.", body = ProvisionAccepted),
+        (status = 202, description = "Queued (`pending`) or waiting for approval (`pending_approval`), with `cost_estimate`: one deployment, or `{batch_id, deployment_ids, status, cost_estimate}` when `count` was given.", body = ProvisionAnswer),
         (status = 400, description = "`invalid_request`: malformed JSON.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: missing scope or provider not allowed, or a host target (`local`, `docker`) that is off (`reason: host_targets_disabled`) or asked for by or for an organization other than the root (`reason: host_targets_root_only`); `quota_exceeded`: no room for another server.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: missing scope or provider not allowed, or a host target (`local`, `docker`) that is off (`reason: host_targets_disabled`) or asked for by or for an organization other than the root (`reason: host_targets_root_only`); `quota_exceeded`: the organization or an ancestor has no room for the server(s): `max_servers`, or `max_cpu_cores`, `max_memory_gb`, `max_monthly_cost_usd` counted from the catalog (`resource` names it; a batch is refused whole).", body = ErrorBody),
         (status = 404, description = "`not_found`: no such organization or credential.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: body over 1 MiB.", body = ErrorBody),
-        (status = 422, description = "`validation_error`: unknown provider, credential of another provider or of another organization (`reason: credential_of_another_organization`), invalid name or tags, a variable the target does not let callers set (`reason: variable_not_settable`, `variable` names it) or an invalid one, `install_docker` for `local` or `docker` (`reason: install_docker_not_supported`).", body = ErrorBody),
+        (status = 422, description = "`validation_error`: unknown provider, credential of another provider or of another organization (`reason: credential_of_another_organization`), invalid name or tags, a variable the target does not let callers set (`reason: variable_not_settable`, `variable` names it) or an invalid one, a region or instance type the catalog does not list (`reason: unknown_region` / `unknown_instance_type`, `nearest` lists the closest names), `count` outside 1-20, `install_docker` for `local` or `docker` (`reason: install_docker_not_supported`).", body = ErrorBody),
         (status = 429, description = "`rate_limit_exceeded`.", body = ErrorBody),
         (status = 500, description = "`internal_error`.", body = ErrorBody),
     )
@@ -311,7 +366,7 @@ pub async fn provision(
     State(cp): State<Arc<ControlPlane>>,
     caller: Caller,
     ApiJson(body): ApiJson<ProvisionRequest>,
-) -> Result<(StatusCode, Json<ProvisionAccepted>), ApiError> {
+) -> Result<(StatusCode, Json<ProvisionAnswer>), ApiError> {
     caller.require(Scope::InfrastructureProvision)?;
     let organization_id = body.organization_id.unwrap_or(caller.organization_id);
     if !caller.sees(organization_id) {
@@ -340,6 +395,22 @@ pub async fn provision(
         return Err(ApiError::validation(
             "region and instance_type must be 1-64 printable characters",
         ));
+    }
+    let count = body.count.unwrap_or(1);
+    if !(1..=MAX_BATCH).contains(&count) {
+        return Err(ApiError::validation(format!("count must be 1-{MAX_BATCH}"))
+            .with_detail("max_count", MAX_BATCH));
+    }
+    let names: Vec<String> = match body.count {
+        None => vec![body.server_name.clone()],
+        Some(n) => (1..=n)
+            .map(|i| format!("{}-{i}", body.server_name))
+            .collect(),
+    };
+    if names.iter().any(|n| !valid_server_name(n)) {
+        return Err(ApiError::validation(format!(
+            "server_name with its batch suffix (-1 … -{count}) must be at most 63 characters"
+        )));
     }
     super::enrollment_tokens::validate_labels(&body.tags)?;
     let settable = crate::provision::templates::api_variables(provider.as_str());
@@ -432,55 +503,142 @@ pub async fn provision(
         }
         (false, None) => None,
     };
-    let one_server = crate::store::Usage {
-        servers: 1,
-        ..Default::default()
+    let size = cp
+        .catalog
+        .lookup(provider.as_str(), &body.region, &body.instance_type)
+        .map_err(catalog_refusal)?;
+    let size = DeploymentSize {
+        vcpus: i64::from(size.vcpus),
+        memory_gb: size.memory_gb,
+        hourly_usd: size.hourly_usd,
     };
-    crate::quota::check(&*cp.store, organization_id, one_server).await??;
-
-    let id = crate::provision::job::queue(
+    let cost_estimate = CostEstimate::of(size.hourly_usd, count);
+    let servers = i64::from(count);
+    let demand = Demand {
+        servers,
+        cpu_cores: size.vcpus * servers,
+        memory_gb: size.quota_memory_gb() * servers,
+        monthly_cost_usd: size.hourly_usd * crate::catalog::HOURS_PER_MONTH * servers as f64,
+    };
+    let approval_reason = super::governance::approval_reason(
         &cp,
         organization_id,
-        provider,
-        credential_id,
-        DeploymentRecord {
-            region: body.region.clone(),
-            instance_type: body.instance_type.clone(),
-            server_name: body.server_name.clone(),
-            tags: body.tags.clone(),
-            variables: body.terraform_variables.clone(),
-            install_docker,
-            ..DeploymentRecord::default()
-        },
+        provider.as_str(),
+        &body.region,
+        cost_estimate.monthly_usd,
     )
     .await?;
-    tracing::info!(deployment_id = %id, provider = provider.as_str(), server_name = %body.server_name, "deployment queued");
-    caller
-        .audit(
-            &cp,
-            organization_id,
-            "infrastructure.provision",
-            id.to_string(),
-            serde_json::json!({
-                "provider": provider.as_str(),
-                "region": body.region,
-                "instance_type": body.instance_type,
-                "server_name": body.server_name,
-                "install_docker": install_docker,
-            }),
-        )
-        .await;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(ProvisionAccepted {
+    let now = Utc::now();
+    let approval = approval_reason.as_ref().map(|reason| ApprovalRecord {
+        requested_by_token: caller.token_id,
+        requested_by: caller.actor(),
+        requested_at: now,
+        expires_at: now
+            + chrono::Duration::from_std(cp.config.approval_ttl)
+                .unwrap_or_else(|_| chrono::Duration::hours(72)),
+        reason: reason.clone(),
+        decision: None,
+        decided_by_token: None,
+        decided_at: None,
+        comment: None,
+    });
+    let batch_id = body.count.map(|_| Uuid::now_v7());
+    let deployments: Vec<_> = names
+        .iter()
+        .map(|name| {
+            crate::provision::job::new_deployment(
+                &cp,
+                organization_id,
+                provider,
+                credential_id,
+                DeploymentRecord {
+                    region: body.region.clone(),
+                    instance_type: body.instance_type.clone(),
+                    server_name: name.clone(),
+                    tags: body.tags.clone(),
+                    variables: body.terraform_variables.clone(),
+                    size: Some(size),
+                    batch_id,
+                    approval: approval.clone(),
+                    install_docker,
+                    ..DeploymentRecord::default()
+                },
+                approval.is_some(),
+            )
+        })
+        .collect();
+    // Quotas (servers, and CPU, memory and monthly cost from the catalog) of
+    // the organization and every ancestor, checked in the transaction that
+    // stores the whole batch: all or nothing. A request that waits for
+    // approval is checked now and again when approved.
+    cp.store
+        .create_deployments_within_quota(&deployments, &demand)
+        .await??;
+    let status = deployments
+        .first()
+        .map_or(DeploymentStatus::Pending, |(d, _)| d.status);
+    let ids: Vec<Uuid> = deployments.iter().map(|(d, _)| d.id).collect();
+    if approval.is_none() {
+        cp.provision_wakeup.notify_one();
+    }
+    for (d, _) in &deployments {
+        tracing::info!(deployment_id = %d.id, provider = provider.as_str(), server_name = %d.record.server_name, status = d.status.as_str(), "deployment queued");
+        caller
+            .audit(
+                &cp,
+                organization_id,
+                "infrastructure.provision",
+                d.id.to_string(),
+                serde_json::json!({
+                    "provider": provider.as_str(),
+                    "region": body.region,
+                    "instance_type": body.instance_type,
+                    "server_name": d.record.server_name,
+                    "batch_id": batch_id,
+                    "status": d.status,
+                    "approval_reason": approval_reason,
+                    "cost_estimate": CostEstimate::of(size.hourly_usd, 1),
+                    "install_docker": install_docker,
+                }),
+            )
+            .await;
+        if approval.is_some() {
+            crate::events::emit_deployment(&cp, d, "infrastructure.approval.requested").await;
+        }
+    }
+    let answer = match (batch_id, ids.first()) {
+        (Some(batch_id), _) => ProvisionAnswer::Batch(BatchAccepted {
+            batch_id,
+            deployment_ids: ids,
+            status,
+            cost_estimate,
+        }),
+        (None, Some(&id)) => ProvisionAnswer::One(ProvisionAccepted {
             deployment_id: id,
-            status: DeploymentStatus::Pending,
+            status,
             monitor_url: format!(
                 "{}/api/v1/infrastructure/deployments/{id}/events",
                 cp.api_url
             ),
+            cost_estimate,
         }),
-    ))
+        (None, None) => return Err(ApiError::internal("a provision created no deployment")),
+    };
+    Ok((StatusCode::ACCEPTED, Json(answer)))
+}
+
+/// A catalog miss as the API answers it: 422 with the nearest names.
+fn catalog_refusal(e: LookupError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        LookupError::Provider(_) => ApiError::validation(message),
+        LookupError::Region { nearest, .. } => ApiError::validation(message)
+            .with_detail("reason", "unknown_region")
+            .with_detail("nearest", nearest),
+        LookupError::InstanceType { nearest, .. } => ApiError::validation(message)
+            .with_detail("reason", "unknown_instance_type")
+            .with_detail("nearest", nearest),
+    }
 }
 
 /// Paging of the deployment list.
@@ -492,9 +650,12 @@ pub struct DeploymentListQuery {
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// Only the deployments of this batch (all of them, in one page).
+    pub batch_id: Option<Uuid>,
 }
 
-/// Lists deployments of the caller's organization tree, newest first.
+/// Lists deployments of the caller's organization tree, newest first (with
+/// `batch_id`: that batch's, first server first).
 #[utoipa::path(
     get,
     path = "/infrastructure/deployments",
@@ -517,6 +678,16 @@ pub async fn list(
     ApiQuery(query): ApiQuery<DeploymentListQuery>,
 ) -> Result<Json<Page<DeploymentView>>, ApiError> {
     caller.require(Scope::ServersRead)?;
+    if let Some(batch_id) = query.batch_id {
+        let batch = cp
+            .store
+            .batch_deployments(&caller.visible_organizations, batch_id)
+            .await?;
+        return Ok(Json(Page {
+            data: batch.into_iter().map(Into::into).collect(),
+            next_cursor: None,
+        }));
+    }
     let limit = super::extract::page_limit(query.limit, 100, 500)?;
     let cursor = super::extract::page_cursor::<Uuid>(query.cursor.as_deref())?;
     let page = cp

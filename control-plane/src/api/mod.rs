@@ -27,6 +27,7 @@ pub mod commands;
 pub mod enrollment_tokens;
 pub mod error;
 pub mod extract;
+pub mod governance;
 pub mod health;
 pub mod infrastructure;
 pub mod metrics;
@@ -143,6 +144,11 @@ fn documented() -> Documented {
         .routes(routes!(state_versions::restore))
         .routes(routes!(infrastructure::events))
         .routes(routes!(infrastructure::boot_stage))
+        .routes(routes!(governance::catalog))
+        .routes(routes!(governance::approve))
+        .routes(routes!(governance::reject))
+        .routes(routes!(governance::get_policy, governance::put_policy))
+        .routes(routes!(governance::cost_report))
         .routes(routes!(branches::create_invite))
         .routes(routes!(branches::list, branches::accept))
         .routes(routes!(branches::get, branches::delete))

@@ -93,6 +93,10 @@ pub struct QuotaLimits {
     /// Most memory in GiB, likewise.
     #[schema(minimum = 0)]
     pub max_memory_gb: Option<i64>,
+    /// Most committed monthly cost in whole USD (catalog list prices of
+    /// running deployments, hourly × 730), likewise.
+    #[schema(minimum = 0)]
+    pub max_monthly_cost_usd: Option<i64>,
 }
 
 impl From<QuotaLimits> for Quotas {
@@ -101,6 +105,7 @@ impl From<QuotaLimits> for Quotas {
             max_servers: q.max_servers,
             max_cpu_cores: q.max_cpu_cores,
             max_memory_gb: q.max_memory_gb,
+            max_monthly_cost_usd: q.max_monthly_cost_usd,
         }
     }
 }
@@ -151,6 +156,7 @@ fn validate_quotas(quotas: &Quotas) -> Result<(), ApiError> {
         ("max_servers", quotas.max_servers),
         ("max_cpu_cores", quotas.max_cpu_cores),
         ("max_memory_gb", quotas.max_memory_gb),
+        ("max_monthly_cost_usd", quotas.max_monthly_cost_usd),
     ] {
         if value.is_some_and(|v| v < 0) {
             return Err(ApiError::validation(format!(
@@ -328,7 +334,7 @@ pub async fn get(
         (status = 200, description = "The updated organization.", body = OrganizationView),
         (status = 400, description = "`invalid_request`: malformed JSON or not `Content-Type: application/json`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing, malformed, expired, unknown or revoked token.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the token lacks `admin`, or tries to change its own organization's quotas.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the token lacks `admin`, or tries to change its own organization's quotas (the root organization may set its own).", body = ErrorBody),
         (status = 404, description = "`not_found`: no such organization in the caller's tree.", body = ErrorBody),
         (status = 413, description = "`invalid_request`: the body is larger than 1 MiB.", body = ErrorBody),
         (status = 422, description = "`validation_error`: wrong types, unknown fields, an invalid name, negative quotas or quotas above an ancestor's.", body = ErrorBody),
@@ -351,7 +357,8 @@ pub async fn patch(
     let quotas = body.quotas.map(Quotas::from);
     if let Some(quotas) = &quotas {
         validate_quotas(quotas)?;
-        if id == caller.organization_id {
+        // The root organization has no parent to set them: it sets its own.
+        if id == caller.organization_id && org.parent_id.is_some() {
             return Err(ApiError::forbidden(
                 "an organization's own quotas are set by its parent",
             ));

@@ -79,14 +79,22 @@ impl AgentBinaries {
     fn checksum(&self, path: &Path) -> std::io::Result<String> {
         let meta = std::fs::metadata(path)?;
         let modified = meta.modified()?;
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, len, sum)) = cache.get(path) {
-            if *at == modified && *len == meta.len() {
-                return Ok(sum.clone());
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, len, sum)) = cache.get(path) {
+                if *at == modified && *len == meta.len() {
+                    return Ok(sum.clone());
+                }
             }
         }
+        // Reading and hashing a binary (a debug build is over 100 MiB) takes
+        // seconds: never under the cache's lock. Callers on the runtime reach
+        // this through `spawn_blocking` (`provision::job`, `api::agent_download`).
         let sum = hex::encode(Sha256::digest(std::fs::read(path)?));
-        cache.insert(path.to_path_buf(), (modified, meta.len(), sum.clone()));
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.to_path_buf(), (modified, meta.len(), sum.clone()));
         Ok(sum)
     }
 

@@ -117,6 +117,79 @@ pub fn workdir(cp: &ControlPlane, deployment_id: Uuid) -> PathBuf {
         .join(deployment_id.to_string())
 }
 
+/// A new deployment of `organization_id`: `pending` with a one-time
+/// bootstrap token bound to it, or, when `awaiting_approval`,
+/// `pending_approval` without one (minted by [`mint_bootstrap_token`] once
+/// approved: nothing a server could enroll with exists before).
+pub fn new_deployment(
+    cp: &ControlPlane,
+    organization_id: Uuid,
+    provider: Provider,
+    credential_id: Option<Uuid>,
+    mut record: crate::store::DeploymentRecord,
+    awaiting_approval: bool,
+) -> (Deployment, Option<crate::store::NewEnrollmentToken>) {
+    let now = Utc::now();
+    if record.size.is_none() {
+        record.size = cp
+            .catalog
+            .lookup(provider.as_str(), &record.region, &record.instance_type)
+            .ok()
+            .map(|t| crate::store::DeploymentSize {
+                vcpus: i64::from(t.vcpus),
+                memory_gb: t.memory_gb,
+                hourly_usd: t.hourly_usd,
+            });
+    }
+    let mut deployment = Deployment {
+        id: Uuid::now_v7(),
+        organization_id,
+        provider: provider.as_str().into(),
+        credential_id,
+        status: if awaiting_approval {
+            DeploymentStatus::PendingApproval
+        } else {
+            DeploymentStatus::Pending
+        },
+        server_id: None,
+        record,
+        bootstrap_token_sealed: None,
+        created_at: now,
+        updated_at: now,
+        completed_at: None,
+    };
+    let token = (!awaiting_approval).then(|| mint_bootstrap_token(cp, &mut deployment));
+    (deployment, token)
+}
+
+/// Mints a deployment's one-time bootstrap token: its sealed copy goes on
+/// the deployment, the returned record (only the hash) into the store.
+pub fn mint_bootstrap_token(
+    cp: &ControlPlane,
+    deployment: &mut Deployment,
+) -> crate::store::NewEnrollmentToken {
+    let now = Utc::now();
+    let token = crate::enrollment::new_token();
+    let registration = chrono::Duration::from_std(cp.config.registration_timeout)
+        .unwrap_or_else(|_| chrono::Duration::minutes(10));
+    deployment.bootstrap_token_sealed = Some(
+        cp.sealer
+            .seal(token.as_bytes(), &bootstrap_token_context(deployment.id)),
+    );
+    crate::store::NewEnrollmentToken {
+        id: Uuid::now_v7(),
+        token_hash: crate::enrollment::token_hash(&token),
+        organization_id: deployment.organization_id,
+        server_name: Some(deployment.record.server_name.clone()),
+        labels: deployment.record.tags.clone(),
+        deployment_id: Some(deployment.id),
+        created_at: now,
+        // Long enough for a slow apply plus the registration window; the
+        // job expires it as soon as the deployment settles.
+        expires_at: now + registration + chrono::Duration::hours(2),
+    }
+}
+
 /// Stores a new deployment (`pending`) with a one-time bootstrap token bound
 /// to it, and wakes this replica's workers. Callers checked scopes, the
 /// provider, the credential and the quota.
@@ -127,44 +200,54 @@ pub async fn queue(
     credential_id: Option<Uuid>,
     record: crate::store::DeploymentRecord,
 ) -> Result<Uuid, StoreError> {
-    let now = Utc::now();
-    let id = Uuid::now_v7();
-    let token = crate::enrollment::new_token();
-    let registration = chrono::Duration::from_std(cp.config.registration_timeout)
-        .unwrap_or_else(|_| chrono::Duration::minutes(10));
-    let token_record = crate::store::NewEnrollmentToken {
-        id: Uuid::now_v7(),
-        token_hash: crate::enrollment::token_hash(&token),
-        organization_id,
-        server_name: Some(record.server_name.clone()),
-        labels: record.tags.clone(),
-        deployment_id: Some(id),
-        created_at: now,
-        // Long enough for a slow apply plus the registration window; the
-        // job expires it as soon as the deployment settles.
-        expires_at: now + registration + chrono::Duration::hours(2),
+    let (deployment, token) =
+        new_deployment(cp, organization_id, provider, credential_id, record, false);
+    let Some(token) = token else {
+        return Err(StoreError::Corrupt(
+            "a queued deployment has a bootstrap token".into(),
+        ));
     };
-    let deployment = Deployment {
-        id,
-        organization_id,
-        provider: provider.as_str().into(),
-        credential_id,
-        status: DeploymentStatus::Pending,
-        server_id: None,
-        record,
-        bootstrap_token_sealed: Some(
-            cp.sealer
-                .seal(token.as_bytes(), &bootstrap_token_context(id)),
-        ),
-        created_at: now,
-        updated_at: now,
-        completed_at: None,
-    };
-    cp.store
-        .create_deployment(&deployment, &token_record)
-        .await?;
+    cp.store.create_deployment(&deployment, &token).await?;
     cp.provision_wakeup.notify_one();
-    Ok(id)
+    Ok(deployment.id)
+}
+
+/// Ends every deployment that waited for approval longer than
+/// `--approval-ttl` in `expired` (audited as the control plane's).
+pub async fn expire_pending_approvals(cp: &ControlPlane) -> Result<(), StoreError> {
+    let now = Utc::now();
+    for mut d in cp.store.pending_approvals().await? {
+        let Some(approval) = d.record.approval.as_mut() else {
+            continue;
+        };
+        if approval.expires_at > now {
+            continue;
+        }
+        approval.decision = Some("expired".into());
+        approval.decided_at = Some(now);
+        d.updated_at = now;
+        d.completed_at = Some(now);
+        if cp
+            .store
+            .close_pending_deployment(&d, DeploymentStatus::Expired)
+            .await?
+        {
+            tracing::info!(deployment_id = %d.id, "approval request expired");
+            let entry = crate::store::AuditEntry {
+                id: Uuid::now_v7(),
+                at: now,
+                actor: "control-plane".into(),
+                organization_id: Some(d.organization_id),
+                action: "infrastructure.approval.expire".into(),
+                target: Some(d.id.to_string()),
+                source_ip: None,
+                outcome: "success".into(),
+                detail: json!({ "batch_id": d.record.batch_id }),
+            };
+            cp.store.append_audit(&entry).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs jobs until shutdown: claims up to `--provision-workers` deployments
@@ -181,6 +264,9 @@ pub async fn worker_loop(cp: Arc<ControlPlane>) {
                 Err(_) => return,
             },
         };
+        if let Err(e) = expire_pending_approvals(&cp).await {
+            tracing::warn!(error = %e, "could not expire approval requests");
+        }
         let now = Utc::now();
         let claimed = cp
             .store
@@ -406,7 +492,10 @@ impl Job {
             DeploymentStatus::Destroying => self.destroy_requested().await,
             DeploymentStatus::Completed
             | DeploymentStatus::Failed
-            | DeploymentStatus::Destroyed => Ok(()),
+            | DeploymentStatus::Destroyed
+            | DeploymentStatus::PendingApproval
+            | DeploymentStatus::Rejected
+            | DeploymentStatus::Expired => Ok(()),
         }
     }
 

@@ -81,6 +81,10 @@ pub struct Quotas {
     pub max_servers: Option<i64>,
     pub max_cpu_cores: Option<i64>,
     pub max_memory_gb: Option<i64>,
+    /// Most committed monthly cost in whole USD (catalog list prices of the
+    /// running deployments, hourly × 730).
+    #[serde(default)]
+    pub max_monthly_cost_usd: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -270,12 +274,18 @@ pub enum OrganizationDeletion {
 }
 
 /// Resources used by an organization and its descendants.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub servers: i64,
+    /// vCPUs: catalog sizes of running deployments, plus the reported cores
+    /// of servers enrolled without a deployment.
     pub cpu_cores: i64,
-    /// Memory in GiB, rounded up per server.
+    /// Memory in GiB, rounded up per server, counted the same way.
     pub memory_gb: i64,
+    /// Monthly list price (USD, hourly × 730) of the running deployments
+    /// (neither destroyed, failed, nor waiting for approval).
+    #[serde(default)]
+    pub committed_monthly_cost_usd: f64,
 }
 
 /// A filtered audit log listing, newest first.

@@ -39,7 +39,7 @@ pub(crate) const SERVER_COLUMNS: &str =
      agent_version, facts, deployment_id, created_at, last_seen_at";
 
 pub(crate) const ORGANIZATION_COLUMNS: &str =
-    "id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at";
+    "id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, max_monthly_cost_usd, created_at";
 
 pub(crate) const API_TOKEN_COLUMNS: &str =
     "id, organization_id, name, scopes, created_at, expires_at, revoked_at";
@@ -61,16 +61,21 @@ pub(crate) const REMOVED_REASON: &str = "removed";
 pub(crate) const ORGANIZATION_DELETED_REASON: &str = "organization deleted";
 
 /// What a live organization and its live descendants use (servers, and
-/// deployments still provisioning theirs), read on `conn`.
+/// deployments still provisioning theirs), read on `conn`. CPU and memory:
+/// the catalog sizes of committed deployments, and the reported facts of
+/// servers enrolled without a deployment (a deployment's server adds nothing
+/// when it enrolls: its size was counted when it was requested).
 pub(crate) async fn usage_on(conn: &mut sqlx::PgConnection, id: Uuid) -> StoreResult<Usage> {
     // Facts are what agents reported; values that are not JSON numbers
     // count as nothing rather than failing the whole sum.
     let row = sqlx::query(&format!(
         "{SUBTREE_CTE}
          SELECT COUNT(*) AS servers,
-                COALESCE(SUM(CASE WHEN jsonb_typeof(facts -> 'cpu_cores') = 'number'
+                COALESCE(SUM(CASE WHEN deployment_id IS NULL
+                                       AND jsonb_typeof(facts -> 'cpu_cores') = 'number'
                                   THEN (facts ->> 'cpu_cores')::numeric END), 0)::bigint AS cpu_cores,
-                COALESCE(SUM(CASE WHEN jsonb_typeof(facts -> 'memory_bytes') = 'number'
+                COALESCE(SUM(CASE WHEN deployment_id IS NULL
+                                       AND jsonb_typeof(facts -> 'memory_bytes') = 'number'
                                   THEN CEIL((facts ->> 'memory_bytes')::numeric / 1073741824) END), 0)::bigint
                     AS memory_gb
          FROM servers
@@ -90,11 +95,84 @@ pub(crate) async fn usage_on(conn: &mut sqlx::PgConnection, id: Uuid) -> StoreRe
     .bind(id)
     .fetch_one(&mut *conn)
     .await?;
+    let committed = super::quota::committed_of(&committed_records_on(conn, id).await?);
     Ok(Usage {
         servers: row.try_get::<i64, _>("servers")? + provisioning,
-        cpu_cores: row.try_get("cpu_cores")?,
-        memory_gb: row.try_get("memory_gb")?,
+        cpu_cores: row.try_get::<i64, _>("cpu_cores")? + committed.cpu_cores,
+        memory_gb: row.try_get::<i64, _>("memory_gb")? + committed.memory_gb,
+        committed_monthly_cost_usd: (committed.monthly_cost_usd * 100.0).round() / 100.0,
     })
+}
+
+/// Records of the committed deployments (their server runs or is on its
+/// way) of a live organization and its live descendants, read on `conn`.
+pub(crate) async fn committed_records_on(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+) -> StoreResult<Vec<DeploymentRecord>> {
+    let committed = super::quota::committed_statuses_sql();
+    let records: Vec<sqlx::types::Json<DeploymentRecord>> = sqlx::query_scalar(&format!(
+        "{SUBTREE_CTE}
+         SELECT record FROM deployments
+         WHERE deleted_at IS NULL AND status IN ({committed}) AND organization_id IN (SELECT id FROM tree)"
+    ))
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(records.into_iter().map(|r| r.0).collect())
+}
+
+/// What a live organization and its descendants use as quotas count it at
+/// provision time: servers as [`usage_on`] counts them, CPU, memory and
+/// monthly cost from the catalog sizes of committed deployments.
+pub(crate) async fn committed_on(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+) -> StoreResult<super::Demand> {
+    let usage = usage_on(conn, id).await?;
+    Ok(super::Demand {
+        servers: usage.servers,
+        cpu_cores: usage.cpu_cores,
+        memory_gb: usage.memory_gb,
+        monthly_cost_usd: super::quota::committed_of(&committed_records_on(conn, id).await?)
+            .monthly_cost_usd,
+    })
+}
+
+/// Locks `organization_id` and its ancestors (in id order, like the
+/// enrollment) and returns those that set any limit, the monthly cost
+/// included; `None` when the organization is gone.
+pub(crate) async fn lock_limited_ancestors(
+    conn: &mut sqlx::PgConnection,
+    organization_id: Uuid,
+) -> StoreResult<Option<Vec<Organization>>> {
+    let rows = sqlx::query(&format!(
+        "WITH RECURSIVE chain (id, parent_id) AS (
+             SELECT id, parent_id FROM organizations WHERE id = $1
+             UNION
+             SELECT o.id, o.parent_id FROM organizations o JOIN chain c ON o.id = c.parent_id)
+         SELECT {ORGANIZATION_COLUMNS}, deleted_at IS NOT NULL AS deleted FROM organizations
+         WHERE id IN (SELECT id FROM chain)
+         ORDER BY id FOR UPDATE"
+    ))
+    .bind(organization_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let own_live = rows.iter().any(|row| {
+        row.try_get::<Uuid, _>("id").ok() == Some(organization_id)
+            && row.try_get::<bool, _>("deleted").ok() == Some(false)
+    });
+    if !own_live {
+        return Ok(None);
+    }
+    let mut limited = Vec::new();
+    for row in &rows {
+        let org = organization_from_row(row)?;
+        if super::quota::has_any_limit(&org) {
+            limited.push(org);
+        }
+    }
+    Ok(Some(limited))
 }
 
 pub(crate) fn api_token_from_row(row: &PgRow) -> StoreResult<ApiToken> {
@@ -243,14 +321,15 @@ impl Store for PostgresStore {
             return Ok((existing, false));
         }
         sqlx::query(
-            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at)
-             VALUES ($1, $2, NULL, $3, $4, $5, $6)",
+            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, max_monthly_cost_usd, created_at)
+             VALUES ($1, $2, NULL, $3, $4, $5, $6, $7)",
         )
         .bind(root.id)
         .bind(&root.name)
         .bind(root.quotas.max_servers)
         .bind(root.quotas.max_cpu_cores)
         .bind(root.quotas.max_memory_gb)
+        .bind(root.quotas.max_monthly_cost_usd)
         .bind(root.created_at)
         .execute(&mut *tx)
         .await?;
@@ -693,8 +772,8 @@ impl Store for PostgresStore {
 
     async fn create_organization(&self, org: &Organization) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, max_monthly_cost_usd, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(org.id)
         .bind(&org.name)
@@ -702,6 +781,7 @@ impl Store for PostgresStore {
         .bind(org.quotas.max_servers)
         .bind(org.quotas.max_cpu_cores)
         .bind(org.quotas.max_memory_gb)
+        .bind(org.quotas.max_monthly_cost_usd)
         .bind(org.created_at)
         .execute(&self.pool)
         .await?;
@@ -749,7 +829,8 @@ impl Store for PostgresStore {
                  name = COALESCE($2, name),
                  max_servers = CASE WHEN $3 THEN $4 ELSE max_servers END,
                  max_cpu_cores = CASE WHEN $3 THEN $5 ELSE max_cpu_cores END,
-                 max_memory_gb = CASE WHEN $3 THEN $6 ELSE max_memory_gb END
+                 max_memory_gb = CASE WHEN $3 THEN $6 ELSE max_memory_gb END,
+                 max_monthly_cost_usd = CASE WHEN $3 THEN $7 ELSE max_monthly_cost_usd END
              WHERE id = $1 AND deleted_at IS NULL
              RETURNING {ORGANIZATION_COLUMNS}"
         ))
@@ -759,6 +840,7 @@ impl Store for PostgresStore {
         .bind(quotas.max_servers)
         .bind(quotas.max_cpu_cores)
         .bind(quotas.max_memory_gb)
+        .bind(quotas.max_monthly_cost_usd)
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(organization_from_row).transpose()
@@ -857,6 +939,7 @@ impl Store for PostgresStore {
                  FROM organizations WHERE id = $1 AND deleted_at IS NULL
                  UNION ALL
                  SELECT p.id, p.name, p.parent_id, p.max_servers, p.max_cpu_cores, p.max_memory_gb,
+                        p.max_monthly_cost_usd,
                         p.created_at, c.depth + 1
                  FROM organizations p JOIN chain c ON p.id = c.parent_id)
              CYCLE id SET in_cycle USING path

@@ -63,3 +63,89 @@ pub fn exceeded_by_growth(
             })
         })
 }
+
+/// The first limit of `org` that `demand` would break on top of `used`
+/// (servers as the enrollment counts them; CPU, memory and monthly cost from
+/// the catalog sizes of committed deployments). The stores call this inside
+/// the transaction that creates or approves deployments. Money is compared
+/// exactly; `usage` and `requested` of a cost refusal are whole dollars
+/// rounded up.
+pub fn exceeded_by_demand(
+    org: &Organization,
+    used: &super::Demand,
+    demand: &super::Demand,
+) -> Option<QuotaExceeded> {
+    let q = &org.quotas;
+    let refusal = |resource, limit, usage, requested| QuotaExceeded {
+        organization_id: org.id,
+        resource,
+        limit,
+        usage,
+        requested,
+    };
+    for (resource, limit, usage, requested) in [
+        ("max_servers", q.max_servers, used.servers, demand.servers),
+        (
+            "max_cpu_cores",
+            q.max_cpu_cores,
+            used.cpu_cores,
+            demand.cpu_cores,
+        ),
+        (
+            "max_memory_gb",
+            q.max_memory_gb,
+            used.memory_gb,
+            demand.memory_gb,
+        ),
+    ] {
+        if let Some(limit) = limit {
+            if requested > 0 && usage.saturating_add(requested) > limit {
+                return Some(refusal(resource, limit, usage, requested));
+            }
+        }
+    }
+    if let Some(limit) = q.max_monthly_cost_usd {
+        // Costs are sums of catalog prices (each at most 10 000 USD/h):
+        // far inside i64 once rounded.
+        if demand.monthly_cost_usd > 0.0
+            && used.monthly_cost_usd + demand.monthly_cost_usd > limit as f64 + 1e-9
+        {
+            return Some(refusal(
+                "max_monthly_cost_usd",
+                limit,
+                used.monthly_cost_usd.ceil() as i64,
+                demand.monthly_cost_usd.ceil() as i64,
+            ));
+        }
+    }
+    None
+}
+
+/// Whether an organization sets any limit [`exceeded_by_demand`] checks.
+pub fn has_any_limit(org: &Organization) -> bool {
+    let q = &org.quotas;
+    q.max_servers.is_some()
+        || q.max_cpu_cores.is_some()
+        || q.max_memory_gb.is_some()
+        || q.max_monthly_cost_usd.is_some()
+}
+
+/// What the committed deployments (catalog sizes) of a set of records use.
+pub(crate) fn committed_of(records: &[super::DeploymentRecord]) -> super::Demand {
+    let mut used = super::Demand::default();
+    for size in records.iter().filter_map(|r| r.size) {
+        used.cpu_cores += size.vcpus;
+        used.memory_gb += size.quota_memory_gb();
+        used.monthly_cost_usd += size.hourly_usd * crate::catalog::HOURS_PER_MONTH;
+    }
+    used
+}
+
+/// SQL list of [`super::DeploymentStatus::COMMITTED`].
+pub(crate) fn committed_statuses_sql() -> String {
+    super::DeploymentStatus::COMMITTED
+        .iter()
+        .map(|status| format!("'{}'", status.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

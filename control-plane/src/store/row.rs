@@ -125,6 +125,7 @@ pub(crate) fn organization_from_row(row: &impl StoreRow) -> StoreResult<Organiza
             max_servers: row.opt_int("max_servers")?,
             max_cpu_cores: row.opt_int("max_cpu_cores")?,
             max_memory_gb: row.opt_int("max_memory_gb")?,
+            max_monthly_cost_usd: row.opt_int("max_monthly_cost_usd")?,
         },
         created_at: row.time("created_at")?,
     })

@@ -278,14 +278,15 @@ impl Store for SqliteStore {
             return Ok((existing, false));
         }
         sqlx::query(
-            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at)
-             VALUES (?, ?, NULL, ?, ?, ?, ?)",
+            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, max_monthly_cost_usd, created_at)
+             VALUES (?, ?, NULL, ?, ?, ?, ?, ?)",
         )
         .bind(root.id.to_string())
         .bind(&root.name)
         .bind(root.quotas.max_servers)
         .bind(root.quotas.max_cpu_cores)
         .bind(root.quotas.max_memory_gb)
+        .bind(root.quotas.max_monthly_cost_usd)
         .bind(ms(root.created_at))
         .execute(&mut *tx)
         .await?;
@@ -758,8 +759,8 @@ impl Store for SqliteStore {
 
     async fn create_organization(&self, org: &Organization) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO organizations (id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, max_monthly_cost_usd, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(org.id.to_string())
         .bind(&org.name)
@@ -767,6 +768,7 @@ impl Store for SqliteStore {
         .bind(org.quotas.max_servers)
         .bind(org.quotas.max_cpu_cores)
         .bind(org.quotas.max_memory_gb)
+        .bind(org.quotas.max_monthly_cost_usd)
         .bind(ms(org.created_at))
         .execute(&self.pool)
         .await?;
@@ -822,6 +824,9 @@ impl Store for SqliteStore {
             builder
                 .push(", max_memory_gb = ")
                 .push_bind(quotas.max_memory_gb);
+            builder
+                .push(", max_monthly_cost_usd = ")
+                .push_bind(quotas.max_monthly_cost_usd);
         }
         builder
             .push(" WHERE deleted_at IS NULL AND id = ")
@@ -1052,9 +1057,9 @@ impl Store for SqliteStore {
 }
 
 pub(crate) const ORGANIZATION_COLUMNS: &str =
-    "id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, created_at";
+    "id, name, parent_id, max_servers, max_cpu_cores, max_memory_gb, max_monthly_cost_usd, created_at";
 pub(crate) const ORGANIZATION_COLUMNS_QUALIFIED: &str =
-    "o.id, o.name, o.parent_id, o.max_servers, o.max_cpu_cores, o.max_memory_gb, o.created_at";
+    "o.id, o.name, o.parent_id, o.max_servers, o.max_cpu_cores, o.max_memory_gb, o.max_monthly_cost_usd, o.created_at";
 /// Ids of a live organization and its live descendants (one `?`: the root).
 pub(crate) const SUBTREE_SQL: &str = "WITH RECURSIVE tree (id) AS (
          SELECT id FROM organizations WHERE id = ? AND deleted_at IS NULL
@@ -1063,12 +1068,17 @@ pub(crate) const SUBTREE_SQL: &str = "WITH RECURSIVE tree (id) AS (
      SELECT id FROM tree";
 
 /// What a live organization and its live descendants use (servers, and
-/// deployments still provisioning theirs), read on `conn`.
+/// deployments still provisioning theirs), read on `conn`. CPU and memory:
+/// the catalog sizes of committed deployments, and the reported facts of
+/// servers enrolled without a deployment (a deployment's server adds nothing
+/// when it enrolls: its size was counted when it was requested).
 pub(crate) async fn usage_on(conn: &mut sqlx::SqliteConnection, id: Uuid) -> StoreResult<Usage> {
     let row = sqlx::query(&format!(
         "SELECT COUNT(*) AS servers,
-                COALESCE(SUM(COALESCE(json_extract(facts, '$.cpu_cores'), 0)), 0) AS cpu_cores,
-                COALESCE(SUM((COALESCE(json_extract(facts, '$.memory_bytes'), 0) + 1073741823) / 1073741824), 0) AS memory_gb
+                COALESCE(SUM(CASE WHEN deployment_id IS NULL
+                                  THEN COALESCE(json_extract(facts, '$.cpu_cores'), 0) END), 0) AS cpu_cores,
+                COALESCE(SUM(CASE WHEN deployment_id IS NULL
+                                  THEN (COALESCE(json_extract(facts, '$.memory_bytes'), 0) + 1073741823) / 1073741824 END), 0) AS memory_gb
          FROM servers WHERE deleted_at IS NULL AND organization_id IN ({SUBTREE_SQL})"
     ))
     .bind(id.to_string())
@@ -1084,11 +1094,78 @@ pub(crate) async fn usage_on(conn: &mut sqlx::SqliteConnection, id: Uuid) -> Sto
     .bind(id.to_string())
     .fetch_one(&mut *conn)
     .await?;
+    let committed = super::quota::committed_of(&committed_records_on(conn, id).await?);
     Ok(Usage {
         servers: row.try_get::<i64, _>("servers")? + provisioning,
-        cpu_cores: row.try_get("cpu_cores")?,
-        memory_gb: row.try_get("memory_gb")?,
+        cpu_cores: row.try_get::<i64, _>("cpu_cores")? + committed.cpu_cores,
+        memory_gb: row.try_get::<i64, _>("memory_gb")? + committed.memory_gb,
+        committed_monthly_cost_usd: (committed.monthly_cost_usd * 100.0).round() / 100.0,
     })
+}
+
+/// Records of the committed deployments (their server runs or is on its
+/// way) of a live organization and its live descendants, read on `conn`.
+pub(crate) async fn committed_records_on(
+    conn: &mut sqlx::SqliteConnection,
+    id: Uuid,
+) -> StoreResult<Vec<DeploymentRecord>> {
+    let committed = super::quota::committed_statuses_sql();
+    let records: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT record FROM deployments
+         WHERE deleted_at IS NULL AND status IN ({committed}) AND organization_id IN ({SUBTREE_SQL})"
+    ))
+    .bind(id.to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    records
+        .iter()
+        .map(|r| {
+            serde_json::from_str(r)
+                .map_err(|e| StoreError::Corrupt(format!("deployment record: {e}")))
+        })
+        .collect()
+}
+
+/// What a live organization and its descendants use as quotas count it at
+/// provision time: servers as [`usage_on`] counts them, CPU, memory and
+/// monthly cost from the catalog sizes of committed deployments.
+pub(crate) async fn committed_on(
+    conn: &mut sqlx::SqliteConnection,
+    id: Uuid,
+) -> StoreResult<super::Demand> {
+    let usage = usage_on(conn, id).await?;
+    Ok(super::Demand {
+        servers: usage.servers,
+        cpu_cores: usage.cpu_cores,
+        memory_gb: usage.memory_gb,
+        monthly_cost_usd: super::quota::committed_of(&committed_records_on(conn, id).await?)
+            .monthly_cost_usd,
+    })
+}
+
+/// The organization `organization_id` and its ancestors that set any limit
+/// (the monthly cost included), read on `conn`.
+pub(crate) async fn any_limited_ancestors(
+    conn: &mut sqlx::SqliteConnection,
+    organization_id: &str,
+) -> StoreResult<Vec<Organization>> {
+    let rows = sqlx::query(&format!(
+        "WITH RECURSIVE chain (id, depth) AS (
+             SELECT id, 0 FROM organizations WHERE id = ?
+             UNION ALL
+             SELECT o.parent_id, c.depth + 1 FROM organizations o JOIN chain c ON o.id = c.id
+             WHERE o.parent_id IS NOT NULL)
+         SELECT {ORGANIZATION_COLUMNS_QUALIFIED} FROM chain JOIN organizations o ON o.id = chain.id
+         ORDER BY chain.depth"
+    ))
+    .bind(organization_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let orgs: StoreResult<Vec<Organization>> = rows.iter().map(organization_from_row).collect();
+    Ok(orgs?
+        .into_iter()
+        .filter(super::quota::has_any_limit)
+        .collect())
 }
 
 /// The organization `organization_id` and its ancestors that set a limit,

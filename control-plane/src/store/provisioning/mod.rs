@@ -196,10 +196,17 @@ pub enum DeploymentStatus {
     Destroying,
     /// Destroyed; the server is removed.
     Destroyed,
+    /// The organization's approval policy caught it: nothing runs until a
+    /// holder of `infrastructure:approve` approves it (then `pending`).
+    PendingApproval,
+    /// An approver rejected it; nothing ran.
+    Rejected,
+    /// Nobody decided within `--approval-ttl`; nothing ran.
+    Expired,
 }
 
 impl DeploymentStatus {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 11] = [
         Self::Pending,
         Self::Provisioning,
         Self::Registering,
@@ -208,6 +215,9 @@ impl DeploymentStatus {
         Self::Failed,
         Self::Destroying,
         Self::Destroyed,
+        Self::PendingApproval,
+        Self::Rejected,
+        Self::Expired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -220,6 +230,9 @@ impl DeploymentStatus {
             Self::Failed => "failed",
             Self::Destroying => "destroying",
             Self::Destroyed => "destroyed",
+            Self::PendingApproval => "pending_approval",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
         }
     }
 
@@ -241,11 +254,90 @@ impl DeploymentStatus {
         Self::ACTIVE.contains(&self)
     }
 
-    /// Whether the deployment may still hold cloud resources and so needs
-    /// its credential (every status but `destroyed`).
+    /// Whether the deployment may still hold cloud resources, or will once
+    /// approved, and so needs its credential (every status but `destroyed`,
+    /// and `rejected` and `expired`, which never ran).
     pub fn uses_credential(self) -> bool {
-        self != Self::Destroyed
+        !matches!(self, Self::Destroyed | Self::Rejected | Self::Expired)
     }
+    /// Statuses whose server runs (or is on its way, or still being
+    /// removed): what quotas and the committed cost count.
+    pub const COMMITTED: [Self; 6] = [
+        Self::Pending,
+        Self::Provisioning,
+        Self::Registering,
+        Self::Completed,
+        Self::RollingBack,
+        Self::Destroying,
+    ];
+
+    /// Whether the deployment's size counts against quotas.
+    pub fn is_committed(self) -> bool {
+        Self::COMMITTED.contains(&self)
+    }
+}
+
+/// A deployment's size and list price, from the instance catalog when it
+/// was requested.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentSize {
+    pub vcpus: i64,
+    /// Memory in GB as the catalog states it.
+    pub memory_gb: f64,
+    pub hourly_usd: f64,
+}
+
+impl DeploymentSize {
+    /// Memory as quotas count it: whole GiB, rounded up per server.
+    pub fn quota_memory_gb(&self) -> i64 {
+        // A catalog's memory is at most 65536 GB: the cast cannot overflow.
+        self.memory_gb.ceil().max(0.0) as i64
+    }
+}
+
+/// Who asked for a deployment the approval policy caught, and what was
+/// decided.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApprovalRecord {
+    /// The API token that asked.
+    pub requested_by_token: Uuid,
+    /// The audit actor of that token (`token:<id>`).
+    pub requested_by: String,
+    pub requested_at: DateTime<Utc>,
+    /// When it expires unless decided.
+    pub expires_at: DateTime<Utc>,
+    /// Why the policy caught it.
+    pub reason: String,
+    /// `approved`, `rejected` or `expired` once decided.
+    pub decision: Option<String>,
+    pub decided_by_token: Option<Uuid>,
+    pub decided_at: Option<DateTime<Utc>>,
+    pub comment: Option<String>,
+}
+
+/// Resources a request adds, checked against every limited ancestor.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Demand {
+    pub servers: i64,
+    pub cpu_cores: i64,
+    pub memory_gb: i64,
+    pub monthly_cost_usd: f64,
+}
+
+/// What an organization's approval policy asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApprovalPolicy {
+    /// `always` or `never` (then only the conditions below apply).
+    pub require: String,
+    /// Provisions whose monthly estimate is above this need approval.
+    pub above_monthly_usd: Option<f64>,
+    /// Provisions with one of these providers need approval.
+    #[serde(default)]
+    pub providers: Vec<String>,
+    /// Provisions in one of these regions need approval.
+    #[serde(default)]
+    pub regions: Vec<String>,
+    pub updated_at: DateTime<Utc>,
 }
 
 /// The state of one step of a deployment.
@@ -328,6 +420,15 @@ pub struct DeploymentRecord {
     /// conditions are deleted.
     #[serde(default)]
     pub delete_server_data: bool,
+    /// Catalog size and list price when it was requested.
+    #[serde(default)]
+    pub size: Option<DeploymentSize>,
+    /// The batch (`count` on the request) it belongs to.
+    #[serde(default)]
+    pub batch_id: Option<Uuid>,
+    /// Set when the approval policy caught it.
+    #[serde(default)]
+    pub approval: Option<ApprovalRecord>,
 }
 
 /// A deployment row.
@@ -523,6 +624,64 @@ pub trait ProvisioningStore: Send + Sync {
 
     /// The hash of a deployment's bootstrap token.
     async fn deployment_token_hash(&self, deployment_id: Uuid) -> StoreResult<Option<String>>;
+
+    /// Stores new deployments (a batch: all or none) with their bootstrap
+    /// tokens (`None` for one waiting for approval) in one transaction, after
+    /// checking, under locks of the limited ancestors, that the organization
+    /// and every ancestor can take `demand` on top of what their committed
+    /// deployments (catalog sizes) and servers use.
+    async fn create_deployments_within_quota(
+        &self,
+        deployments: &[(Deployment, Option<NewEnrollmentToken>)],
+        demand: &Demand,
+    ) -> StoreResult<Result<(), super::quota::QuotaExceeded>>;
+
+    /// Moves a deployment from `pending_approval` to `pending` with its new
+    /// record and sealed bootstrap token, and stores the token, after the
+    /// same quota check as [`Self::create_deployments_within_quota`].
+    /// `Ok(false)`: it was not waiting for approval (any more).
+    async fn approve_deployment_within_quota(
+        &self,
+        approved: &Deployment,
+        token: &NewEnrollmentToken,
+        demand: &Demand,
+    ) -> StoreResult<Result<bool, super::quota::QuotaExceeded>>;
+
+    /// Ends a deployment waiting for approval in `to` (`rejected` or
+    /// `expired`) with its new record; `false` when it was no longer waiting.
+    async fn close_pending_deployment(
+        &self,
+        closed: &Deployment,
+        to: DeploymentStatus,
+    ) -> StoreResult<bool>;
+
+    /// Every deployment waiting for approval, oldest first.
+    async fn pending_approvals(&self) -> StoreResult<Vec<Deployment>>;
+
+    /// Deployments of a batch in `scope`, by server name order of creation.
+    async fn batch_deployments(
+        &self,
+        scope: &[Uuid],
+        batch_id: Uuid,
+    ) -> StoreResult<Vec<Deployment>>;
+
+    /// Every deployment (live or not) of the organizations in `scope`
+    /// created before `before`, oldest first (cost reports).
+    async fn deployments_created_before(
+        &self,
+        scope: &[Uuid],
+        before: DateTime<Utc>,
+    ) -> StoreResult<Vec<Deployment>>;
+
+    /// An organization's own approval policy.
+    async fn approval_policy(&self, organization_id: Uuid) -> StoreResult<Option<ApprovalPolicy>>;
+
+    /// Sets (replaces) an organization's approval policy.
+    async fn set_approval_policy(
+        &self,
+        organization_id: Uuid,
+        policy: &ApprovalPolicy,
+    ) -> StoreResult<()>;
 
     /// Makes a deployment's unused bootstrap token unusable.
     async fn expire_deployment_token(

@@ -173,7 +173,7 @@ impl ProvisioningStore for PostgresStore {
     ) -> StoreResult<(Vec<Uuid>, u64)> {
         let ids: Vec<Uuid> = sqlx::query_scalar(
             "SELECT id FROM deployments
-             WHERE credential_id = $1 AND status <> 'destroyed' AND deleted_at IS NULL
+             WHERE credential_id = $1 AND status NOT IN ('destroyed', 'rejected', 'expired') AND deleted_at IS NULL
              ORDER BY created_at, id LIMIT $2",
         )
         .bind(credential_id)
@@ -182,7 +182,7 @@ impl ProvisioningStore for PostgresStore {
         .await?;
         let count: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM deployments
-             WHERE credential_id = $1 AND status <> 'destroyed' AND deleted_at IS NULL",
+             WHERE credential_id = $1 AND status NOT IN ('destroyed', 'rejected', 'expired') AND deleted_at IS NULL",
         )
         .bind(credential_id)
         .fetch_one(&self.pool)
@@ -215,7 +215,7 @@ impl ProvisioningStore for PostgresStore {
         }
         let ids: Vec<Uuid> = sqlx::query_scalar(
             "SELECT id FROM deployments
-             WHERE credential_id = $1 AND status <> 'destroyed' AND deleted_at IS NULL
+             WHERE credential_id = $1 AND status NOT IN ('destroyed', 'rejected', 'expired') AND deleted_at IS NULL
              ORDER BY created_at, id LIMIT $2",
         )
         .bind(id)
@@ -224,7 +224,7 @@ impl ProvisioningStore for PostgresStore {
         .await?;
         let count: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM deployments
-             WHERE credential_id = $1 AND status <> 'destroyed' AND deleted_at IS NULL",
+             WHERE credential_id = $1 AND status NOT IN ('destroyed', 'rejected', 'expired') AND deleted_at IS NULL",
         )
         .bind(id)
         .fetch_one(&mut *tx)
@@ -296,6 +296,200 @@ impl ProvisioningStore for PostgresStore {
         .await?;
         insert_enrollment_token(&mut *tx, token).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create_deployments_within_quota(
+        &self,
+        deployments: &[(Deployment, Option<NewEnrollmentToken>)],
+        demand: &Demand,
+    ) -> StoreResult<Result<(), QuotaExceeded>> {
+        let Some((first, _)) = deployments.first() else {
+            return Ok(Ok(()));
+        };
+        let mut tx = self.pool.begin().await?;
+        // The organization and its ancestors locked (id order, as the
+        // enrollment does): racing requests and enrollments into a limited
+        // tree count one another.
+        let Some(limited) = lock_limited_ancestors(&mut tx, first.organization_id).await? else {
+            tx.rollback().await?;
+            return Err(StoreError::Corrupt(format!(
+                "organization {} is gone",
+                first.organization_id
+            )));
+        };
+        for org in &limited {
+            let used = committed_on(&mut tx, org.id).await?;
+            if let Some(q) = crate::store::quota::exceeded_by_demand(org, &used, demand) {
+                tx.rollback().await?;
+                return Ok(Err(q));
+            }
+        }
+        for (d, token) in deployments {
+            insert_deployment(&mut tx, d).await?;
+            if let Some(token) = token {
+                insert_enrollment_token(&mut *tx, token).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    async fn approve_deployment_within_quota(
+        &self,
+        d: &Deployment,
+        token: &NewEnrollmentToken,
+        demand: &Demand,
+    ) -> StoreResult<Result<bool, QuotaExceeded>> {
+        let mut tx = self.pool.begin().await?;
+        let Some(limited) = lock_limited_ancestors(&mut tx, d.organization_id).await? else {
+            tx.rollback().await?;
+            return Ok(Ok(false));
+        };
+        let status: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM deployments WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+        )
+        .bind(d.id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if status.as_deref() != Some(DeploymentStatus::PendingApproval.as_str()) {
+            tx.rollback().await?;
+            return Ok(Ok(false));
+        }
+        for org in &limited {
+            let used = committed_on(&mut tx, org.id).await?;
+            if let Some(q) = crate::store::quota::exceeded_by_demand(org, &used, demand) {
+                tx.rollback().await?;
+                return Ok(Err(q));
+            }
+        }
+        let moved = sqlx::query(
+            "UPDATE deployments SET status = 'pending', record = $1, bootstrap_token_sealed = $2,
+               updated_at = $3
+             WHERE id = $4 AND deleted_at IS NULL AND status = 'pending_approval'",
+        )
+        .bind(Json(&d.record))
+        .bind(&d.bootstrap_token_sealed)
+        .bind(d.updated_at)
+        .bind(d.id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !moved {
+            tx.rollback().await?;
+            return Ok(Ok(false));
+        }
+        insert_enrollment_token(&mut *tx, token).await?;
+        tx.commit().await?;
+        Ok(Ok(true))
+    }
+
+    async fn close_pending_deployment(
+        &self,
+        d: &Deployment,
+        to: DeploymentStatus,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE deployments SET status = $1, record = $2, updated_at = $3, completed_at = $4
+             WHERE id = $5 AND deleted_at IS NULL AND status = 'pending_approval'",
+        )
+        .bind(to.as_str())
+        .bind(Json(&d.record))
+        .bind(d.updated_at)
+        .bind(d.completed_at)
+        .bind(d.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn pending_approvals(&self) -> StoreResult<Vec<Deployment>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
+             WHERE deleted_at IS NULL AND status = 'pending_approval' ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    async fn batch_deployments(
+        &self,
+        scope: &[Uuid],
+        batch_id: Uuid,
+    ) -> StoreResult<Vec<Deployment>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
+             WHERE deleted_at IS NULL AND record ->> 'batch_id' = $1 AND organization_id = ANY($2)
+             ORDER BY id"
+        ))
+        .bind(batch_id.to_string())
+        .bind(scope)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    async fn deployments_created_before(
+        &self,
+        scope: &[Uuid],
+        before: DateTime<Utc>,
+    ) -> StoreResult<Vec<Deployment>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
+             WHERE created_at < $1 AND organization_id = ANY($2) ORDER BY created_at, id"
+        ))
+        .bind(before)
+        .bind(scope)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    async fn approval_policy(&self, organization_id: Uuid) -> StoreResult<Option<ApprovalPolicy>> {
+        let row = sqlx::query(
+            "SELECT require, above_monthly_usd, providers, regions, updated_at
+             FROM approval_policies WHERE organization_id = $1",
+        )
+        .bind(organization_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| -> StoreResult<ApprovalPolicy> {
+            let providers: Json<Vec<String>> = row.try_get("providers")?;
+            let regions: Json<Vec<String>> = row.try_get("regions")?;
+            Ok(ApprovalPolicy {
+                require: row.try_get("require")?,
+                above_monthly_usd: row.try_get("above_monthly_usd")?,
+                providers: providers.0,
+                regions: regions.0,
+                updated_at: row.try_get("updated_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn set_approval_policy(
+        &self,
+        organization_id: Uuid,
+        p: &ApprovalPolicy,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO approval_policies
+               (organization_id, require, above_monthly_usd, providers, regions, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (organization_id) DO UPDATE SET require = excluded.require,
+               above_monthly_usd = excluded.above_monthly_usd, providers = excluded.providers,
+               regions = excluded.regions, updated_at = excluded.updated_at",
+        )
+        .bind(organization_id)
+        .bind(&p.require)
+        .bind(p.above_monthly_usd)
+        .bind(Json(&p.providers))
+        .bind(Json(&p.regions))
+        .bind(p.updated_at)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -683,4 +877,30 @@ impl ProvisioningStore for PostgresStore {
             _ => LockOutcome::Done,
         })
     }
+}
+
+/// Inserts one deployment row.
+async fn insert_deployment(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    d: &Deployment,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO deployments (id, organization_id, provider, credential_id, status, server_id,
+           record, bootstrap_token_sealed, created_at, updated_at, completed_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(d.id)
+    .bind(d.organization_id)
+    .bind(&d.provider)
+    .bind(d.credential_id)
+    .bind(d.status.as_str())
+    .bind(d.server_id)
+    .bind(Json(&d.record))
+    .bind(&d.bootstrap_token_sealed)
+    .bind(d.created_at)
+    .bind(d.updated_at)
+    .bind(d.completed_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }

@@ -162,7 +162,7 @@ impl ProvisioningStore for SqliteStore {
     ) -> StoreResult<(Vec<Uuid>, u64)> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM deployments
-             WHERE credential_id = ? AND status <> 'destroyed' AND deleted_at IS NULL
+             WHERE credential_id = ? AND status NOT IN ('destroyed', 'rejected', 'expired') AND deleted_at IS NULL
              ORDER BY created_at, id LIMIT ?",
         )
         .bind(credential_id.to_string())
@@ -171,7 +171,7 @@ impl ProvisioningStore for SqliteStore {
         .await?;
         let count: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM deployments
-             WHERE credential_id = ? AND status <> 'destroyed' AND deleted_at IS NULL",
+             WHERE credential_id = ? AND status NOT IN ('destroyed', 'rejected', 'expired') AND deleted_at IS NULL",
         )
         .bind(credential_id.to_string())
         .fetch_one(&self.pool)
@@ -205,7 +205,7 @@ impl ProvisioningStore for SqliteStore {
         }
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM deployments
-             WHERE credential_id = ? AND status <> 'destroyed' AND deleted_at IS NULL
+             WHERE credential_id = ? AND status NOT IN ('destroyed', 'rejected', 'expired') AND deleted_at IS NULL
              ORDER BY created_at, id LIMIT ?",
         )
         .bind(id.to_string())
@@ -214,7 +214,7 @@ impl ProvisioningStore for SqliteStore {
         .await?;
         let count: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM deployments
-             WHERE credential_id = ? AND status <> 'destroyed' AND deleted_at IS NULL",
+             WHERE credential_id = ? AND status NOT IN ('destroyed', 'rejected', 'expired') AND deleted_at IS NULL",
         )
         .bind(id.to_string())
         .fetch_one(&mut *tx)
@@ -290,6 +290,177 @@ impl ProvisioningStore for SqliteStore {
         .await?;
         insert_enrollment_token(&mut *tx, token).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create_deployments_within_quota(
+        &self,
+        deployments: &[(Deployment, Option<NewEnrollmentToken>)],
+        demand: &Demand,
+    ) -> StoreResult<Result<(), QuotaExceeded>> {
+        let Some((first, _)) = deployments.first() else {
+            return Ok(Ok(()));
+        };
+        let organization_id = first.organization_id.to_string();
+        let mut tx = self.pool.begin().await?;
+        // A write first: SQLite's one writer is ours from here to the commit,
+        // so racing requests into a limited tree count one another.
+        // (`name = name`, not the key: no foreign-key checks.)
+        sqlx::query("UPDATE organizations SET name = name WHERE id = ?")
+            .bind(&organization_id)
+            .execute(&mut *tx)
+            .await?;
+        for org in any_limited_ancestors(&mut tx, &organization_id).await? {
+            let used = committed_on(&mut tx, org.id).await?;
+            if let Some(q) = crate::store::quota::exceeded_by_demand(&org, &used, demand) {
+                tx.rollback().await?;
+                return Ok(Err(q));
+            }
+        }
+        for (d, token) in deployments {
+            insert_deployment(&mut tx, d).await?;
+            if let Some(token) = token {
+                insert_enrollment_token(&mut *tx, token).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    async fn approve_deployment_within_quota(
+        &self,
+        d: &Deployment,
+        token: &NewEnrollmentToken,
+        demand: &Demand,
+    ) -> StoreResult<Result<bool, QuotaExceeded>> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE deployments SET status = 'pending', record = ?, bootstrap_token_sealed = ?,
+               updated_at = ?
+             WHERE id = ? AND deleted_at IS NULL AND status = 'pending_approval'",
+        )
+        .bind(to_json(&d.record))
+        .bind(&d.bootstrap_token_sealed)
+        .bind(ms(d.updated_at))
+        .bind(d.id.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !moved {
+            tx.rollback().await?;
+            return Ok(Ok(false));
+        }
+        // The deployment counts from here on: check what was used before it.
+        let organization_id = d.organization_id.to_string();
+        for org in any_limited_ancestors(&mut tx, &organization_id).await? {
+            let mut used = committed_on(&mut tx, org.id).await?;
+            used.servers -= demand.servers;
+            used.cpu_cores -= demand.cpu_cores;
+            used.memory_gb -= demand.memory_gb;
+            used.monthly_cost_usd -= demand.monthly_cost_usd;
+            if let Some(q) = crate::store::quota::exceeded_by_demand(&org, &used, demand) {
+                tx.rollback().await?;
+                return Ok(Err(q));
+            }
+        }
+        insert_enrollment_token(&mut *tx, token).await?;
+        tx.commit().await?;
+        Ok(Ok(true))
+    }
+
+    async fn close_pending_deployment(
+        &self,
+        d: &Deployment,
+        to: DeploymentStatus,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE deployments SET status = ?, record = ?, updated_at = ?, completed_at = ?
+             WHERE id = ? AND deleted_at IS NULL AND status = 'pending_approval'",
+        )
+        .bind(to.as_str())
+        .bind(to_json(&d.record))
+        .bind(ms(d.updated_at))
+        .bind(d.completed_at.map(ms))
+        .bind(d.id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn pending_approvals(&self) -> StoreResult<Vec<Deployment>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
+             WHERE deleted_at IS NULL AND status = 'pending_approval' ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    async fn batch_deployments(
+        &self,
+        scope: &[Uuid],
+        batch_id: Uuid,
+    ) -> StoreResult<Vec<Deployment>> {
+        let mut builder = QueryBuilder::new(format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments
+             WHERE deleted_at IS NULL AND json_extract(record, '$.batch_id') = "
+        ));
+        builder.push_bind(batch_id.to_string());
+        push_scope(&mut builder, "organization_id", scope);
+        builder.push(" ORDER BY id");
+        let rows = builder.build().fetch_all(&self.pool).await?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    async fn deployments_created_before(
+        &self,
+        scope: &[Uuid],
+        before: DateTime<Utc>,
+    ) -> StoreResult<Vec<Deployment>> {
+        let mut builder = QueryBuilder::new(format!(
+            "SELECT {DEPLOYMENT_COLUMNS} FROM deployments WHERE created_at < "
+        ));
+        builder.push_bind(ms(before));
+        push_scope(&mut builder, "organization_id", scope);
+        builder.push(" ORDER BY created_at, id");
+        let rows = builder.build().fetch_all(&self.pool).await?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    async fn approval_policy(&self, organization_id: Uuid) -> StoreResult<Option<ApprovalPolicy>> {
+        let row = sqlx::query(
+            "SELECT require, above_monthly_usd, providers, regions, updated_at
+             FROM approval_policies WHERE organization_id = ?",
+        )
+        .bind(organization_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(policy_from_row).transpose()
+    }
+
+    async fn set_approval_policy(
+        &self,
+        organization_id: Uuid,
+        p: &ApprovalPolicy,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO approval_policies
+               (organization_id, require, above_monthly_usd, providers, regions, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (organization_id) DO UPDATE SET require = excluded.require,
+               above_monthly_usd = excluded.above_monthly_usd, providers = excluded.providers,
+               regions = excluded.regions, updated_at = excluded.updated_at",
+        )
+        .bind(organization_id.to_string())
+        .bind(&p.require)
+        .bind(p.above_monthly_usd)
+        .bind(to_json(&p.providers))
+        .bind(to_json(&p.regions))
+        .bind(ms(p.updated_at))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -705,4 +876,45 @@ impl ProvisioningStore for SqliteStore {
             _ => LockOutcome::Done,
         })
     }
+}
+
+/// Inserts one deployment row.
+async fn insert_deployment(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    d: &Deployment,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO deployments (id, organization_id, provider, credential_id, status, server_id,
+           record, bootstrap_token_sealed, created_at, updated_at, completed_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(d.id.to_string())
+    .bind(d.organization_id.to_string())
+    .bind(&d.provider)
+    .bind(d.credential_id.map(|c| c.to_string()))
+    .bind(d.status.as_str())
+    .bind(d.server_id.map(|s| s.to_string()))
+    .bind(to_json(&d.record))
+    .bind(&d.bootstrap_token_sealed)
+    .bind(ms(d.created_at))
+    .bind(ms(d.updated_at))
+    .bind(d.completed_at.map(ms))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// An `approval_policies` row.
+fn policy_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<ApprovalPolicy> {
+    let list = |column: &str| -> StoreResult<Vec<String>> {
+        let text: String = row.try_get(column)?;
+        serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{column}: {e}")))
+    };
+    Ok(ApprovalPolicy {
+        require: row.try_get("require")?,
+        above_monthly_usd: row.try_get("above_monthly_usd")?,
+        providers: list("providers")?,
+        regions: list("regions")?,
+        updated_at: row.time("updated_at")?,
+    })
 }
