@@ -23,7 +23,7 @@ use crate::auth::Scope;
 use crate::catalog::{ProviderCatalog, HOURS_PER_MONTH};
 use crate::context::ControlPlane;
 use crate::provision::credentials::Provider;
-use crate::store::{ApprovalPolicy, Demand, DeploymentStatus};
+use crate::store::{ApprovalPolicy, Demand, Deployment, DeploymentStatus};
 
 /// Longest approval comment.
 const MAX_COMMENT: usize = 1000;
@@ -321,6 +321,23 @@ pub struct Decision {
     pub comment: Option<String>,
 }
 
+/// Writes an approver's verdict (`approved` or `rejected`) into the
+/// deployment's approval record.
+fn record_decision(
+    deployment: &mut Deployment,
+    verdict: &str,
+    caller: &Caller,
+    decision: &Decision,
+    at: DateTime<Utc>,
+) {
+    if let Some(approval) = deployment.record.approval.as_mut() {
+        approval.decision = Some(verdict.into());
+        approval.decided_by_token = Some(caller.token_id);
+        approval.decided_at = Some(at);
+        approval.comment = decision.comment.clone();
+    }
+}
+
 /// An optional JSON body (`{}` or nothing).
 fn decision_of(body: &Bytes) -> Result<Decision, ApiError> {
     let decision: Decision = if body.iter().all(u8::is_ascii_whitespace) {
@@ -411,20 +428,9 @@ pub async fn approve(
     let mut deployment = decidable(&cp, &caller, id).await?;
     let decision = decision_of(&body)?;
     let now = Utc::now();
-    if let Some(approval) = deployment.record.approval.as_mut() {
-        approval.decision = Some("approved".into());
-        approval.decided_by_token = Some(caller.token_id);
-        approval.decided_at = Some(now);
-        approval.comment = decision.comment.clone();
-    }
+    record_decision(&mut deployment, "approved", &caller, &decision, now);
     deployment.updated_at = now;
-    let size = deployment.record.size.unwrap_or_default();
-    let demand = Demand {
-        servers: 1,
-        cpu_cores: size.vcpus,
-        memory_gb: size.quota_memory_gb(),
-        monthly_cost_usd: size.hourly_usd * HOURS_PER_MONTH,
-    };
+    let demand = Demand::of(deployment.record.size.unwrap_or_default(), 1);
     let token = crate::provision::job::mint_bootstrap_token(&cp, &mut deployment);
     let approved = cp
         .store
@@ -485,12 +491,7 @@ pub async fn reject(
     let mut deployment = decidable(&cp, &caller, id).await?;
     let decision = decision_of(&body)?;
     let now = Utc::now();
-    if let Some(approval) = deployment.record.approval.as_mut() {
-        approval.decision = Some("rejected".into());
-        approval.decided_by_token = Some(caller.token_id);
-        approval.decided_at = Some(now);
-        approval.comment = decision.comment.clone();
-    }
+    record_decision(&mut deployment, "rejected", &caller, &decision, now);
     deployment.updated_at = now;
     deployment.completed_at = Some(now);
     if !cp

@@ -513,13 +513,7 @@ pub async fn provision(
         hourly_usd: size.hourly_usd,
     };
     let cost_estimate = CostEstimate::of(size.hourly_usd, count);
-    let servers = i64::from(count);
-    let demand = Demand {
-        servers,
-        cpu_cores: size.vcpus * servers,
-        memory_gb: size.quota_memory_gb() * servers,
-        monthly_cost_usd: size.hourly_usd * crate::catalog::HOURS_PER_MONTH * servers as f64,
-    };
+    let demand = Demand::of(size, i64::from(count));
     let approval_reason = super::governance::approval_reason(
         &cp,
         organization_id,

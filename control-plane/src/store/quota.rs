@@ -134,9 +134,11 @@ pub fn has_any_limit(org: &Organization) -> bool {
 pub(crate) fn committed_of(records: &[super::DeploymentRecord]) -> super::Demand {
     let mut used = super::Demand::default();
     for size in records.iter().filter_map(|r| r.size) {
-        used.cpu_cores += size.vcpus;
-        used.memory_gb += size.quota_memory_gb();
-        used.monthly_cost_usd += size.hourly_usd * crate::catalog::HOURS_PER_MONTH;
+        // Servers are counted by the store from the servers table.
+        let one = super::Demand::of(size, 1);
+        used.cpu_cores += one.cpu_cores;
+        used.memory_gb += one.memory_gb;
+        used.monthly_cost_usd += one.monthly_cost_usd;
     }
     used
 }

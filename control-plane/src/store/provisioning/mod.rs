@@ -324,6 +324,20 @@ pub struct Demand {
     pub monthly_cost_usd: f64,
 }
 
+impl Demand {
+    /// What `servers` servers of catalog size `size` add: its vCPUs, its
+    /// memory in whole GB (rounded up per server) and its list price over a
+    /// month (`catalog::HOURS_PER_MONTH`).
+    pub fn of(size: DeploymentSize, servers: i64) -> Self {
+        Self {
+            servers,
+            cpu_cores: size.vcpus.saturating_mul(servers),
+            memory_gb: size.quota_memory_gb().saturating_mul(servers),
+            monthly_cost_usd: size.hourly_usd * crate::catalog::HOURS_PER_MONTH * servers as f64,
+        }
+    }
+}
+
 /// What an organization's approval policy asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApprovalPolicy {
