@@ -942,6 +942,9 @@ async fn a_credential_used_by_live_deployments_is_deleted_only_when_forced(store
     let failed = deployment_on(&*store, root, c.id, DeploymentStatus::Failed).await;
     let destroyed = deployment_on(&*store, root, c.id, DeploymentStatus::Destroyed).await;
     let completed = deployment_on(&*store, root, c.id, DeploymentStatus::Completed).await;
+    // Requests an approver rejected, or nobody decided, never ran.
+    let rejected = deployment_on(&*store, root, c.id, DeploymentStatus::Rejected).await;
+    let expired = deployment_on(&*store, root, c.id, DeploymentStatus::Expired).await;
 
     assert_eq!(
         store
@@ -949,9 +952,9 @@ async fn a_credential_used_by_live_deployments_is_deleted_only_when_forced(store
             .await
             .expect("deployments_using_credential"),
         (vec![failed, completed], 2),
-        "every deployment but the destroyed one uses it"
+        "every deployment but the destroyed, rejected and expired ones uses it"
     );
-    let _ = destroyed;
+    let _ = (destroyed, rejected, expired);
 
     assert_eq!(
         store
