@@ -36,6 +36,7 @@
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod approval;
 pub mod auth;
 pub mod catalog;
 pub mod commands;

@@ -95,54 +95,6 @@ pub async fn catalog(
     }))
 }
 
-/// Why the approval policy that applies to `organization_id` catches a
-/// provision, or `None` when it may run at once. The policy is the
-/// organization's own, else its nearest ancestor's.
-pub(super) async fn approval_reason(
-    cp: &ControlPlane,
-    organization_id: Uuid,
-    provider: &str,
-    region: &str,
-    monthly_usd: f64,
-) -> Result<Option<String>, ApiError> {
-    let Some((owner, policy)) = effective_policy(cp, organization_id).await? else {
-        return Ok(None);
-    };
-    let reason = if policy.require == "always" {
-        Some(format!(
-            "the approval policy of organization {owner} requires approval for every provision"
-        ))
-    } else if let Some(above) = policy.above_monthly_usd.filter(|a| monthly_usd > *a) {
-        Some(format!(
-            "the monthly estimate {monthly_usd:.2} USD is above the {above:.2} USD the approval policy of organization {owner} allows without approval"
-        ))
-    } else if policy.providers.iter().any(|p| p == provider) {
-        Some(format!(
-            "the approval policy of organization {owner} requires approval for provider {provider}"
-        ))
-    } else if policy.regions.iter().any(|r| r == region) {
-        Some(format!(
-            "the approval policy of organization {owner} requires approval for region {region}"
-        ))
-    } else {
-        None
-    };
-    Ok(reason)
-}
-
-/// The policy that applies to an organization and whose it is.
-async fn effective_policy(
-    cp: &ControlPlane,
-    organization_id: Uuid,
-) -> Result<Option<(Uuid, ApprovalPolicy)>, ApiError> {
-    for org in cp.store.organization_ancestors(organization_id).await? {
-        if let Some(policy) = cp.store.approval_policy(org.id).await? {
-            return Ok(Some((org.id, policy)));
-        }
-    }
-    Ok(None)
-}
-
 /// An approval policy as a request sets it.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -178,7 +130,7 @@ pub struct ApprovalPolicyView {
 
 async fn policy_view(cp: &ControlPlane, id: Uuid) -> Result<ApprovalPolicyView, ApiError> {
     let own = cp.store.approval_policy(id).await?;
-    let effective = effective_policy(cp, id).await?;
+    let effective = crate::approval::effective_policy(&*cp.store, id).await?;
     Ok(ApprovalPolicyView {
         organization_id: id,
         policy: own,

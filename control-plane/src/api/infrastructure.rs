@@ -514,8 +514,8 @@ pub async fn provision(
     };
     let cost_estimate = CostEstimate::of(size.hourly_usd, count);
     let demand = Demand::of(size, i64::from(count));
-    let approval_reason = super::governance::approval_reason(
-        &cp,
+    let approval_reason = crate::approval::reason(
+        &*cp.store,
         organization_id,
         provider.as_str(),
         &body.region,
