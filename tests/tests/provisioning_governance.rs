@@ -931,3 +931,154 @@ async fn an_approval_policy_is_inherited_and_set_by_the_parent_or_by_the_root_fo
     let (status, _) = call(&cp, &team_admin, Method::GET, &policy_path(&root), None).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn a_sub_organizations_token_cannot_decide_restore_rotate_or_read_the_costs_of_anothers_deployments(
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cp = start(dir.path(), &[]).await;
+    let admin = cp.admin_token();
+    let root = root_id(&cp).await;
+    set_root_policy(&cp, json!({ "require": "always" })).await;
+    // The root's request waits for approval; the root's credential exists.
+    let (status, waiting) = call(
+        &cp,
+        &admin,
+        Method::POST,
+        "/api/v1/infrastructure/provision",
+        Some(local_request("root-web")),
+    )
+    .await;
+    assert_eq!(status, 202, "{waiting}");
+    assert_eq!(waiting["status"], "pending_approval");
+    let deployment = waiting["deployment_id"].as_str().expect("id").to_string();
+    let (status, credential) = call(
+        &cp,
+        &admin,
+        Method::POST,
+        "/api/v1/cloud-providers",
+        Some(json!({ "name": "root-hcloud", "provider": "hetzner", "credentials": { "token": "root-secret" } })),
+    )
+    .await;
+    assert_eq!(status, 201, "{credential}");
+    let credential = credential["id"].as_str().expect("id").to_string();
+
+    // A team with every scope over its own subtree.
+    let team = cp
+        .create_organization(&admin, json!({ "name": "team" }))
+        .await
+        .expect("team");
+    let team = team["id"].as_str().expect("id").to_string();
+    let (_, intruder) = cp
+        .create_token(
+            &admin,
+            &team,
+            &[
+                "admin",
+                "servers:read",
+                "infrastructure:provision",
+                "infrastructure:destroy",
+                "infrastructure:approve",
+            ],
+        )
+        .await
+        .expect("team token");
+
+    let attempts = [
+        (
+            Method::POST,
+            format!("/api/v1/infrastructure/deployments/{deployment}/approve"),
+            Some(json!({})),
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/infrastructure/deployments/{deployment}/reject"),
+            Some(json!({})),
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/infrastructure/deployments/{deployment}/state/versions"),
+            None,
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/infrastructure/deployments/{deployment}/state/versions/1/restore"),
+            None,
+        ),
+        (
+            Method::PATCH,
+            format!("/api/v1/cloud-providers/{credential}"),
+            Some(json!({ "credentials": { "token": "stolen" } })),
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/organizations/{root}/cost-report"),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/organizations/{root}/approval-policy"),
+            None,
+        ),
+        (
+            Method::PUT,
+            format!("/api/v1/organizations/{root}/approval-policy"),
+            Some(json!({ "require": "never" })),
+        ),
+    ];
+    for (method, path, body) in attempts {
+        let (status, answer) = call(&cp, &intruder, method.clone(), &path, body).await;
+        assert!(
+            status == 404 || status == 403,
+            "{method} {path} by another organization's token: {status} {answer}"
+        );
+    }
+
+    // Nothing moved: the request still waits, the policy still holds, the
+    // credential was not rotated.
+    let (_, still) = call(
+        &cp,
+        &admin,
+        Method::GET,
+        &format!("/api/v1/infrastructure/deployments/{deployment}"),
+        None,
+    )
+    .await;
+    assert_eq!(still["status"], "pending_approval", "{still}");
+    assert!(still["approval"]["decision"].is_null(), "{still}");
+    let (_, policy) = call(
+        &cp,
+        &admin,
+        Method::GET,
+        &format!("/api/v1/organizations/{root}/approval-policy"),
+        None,
+    )
+    .await;
+    assert_eq!(policy["policy"]["require"], "always", "{policy}");
+    let (_, kept) = call(
+        &cp,
+        &admin,
+        Method::GET,
+        &format!("/api/v1/cloud-providers/{credential}"),
+        None,
+    )
+    .await;
+    assert!(
+        kept["updated_at"].is_null() || kept["updated_at"] == kept["created_at"],
+        "{kept}"
+    );
+    // Its batch listing is scoped too: the team sees none of the root's.
+    let (status, listed) = call(
+        &cp,
+        &intruder,
+        Method::GET,
+        "/api/v1/infrastructure/deployments",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{listed}");
+    assert!(
+        listed["data"].as_array().is_some_and(|d| d.is_empty()),
+        "{listed}"
+    );
+}
